@@ -1,0 +1,235 @@
+//! The CPU backend: always compiled, the correctness oracle for every other backend, and fast
+//! enough to serve small models. Follows Hugging Face Llama's float32 math (see each op).
+//!
+//! - `matmul`: weight matrices in their stored 16-bit format; AVX2 streaming kernel for decode,
+//!   widened panels + `gemm` for prefill.
+//! - `ops`: RMSNorm, SiLU·up, softmax, RoPE (cos/sin table cached by position in the backend).
+//! - `attention`: the contiguous f32 KV cache and causal GQA attention.
+//! - `simd`: runtime CPU-feature detection and AVX2 helpers (generic x86-64 binaries).
+//!
+//! Threads: rayon's global pool (one worker per core); no op creates threads of its own.
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+pub mod simd;
+
+use crate::backend::{AttnShape, Backend, RopeParams};
+use crate::error::BackendError;
+use crate::model::tensor::HostTensor;
+use attention::CpuCache;
+use matmul::{CpuMatrix, WData};
+use ops::RopeTable;
+use std::sync::{Arc, RwLock};
+
+/// Host-memory backend. Cheap to create; holds only the shared RoPE tables.
+#[derive(Debug, Default)]
+pub struct CpuBackend {
+    /// One table per distinct `RopeParams` seen (one for Llama), grown by doubling.
+    rope: RwLock<Vec<Arc<RopeTable>>>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A table serving `rope` for positions `< len`, built (or grown) on first need.
+    fn rope_table(&self, rope: &RopeParams, len: usize) -> Arc<RopeTable> {
+        let found =
+            |tables: &[Arc<RopeTable>]| tables.iter().find(|t| t.serves(rope, len)).cloned();
+        if let Some(t) = found(&self.rope.read().unwrap_or_else(|e| e.into_inner())) {
+            return t;
+        }
+        let mut tables = self.rope.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = found(&tables) {
+            return t;
+        }
+        // Same parameters with a shorter table: replace it by one twice as long (amortized
+        // O(1) transcendentals per position).
+        tables.retain(|t| !t.serves(rope, 0));
+        let t = Arc::new(RopeTable::new(rope, len.next_power_of_two().max(256)));
+        tables.push(t.clone());
+        t
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Matrix = CpuMatrix;
+    type Cache = CpuCache;
+
+    fn name(&self) -> String {
+        let isa = if simd::avx2_fma() {
+            "avx2+fma"
+        } else {
+            "scalar"
+        };
+        format!("cpu ({isa}, {} threads)", rayon::current_num_threads())
+    }
+
+    fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<CpuMatrix, BackendError> {
+        CpuMatrix::from_parts(parts)
+    }
+
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn read(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) {
+        out.copy_from_slice(&buf[offset..offset + out.len()]);
+    }
+
+    fn copy_rows(&self, x: &Vec<f32>, first: usize, rows: usize, width: usize) -> Vec<f32> {
+        x[first * width..(first + rows) * width].to_vec()
+    }
+
+    fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) {
+        let w = table.cols;
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(w)) {
+            // The model validates ids against the vocabulary; an id past the table gives a
+            // zero row (and trips a debug assertion) instead of a panic.
+            debug_assert!(
+                (id as usize) < table.rows,
+                "token id {id} ≥ vocab {}",
+                table.rows
+            );
+            if (id as usize) < table.rows {
+                table.row_f32(id as usize, row);
+            } else {
+                row.fill(0.0);
+            }
+        }
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, weight: &Vec<f32>, eps: f32, rows: usize, out: &mut Vec<f32>) {
+        ops::rms_norm(x, weight, eps, rows, out);
+    }
+
+    fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuMatrix, out: &mut Vec<f32>) {
+        matmul::matmul(x, rows, w, out);
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize) {
+        ops::add_bias(x, bias, rows);
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        ops::add(x, y, len);
+    }
+
+    fn silu_mul(&self, gate_up: &Vec<f32>, rows: usize, inter: usize, out: &mut Vec<f32>) {
+        ops::silu_mul(gate_up, rows, inter, out);
+    }
+
+    fn new_cache(&self, layers: usize, capacity: usize, shape: AttnShape) -> CpuCache {
+        CpuCache::new(layers, capacity, shape)
+    }
+
+    fn cache_capacity(&self, cache: &CpuCache) -> usize {
+        cache.capacity
+    }
+
+    fn rope_and_store(
+        &self,
+        qkv: &mut Vec<f32>,
+        rows: usize,
+        positions: &[u32],
+        shape: AttnShape,
+        rope: &RopeParams,
+        cache: &mut CpuCache,
+        layer: usize,
+    ) {
+        let positions = &positions[..rows];
+        let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
+        self.rope_table(rope, max_pos + 1)
+            .apply(qkv, rows, positions, shape);
+        cache.store(layer, qkv, rows, positions, shape);
+    }
+
+    fn attention(
+        &self,
+        qkv: &Vec<f32>,
+        rows: usize,
+        start_pos: usize,
+        shape: AttnShape,
+        cache: &CpuCache,
+        layer: usize,
+        out: &mut Vec<f32>,
+    ) {
+        attention::attention(
+            qkv,
+            rows,
+            start_pos,
+            shape,
+            cache,
+            layer,
+            out,
+            simd::avx2_fma(),
+        );
+    }
+}
+
+/// The dtype a matrix is stored in (for logs and benchmarks).
+pub fn matrix_dtype(m: &CpuMatrix) -> &'static str {
+    match m.data {
+        WData::Bf16(_) => "bf16",
+        WData::F16(_) => "f16",
+        WData::F32(_) => "f32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tensor::HostData;
+    use half::bf16;
+    use std::borrow::Cow;
+
+    #[test]
+    fn embed_gathers_rows_exactly() {
+        let b = CpuBackend::new();
+        let vals: Vec<bf16> = (0..12)
+            .map(|i| bf16::from_f32(i as f32 * 0.5 - 2.0))
+            .collect();
+        let t = HostTensor {
+            name: "emb".into(),
+            shape: vec![4, 3],
+            data: HostData::Bf16(Cow::Owned(vals.clone())),
+        };
+        let m = b.upload_matrix(&[&t]).unwrap();
+        assert_eq!(matrix_dtype(&m), "bf16");
+        let mut out = b.alloc(6);
+        b.embed(&m, &[2, 0], &mut out);
+        let want: Vec<f32> = [6, 7, 8, 0, 1, 2]
+            .iter()
+            .map(|&i| vals[i].to_f32())
+            .collect();
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn rope_table_is_shared_and_grows() {
+        let b = CpuBackend::new();
+        let rope = RopeParams {
+            inv_freq: vec![1.0, 0.1],
+            attention_scaling: 1.0,
+        };
+        let t1 = b.rope_table(&rope, 10);
+        assert_eq!(t1.len(), 256);
+        assert!(Arc::ptr_eq(&t1, &b.rope_table(&rope, 200)));
+        let t2 = b.rope_table(&rope, 300);
+        assert_eq!(t2.len(), 512);
+        assert_eq!(b.rope.read().unwrap().len(), 1);
+        let other = RopeParams {
+            inv_freq: vec![1.0, 0.1],
+            attention_scaling: 0.5,
+        };
+        b.rope_table(&other, 1);
+        assert_eq!(b.rope.read().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,245 @@
+//! CPU kernel benchmark on the default model's shapes (SmolLM-135M: hidden 576, 9 heads of 64,
+//! 3 KV heads, intermediate 1536, vocab 49152, 30 layers, bf16 weights).
+//!
+//! Prints decode matvec GB/s (weight bytes streamed per second, 1 activation row, weights cycled
+//! through > 256 MiB of copies so they come from DRAM, not L3), a whole-model decode sweep, the
+//! small-rows vs gemm crossover, prefill GFLOP/s at 512 rows, and attention timings.
+//!
+//! `cargo run --release --bin bench_kernels [-- quick]`
+
+use half::bf16;
+use kvserve::backend::cpu::attention::{attention, CpuCache};
+use kvserve::backend::cpu::matmul::{gemm_par, matmul, matvec_par, CpuMatrix, WData};
+use kvserve::backend::cpu::simd;
+use kvserve::backend::AttnShape;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> CpuMatrix {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data = (0..rows * cols)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        })
+        .collect();
+    CpuMatrix {
+        rows,
+        cols,
+        data: WData::Bf16(data),
+    }
+}
+
+fn acts(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+/// Runs `f` until `min` has elapsed (after one warm-up call); returns seconds per call.
+fn time(min: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let (t0, mut n) = (Instant::now(), 0u32);
+    while t0.elapsed() < min || n < 3 {
+        f();
+        n += 1;
+    }
+    t0.elapsed().as_secs_f64() / n as f64
+}
+
+fn bf16_slice(m: &CpuMatrix) -> &[bf16] {
+    match &m.data {
+        WData::Bf16(d) => d,
+        _ => unreachable!(),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Sections to run (all when none is named): mem decode sweep cross prefill attn.
+    let names = ["mem", "decode", "sweep", "cross", "prefill", "attn"];
+    let all = !args.iter().any(|a| names.contains(&a.as_str()));
+    let on = |s: &str| all || args.iter().any(|a| a == s);
+    let min = Duration::from_millis(if quick { 300 } else { 1500 });
+    println!(
+        "cpu kernels: simd={} threads={}",
+        simd::avx2_fma(),
+        rayon::current_num_threads()
+    );
+    // The ceiling: a plain streaming read of 512 MiB (sum of u64) on 1 and on all threads.
+    if on("mem") {
+        use rayon::prelude::*;
+        let buf: Vec<u64> = (0..64u64 << 20).collect();
+        let t1 = time(min, || {
+            black_box(buf.iter().fold(0u64, |a, &b| a.wrapping_add(b)));
+        });
+        let tn = time(min, || {
+            black_box(
+                buf.par_chunks(1 << 16)
+                    .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                    .reduce(|| 0, u64::wrapping_add),
+            );
+        });
+        let gb = (buf.len() * 8) as f64 / 1e9;
+        println!(
+            "memory read ceiling: 1 thread {:.1} GB/s, all threads {:.1} GB/s",
+            gb / t1,
+            gb / tn
+        );
+    }
+    let shapes = [
+        ("qkv 576->960", 576, 960),
+        ("o 576->576", 576, 576),
+        ("gate_up 576->3072", 576, 3072),
+        ("down 1536->576", 1536, 576),
+        ("lm_head 576->49152", 576, 49152),
+    ];
+
+    if on("decode") {
+        println!("\n== decode matvec, 1 row, bf16 weights from DRAM (cycling > 256 MiB of copies)");
+        for &(name, k, n) in &shapes {
+            let bytes = n * k * 2;
+            let copies = (256usize << 20).div_ceil(bytes).max(2);
+            let ws: Vec<CpuMatrix> = (0..copies).map(|c| bf16_matrix(n, k, c as u64)).collect();
+            let x = acts(k);
+            let mut out = vec![0f32; n];
+            let mut i = 0;
+            let t = time(min, || {
+                matmul(&x, 1, &ws[i % copies], &mut out);
+                i += 1;
+                black_box(&out);
+            });
+            println!(
+                "{name:<22} {:8.1} us  {:6.1} GB/s",
+                t * 1e6,
+                bytes as f64 / t / 1e9
+            );
+        }
+    }
+    if on("sweep") {
+        println!("\n== whole-model decode sweep (30 layers x qkv/o/gate_up/down + lm_head, 1 row)");
+        let layers: Vec<[CpuMatrix; 4]> = (0..30)
+            .map(|l| {
+                let s = l as u64 * 8;
+                [
+                    bf16_matrix(960, 576, s),
+                    bf16_matrix(576, 576, s + 1),
+                    bf16_matrix(3072, 576, s + 2),
+                    bf16_matrix(576, 1536, s + 3),
+                ]
+            })
+            .collect();
+        let head = bf16_matrix(49152, 576, 999);
+        let total: usize = layers
+            .iter()
+            .flatten()
+            .chain([&head])
+            .map(|m| m.bytes())
+            .sum();
+        let (x576, x1536) = (acts(576), acts(1536));
+        let mut out = vec![0f32; 49152];
+        let t = time(min * 2, || {
+            for l in &layers {
+                matmul(&x576, 1, &l[0], &mut out);
+                matmul(&x576, 1, &l[1], &mut out);
+                matmul(&x576, 1, &l[2], &mut out);
+                matmul(&x1536, 1, &l[3], &mut out);
+            }
+            matmul(&x576, 1, &head, &mut out);
+            black_box(&out);
+        });
+        println!(
+            "{:.1} MiB per token: {:.2} ms/token  {:.1} GB/s  ({:.0} tokens/s matmul-only)",
+            total as f64 / (1 << 20) as f64,
+            t * 1e3,
+            total as f64 / t / 1e9,
+            1.0 / t
+        );
+    }
+    if on("cross") {
+        println!(
+            "\n== rows crossover on gate_up 576->3072 (L2/L3-resident weights): streaming vs gemm"
+        );
+        let w = bf16_matrix(3072, 576, 42);
+        for rows in [1, 2, 4, 8, 12, 16, 32] {
+            let x = acts(rows * 576);
+            let mut out = vec![0f32; rows * 3072];
+            let ts = time(min / 3, || {
+                matvec_par(
+                    &x,
+                    rows,
+                    bf16_slice(&w),
+                    3072,
+                    576,
+                    &mut out,
+                    simd::avx2_fma(),
+                )
+            });
+            let tg = time(min / 3, || {
+                gemm_par(&x, rows, bf16_slice(&w), 3072, 576, &mut out)
+            });
+            let gf = |t: f64| 2.0 * (rows * 3072 * 576) as f64 / t / 1e9;
+            println!("rows {rows:>2}: streaming {:7.1} us ({:5.1} GFLOP/s)   gemm {:7.1} us ({:5.1} GFLOP/s)", ts * 1e6, gf(ts), tg * 1e6, gf(tg));
+        }
+    }
+    if on("prefill") {
+        println!("\n== prefill matmul, 512 rows");
+        for &(name, k, n) in &shapes {
+            let w = bf16_matrix(n, k, 7);
+            let x = acts(512 * k);
+            let mut out = vec![0f32; 512 * n];
+            let t = time(min, || matmul(&x, 512, &w, &mut out));
+            let t2 = time(min, || {
+                kvserve::backend::cpu::matmul::gemm_slabs(&x, 512, bf16_slice(&w), n, k, &mut out)
+            });
+            println!(
+                "{name:<22} {:8.2} ms  {:6.1} GFLOP/s   slabs {:6.1} GFLOP/s",
+                t * 1e3,
+                2.0 * (512 * n * k) as f64 / t / 1e9,
+                2.0 * (512 * n * k) as f64 / t2 / 1e9
+            );
+        }
+    }
+    if on("attn") {
+        println!("\n== attention (9 heads / 3 KV heads x 64), one layer");
+        let shape = AttnShape {
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+        };
+        let cap = 4096;
+        let mut cache = CpuCache::new(1, cap, shape);
+        cache.layers[0].k = acts(cap * shape.kv_width());
+        cache.layers[0].v = acts(cap * shape.kv_width()).iter().map(|v| -v).collect();
+        for ctx in [128, 512, 1024, 2048, 4096] {
+            let q = acts(shape.qkv_width());
+            let mut out = vec![0f32; shape.q_width()];
+            let t = time(min / 3, || {
+                attention(&q, 1, ctx - 1, shape, &cache, 0, &mut out, simd::avx2_fma())
+            });
+            let bytes = 2 * ctx * shape.kv_width() * 4;
+            println!(
+                "decode ctx {ctx:>4}: {:7.1} us  ({:5.1} GB/s of f32 K/V)",
+                t * 1e6,
+                bytes as f64 / t / 1e9
+            );
+        }
+        for rows in [512, 2048] {
+            let q = acts(rows * shape.qkv_width());
+            let mut out = vec![0f32; rows * shape.q_width()];
+            let t = time(min / 2, || {
+                attention(&q, rows, 0, shape, &cache, 0, &mut out, simd::avx2_fma())
+            });
+            // QKᵀ and P·V, causal: rows(rows+1)/2 pairs per head, 2 flops per MAC.
+            let flops = 2.0 * 2.0 * (rows * (rows + 1) / 2 * 9 * 64) as f64;
+            println!(
+                "prefill {rows} rows:  {:7.2} ms  ({:5.1} GFLOP/s)",
+                t * 1e3,
+                flops / t / 1e9
+            );
+        }
+    }
+}

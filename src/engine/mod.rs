@@ -1,0 +1,5 @@
+//! The engine: tokens in, tokens out. Today it holds the sampler and the single-sequence
+//! generation loop; the continuous-batching scheduler arrives with its own issue.
+
+pub mod generate;
+pub mod sampler;

@@ -1,0 +1,708 @@
+//! Next-token selection for one sequence: logit processors (bias, penalties), greedy or
+//! temperature / top-k / top-p / min-p sampling with a per-sequence seeded RNG, and logprobs.
+//!
+//! **Logprob convention.** `Sampled::logprob` and `Sampled::top_logprobs` are the log-softmax of
+//! the RAW model logits, before logit bias, penalties, temperature and truncation. This is vLLM's
+//! default (`logprobs_mode = raw_logprobs`) and what the golden tests compare: the numbers
+//! describe the model, not the sampling settings.
+//!
+//! **Processing order** (each step only when enabled): logit_bias (added) → repetition_penalty
+//! (HF: every distinct token of prompt + output; positive logits divided, others multiplied) →
+//! presence / frequency penalties (OpenAI: output tokens only,
+//! `logit -= presence * (count > 0) + frequency * count`) → greedy argmax when
+//! `temperature < 1e-5` (ties: lowest id) → else divide by temperature → top-k → top-p
+//! (smallest set, in descending probability, whose mass reaches `top_p`; never empty) → min-p
+//! (drop `p < min_p * p_max`) → draw from the renormalized rest.
+//!
+//! NaN logits count as `-inf`. If every token is masked (all `-inf`) or some logit is `+inf`,
+//! the sampler takes the greedy choice.
+//!
+//! Cost: O(V) per call (plus O(history) with penalties), no sort of the vocabulary: the
+//! softmax passes run in vectorizable lanes with a polynomial `exp`, top-k (and top_logprobs)
+//! keep a small sorted buffer in one scan, top-p prefilters and quickselects (see
+//! `apply_top_p`), and the dense draw walks block sums. Vocab-sized buffers live in
+//! the `Sampler` and are reused across calls.
+
+use crate::types::{SamplingParams, TokenId};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+/// Temperatures below this are greedy.
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+/// Lanes of the vectorizable reductions.
+const L: usize = 8;
+/// Elements per partial sum: at most 32 f32 terms per lane, then f64.
+const BLOCK: usize = 256;
+/// Up to this k, top-k is one scan with a sorted buffer; above, a quickselect.
+const SCAN_TOP_K: usize = 64;
+
+/// One sampled token with its raw-model logprobs (see the module docs for the convention).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: TokenId,
+    /// Raw log-softmax of the chosen token.
+    pub logprob: f32,
+    /// `params.top_logprobs` (token, raw logprob) pairs, descending logprob, ties by lower id.
+    pub top_logprobs: Vec<(TokenId, f32)>,
+}
+
+/// Per-sequence sampler: owns the RNG stream and reusable scratch buffers.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha20Rng,
+    /// Processed logits, then sampling weights; vocab-sized, reused.
+    work: Vec<f32>,
+    /// Sparse candidates (token, weight), reused.
+    cand: Vec<(TokenId, f32)>,
+    /// Per-`BLOCK` sums of the dense weights, reused.
+    blocks: Vec<f64>,
+    /// Output-token counts for the penalties, reused.
+    counts: HashMap<TokenId, u32>,
+}
+
+/// NaN-safe key: NaN sorts as `-inf`.
+#[inline]
+fn key(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        x
+    }
+}
+
+/// Descending by value, then ascending by id.
+#[inline]
+fn desc(a: &(TokenId, f32), b: &(TokenId, f32)) -> Ordering {
+    key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0))
+}
+
+/// Index of the largest value; ties resolve to the lowest index; 0 when all are `-inf` / NaN.
+fn argmax(xs: &[f32]) -> usize {
+    let m = max_lanes(xs);
+    if m == f32::NEG_INFINITY {
+        return 0;
+    }
+    xs.iter().position(|&x| x == m).unwrap_or(0)
+}
+
+/// Largest value, NaN ignored (`-inf` for none).
+fn max_lanes(xs: &[f32]) -> f32 {
+    let chunks = xs.chunks_exact(L);
+    let tail = chunks.remainder();
+    let mut mx = [f32::NEG_INFINITY; L];
+    for c in chunks {
+        for j in 0..L {
+            mx[j] = mx[j].max(c[j]); // f32::max ignores NaN
+        }
+    }
+    tail.iter()
+        .chain(&mx)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `sum(exp(x - m))`: f32 lanes within a block, f64 across blocks (vectorizes).
+fn sum_exp(xs: &[f32], m: f32) -> f64 {
+    let block_sum = |b: &[f32]| {
+        let chunks = b.chunks_exact(L);
+        let tail: f32 = chunks.remainder().iter().map(|&x| exp_nonpos(x - m)).sum();
+        let mut acc = [0.0f32; L];
+        for c in chunks {
+            for j in 0..L {
+                acc[j] += exp_nonpos(c[j] - m);
+            }
+        }
+        f64::from(acc.iter().sum::<f32>() + tail)
+    };
+    xs.chunks(BLOCK).map(block_sum).sum()
+}
+
+/// Replaces each `x` by its weight `exp((x - m) * s)`, pushes the per-`BLOCK` sums to `blocks`
+/// and returns the total.
+fn weights_in_place(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64 {
+    blocks.clear();
+    for block in xs.chunks_mut(BLOCK) {
+        let mut acc = [0.0f32; L];
+        let mut chunks = block.chunks_exact_mut(L);
+        for c in &mut chunks {
+            for j in 0..L {
+                c[j] = exp_nonpos((c[j] - m) * s);
+                acc[j] += c[j];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp_nonpos((*x - m) * s);
+            sum += *x;
+        }
+        blocks.push(f64::from(sum));
+    }
+    blocks.iter().sum()
+}
+
+/// `exp(x)` for `x <= 0`; 0 below -87 and for NaN. Cephes' `expf` polynomial (~1e-7 relative
+/// error), branch-free so loops vectorize.
+#[inline(always)]
+fn exp_nonpos(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let keep = x >= -87.0; // false for NaN
+    let x = x.clamp(-87.0, 0.0); // NaN stays NaN and is zeroed below
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND; // round(x / ln2), in [-126, 0]
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // x - n ln2, ln2 split in two parts
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // The low bits of `t` hold n: 2^n is built with integer ops (a float->int cast would not
+    // vectorize).
+    let e = e * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
+    if keep {
+        e
+    } else {
+        0.0
+    }
+}
+
+/// The `k` largest of `xs` as (id, value), descending, ties by lower id (NaN as `-inf`).
+fn top_k_into(xs: &[f32], k: usize, out: &mut Vec<(TokenId, f32)>) {
+    out.clear();
+    let k = k.min(xs.len());
+    if k == 0 {
+        return;
+    }
+    if k > SCAN_TOP_K {
+        out.extend(xs.iter().enumerate().map(|(i, &x)| (i as TokenId, key(x))));
+        if k < out.len() {
+            out.select_nth_unstable_by(k - 1, desc);
+            out.truncate(k);
+        }
+        out.sort_unstable_by(desc);
+        return;
+    }
+    // One scan; almost every value fails the threshold test against the current k-th.
+    for (i, &x) in xs.iter().enumerate() {
+        let x = key(x);
+        if out.len() == k && x <= out[k - 1].1 {
+            continue;
+        }
+        let pos = out.partition_point(|c| c.1 >= x);
+        if out.len() == k {
+            out.pop();
+        }
+        out.insert(pos, (i as TokenId, x));
+    }
+}
+
+impl Sampler {
+    /// A sampler for one sequence. The RNG is ChaCha20 seeded from `params.seed`, or from the OS
+    /// when `None`; with a fixed seed the token sequence is reproducible.
+    pub fn new(params: &SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(seed),
+            None => ChaCha20Rng::from_os_rng(),
+        };
+        Self {
+            params: params.clone(),
+            rng,
+            work: Vec::new(),
+            cand: Vec::new(),
+            blocks: Vec::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token. `history` is prompt + generated tokens so far; the generated part
+    /// is `history[prompt_len..]`. `logits` has one entry per vocabulary token.
+    pub fn sample(&mut self, logits: &[f32], history: &[TokenId], prompt_len: usize) -> Sampled {
+        assert!(!logits.is_empty(), "sampler: empty logits");
+        let processed = self.process(logits, history, prompt_len);
+        let t = self.params.temperature;
+        let token = if t.is_nan() || t < GREEDY_TEMPERATURE {
+            argmax(if processed { &self.work } else { logits }) as TokenId
+        } else {
+            if !processed {
+                self.work.clear();
+                self.work.extend(logits.iter().copied().map(key));
+            }
+            self.sample_stochastic()
+        };
+
+        let m = max_lanes(logits);
+        let lse = if m.is_finite() {
+            m + sum_exp(logits, m).ln() as f32
+        } else {
+            m
+        };
+        let raw_logprob = |t: TokenId| key(logits[t as usize]) - lse;
+        top_k_into(logits, self.params.top_logprobs, &mut self.cand);
+        let top_logprobs = self
+            .cand
+            .iter()
+            .map(|&(t, _)| (t, raw_logprob(t)))
+            .collect();
+        Sampled {
+            token,
+            logprob: raw_logprob(token),
+            top_logprobs,
+        }
+    }
+
+    /// Applies bias and penalties into `self.work`. Returns false (and leaves `work` untouched)
+    /// when none is enabled, so the greedy path can read the logits directly.
+    fn process(&mut self, logits: &[f32], history: &[TokenId], prompt_len: usize) -> bool {
+        let p = &self.params;
+        let rep = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
+        let additive = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if p.logit_bias.is_empty() && !rep && !additive {
+            return false;
+        }
+        self.work.clear();
+        self.work.extend(logits.iter().copied().map(key));
+        let w = &mut self.work;
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = w.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        if rep || additive {
+            // Counts of output tokens; prompt-only tokens get 0 (they still receive the
+            // repetition penalty but not the OpenAI penalties).
+            self.counts.clear();
+            let start = prompt_len.min(history.len());
+            if rep {
+                for &t in &history[..start] {
+                    self.counts.entry(t).or_insert(0);
+                }
+            }
+            for &t in &history[start..] {
+                *self.counts.entry(t).or_insert(0) += 1;
+            }
+            for (&t, &c) in &self.counts {
+                let Some(x) = w.get_mut(t as usize) else {
+                    continue;
+                };
+                if rep {
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
+                }
+                if additive && c > 0 {
+                    *x -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        true
+    }
+
+    /// Temperature, top-k, top-p, min-p and the draw, over the processed logits in `self.work`.
+    /// Weights are `exp((l - max) / T)`, so the most likely token weighs exactly 1.
+    fn sample_stochastic(&mut self) -> TokenId {
+        let (top_k, top_p, min_p) = (self.params.top_k, self.params.top_p, self.params.min_p);
+        let inv_t = 1.0 / self.params.temperature;
+        let v = self.work.len();
+        let m = max_lanes(&self.work);
+        if !m.is_finite() {
+            return argmax(&self.work) as TokenId;
+        }
+        // `sparse`: the candidates are in `cand`; else the dense weights are in `work`.
+        let mut sparse = top_k > 0 && top_k < v;
+        let mut total = if sparse {
+            top_k_into(&self.work, top_k, &mut self.cand);
+            self.cand.retain_mut(|c| {
+                c.1 = exp_nonpos((c.1 - m) * inv_t);
+                c.1 > 0.0
+            });
+            self.cand.iter().map(|c| f64::from(c.1)).sum()
+        } else {
+            weights_in_place(&mut self.work, m, inv_t, &mut self.blocks)
+        };
+        if top_p < 1.0 {
+            if !sparse {
+                // Only weights >= eps can be in the nucleus (see `apply_top_p`).
+                let eps = ((1.0 - f64::from(top_p.max(0.0))) / (2.0 * v as f64) * total) as f32;
+                self.gather(|w| w > 0.0 && w >= eps);
+                sparse = true;
+            }
+            total = Self::apply_top_p(&mut self.cand, top_p, total);
+        }
+        if min_p > 0.0 {
+            let cut = min_p.min(1.0); // p / p_max = weight; the top token (weight 1) stays
+            if sparse {
+                self.cand.retain(|c| c.1 >= cut);
+            } else {
+                self.gather(|w| w >= cut);
+                sparse = true;
+            }
+            total = self.cand.iter().map(|c| f64::from(c.1)).sum();
+        }
+        let mut u = self.rng.random::<f64>() * total;
+        if sparse {
+            for &(t, w) in &self.cand {
+                u -= f64::from(w);
+                if u < 0.0 {
+                    return t;
+                }
+            }
+        } else {
+            for (b, &bs) in self.blocks.iter().enumerate() {
+                if u >= bs {
+                    u -= bs;
+                    continue;
+                }
+                for (i, &w) in self.work[b * BLOCK..v.min((b + 1) * BLOCK)]
+                    .iter()
+                    .enumerate()
+                {
+                    u -= f64::from(w);
+                    if u < 0.0 {
+                        return (b * BLOCK + i) as TokenId;
+                    }
+                }
+                break;
+            }
+        }
+        // Round-off put the draw past the end (probability ~1e-16): take the likeliest token.
+        if sparse {
+            self.cand.iter().copied().min_by(desc).map_or(0, |c| c.0)
+        } else {
+            argmax(&self.work) as TokenId
+        }
+    }
+
+    /// Sparse candidates from the dense weights in `work`.
+    fn gather(&mut self, keep: impl Fn(f32) -> bool) {
+        self.cand.clear();
+        let kept = self.work.iter().enumerate().filter(|(_, &w)| keep(w));
+        self.cand.extend(kept.map(|(i, &w)| (i as TokenId, w)));
+    }
+
+    /// Nucleus truncation of the candidates (unnormalized weights of a distribution whose total
+    /// mass is `total`); returns the kept mass. The nucleus comes out in no particular (but
+    /// deterministic) order.
+    ///
+    /// The caller may first drop weights below `eps = (1 - top_p) / (2 V)` of the total: together
+    /// they hold less than `(1 - top_p) / 2` of the mass, so the descending cumulative sum reaches
+    /// `top_p` before any of them. That leaves a few hundred tokens on peaked distributions. The
+    /// boundary is then found by quickselect (halving the range with `select_nth_unstable`), O(n)
+    /// rather than a sort, for flat distributions.
+    fn apply_top_p(cand: &mut Vec<(TokenId, f32)>, top_p: f32, total: f64) -> f64 {
+        let mass = |c: &[(TokenId, f32)]| c.iter().map(|c| f64::from(c.1)).sum::<f64>();
+        // Invariant: cand[..lo] is in the nucleus and outranks cand[lo..hi]; cand[hi..] is out;
+        // `need` is the mass still to cover.
+        let (mut lo, mut hi) = (0, cand.len());
+        let mut need = f64::from(top_p.max(0.0)) * total;
+        while hi - lo > 64 {
+            let mid = lo + (hi - lo) / 2;
+            cand[lo..hi].select_nth_unstable_by(mid - lo, desc);
+            let m = mass(&cand[lo..mid]);
+            if m >= need {
+                hi = mid;
+            } else {
+                need -= m;
+                lo = mid;
+            }
+        }
+        cand[lo..hi].sort_unstable_by(desc);
+        let mut keep = hi;
+        for (i, c) in cand[lo..hi].iter().enumerate() {
+            need -= f64::from(c.1);
+            if need <= 0.0 {
+                keep = lo + i + 1;
+                break;
+            }
+        }
+        cand.truncate(keep.max(1));
+        mass(cand)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    /// Deterministic pseudo-random logits (no RNG crate involved).
+    fn logits(n: usize, salt: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                let h = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
+                h as f32 / 1000.0 - 5.0
+            })
+            .collect()
+    }
+
+    /// Reference argmax: first index of the maximum.
+    fn ref_argmax(l: &[f32]) -> TokenId {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        l.iter().position(|&x| x == m).unwrap() as TokenId
+    }
+
+    /// Reference log-sum-exp in f64 with the standard library's `exp`.
+    fn ref_lse(l: &[f32]) -> f32 {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let s: f64 = l.iter().map(|&x| (f64::from(x) - f64::from(m)).exp()).sum();
+        (f64::from(m) + s.ln()) as f32
+    }
+
+    fn draw_counts(p: &SamplingParams, l: &[f32], n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(p);
+        let mut counts = vec![0; l.len()];
+        for _ in 0..n {
+            counts[s.sample(l, &[], 0).token as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_lowest_id_on_ties() {
+        let l = logits(49152, 1);
+        let mut s = Sampler::new(&params(|_| {}));
+        assert_eq!(s.sample(&l, &[], 0).token, ref_argmax(&l));
+        let tie = [1.0, 3.0, 0.5, 3.0];
+        assert_eq!(s.sample(&tie, &[], 0).token, 1);
+        let with_nan = [f32::NAN, 0.5, 2.0];
+        assert_eq!(s.sample(&with_nan, &[], 0).token, 2);
+    }
+
+    #[test]
+    fn seed_makes_sequences_reproducible() {
+        let run = |seed| {
+            let mut s = Sampler::new(&params(|p| {
+                p.temperature = 1.0;
+                p.seed = Some(seed);
+            }));
+            (0..200u32)
+                .map(|i| s.sample(&logits(1000, i % 7), &[], 0).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let l = logits(49152, 3);
+        let best = ref_argmax(&l);
+        for t in [0.5, 1.0, 5.0] {
+            let mut k1 = Sampler::new(&params(|p| (p.temperature, p.top_k) = (t, 1)));
+            let mut p0 = Sampler::new(&params(|p| (p.temperature, p.top_p) = (t, 1e-6)));
+            for _ in 0..50 {
+                assert_eq!(k1.sample(&l, &[], 0).token, best);
+                assert_eq!(p0.sample(&l, &[], 0).token, best);
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let l: Vec<f32> = [0.4f32, 0.3, 0.2, 0.1].iter().map(|p| p.ln()).collect();
+        let k2 = draw_counts(&params(|p| (p.temperature, p.top_k) = (1.0, 2)), &l, 4000);
+        assert_eq!((k2[2], k2[3]), (0, 0));
+        // Cumulative 0.4 < 0.65 <= 0.7: the nucleus is {0, 1}, renormalized to 4/7, 3/7.
+        let c = draw_counts(
+            &params(|p| (p.temperature, p.top_p) = (1.0, 0.65)),
+            &l,
+            20_000,
+        );
+        assert_eq!((c[2], c[3]), (0, 0));
+        let f0 = c[0] as f64 / 20_000.0;
+        assert!((f0 - 4.0 / 7.0).abs() < 0.02, "{f0}");
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let l: Vec<f32> = [0.5f32, 0.3, 0.2].iter().map(|p| p.ln()).collect();
+        // Cut at 0.5 * 0.5 = 0.25: token 2 (0.2) goes, token 1 (0.3) stays.
+        let c = draw_counts(&params(|p| (p.temperature, p.min_p) = (1.0, 0.5)), &l, 5000);
+        assert_eq!(c[2], 0);
+        assert!(c[1] > 1000, "{c:?}");
+        // Cut at 0.35: only the top token.
+        let c = draw_counts(&params(|p| (p.temperature, p.min_p) = (1.0, 0.7)), &l, 2000);
+        assert_eq!(c[0], 2000);
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_and_output() {
+        let mut s = Sampler::new(&params(|p| p.repetition_penalty = 1.3));
+        // 2.0 / 1.3 = 1.54 < 1.9: the seen token loses, whether seen in the prompt or output.
+        let l = [2.0, 1.9, -1.0];
+        assert_eq!(s.sample(&l, &[], 0).token, 0);
+        assert_eq!(s.sample(&l, &[0], 1).token, 1);
+        assert_eq!(s.sample(&l, &[2, 0], 1).token, 1);
+        // Negative logits are multiplied: -1.0 * 1.3 = -1.3 < -1.2.
+        let neg = [-1.0, -1.2];
+        assert_eq!(s.sample(&neg, &[0], 1).token, 1);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_cover_output_only() {
+        let l = [2.0, 1.9];
+        let mut s = Sampler::new(&params(|p| p.presence_penalty = 0.5));
+        assert_eq!(
+            s.sample(&l, &[0], 1).token,
+            0,
+            "prompt tokens are not penalized"
+        );
+        assert_eq!(s.sample(&l, &[1, 0], 1).token, 1);
+
+        let l = [2.0, 1.5];
+        let mut s = Sampler::new(&params(|p| p.frequency_penalty = 0.2));
+        assert_eq!(s.sample(&l, &[9, 0], 1).token, 0); // 2.0 - 0.2 = 1.8
+        assert_eq!(s.sample(&l, &[9, 0, 0, 0], 1).token, 1); // 2.0 - 0.6 = 1.4
+    }
+
+    #[test]
+    fn logit_bias_forces_a_token_and_logprobs_stay_raw() {
+        let l = logits(1000, 5);
+        let p = params(|p| {
+            p.temperature = 1.0;
+            p.logit_bias = vec![(3, 100.0), (5000, 1.0)]; // out-of-range ids are ignored
+        });
+        let mut s = Sampler::new(&p);
+        let lse = ref_lse(&l);
+        for _ in 0..100 {
+            let out = s.sample(&l, &[], 0);
+            assert_eq!(out.token, 3);
+            assert!((out.logprob - (l[3] - lse)).abs() < 1e-5);
+        }
+        let mut ban = Sampler::new(&params(|p| p.logit_bias = vec![(ref_argmax(&l), -1e9)]));
+        assert_ne!(ban.sample(&l, &[], 0).token, ref_argmax(&l));
+    }
+
+    #[test]
+    fn temperature_one_matches_the_model_distribution() {
+        let probs = [0.5f64, 0.3, 0.2];
+        let l: Vec<f32> = probs.iter().map(|p| p.ln() as f32 + 3.0).collect();
+        let n = 20_000;
+        let c = draw_counts(&params(|p| p.temperature = 1.0), &l, n);
+        for (i, p) in probs.iter().enumerate() {
+            let f = c[i] as f64 / n as f64;
+            // 4.5 standard deviations at most; the seed is fixed so this cannot flake.
+            assert!((f - p).abs() < 0.016, "token {i}: {f} vs {p}");
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalized_and_ordered() {
+        let mut l = logits(500, 9);
+        l[10] = l[11]; // a tie
+        l[7] = f32::NEG_INFINITY;
+        let p = params(|p| {
+            p.temperature = 0.7;
+            p.top_logprobs = 500;
+        });
+        let out = Sampler::new(&p).sample(&l, &[], 0);
+        assert_eq!(out.top_logprobs.len(), 500);
+        let mass: f64 = out.top_logprobs.iter().map(|x| f64::from(x.1).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-4, "{mass}");
+        for w in out.top_logprobs.windows(2) {
+            assert!(
+                w[0].1 > w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0),
+                "{w:?}"
+            );
+        }
+        let own = out.top_logprobs.iter().find(|x| x.0 == out.token).unwrap();
+        assert_eq!(own.1, out.logprob);
+
+        let p5 = params(|p| p.top_logprobs = 5);
+        let top5 = Sampler::new(&p5).sample(&l, &[], 0).top_logprobs;
+        assert_eq!(top5[..], out.top_logprobs[..5]);
+        assert_eq!(top5[0].0, ref_argmax(&l));
+    }
+
+    #[test]
+    fn fully_masked_logits_fall_back_to_lowest_id() {
+        let l = [f32::NEG_INFINITY; 4];
+        let out = Sampler::new(&params(|p| p.temperature = 1.0)).sample(&l, &[], 0);
+        assert_eq!(out.token, 0);
+    }
+
+    #[test]
+    fn vector_exp_and_top_k_helpers_match_references() {
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let rel = (f64::from(exp_nonpos(x)) - f64::from(x).exp()).abs() / f64::from(x).exp();
+            assert!(rel < 3e-7, "exp({x}): {rel}");
+            x -= 0.0137;
+        }
+        for x in [f32::NEG_INFINITY, f32::NAN, -100.0] {
+            assert_eq!(exp_nonpos(x), 0.0);
+        }
+        let l = logits(3000, 13); // values repeat: many ties
+        let mut reference: Vec<(TokenId, f32)> = l
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as TokenId, x))
+            .collect();
+        reference.sort_by(desc);
+        let mut out = Vec::new();
+        for k in [1, 7, SCAN_TOP_K, SCAN_TOP_K + 1, 500] {
+            top_k_into(&l, k, &mut out);
+            assert_eq!(out, reference[..k], "k = {k}");
+        }
+        // Nucleus by quickselect equals the sorted-prefix definition.
+        for top_p in [0.05f32, 0.5, 0.9, 0.999] {
+            let mut cand: Vec<(TokenId, f32)> = l
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (i as TokenId, (x / 2.0).exp()))
+                .collect();
+            let total = cand.iter().map(|c| f64::from(c.1)).sum::<f64>();
+            let mut cum = 0.0;
+            let n = 1 + reference
+                .iter()
+                .take_while(|c| {
+                    cum += f64::from((c.1 / 2.0).exp());
+                    cum < f64::from(top_p) * total
+                })
+                .count();
+            Sampler::apply_top_p(&mut cand, top_p, total);
+            cand.sort_by(desc);
+            let ids: Vec<TokenId> = cand.iter().map(|c| c.0).collect();
+            let want: Vec<TokenId> = reference[..n].iter().map(|c| c.0).collect();
+            assert_eq!(ids, want, "top_p = {top_p}");
+        }
+    }
+
+    #[test]
+    fn large_vocab_paths_sample_the_right_tokens() {
+        // Four live tokens spread over several 256-token blocks; everything else masked.
+        let mut l = vec![f32::NEG_INFINITY; 1000];
+        let live = [(5usize, 0.4f64), (300, 0.3), (700, 0.2), (999, 0.1)];
+        for &(i, p) in &live {
+            l[i] = p.ln() as f32;
+        }
+        let n = 20_000;
+        for p in [
+            params(|p| p.temperature = 1.0),
+            params(|p| (p.temperature, p.top_k) = (1.0, 100)),
+            params(|p| (p.temperature, p.top_k) = (1.0, 10)),
+        ] {
+            let c = draw_counts(&p, &l, n);
+            assert_eq!(c.iter().sum::<usize>(), n);
+            for &(i, want) in &live {
+                let f = c[i] as f64 / n as f64;
+                assert!((f - want).abs() < 0.016, "token {i}: {f} vs {want} ({p:?})");
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! kvserve: an OpenAI-compatible, multi-tenant LLM inference server built around its KV cache.
+//!
+//! Layers (imports point down only): `engine` → `model` → `backend` → (`types`, `error`).
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod types;

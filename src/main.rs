@@ -1,0 +1,232 @@
+//! The `kvserve` command line: parse, set up logging, call the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kvserve::backend::cpu::CpuBackend;
+use kvserve::engine::generate::{generate, GenerateOptions};
+use kvserve::model::chat_template::ChatMessage;
+use kvserve::model::llama::Llama;
+use kvserve::model::tokenizer::IncrementalDecoder;
+use kvserve::model::{convert, loader};
+use kvserve::types::SamplingParams;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The default model, as `scripts/fetch-model.sh` lays it out.
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct";
+
+#[derive(Parser)]
+#[command(
+    name = "kvserve",
+    version,
+    about = "OpenAI-compatible multi-tenant LLM inference server"
+)]
+struct Cli {
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `kvserve=debug`.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt on the CPU, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Convert a GGUF file to a Hugging Face directory (bf16 safetensors + config + tokenizer).
+    Convert {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face model directory or a `.gguf` file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. `1,2,3`.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Optional system message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Logit bias as `ID:BIAS`, repeatable.
+    #[arg(long, value_parser = parse_bias)]
+    logit_bias: Vec<(u32, f32)>,
+    /// Report the top-K alternatives of each token (with --json).
+    #[arg(long, default_value_t = 0)]
+    logprobs: usize,
+    /// Print one JSON object per generated token instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, b) = s.split_once(':').ok_or("expected ID:BIAS")?;
+    Ok((
+        id.trim()
+            .parse()
+            .map_err(|e| format!("bad token id: {e}"))?,
+        b.trim().parse().map_err(|e| format!("bad bias: {e}"))?,
+    ))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Generate(args) => run_generate(args),
+        Command::Convert { gguf, out } => {
+            convert::convert_gguf(&gguf, &out, &mut |msg| eprintln!("{msg}"))
+                .with_context(|| format!("converting {}", gguf.display()))?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
+    let t_load = Instant::now();
+    let files = loader::open(&args.model)?;
+    let model = Llama::load(
+        files.config.clone(),
+        files.weights.as_ref(),
+        CpuBackend::new(),
+    )?;
+    drop(files.weights);
+    tracing::info!(ms = t_load.elapsed().as_millis() as u64, "model loaded");
+    let tok = &files.tokenizer;
+
+    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) if args.chat => {
+            let tmpl = files
+                .chat_template
+                .as_ref()
+                .context("this model has no chat template; drop --chat")?;
+            let mut messages = Vec::new();
+            if let Some(sys) = &args.system {
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: sys.clone(),
+                });
+            }
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            });
+            tok.encode(&tmpl.render(&messages, true)?, false)?
+        }
+        (Some(text), None) => tok.encode(text, true)?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        stop_ids: files.config.eos_token_ids.clone(),
+        ignore_eos: args.ignore_eos,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            seed: args.seed,
+            repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            logit_bias: args.logit_bias.clone(),
+            top_logprobs: args.logprobs,
+        },
+    };
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut decoder = IncrementalDecoder::new();
+    let mut io_err: Option<std::io::Error> = None;
+    let stop_ids = opts.stop_ids.clone();
+    let result = generate(&model, &prompt, &opts, |s| {
+        let res = if args.json {
+            let text = tok.decode(&[s.token], false).unwrap_or_default();
+            let line = serde_json::json!({
+                "id": s.token,
+                "text": text,
+                "logprob": s.logprob,
+                "top_logprobs": s.top_logprobs.iter().map(|&(id, lp)| serde_json::json!([id, lp])).collect::<Vec<_>>(),
+            });
+            writeln!(out, "{line}")
+        } else if stop_ids.contains(&s.token) && !args.ignore_eos {
+            Ok(())
+        } else {
+            match decoder.push(tok, s.token) {
+                Ok(piece) => write!(out, "{piece}").and_then(|_| out.flush()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            }
+        };
+        if let Err(e) = res {
+            io_err.get_or_insert(e);
+        }
+    })?;
+    if !args.json {
+        writeln!(out, "{}", decoder.finish(tok)?)?;
+    }
+    if let Some(e) = io_err {
+        return Err(e.into());
+    }
+    let n = result.tokens.len();
+    let prefill_s = result.prefill_time.as_secs_f64();
+    let decode_s = result.decode_time.as_secs_f64();
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tok/s); decode: {} tokens in {:.1} ms ({:.1} tok/s); finish: {:?}",
+        result.prompt_tokens,
+        prefill_s * 1e3,
+        result.prompt_tokens as f64 / prefill_s,
+        n.saturating_sub(1),
+        decode_s * 1e3,
+        n.saturating_sub(1) as f64 / decode_s.max(1e-9),
+        result.finish_reason,
+    );
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! Models: configuration, weight loaders (safetensors directories and GGUF files), the tokenizer
+//! and chat template, and the Llama forward written once against the `Backend` trait.
+
+pub mod chat_template;
+pub mod config;
+pub mod convert;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod llama;
+pub mod loader;
+pub mod safetensors_source;
+pub mod tensor;
+pub mod tokenizer;
+
+use crate::error::ModelError;
+use std::path::Path;
+use tensor::HostTensor;
+
+/// Where weights come from, addressed by Hugging Face tensor names
+/// (`model.layers.0.self_attn.q_proj.weight`), always in Hugging Face orientation and layout
+/// (a GGUF source undoes llama.cpp's Q/K row permutation before handing a tensor out).
+pub trait TensorSource: Send + Sync {
+    /// The file or directory, for error messages.
+    fn path(&self) -> &Path;
+    fn has(&self, hf_name: &str) -> bool;
+    fn tensor(&self, hf_name: &str) -> Result<HostTensor<'_>, ModelError>;
+}
