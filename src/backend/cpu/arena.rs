@@ -67,13 +67,23 @@ impl<T: Copy> WeightBuf<T> {
         let bytes = len * std::mem::size_of::<T>();
         if bytes == 0 {
             fill(&mut []);
-            return WeightBuf { _chunk: None, ptr: NonNull::dangling(), len: 0, _t: PhantomData };
+            return WeightBuf {
+                _chunk: None,
+                ptr: NonNull::dangling(),
+                len: 0,
+                _t: PhantomData,
+            };
         }
         let (chunk, base) = carve(bytes);
         let ptr = base.cast::<T>();
         // SAFETY: `carve` returned `bytes` exclusive, aligned, zeroed bytes inside `chunk`.
         fill(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) });
-        WeightBuf { _chunk: Some(chunk), ptr, len, _t: PhantomData }
+        WeightBuf {
+            _chunk: Some(chunk),
+            ptr,
+            len,
+            _t: PhantomData,
+        }
     }
 
     pub fn from_slice(src: &[T]) -> Self {
@@ -93,7 +103,11 @@ fn carve(bytes: usize) -> (Arc<Chunk>, NonNull<u8>) {
     }
     let c = cur.get_or_insert_with(|| {
         let (chunk, base) = map(CHUNK);
-        Current { chunk, base, used: 0 }
+        Current {
+            chunk,
+            base,
+            used: 0,
+        }
     });
     // SAFETY: used + bytes ≤ CHUNK, inside the mapping.
     let p = unsafe { NonNull::new_unchecked(c.base.as_ptr().add(c.used)) };
@@ -111,13 +125,23 @@ impl<T> Deref for WeightBuf<T> {
 
 impl<T> Clone for WeightBuf<T> {
     fn clone(&self) -> Self {
-        WeightBuf { _chunk: self._chunk.clone(), ptr: self.ptr, len: self.len, _t: PhantomData }
+        WeightBuf {
+            _chunk: self._chunk.clone(),
+            ptr: self.ptr,
+            len: self.len,
+            _t: PhantomData,
+        }
     }
 }
 
 impl<T> std::fmt::Debug for WeightBuf<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WeightBuf[{} x {}]", self.len, std::any::type_name::<T>())
+        write!(
+            f,
+            "WeightBuf[{} x {}]",
+            self.len,
+            std::any::type_name::<T>()
+        )
     }
 }
 
@@ -128,7 +152,9 @@ mod tests {
     #[test]
     fn buffers_do_not_overlap_and_outlive_the_chunk_handle() {
         let a = WeightBuf::from_slice(&[1u16, 2, 3]);
-        let b = WeightBuf::build(1000, |d: &mut [f32]| d.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32));
+        let b = WeightBuf::build(1000, |d: &mut [f32]| {
+            d.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32)
+        });
         let big = WeightBuf::build((OWN_MAPPING / 4) + 1, |d: &mut [f32]| d.fill(7.0));
         let c = a.clone();
         drop(a);

@@ -13,8 +13,8 @@
 //! `p · V` over (KV head, slice of head_dim).
 
 use super::ops::softmax;
+use super::parallel;
 use crate::backend::AttnShape;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Positions per tile: 64 × 64 dims × 4 bytes = 16 KiB of K or V, comfortably in L1.
@@ -88,7 +88,7 @@ struct Query {
     len: usize,
 }
 
-/// Raw pointers moved into rayon tasks.
+/// Raw pointers moved into parallel chunks.
 #[derive(Clone, Copy)]
 struct Ptr<T>(T);
 // SAFETY: every task writes a disjoint set of elements (stated at each use).
@@ -193,10 +193,7 @@ pub fn attention(
     if tasks.get().len() == 1 {
         body(0);
     } else {
-        (0..tasks.get().len())
-            .into_par_iter()
-            .with_max_len(1)
-            .for_each(body);
+        parallel::for_each(tasks.get().len(), body);
     }
 }
 
@@ -268,7 +265,7 @@ fn split_phases(
     let chunks = lmax.div_ceil(4 * TILE).max(1);
     let qs_p = Ptr(qs);
     // Phase 1: scores over position chunks; chunk c writes scores[.., c's positions].
-    (0..chunks).into_par_iter().for_each(|c| {
+    parallel::for_each(chunks, |c| {
         for t0 in (c * 4 * TILE..((c + 1) * 4 * TILE).min(lmax)).step_by(TILE) {
             for (qi, q) in qs_p.get().iter().enumerate() {
                 let t1 = (t0 + TILE).min(q.len);
@@ -293,48 +290,47 @@ fn split_phases(
         }
     });
     // Phase 2: softmax per query.
-    scores
-        .par_chunks_mut(lmax.max(1))
-        .enumerate()
-        .for_each(|(qi, s)| softmax(&mut s[..qs_p.get()[qi].len], simd));
+    parallel::for_each(qs.len(), |qi| {
+        // SAFETY: query qi's scores row is touched by this chunk only.
+        let s =
+            unsafe { std::slice::from_raw_parts_mut(sp.get().add(qi * lmax), qs_p.get()[qi].len) };
+        softmax(s, simd);
+    });
     // Phase 3: p · V over (query set of one KV head, slice of head_dim).
     let dslice = if d % 32 == 0 { 32 } else { d };
     let nheads = (0..qs.len()).map(&kv_head).max().map_or(0, |m| m + 1);
     let sp = Ptr(scores.as_ptr());
-    (0..nheads * (d / dslice))
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|t| {
-            let (g, d0) = (t / (d / dslice), (t % (d / dslice)) * dslice);
-            let vh = kv.v[g * d..].as_ptr();
-            for t0 in (0..lmax).step_by(TILE) {
-                for (qi, q) in qs_p
-                    .get()
-                    .iter()
-                    .enumerate()
-                    .filter(|(qi, _)| kv_head(*qi) == g)
-                {
-                    let t1 = (t0 + TILE).min(q.len);
-                    if t0 < t1 {
-                        // SAFETY: task t writes dims d0..d0+dslice of the outputs of KV head g's
-                        // queries only.
-                        unsafe {
-                            pv(
-                                sp.get().add(qi * lmax),
-                                vh,
-                                stride,
-                                t0,
-                                t1,
-                                d0,
-                                d0 + dslice,
-                                q.out,
-                                simd,
-                            )
-                        }
+    parallel::for_each(nheads * (d / dslice), |t| {
+        let (g, d0) = (t / (d / dslice), (t % (d / dslice)) * dslice);
+        let vh = kv.v[g * d..].as_ptr();
+        for t0 in (0..lmax).step_by(TILE) {
+            for (qi, q) in qs_p
+                .get()
+                .iter()
+                .enumerate()
+                .filter(|(qi, _)| kv_head(*qi) == g)
+            {
+                let t1 = (t0 + TILE).min(q.len);
+                if t0 < t1 {
+                    // SAFETY: task t writes dims d0..d0+dslice of the outputs of KV head g's
+                    // queries only.
+                    unsafe {
+                        pv(
+                            sp.get().add(qi * lmax),
+                            vh,
+                            stride,
+                            t0,
+                            t1,
+                            d0,
+                            d0 + dslice,
+                            q.out,
+                            simd,
+                        )
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 /// `s[j] = (q · k_j) * scale` for `j` in `j0..j1`.

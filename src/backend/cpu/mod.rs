@@ -6,12 +6,16 @@
 //! - `ops`: RMSNorm, SiLU·up, softmax, RoPE (cos/sin table cached by position in the backend).
 //! - `attention`: the contiguous f32 KV cache and causal GQA attention.
 //! - `simd`: runtime CPU-feature detection and AVX2 helpers (generic x86-64 binaries).
+//! - `arena`: huge-page storage for weights; `parallel`: the fork/join every op uses.
 //!
-//! Threads: rayon's global pool (one worker per core); no op creates threads of its own.
+//! Threads: helpers run as jobs on rayon's global pool (one worker per core); no op creates
+//! threads of its own.
 
+pub mod arena;
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+pub mod parallel;
 pub mod simd;
 
 use crate::backend::{AttnShape, Backend, RopeParams};

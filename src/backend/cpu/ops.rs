@@ -2,19 +2,24 @@
 //! float32 math step by step: RMSNorm, SiLU·up, RoPE (with a cos/sin table cached by position),
 //! softmax. Attention itself lives in `attention.rs`.
 //!
-//! Large batches (prefill) split rows across rayon's global pool; single rows run inline, where a
-//! fork/join would cost more than the op.
+//! Large batches (prefill) split rows across threads (`parallel::for_each`); small ones run
+//! inline, where a fork/join would cost more than the op.
 
+use super::parallel::{self, SendPtr};
 use super::simd;
 use crate::backend::{AttnShape, RopeParams};
-use rayon::prelude::*;
 
 /// Below this many elements an op runs on the calling thread.
 const PAR_MIN: usize = 64 * 1024;
 
-/// Rows per rayon task so that each task has at least `PAR_MIN / 4` elements.
-fn rows_per_task(width: usize) -> usize {
-    (PAR_MIN / 4).div_ceil(width.max(1)).max(1)
+/// Calls `f(first_row, row_count)` over blocks of `rows` rows of `width` elements: inline when
+/// small, else in parallel with ≥ `PAR_MIN / 4` elements per block. `f` must touch only its rows.
+fn row_blocks(rows: usize, width: usize, f: impl Fn(usize, usize) + Sync) {
+    if rows * width < PAR_MIN {
+        return f(0, rows);
+    }
+    let per = (PAR_MIN / 4).div_ceil(width.max(1)).max(1);
+    parallel::for_each(rows.div_ceil(per), |b| f(b * per, per.min(rows - b * per)));
 }
 
 /// `LlamaRMSNorm`: `variance = mean(x²)` in f32, `x * (1 / sqrt(variance + eps))`, then
@@ -22,22 +27,20 @@ fn rows_per_task(width: usize) -> usize {
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, rows: usize, out: &mut [f32]) {
     let w = weight.len();
     let (x, out) = (&x[..rows * w], &mut out[..rows * w]);
-    let one = |(xr, or): (&[f32], &mut [f32])| {
-        let inv = 1.0 / (mean_sq(xr) + eps).sqrt();
-        for ((o, &xv), &g) in or.iter_mut().zip(xr).zip(weight) {
-            *o = g * (xv * inv);
+    let outp = SendPtr(out.as_mut_ptr());
+    row_blocks(rows, w, |r0, n| {
+        // SAFETY: each block writes only its own rows r0..r0+n of `out`.
+        let out = unsafe { std::slice::from_raw_parts_mut(outp.get().add(r0 * w), n * w) };
+        for (xr, or) in x[r0 * w..(r0 + n) * w]
+            .chunks_exact(w)
+            .zip(out.chunks_exact_mut(w))
+        {
+            let inv = 1.0 / (mean_sq(xr) + eps).sqrt();
+            for ((o, &xv), &g) in or.iter_mut().zip(xr).zip(weight) {
+                *o = g * (xv * inv);
+            }
         }
-    };
-    if rows * w < PAR_MIN {
-        x.chunks_exact(w).zip(out.chunks_exact_mut(w)).for_each(one);
-    } else {
-        let rpt = rows_per_task(w);
-        x.par_chunks(rpt * w)
-            .zip(out.par_chunks_mut(rpt * w))
-            .for_each(|(xs, os)| {
-                xs.chunks_exact(w).zip(os.chunks_exact_mut(w)).for_each(one);
-            });
-    }
+    });
 }
 
 /// `mean(x²)` with 8 partial f32 sums (torch's vectorized reduction also keeps lane sums; the
@@ -77,21 +80,15 @@ pub fn add_bias(x: &mut [f32], bias: &[f32], rows: usize) {
 pub fn silu_mul(gate_up: &[f32], rows: usize, inter: usize, out: &mut [f32]) {
     let simd = simd::avx2_fma();
     let (gu, out) = (&gate_up[..rows * 2 * inter], &mut out[..rows * inter]);
-    let one = |(g, o): (&[f32], &mut [f32])| silu_row(&g[..inter], &g[inter..], o, simd);
-    if rows * inter < PAR_MIN {
-        gu.chunks_exact(2 * inter)
-            .zip(out.chunks_exact_mut(inter))
-            .for_each(one);
-    } else {
-        let rpt = rows_per_task(inter);
-        gu.par_chunks(rpt * 2 * inter)
-            .zip(out.par_chunks_mut(rpt * inter))
-            .for_each(|(g, o)| {
-                g.chunks_exact(2 * inter)
-                    .zip(o.chunks_exact_mut(inter))
-                    .for_each(one);
-            });
-    }
+    let outp = SendPtr(out.as_mut_ptr());
+    row_blocks(rows, inter, |r0, n| {
+        // SAFETY: each block writes only its own rows r0..r0+n of `out`.
+        let out = unsafe { std::slice::from_raw_parts_mut(outp.get().add(r0 * inter), n * inter) };
+        let gu = &gu[r0 * 2 * inter..(r0 + n) * 2 * inter];
+        for (g, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+            silu_row(&g[..inter], &g[inter..], o, simd);
+        }
+    });
 }
 
 fn silu_row(g: &[f32], u: &[f32], out: &mut [f32], simd: bool) {
@@ -195,13 +192,15 @@ impl RopeTable {
     /// pair `i` is `(x[i], x[i + d/2])`). Every position must be `< self.len()`.
     pub fn apply(&self, qkv: &mut [f32], rows: usize, positions: &[u32], shape: AttnShape) {
         let width = shape.qkv_width();
-        let qkv = &mut qkv[..rows * width];
-        let one = |(row, &pos): (&mut [f32], &u32)| self.apply_row(row, pos as usize, shape);
-        if rows * width < PAR_MIN {
-            qkv.chunks_exact_mut(width).zip(positions).for_each(one);
-        } else {
-            qkv.par_chunks_mut(width).zip(positions).for_each(one);
-        }
+        let qkv = SendPtr(qkv[..rows * width].as_mut_ptr());
+        row_blocks(rows, width, |r0, n| {
+            // SAFETY: each block rotates only its own rows r0..r0+n.
+            let block =
+                unsafe { std::slice::from_raw_parts_mut(qkv.get().add(r0 * width), n * width) };
+            for (row, &pos) in block.chunks_exact_mut(width).zip(&positions[r0..r0 + n]) {
+                self.apply_row(row, pos as usize, shape);
+            }
+        });
     }
 
     fn apply_row(&self, row: &mut [f32], pos: usize, shape: AttnShape) {

@@ -54,7 +54,10 @@ impl Job {
                 let r = catch_unwind(AssertUnwindSafe(|| unsafe { (*self.f)(i) }));
                 if let Err(p) = r {
                     self.cancelled.store(true, Ordering::Relaxed);
-                    self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+                    self.panic
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(p);
                 }
             }
             self.done.fetch_add(1, Ordering::Release);
@@ -70,7 +73,11 @@ struct Board {
     live: AtomicUsize,
 }
 
-static BOARD: Board = Board { epoch: AtomicU64::new(0), job: Mutex::new(None), live: AtomicUsize::new(0) };
+static BOARD: Board = Board {
+    epoch: AtomicU64::new(0),
+    job: Mutex::new(None),
+    live: AtomicUsize::new(0),
+};
 
 fn helper() {
     let mut seen = 0;
@@ -104,9 +111,10 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         (0..n).for_each(f);
         return;
     }
-    let f: &Task = &f;
+    let f: &(dyn Fn(usize) + Sync + '_) = &f;
     // SAFETY: only the lifetime is erased; see the module invariant.
-    let f: *const Task = unsafe { std::mem::transmute::<&Task, &'static Task>(f) };
+    let f: *const Task =
+        unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Task>(f) };
     let job = Arc::new(Job {
         next: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
@@ -163,7 +171,10 @@ mod tests {
             for_each(n, |i| {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
-            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "n = {n}"
+            );
         }
     }
 
