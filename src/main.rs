@@ -34,6 +34,19 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt on the CPU, streaming it to stdout.
     Generate(GenerateArgs),
+    /// Print the token ids of a text, comma-separated (input for `generate --prompt-ids`).
+    Tokenize {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, conflicts_with = "file")]
+        text: Option<String>,
+        /// Read the text from a file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Repeat the ids (cyclically) until exactly this many, for fixed-length benchmarks.
+        #[arg(long)]
+        repeat_to: Option<usize>,
+    },
     /// Convert a GGUF file to a Hugging Face directory (bf16 safetensors + config + tokenizer).
     Convert {
         #[arg(long)]
@@ -114,6 +127,30 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Tokenize {
+            model,
+            text,
+            file,
+            repeat_to,
+        } => {
+            let text = match (text, file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?,
+                (None, None) => bail!("give --text TEXT or --file FILE"),
+            };
+            let files = loader::open(&model)?;
+            let mut ids = files.tokenizer.encode(&text, true)?;
+            if let Some(n) = repeat_to {
+                if ids.is_empty() {
+                    bail!("the text has no tokens");
+                }
+                ids = ids.iter().copied().cycle().take(n).collect();
+            }
+            let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+            println!("{}", line.join(","));
+            Ok(())
+        }
         Command::Convert { gguf, out } => {
             convert::convert_gguf(&gguf, &out, &mut |msg| eprintln!("{msg}"))
                 .with_context(|| format!("converting {}", gguf.display()))?;

@@ -17,10 +17,23 @@ fn generate_json_prints_one_object_per_token_with_logprobs() {
     let out = kvserve()
         .args(["generate", "--model"])
         .arg(dir.path())
-        .args(["--prompt-ids", "1,2,3", "--max-tokens", "6", "--json", "--logprobs", "3", "--ignore-eos"])
+        .args([
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "6",
+            "--json",
+            "--logprobs",
+            "3",
+            "--ignore-eos",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -32,12 +45,18 @@ fn generate_json_prints_one_object_per_token_with_logprobs() {
         assert_eq!(top.len(), 3);
         // Greedy: the chosen token is the most likely one and carries its logprob.
         assert_eq!(top[0][0], l["id"]);
-        assert_eq!(top[0][1].as_f64().unwrap() as f32, l["logprob"].as_f64().unwrap() as f32);
+        assert_eq!(
+            top[0][1].as_f64().unwrap() as f32,
+            l["logprob"].as_f64().unwrap() as f32
+        );
         assert!(l["logprob"].as_f64().unwrap() <= 0.0);
         assert!(l["text"].is_string());
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("prefill: 3 tokens") && stderr.contains("tok/s"), "{stderr}");
+    assert!(
+        stderr.contains("prefill: 3 tokens") && stderr.contains("tok/s"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -48,18 +67,35 @@ fn generate_text_and_chat_modes_agree_with_json_ids() {
         let out = kvserve()
             .args(["generate", "--model"])
             .arg(dir.path())
-            .args(["--max-tokens", "8", "--ignore-eos", "--temperature", "0.8", "--seed", "5"])
+            .args([
+                "--max-tokens",
+                "8",
+                "--ignore-eos",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "5",
+            ])
             .args(extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     // Same seed, same tokens: the streamed text equals the concatenated JSON texts.
     let json = run(&["--prompt", "hello", "--json"]);
     let joined: String = json
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let text = run(&["--prompt", "hello"]);
     assert_eq!(text.trim_end_matches('\n'), joined.replace("<|eos|>", ""));
@@ -76,11 +112,18 @@ fn generate_reports_bad_model_path_and_missing_prompt() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/dir") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("/nonexistent/dir") && err.contains("not found"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinySpec::default(), 13);
-    let out = kvserve().args(["generate", "--model"]).arg(dir.path()).output().unwrap();
+    let out = kvserve()
+        .args(["generate", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--prompt"));
 }

@@ -9,7 +9,8 @@
 
 use half::bf16;
 use kvserve::backend::cpu::arena::WeightBuf;
-use kvserve::backend::cpu::attention::{attention, CpuCache};
+use kvserve::backend::cpu::attention::attention;
+use kvserve::backend::cpu::cache::CpuCache;
 use kvserve::backend::cpu::matmul::{gemm_par, matmul, matvec_par, CpuMatrix, WData};
 use kvserve::backend::cpu::simd;
 use kvserve::backend::AttnShape;
@@ -165,7 +166,7 @@ fn main() {
             "\n== rows crossover on gate_up 576->3072 (L2/L3-resident weights): streaming vs gemm"
         );
         let w = bf16_matrix(3072, 576, 42);
-        for rows in [1, 2, 4, 8, 12, 16, 32] {
+        for rows in [1, 2, 4, 8, 16, 32, 48, 64, 96, 128] {
             let x = acts(rows * 576);
             let mut out = vec![0f32; rows * 3072];
             let ts = time(min / 3, || {

@@ -4,7 +4,7 @@
 //! - `matmul`: weight matrices in their stored 16-bit format; AVX2 streaming kernel for decode,
 //!   widened panels + `gemm` for prefill.
 //! - `ops`: RMSNorm, SiLU·up, softmax, RoPE (cos/sin table cached by position in the backend).
-//! - `attention`: the contiguous f32 KV cache and causal GQA attention.
+//! - `cache`, `attention`: the contiguous f32 KV cache and causal GQA attention over it.
 //! - `simd`: runtime CPU-feature detection and AVX2 helpers (generic x86-64 binaries).
 //! - `arena`: huge-page storage for weights; `parallel`: the fork/join every op uses.
 //!
@@ -13,6 +13,7 @@
 
 pub mod arena;
 pub mod attention;
+pub mod cache;
 pub mod matmul;
 pub mod ops;
 pub mod parallel;
@@ -21,7 +22,7 @@ pub mod simd;
 use crate::backend::{AttnShape, Backend, RopeParams};
 use crate::error::BackendError;
 use crate::model::tensor::HostTensor;
-use attention::CpuCache;
+use cache::CpuCache;
 use matmul::{CpuMatrix, WData};
 use ops::RopeTable;
 use std::sync::{Arc, RwLock};

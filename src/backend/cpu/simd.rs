@@ -105,6 +105,9 @@ pub mod x86 {
     }
 
     /// Sum of the 8 lanes (fixed pairwise order, so results are deterministic).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA (check [`super::avx2_fma`]).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub fn hsum(v: __m256) -> f32 {
@@ -115,6 +118,9 @@ pub mod x86 {
     }
 
     /// Horizontal sums of four vectors at once: lane `i` of the result is `hsum(v_i)`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA (check [`super::avx2_fma`]).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
@@ -131,6 +137,9 @@ pub mod x86 {
     /// polynomial, exponent by integer add). Error ≤ 2 ulp over the normal range, the same class
     /// as the SLEEF `expf` (1 ulp) that torch's vectorized CPU softmax and SiLU use.
     /// Inputs below ln(f32::MIN_POSITIVE) give 0 and above ln(f32::MAX) give +inf, as torch does.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA (check [`super::avx2_fma`]).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub fn exp8(x: __m256) -> __m256 {
@@ -150,7 +159,7 @@ pub mod x86 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.000_000_1e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         let r2 = _mm256_mul_ps(r, r);
         let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         // 2^n: n is in [-126, 128]; n = 128 only when x ≈ HI, where y < 1 keeps the product
