@@ -55,3 +55,11 @@ pub enum FinishReason {
     /// The token limit was reached.
     Length,
 }
+
+/// A tenant, as resolved by the server from an API key. Never taken from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(pub u32);
+
+/// One sequence (one choice of one request) inside the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
