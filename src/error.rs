@@ -72,6 +72,12 @@ pub enum RunError {
     Backend(#[from] BackendError),
     #[error("context length exceeded: {needed} tokens > {max}")]
     ContextLength { needed: usize, max: usize },
+    /// The pool has no room for the sequence right now (a scheduler would preempt or wait).
+    #[error("KV cache is full: no room for {tokens} tokens now")]
+    KvFull { tokens: usize },
+    /// The sequence can never fit its tenant's share of the pool.
+    #[error("{tokens} tokens exceed this tenant's KV cache quota")]
+    KvNeverFits { tokens: usize },
     #[error("invalid input: {0}")]
     Invalid(String),
 }

@@ -3,7 +3,9 @@
 //! Layers (imports point down only): `engine` → `model` → `backend` → (`types`, `error`).
 
 pub mod backend;
+pub mod config;
 pub mod engine;
 pub mod error;
+pub mod kv;
 pub mod model;
 pub mod types;

@@ -7,7 +7,7 @@
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::engine::generate::{generate, GenerateOptions};
 use kvserve::model::chat_template::ChatMessage;
-use kvserve::model::llama::{Llama, LogitsFor};
+use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use kvserve::model::loader::{self, ModelFiles};
 use kvserve::types::SamplingParams;
 use serde::Deserialize;
@@ -219,15 +219,19 @@ fn gguf_and_converted_directory_give_identical_logits() {
         .tokenizer
         .encode("The KV cache is the heart of serving.", true)
         .unwrap();
-    let mut c1 = dir.model.new_cache(64);
-    let mut c2 = gguf.model.new_cache(64);
+    let step = [SeqStep {
+        tokens: &prompt,
+        start_pos: 0,
+        block_table: &[0, 1, 2, 3],
+        logits: LogitsFor::All,
+    }];
     let a = dir
         .model
-        .forward(&prompt, 0, &mut c1, LogitsFor::All)
+        .forward(&step, &mut dir.model.new_kv_store(4, 16))
         .unwrap();
     let b = gguf
         .model
-        .forward(&prompt, 0, &mut c2, LogitsFor::All)
+        .forward(&step, &mut gguf.model.new_kv_store(4, 16))
         .unwrap();
     assert_eq!(a, b);
 }

@@ -1,14 +1,19 @@
-//! The forward pass on tiny random-weight models against a naive f64 reference, incremental
-//! decoding against one-shot prefill, and clear errors for broken model directories.
+//! The forward pass on tiny random-weight models against a naive f64 reference; the paged,
+//! batched forward (shuffled block tables vs one contiguous block, a sequence alone vs inside a
+//! mixed batch, copied blocks); incremental decoding against one-shot prefill; and clear
+//! errors for broken model directories and bad steps.
 
 mod common;
 
 use common::{write_tiny_model, TinySpec};
 use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::Backend;
 use kvserve::engine::generate::{generate, GenerateOptions};
-use kvserve::model::llama::{Llama, LogitsFor};
+use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use kvserve::model::loader;
 use kvserve::types::SamplingParams;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use std::path::Path;
 
 fn load(dir: &Path) -> Llama<CpuBackend> {
@@ -21,15 +26,57 @@ fn load(dir: &Path) -> Llama<CpuBackend> {
     .unwrap()
 }
 
+fn step<'a>(
+    tokens: &'a [u32],
+    start_pos: usize,
+    table: &'a [u32],
+    logits: LogitsFor,
+) -> SeqStep<'a> {
+    SeqStep {
+        tokens,
+        start_pos,
+        block_table: table,
+        logits,
+    }
+}
+
+/// Runs one sequence's step and returns its logits.
+fn run_one(
+    model: &Llama<CpuBackend>,
+    store: &mut <CpuBackend as Backend>::KvStore,
+    tokens: &[u32],
+    start_pos: usize,
+    table: &[u32],
+    logits: LogitsFor,
+) -> Vec<f32> {
+    model
+        .forward(&[step(tokens, start_pos, table, logits)], store)
+        .unwrap()
+        .remove(0)
+}
+
+/// `n` distinct block ids out of `0..pool`, shuffled (non-contiguous, non-monotonic).
+fn shuffled(n: usize, pool: usize, seed: u64) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..pool as u32).collect();
+    ids.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    ids.truncate(n);
+    ids
+}
+
+fn tokens(n: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 37 + salt * 101) % 290) as u32)
+        .collect()
+}
+
 fn check_against_reference(spec: TinySpec, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let weights = write_tiny_model(dir.path(), spec, seed);
     let model = load(dir.path());
     let tokens: Vec<u32> = vec![5, 17, 256, 3, 99, 42, 7, 7, 123, 200, 1];
-    let mut cache = model.new_cache(64);
-    let got = model
-        .forward(&tokens, 0, &mut cache, LogitsFor::All)
-        .unwrap();
+    let mut store = model.new_kv_store(8, 4);
+    let table = shuffled(3, 8, seed);
+    let got = run_one(&model, &mut store, &tokens, 0, &table, LogitsFor::All);
     let want = weights.reference_logits(&tokens);
     let vocab = weights.spec.vocab;
     let mut max_diff = 0f64;
@@ -77,48 +124,228 @@ fn forward_matches_reference_qwen2_bias() {
 
 #[test]
 fn incremental_decode_equals_one_shot_prefill() {
+    // Prefill in two chunks, then one token at a time, through a shuffled table of blocks of
+    // 4: every row bit-identical to a one-shot prefill in one contiguous block.
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinySpec::default(), 4);
     let model = load(dir.path());
     let vocab = model.config().vocab_size;
-    let tokens: Vec<u32> = (0..20).map(|i| (i * 37 % 290) as u32).collect();
-    let mut full_cache = model.new_cache(32);
-    let full = model
-        .forward(&tokens, 0, &mut full_cache, LogitsFor::All)
-        .unwrap();
-    // Prefill in two chunks, then one token at a time.
-    let mut cache = model.new_cache(32);
-    model
-        .forward(&tokens[..7], 0, &mut cache, LogitsFor::Last)
-        .unwrap();
-    let mid = model
-        .forward(&tokens[7..12], 7, &mut cache, LogitsFor::Last)
-        .unwrap();
+    let tokens = tokens(20, 0);
+    let mut flat = model.new_kv_store(1, 20);
+    let full = run_one(&model, &mut flat, &tokens, 0, &[0], LogitsFor::All);
+    let mut store = model.new_kv_store(9, 4);
+    let table = shuffled(5, 9, 4);
+    let none = run_one(&model, &mut store, &tokens[..7], 0, &table, LogitsFor::None);
+    assert!(none.is_empty());
+    let mid = run_one(
+        &model,
+        &mut store,
+        &tokens[7..12],
+        7,
+        &table,
+        LogitsFor::Last,
+    );
     let row = |r: usize| &full[r * vocab..(r + 1) * vocab];
-    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
-    assert!(close(&mid, row(11)));
+    assert_eq!(mid, row(11));
     for pos in 12..20 {
-        let step = model
-            .forward(&tokens[pos..pos + 1], pos, &mut cache, LogitsFor::Last)
-            .unwrap();
-        assert!(close(&step, row(pos)), "position {pos}");
+        let got = run_one(
+            &model,
+            &mut store,
+            &tokens[pos..pos + 1],
+            pos,
+            &table,
+            LogitsFor::Last,
+        );
+        assert_eq!(got, row(pos), "position {pos}");
     }
 }
 
 #[test]
-fn forward_rejects_overflow_and_bad_ids() {
+fn paged_shuffled_blocks_equal_one_contiguous_block() {
+    // Block size 16 with a shuffled table vs one block covering the whole sequence, for each
+    // architecture variant: within 1e-5 (the kernels make it exact; see attention.rs).
+    for (spec, seed) in [
+        (TinySpec::default(), 11),
+        (
+            TinySpec {
+                arch: "Qwen2ForCausalLM",
+                bias: true,
+                kv_heads: 3,
+                tied: false,
+                ..TinySpec::default()
+            },
+            12,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), spec, seed);
+        let model = load(dir.path());
+        let tokens = tokens(150, 3);
+        let mut flat = model.new_kv_store(1, 150);
+        let want = run_one(&model, &mut flat, &tokens, 0, &[0], LogitsFor::All);
+        let mut paged = model.new_kv_store(16, 16);
+        let table = shuffled(10, 16, seed);
+        assert!(table.windows(2).any(|w| w[1] < w[0]));
+        let got = run_one(&model, &mut paged, &tokens, 0, &table, LogitsFor::All);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-5, "max |diff| {max}");
+        assert_eq!(got, want, "expected bit-identical logits");
+    }
+}
+
+#[test]
+fn a_sequence_gives_the_same_logits_alone_and_in_a_mixed_batch() {
+    // Five sequences with their prompts already partly in the store; one step mixes a long
+    // prefill chunk (All), a first chunk (None), a decode row, a mid chunk (Last) and another
+    // decode row. Each equals the same step run alone, bit for bit.
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinySpec::default(), 21);
+    let model = load(dir.path());
+    let bs: usize = 16;
+    // (tokens already in the store, tokens in this step, logits)
+    let plan: [(usize, usize, LogitsFor); 5] = [
+        (0, 45, LogitsFor::All),
+        (0, 20, LogitsFor::None),
+        (70, 1, LogitsFor::Last),
+        (33, 9, LogitsFor::Last),
+        (5, 1, LogitsFor::All),
+    ];
+    let pool = 40;
+    let ids = shuffled(pool, pool, 21);
+    let mut tables = Vec::new();
+    let mut at = 0;
+    for &(done, n, _) in &plan {
+        let k = (done + n).div_ceil(bs);
+        tables.push(ids[at..at + k].to_vec());
+        at += k;
+    }
+    let toks: Vec<Vec<u32>> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, p)| tokens(p.0 + p.1, i))
+        .collect();
+    let prefill = |store: &mut _| {
+        for (i, &(done, _, _)) in plan.iter().enumerate() {
+            if done > 0 {
+                run_one(
+                    &model,
+                    store,
+                    &toks[i][..done],
+                    0,
+                    &tables[i],
+                    LogitsFor::None,
+                );
+            }
+        }
+    };
+    let mut store = model.new_kv_store(pool, bs);
+    prefill(&mut store);
+    let batch: Vec<SeqStep<'_>> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, &(done, n, l))| step(&toks[i][done..done + n], done, &tables[i], l))
+        .collect();
+    let together = model.forward(&batch, &mut store).unwrap();
+    let mut alone_store = model.new_kv_store(pool, bs);
+    prefill(&mut alone_store);
+    for (i, s) in batch.iter().enumerate() {
+        let alone = model.forward(&[*s], &mut alone_store).unwrap().remove(0);
+        assert_eq!(together[i], alone, "sequence {i}");
+    }
+    assert_eq!(together[0].len(), 45 * model.config().vocab_size);
+    assert!(together[1].is_empty());
+}
+
+#[test]
+fn copied_blocks_carry_every_layer() {
+    // Copy a 20-token sequence's blocks (all layers, K and V) to fresh blocks, then decode the
+    // next token over the copies: the logits equal decoding over the originals. A copy missing
+    // any layer or V would change them.
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinySpec::default(), 31);
+    let model = load(dir.path());
+    let tokens = tokens(21, 7);
+    let mut store = model.new_kv_store(12, 8);
+    let table = [5, 2, 9];
+    run_one(
+        &model,
+        &mut store,
+        &tokens[..20],
+        0,
+        &table,
+        LogitsFor::None,
+    );
+    let copy = [1, 7, 3];
+    let copies: Vec<(u32, u32)> = table.iter().copied().zip(copy).collect();
+    model.backend().copy_blocks(&mut store, &copies);
+    let a = run_one(
+        &model,
+        &mut store,
+        &tokens[20..],
+        20,
+        &table,
+        LogitsFor::Last,
+    );
+    let b = run_one(
+        &model,
+        &mut store,
+        &tokens[20..],
+        20,
+        &copy,
+        LogitsFor::Last,
+    );
+    assert_eq!(a, b);
+    // And a fresh store with only the copies' blocks written matches too.
+    let mut fresh = model.new_kv_store(12, 8);
+    run_one(&model, &mut fresh, &tokens[..20], 0, &copy, LogitsFor::None);
+    let c = run_one(
+        &model,
+        &mut fresh,
+        &tokens[20..],
+        20,
+        &copy,
+        LogitsFor::Last,
+    );
+    assert_eq!(a, c);
+}
+
+#[test]
+fn forward_rejects_bad_steps_with_errors() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), TinySpec::default(), 5);
     let model = load(dir.path());
-    let mut cache = model.new_cache(4);
-    let e = model
-        .forward(&[1, 2, 3, 4, 5], 0, &mut cache, LogitsFor::Last)
-        .unwrap_err();
-    assert!(e.to_string().contains("context length"), "{e}");
-    let e = model
-        .forward(&[1, 100_000], 0, &mut cache, LogitsFor::Last)
-        .unwrap_err();
-    assert!(e.to_string().contains("out of range"), "{e}");
+    let mut store = model.new_kv_store(4, 4);
+    let mut err = |tokens: &[u32], start: usize, table: &[u32]| {
+        model
+            .forward(&[step(tokens, start, table, LogitsFor::Last)], &mut store)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&[1, 2, 3, 4, 5], 0, &[0]);
+    assert!(e.contains("block table"), "{e}");
+    let e = err(&[1, 2], 0, &[4]);
+    assert!(e.contains("block id 4"), "{e}");
+    let e = err(&[1, 100_000], 0, &[0]);
+    assert!(e.contains("out of range"), "{e}");
+    let e = err(&[], 0, &[0]);
+    assert!(e.contains("empty"), "{e}");
+    // The tiny model's context is 256 positions.
+    let e = err(&[1], 256, &[0; 65]);
+    assert!(e.contains("context length"), "{e}");
+    // A bad step anywhere in the batch fails the whole batch before anything is written.
+    let good = step(&[1, 2], 0, &[0], LogitsFor::Last);
+    let bad = step(&[1], 0, &[9], LogitsFor::Last);
+    assert!(model.forward(&[good, bad], &mut store).is_err());
+    // An empty batch is a no-op.
+    assert!(model.forward(&[], &mut store).unwrap().is_empty());
+    assert_eq!(
+        model.kv_blocks_for_bytes(10 * model.kv_bytes_per_block(4) + 1, 4),
+        10
+    );
 }
 
 #[test]

@@ -40,14 +40,37 @@ impl AttnShape {
     }
 }
 
+/// Where one sequence's rows sit in a batched [`Backend::attention`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq<'a> {
+    /// Rows of this sequence in the batch (they follow the previous sequence's rows).
+    pub rows: usize,
+    /// Position of the sequence's first row: row `i` is at `start_pos + i`.
+    pub start_pos: usize,
+    /// Physical block of each logical block: position `p` lives in block
+    /// `block_table[p / block_size]`, slot `p % block_size`.
+    pub block_table: &'a [u32],
+}
+
+/// The geometry every backend's paged KV store reports (the model validates block tables and
+/// slots against it before any kernel runs).
+pub trait PagedKv: Send {
+    fn num_layers(&self) -> usize;
+    fn num_blocks(&self) -> usize;
+    /// Tokens per block.
+    fn block_size(&self) -> usize;
+}
+
 /// The operations the Llama forward needs, nothing more.
 pub trait Backend: Send + Sync {
     /// f32 activations.
     type Buf: Send;
     /// A weight matrix `[rows = out_features, cols = in_features]` in the backend's format.
     type Matrix: Send + Sync;
-    /// A contiguous per-sequence KV cache over all layers (replaced by the paged pool later).
-    type Cache: Send;
+    /// The physical pool of KV blocks over all layers. Block ids and refcounts belong to `kv/`;
+    /// the store only holds the data, addressed by block ids and slots
+    /// (`block * block_size + offset`).
+    type KvStore: PagedKv;
 
     fn name(&self) -> String;
 
@@ -61,8 +84,8 @@ pub trait Backend: Send + Sync {
     /// Copies `buf[offset..offset + out.len()]` to the host.
     fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]);
 
-    /// Copies rows `first..first + rows` (each `width` wide) of `x` into a new buffer.
-    fn copy_rows(&self, x: &Self::Buf, first: usize, rows: usize, width: usize) -> Self::Buf;
+    /// Copies the rows `rows` (each `width` wide, in that order) of `x` into a new buffer.
+    fn gather_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf;
 
     /// `out[i, :] = table[ids[i], :]`.
     fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Buf);
@@ -84,34 +107,49 @@ pub trait Backend: Send + Sync {
     /// `out[r, j] = silu(gu[r, j]) * gu[r, inter + j]` for a fused `[gate | up]` row of width `2*inter`.
     fn silu_mul(&self, gate_up: &Self::Buf, rows: usize, inter: usize, out: &mut Self::Buf);
 
-    fn new_cache(&self, layers: usize, capacity: usize, shape: AttnShape) -> Self::Cache;
-    /// Token capacity of a cache.
-    fn cache_capacity(&self, cache: &Self::Cache) -> usize;
+    /// Bytes one block takes over all layers, K and V (budget in bytes → number of blocks).
+    fn kv_bytes_per_block(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize;
+    /// A zeroed store of `num_blocks` blocks of `block_size` tokens for `layers` layers.
+    fn new_kv_store(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        shape: AttnShape,
+    ) -> Self::KvStore;
     /// Applies RoPE in place to the q and k parts of `rows` fused `[q | k | v]` rows at
-    /// `positions`, then writes k and v into `cache` layer `layer` at those positions.
+    /// `positions`, then writes row `i`'s k and v into `store` layer `layer` at slot
+    /// `slots[i]` (`block * block_size + offset`). The caller guarantees every slot is
+    /// `< num_blocks * block_size` and that no two rows share a slot.
     #[allow(clippy::too_many_arguments)]
     fn rope_and_store(
         &self,
         qkv: &mut Self::Buf,
         rows: usize,
         positions: &[u32],
+        slots: &[u32],
         shape: AttnShape,
         rope: &RopeParams,
-        cache: &mut Self::Cache,
+        store: &mut Self::KvStore,
         layer: usize,
     );
-    /// Causal attention for one sequence: row `i` of `qkv` (its q part) is at position
-    /// `start_pos + i` and attends to cache positions `0..=start_pos + i`.
-    /// Writes `[rows, num_heads * head_dim]` into `out`.
-    #[allow(clippy::too_many_arguments)]
+    /// Causal attention for a batch of sequences whose fused `[q | k | v]` rows are stacked
+    /// sequence after sequence in `qkv`: row `i` of sequence `s` is at position
+    /// `s.start_pos + i` and attends to positions `0..=s.start_pos + i` read through its own
+    /// block table (decode rows and prefill chunks mix freely). Those positions must have been
+    /// written (`rope_and_store`); the caller guarantees the tables cover them with valid
+    /// block ids. Writes `[total rows, num_heads * head_dim]` into `out`; each row's result
+    /// depends only on its own query and its sequence's keys and values, never on the batch.
     fn attention(
         &self,
         qkv: &Self::Buf,
-        rows: usize,
-        start_pos: usize,
+        seqs: &[AttnSeq<'_>],
         shape: AttnShape,
-        cache: &Self::Cache,
+        store: &Self::KvStore,
         layer: usize,
         out: &mut Self::Buf,
     );
+    /// Copy-on-write support: for each `(src, dst)`, block `dst` becomes a copy of block `src`
+    /// in every layer, K and V. Copies run in order; pairs with an id out of range are skipped.
+    fn copy_blocks(&self, store: &mut Self::KvStore, copies: &[(u32, u32)]);
 }

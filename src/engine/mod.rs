@@ -2,4 +2,5 @@
 //! generation loop; the continuous-batching scheduler arrives with its own issue.
 
 pub mod generate;
+pub mod paged;
 pub mod sampler;

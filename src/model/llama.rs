@@ -1,11 +1,15 @@
 //! The Llama-family forward pass (Llama, Mistral, Qwen2, SmolLM), written once against the
 //! `Backend` trait. Q/K/V and gate/up projections are fused into one matrix each at load time
 //! so a layer runs four matrix products, whatever the number of tokens in the step.
+//!
+//! A step is a batch of sequences ([`SeqStep`]): prompt chunks and decode tokens of any mix.
+//! Their rows are stacked, so every weight is multiplied once for all tokens of the step;
+//! only attention runs per sequence, over that sequence's block table in the paged KV store.
 
 use super::config::ModelConfig;
 use super::tensor::HostTensor;
 use super::TensorSource;
-use crate::backend::{AttnShape, Backend, RopeParams};
+use crate::backend::{AttnSeq, AttnShape, Backend, PagedKv, RopeParams};
 use crate::error::{ModelError, RunError};
 
 struct Layer<B: Backend> {
@@ -33,13 +37,28 @@ pub struct Llama<B: Backend> {
     shape: AttnShape,
 }
 
-/// Which rows of a forward step need logits.
+/// Which rows of a sequence's step need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
+    /// None (a prompt chunk that is not the last one).
+    None,
     /// Only the last token (generation).
     Last,
     /// Every token of the step (prompt logprobs, evaluation).
     All,
+}
+
+/// One sequence's share of a batched forward step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep<'a> {
+    /// Tokens at positions `start_pos..start_pos + tokens.len()` (at least one).
+    pub tokens: &'a [u32],
+    /// Positions `0..start_pos` must already be in the store through `block_table`.
+    pub start_pos: usize,
+    /// Physical blocks of this sequence, in order; must cover `start_pos + tokens.len()`
+    /// positions. Its keys and values for `tokens` are written there.
+    pub block_table: &'a [u32],
+    pub logits: LogitsFor,
 }
 
 impl<B: Backend> Llama<B> {
@@ -158,47 +177,104 @@ impl<B: Backend> Llama<B> {
         &self.backend
     }
 
-    /// A KV cache for one sequence of up to `capacity` tokens (clamped to the model's context).
-    pub fn new_cache(&self, capacity: usize) -> B::Cache {
-        let cap = capacity.min(self.cfg.max_position_embeddings);
-        self.backend.new_cache(self.cfg.num_layers, cap, self.shape)
+    /// Bytes one KV block of `block_size` tokens takes over all layers.
+    pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        self.backend
+            .kv_bytes_per_block(self.cfg.num_layers, block_size, self.shape)
     }
 
-    /// Runs `tokens` at positions `start_pos..start_pos + tokens.len()`, appending their keys
-    /// and values to `cache` (which must already hold positions `0..start_pos`). Returns logits,
-    /// `[rows, vocab]` flattened, for the rows `which` asks for.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        start_pos: usize,
-        cache: &mut B::Cache,
-        which: LogitsFor,
-    ) -> Result<Vec<f32>, RunError> {
-        let t = tokens.len();
+    /// How many blocks of `block_size` tokens fit in `bytes` of KV memory.
+    pub fn kv_blocks_for_bytes(&self, bytes: usize, block_size: usize) -> usize {
+        bytes / self.kv_bytes_per_block(block_size).max(1)
+    }
+
+    /// A zeroed KV store of `num_blocks` blocks of `block_size` tokens for this model.
+    pub fn new_kv_store(&self, num_blocks: usize, block_size: usize) -> B::KvStore {
+        self.backend
+            .new_kv_store(self.cfg.num_layers, num_blocks, block_size, self.shape)
+    }
+
+    /// Checks one step against the model and the store; returns its slots (where each token's
+    /// K/V goes). Everything a kernel could trip on is an error here, never a panic later.
+    fn check_step(&self, step: &SeqStep<'_>, store: &B::KvStore) -> Result<Vec<u32>, RunError> {
+        let (t, bs) = (step.tokens.len(), store.block_size());
         if t == 0 {
             return Err(RunError::Invalid("empty forward step".into()));
         }
-        let end = start_pos + t;
-        let max = self.backend.cache_capacity(cache);
+        let end = step.start_pos + t;
+        let max = self.cfg.max_position_embeddings;
         if end > max {
             return Err(RunError::ContextLength { needed: end, max });
         }
-        if let Some(&bad) = tokens
-            .iter()
-            .find(|&&id| id as usize >= self.cfg.vocab_size)
-        {
+        let vocab = self.cfg.vocab_size;
+        if let Some(&bad) = step.tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(RunError::Invalid(format!(
-                "token id {bad} out of range (vocab {})",
-                self.cfg.vocab_size
+                "token id {bad} out of range (vocab {vocab})"
             )));
+        }
+        let needed = end.div_ceil(bs);
+        let table = step.block_table;
+        if table.len() < needed {
+            return Err(RunError::Invalid(format!(
+                "block table of {} blocks cannot hold {end} tokens (block size {bs})",
+                table.len()
+            )));
+        }
+        let blocks = store.num_blocks();
+        if let Some(&bad) = table[..needed].iter().find(|&&b| b as usize >= blocks) {
+            return Err(RunError::Invalid(format!(
+                "block id {bad} out of range (pool of {blocks})"
+            )));
+        }
+        (step.start_pos..end)
+            .map(|p| u32::try_from(table[p / bs] as usize * bs + p % bs))
+            .collect::<Result<_, _>>()
+            .map_err(|_| RunError::Invalid("KV slot past u32".into()))
+    }
+
+    /// Runs one batched step: each sequence's tokens at its positions, writing their keys and
+    /// values through its block table. Returns, per sequence, its logits (`[rows, vocab]`
+    /// flattened; empty for [`LogitsFor::None`]). A row's logits do not depend on the other
+    /// sequences of the batch (see the backend's attention and matmul notes).
+    pub fn forward(
+        &self,
+        batch: &[SeqStep<'_>],
+        store: &mut B::KvStore,
+    ) -> Result<Vec<Vec<f32>>, RunError> {
+        if store.num_layers() != self.cfg.num_layers {
+            return Err(RunError::Invalid(format!(
+                "KV store has {} layers, model {}",
+                store.num_layers(),
+                self.cfg.num_layers
+            )));
+        }
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for step in batch {
+            slots.extend(self.check_step(step, store)?);
+            tokens.extend_from_slice(step.tokens);
+            positions
+                .extend((step.start_pos..step.start_pos + step.tokens.len()).map(|p| p as u32));
+        }
+        let seqs: Vec<AttnSeq<'_>> = batch
+            .iter()
+            .map(|s| AttnSeq {
+                rows: s.tokens.len(),
+                start_pos: s.start_pos,
+                block_table: s.block_table,
+            })
+            .collect();
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
         }
         let be = &self.backend;
         let cfg = &self.cfg;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let positions: Vec<u32> = (start_pos..end).map(|p| p as u32).collect();
 
         let mut x = be.alloc(t * h);
-        be.embed(&self.embed, tokens, &mut x);
+        be.embed(&self.embed, &tokens, &mut x);
         let mut normed = be.alloc(t * h);
         let mut qkv = be.alloc(t * self.shape.qkv_width());
         let mut attn = be.alloc(t * self.shape.q_width());
@@ -212,8 +288,9 @@ impl<B: Backend> Llama<B> {
             if let Some(b) = &layer.qkv_bias {
                 be.add_bias(&mut qkv, b, t);
             }
-            be.rope_and_store(&mut qkv, t, &positions, self.shape, &self.rope, cache, li);
-            be.attention(&qkv, t, start_pos, self.shape, cache, li, &mut attn);
+            let (shape, rope) = (self.shape, &self.rope);
+            be.rope_and_store(&mut qkv, t, &positions, &slots, shape, rope, store, li);
+            be.attention(&qkv, &seqs, shape, store, li, &mut attn);
             be.matmul(&attn, t, &layer.o, &mut proj);
             be.add(&mut x, &proj, t * h);
 
@@ -224,24 +301,48 @@ impl<B: Backend> Llama<B> {
             be.add(&mut x, &proj, t * h);
         }
 
-        let (first, rows) = match which {
-            LogitsFor::Last => (t - 1, 1),
-            LogitsFor::All => (0, t),
-        };
-        let last = be.copy_rows(&x, first, rows, h);
-        let mut last_normed = be.alloc(rows * h);
-        be.rms_norm(
-            &last,
-            &self.final_norm,
-            cfg.rms_norm_eps,
-            rows,
-            &mut last_normed,
-        );
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = be.alloc(rows * cfg.vocab_size);
-        be.matmul(&last_normed, rows, head, &mut logits);
-        let mut out = vec![0f32; rows * cfg.vocab_size];
-        be.read(&logits, 0, &mut out);
-        Ok(out)
+        // Only the rows asked for go through the final norm and the LM head (one matmul).
+        let mut rows = Vec::new();
+        let mut first = 0;
+        for s in batch {
+            let n = s.tokens.len();
+            match s.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => rows.push(first + n - 1),
+                LogitsFor::All => rows.extend(first..first + n),
+            }
+            first += n;
+        }
+        let vocab = cfg.vocab_size;
+        let mut out = vec![0f32; rows.len() * vocab];
+        if !rows.is_empty() {
+            let picked = be.gather_rows(&x, &rows, h);
+            let mut picked_normed = be.alloc(rows.len() * h);
+            let eps = cfg.rms_norm_eps;
+            be.rms_norm(
+                &picked,
+                &self.final_norm,
+                eps,
+                rows.len(),
+                &mut picked_normed,
+            );
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            let mut logits = be.alloc(rows.len() * vocab);
+            be.matmul(&picked_normed, rows.len(), head, &mut logits);
+            be.read(&logits, 0, &mut out);
+        }
+        let mut at = 0;
+        Ok(batch
+            .iter()
+            .map(|s| {
+                let n = match s.logits {
+                    LogitsFor::None => 0,
+                    LogitsFor::Last => 1,
+                    LogitsFor::All => s.tokens.len(),
+                };
+                at += n * vocab;
+                out[at - n * vocab..at].to_vec()
+            })
+            .collect())
     }
 }

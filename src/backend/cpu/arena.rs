@@ -1,4 +1,4 @@
-//! Huge-page-backed storage for weight matrices.
+//! Huge-page-backed storage for weight matrices ([`WeightBuf`]) and the KV pool ([`ZeroedBuf`]).
 //!
 //! Decode streams every weight byte once per token. With 4 KiB pages that stream takes a TLB
 //! miss every 4 KiB and the hardware prefetcher restarts at each page boundary; on the Zen 3 VM
@@ -145,6 +145,71 @@ impl<T> std::fmt::Debug for WeightBuf<T> {
     }
 }
 
+/// Zeroed, mutable f32 storage in (ideally) huge pages, for the KV pool: attention reads its
+/// blocks in whatever order the block tables give, so 4 KiB pages would cost a TLB miss for
+/// almost every block of every head; 2 MiB pages cover 128 of them. Untouched pages cost no
+/// memory until first written (anonymous mappings are zero-filled on demand).
+pub struct ZeroedBuf {
+    mem: ZeroedMem,
+    len: usize,
+}
+
+enum ZeroedMem {
+    Map(memmap2::MmapMut),
+    Heap(Vec<f32>),
+}
+
+impl ZeroedBuf {
+    pub fn new(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<f32>();
+        if bytes > 0 {
+            if let Ok(m) = memmap2::MmapMut::map_anon(bytes) {
+                #[cfg(target_os = "linux")]
+                let _ = m.advise(memmap2::Advice::HugePage); // best effort: THP may be off
+                return ZeroedBuf {
+                    mem: ZeroedMem::Map(m),
+                    len,
+                };
+            }
+        }
+        ZeroedBuf {
+            mem: ZeroedMem::Heap(vec![0.0; len]),
+            len,
+        }
+    }
+}
+
+impl Deref for ZeroedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &self.mem {
+            // SAFETY: the mapping is page-aligned, holds `len` f32s and lives as long as self.
+            ZeroedMem::Map(m) => unsafe {
+                std::slice::from_raw_parts(m.as_ptr() as *const f32, self.len)
+            },
+            ZeroedMem::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ZeroedBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        match &mut self.mem {
+            // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+            ZeroedMem::Map(m) => unsafe {
+                std::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut f32, self.len)
+            },
+            ZeroedMem::Heap(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for ZeroedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ZeroedBuf[{} x f32]", self.len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +229,15 @@ mod tests {
         assert!(big.iter().all(|&v| v == 7.0));
         let e: WeightBuf<f32> = WeightBuf::from_slice(&[]);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn zeroed_buf_is_zero_and_writable() {
+        let mut z = ZeroedBuf::new(1 << 20);
+        assert!(z.iter().all(|&v| v == 0.0));
+        z[12345] = 3.0;
+        assert_eq!(z[12345], 3.0);
+        assert_eq!(z.as_ptr() as usize % ALIGN, 0);
+        assert!(ZeroedBuf::new(0).is_empty());
     }
 }

@@ -1,23 +1,35 @@
-//! Causal GQA attention of the CPU backend over its contiguous KV cache (`cache.rs`).
+//! Causal GQA attention of the CPU backend over the paged KV store (`kv_store.rs`), for a batch
+//! of sequences at once: decode rows and prefill chunks of different lengths in one call.
 //!
 //! Math (HF Llama eager, f32): `s_j = (q · k_j) * head_dim^-0.5`, `p = softmax(s)` (max
 //! subtracted, multiplied by `1 / sum`), `out = Σ_j p_j v_j` summed in position order.
-//! Every query is computed by the same per-query steps whatever the chunking or the thread
-//! split, so a cache filled in several chunks gives bit-identical results to one big prefill.
+//! Every query is computed by the same per-query steps whatever the batch, the chunking, the
+//! block size or the thread split: scores are independent dot products, and `p · V`
+//! accumulates in position order through memory (an f32 store and reload is exact). So a row's
+//! output is bit-identical alone or in any batch, and a paged sequence gives the same bits as
+//! one contiguous block.
 //!
-//! Work split: each task owns one KV head and a set of queries (the query heads of its GQA group
-//! for some rows), and walks positions in tiles so that a tile of K (then V) is read from memory
-//! once and reused from L1 by every query of the task. Prefill and decode run one task per
-//! (row block, KV head). When there are fewer such tasks than threads (decode of an MQA model)
-//! and the context is long, the three steps run as separate parallel phases instead: scores
-//! over position chunks, softmax over queries, `p · V` over (KV head, slice of head_dim). (With
-//! 3 KV heads on 2 threads the per-head tasks measured 5–15% faster than the phases, despite
-//! the 2:1 split, because the phases pay two more fork/joins and a round trip of the scores.)
+//! Work split: each task owns one KV head of one sequence and a set of queries (the query heads
+//! of its GQA group for up to `ROW_BLOCK` rows), and walks positions in tiles so that a tile of
+//! K (then V) is read from memory once and reused from L1 by every query of the task. A tile
+//! is cut at block boundaries into runs that are contiguous in the store (one block of one
+//! head: `block_size × head_dim` floats). Tasks are the (sequence, row block, KV head) triples,
+//! claimed dynamically, largest first. When there are fewer tasks than threads (decode of an
+//! MQA model alone) and the context is long, the three steps run as separate parallel phases
+//! instead: scores over position chunks, softmax over queries, `p · V` over (KV head, slice of
+//! head_dim). (With 3 KV heads on 2 threads the per-head tasks measured 5–15% faster than the
+//! phases, despite the 2:1 split, because the phases pay two more fork/joins and a round trip
+//! of the scores.)
+//!
+//! Safety of reads: before any kernel runs, each sequence's table is checked to cover its
+//! positions with block ids `< num_blocks`; a sequence that fails (a caller bug: `kv` and the
+//! model guarantee valid tables) trips a debug assertion and gets zero output in release. A
+//! query reads only positions `< start_pos + i + 1` of its own table.
 
-use super::cache::{CpuCache, LayerKv};
+use super::kv_store::{CpuKvStore, KvView};
 use super::ops::softmax;
 use super::parallel;
-use crate::backend::AttnShape;
+use crate::backend::{AttnSeq, AttnShape};
 use std::cell::RefCell;
 
 /// Positions per tile: 64 × 64 dims × 4 bytes = 16 KiB of K or V, comfortably in L1.
@@ -27,12 +39,15 @@ const ROW_BLOCK: usize = 16;
 /// Below this much work (queries × positions × head_dim) the phase split is not worth its syncs.
 const SPLIT_MIN_WORK: usize = 1 << 20;
 
-/// One query: its q vector, where its output goes, and how many positions it sees.
+/// One query: its q vector, where its output goes, how many positions it sees, its KV head and
+/// its sequence's block table.
 #[derive(Clone, Copy)]
-struct Query {
+struct Query<'a> {
     q: *const f32,
     out: *mut f32,
     len: usize,
+    g: usize,
+    table: &'a [u32],
 }
 
 /// Raw pointers moved into parallel chunks.
@@ -50,19 +65,45 @@ impl<T: Copy> Ptr<T> {
 }
 
 thread_local! {
-    /// Per-thread scores of a prefill task: `[queries, positions]`.
+    /// Per-thread scores of a task: `[queries, positions]`.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Causal attention for `rows` fused `[q | k | v]` rows, row `i` at position `start_pos + i`.
-/// Writes `[rows, num_heads * head_dim]` into `out`.
-#[allow(clippy::too_many_arguments)]
+/// Whether `seq`'s table covers positions `0..start_pos + rows` with valid block ids.
+fn table_ok(seq: &AttnSeq<'_>, kv: &KvView<'_>) -> bool {
+    let blocks = (seq.start_pos + seq.rows).div_ceil(kv.block_size);
+    seq.block_table.len() >= blocks
+        && seq.block_table[..blocks]
+            .iter()
+            .all(|&b| (b as usize) < kv.num_blocks)
+}
+
+/// Calls `f(block, offset, p0, p1)` for each run of positions `p0..p1` inside `t0..t1` that
+/// lies in one block: `block` from the table, `offset` = `p0`'s slot in it.
+#[inline]
+fn runs(
+    table: &[u32],
+    bs: usize,
+    t0: usize,
+    t1: usize,
+    mut f: impl FnMut(u32, usize, usize, usize),
+) {
+    let mut p = t0;
+    while p < t1 {
+        let (bi, off) = (p / bs, p % bs);
+        let end = ((bi + 1) * bs).min(t1);
+        f(table[bi], off, p, end);
+        p = end;
+    }
+}
+
+/// Causal attention for the batch `seqs` whose fused `[q | k | v]` rows are stacked sequence
+/// after sequence in `qkv`. Writes `[total rows, num_heads * head_dim]` into `out`.
 pub fn attention(
     qkv: &[f32],
-    rows: usize,
-    start_pos: usize,
+    seqs: &[AttnSeq<'_>],
     shape: AttnShape,
-    cache: &CpuCache,
+    store: &CpuKvStore,
     layer: usize,
     out: &mut [f32],
     simd: bool,
@@ -72,136 +113,149 @@ pub fn attention(
         num_kv_heads,
         head_dim: d,
     } = shape;
-    if rows == 0 || num_heads == 0 {
+    let total: usize = seqs.iter().map(|s| s.rows).sum();
+    if total == 0 || num_heads == 0 {
         return;
     }
     assert!(
         num_kv_heads > 0 && num_heads % num_kv_heads == 0,
         "bad GQA shape {shape:?}"
     );
+    debug_assert_eq!(store.shape(), shape, "store shape");
     let (width, qw) = (shape.qkv_width(), shape.q_width());
-    let (qkv, out) = (&qkv[..rows * width], &mut out[..rows * qw]);
+    let (qkv, out) = (&qkv[..total * width], &mut out[..total * qw]);
     let group = num_heads / num_kv_heads;
-    let cap = cache.capacity;
-    debug_assert!(start_pos + rows <= cap, "attention past capacity {cap}");
-    let kv = &cache.layers[layer];
+    let kv = store.view(layer);
     // HF: `scaling = head_dim ** -0.5` (a Python double) multiplies the f32 scores.
     let scale = (d as f64).powf(-0.5) as f32;
+
+    let mut queries: Vec<Query<'_>> = Vec::with_capacity(total * num_heads);
+    // Each task: a range of `queries` sharing one sequence and one KV head, and its work.
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
     let outp = out.as_mut_ptr();
-    let query = |i: usize, h: usize| Query {
-        q: qkv[i * width + h * d..].as_ptr(),
-        // SAFETY (pointer arithmetic): i < rows and h < num_heads keep it inside `out`.
-        out: unsafe { outp.add(i * qw + h * d) },
-        // Positions 0..=start+i, clamped to what the cache holds.
-        len: (start_pos + i + 1).min(cap),
-    };
-    let kvw = shape.kv_width();
-    let work = rows * num_heads * (start_pos + rows) * d;
-    if rows * num_kv_heads < rayon::current_num_threads() && work >= SPLIT_MIN_WORK {
-        let qs: Vec<Query> = (0..rows)
-            .flat_map(|i| (0..num_heads).map(move |h| (i, h)))
-            .map(|(i, h)| query(i, h))
-            .collect();
-        // Query `i * num_heads + h` uses KV head h / group.
-        return split_phases(&qs, |qi| (qi % num_heads) / group, kv, kvw, d, scale, simd);
+    let mut r0 = 0;
+    for seq in seqs {
+        let rows = r0..r0 + seq.rows;
+        r0 += seq.rows;
+        if !table_ok(seq, &kv) {
+            debug_assert!(false, "block table does not cover {seq:?}");
+            out[rows.start * qw..rows.end * qw].fill(0.0);
+            continue;
+        }
+        for b0 in rows.clone().step_by(ROW_BLOCK) {
+            let b1 = (b0 + ROW_BLOCK).min(rows.end);
+            for g in 0..num_kv_heads {
+                let first = queries.len();
+                let mut work = 0;
+                for r in b0..b1 {
+                    let len = seq.start_pos + (r - rows.start) + 1;
+                    for h in g * group..(g + 1) * group {
+                        queries.push(Query {
+                            q: qkv[r * width + h * d..].as_ptr(),
+                            // SAFETY (pointer arithmetic): r < total and h < num_heads keep it
+                            // inside `out`.
+                            out: unsafe { outp.add(r * qw + h * d) },
+                            len,
+                            g,
+                            table: seq.block_table,
+                        });
+                        work += len;
+                    }
+                }
+                tasks.push((first, queries.len(), work));
+            }
+        }
     }
-    let blocks = rows.div_ceil(ROW_BLOCK);
-    let tasks: Vec<Vec<Query>> = (0..blocks * num_kv_heads)
-        .map(|t| {
-            let (b, g) = (t / num_kv_heads, t % num_kv_heads);
-            let rows_b = b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(rows);
-            rows_b
-                .flat_map(|i| (g * group..(g + 1) * group).map(move |h| (i, h)))
-                .map(|(i, h)| query(i, h))
-                .collect()
-        })
-        .collect();
-    let tasks = Ptr(&tasks);
-    let body = |t: usize| {
-        let g = t % num_kv_heads;
-        let qs = &tasks.get()[t];
+    let work: usize = tasks.iter().map(|t| t.2).sum::<usize>() * d;
+    if tasks.len() < rayon::current_num_threads() && work >= SPLIT_MIN_WORK {
+        return split_phases(&queries, kv, scale, simd);
+    }
+    // Largest first, so that a long prefill chunk does not start last.
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.2));
+    let (queries, tasks) = (Ptr(&queries), Ptr(&tasks));
+    parallel::for_each(tasks.get().len(), |t| {
+        let (a, b, _) = tasks.get()[t];
         SCORES.with_borrow_mut(|scores| {
             // SAFETY: task t writes only the outputs of its own queries (rows of its block,
-            // heads of KV group g); all pointers are in bounds by construction.
-            unsafe {
-                attend(
-                    qs,
-                    kv.k.as_ptr().add(g * d),
-                    kv.v.as_ptr().add(g * d),
-                    kvw,
-                    d,
-                    scale,
-                    scores,
-                    simd,
-                )
-            }
+            // heads of one KV group of one sequence); all pointers are in bounds by
+            // construction and every table was checked by `table_ok`.
+            unsafe { attend(&queries.get()[a..b], kv, scale, scores, simd) }
         })
-    };
-    parallel::for_each(tasks.get().len(), body);
+    });
 }
 
-/// All three steps for a set of queries sharing one KV head (`k`, `v` point at that head of
-/// position 0; `stride` floats between positions).
+/// All three steps for a set of queries of one sequence and one KV head.
 ///
 /// # Safety
-/// Every query's `q` must hold `d` floats, `out` must hold `d` writable floats, and `k`/`v`
-/// must hold `len` positions.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend(
-    qs: &[Query],
-    k: *const f32,
-    v: *const f32,
-    stride: usize,
-    d: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    simd: bool,
-) {
+/// Every query's `q` must hold `head_dim` floats, `out` must hold `head_dim` writable floats,
+/// and its table must cover `len` positions with valid blocks.
+unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<f32>, simd: bool) {
+    let (d, bs) = (kv.head_dim, kv.block_size);
     let lmax = qs.iter().map(|q| q.len).max().unwrap_or(0);
     scores.resize(qs.len() * lmax, 0.0);
+    // All queries of a task share one table and one KV head: the first query of a tile reads
+    // it from memory, the others from L1.
+    let (table, g) = (qs[0].table, qs[0].g);
     for t0 in (0..lmax).step_by(TILE) {
+        prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.k(b, g, off));
         for (qi, q) in qs.iter().enumerate() {
-            let t1 = (t0 + TILE).min(q.len);
-            if t0 < t1 {
-                let s = &mut scores[qi * lmax..];
-                dots(q.q, k, stride, d, t0, t1, scale, s.as_mut_ptr(), simd);
-            }
+            let s = scores[qi * lmax..].as_mut_ptr();
+            runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
+                let k = kv.k(b, q.g, off);
+                dots(q.q, k.as_ptr(), d, p1 - p0, scale, s.add(p0), simd);
+            });
         }
     }
     for (qi, q) in qs.iter().enumerate() {
         softmax(&mut scores[qi * lmax..qi * lmax + q.len], simd);
     }
     for t0 in (0..lmax).step_by(TILE) {
+        prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.v(b, g, off));
         for (qi, q) in qs.iter().enumerate() {
-            let t1 = (t0 + TILE).min(q.len);
-            if t0 < t1 {
-                pv(
-                    scores.as_ptr().add(qi * lmax),
-                    v,
-                    stride,
-                    t0,
-                    t1,
-                    0,
-                    d,
-                    q.out,
-                    simd,
-                );
-            }
+            let p = scores[qi * lmax..].as_ptr();
+            runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
+                let v = kv.v(b, q.g, off);
+                pv(p.add(p0), v.as_ptr(), d, p1 - p0, 0, d, q.out, p0 == 0, simd);
+            });
         }
     }
 }
 
-/// Decode with a long context: the three steps as separate parallel phases, so that 2 cores
-/// share even 1 KV head. Same per-query arithmetic as [`attend`].
-fn split_phases(
-    qs: &[Query],
-    kv_head: impl Fn(usize) -> usize + Sync,
-    kv: &LayerKv,
-    stride: usize,
-    d: usize,
-    scale: f32,
-    simd: bool,
+/// Prefetches the K (or V, per `part`) runs of the tile starting at `t0` (clipped to `end`)
+/// into L1. Blocks sit wherever the table says, so the hardware prefetcher, which follows
+/// sequential streams within a 4 KiB page, starts cold at every block (one block of one head
+/// is exactly 4 KiB for 16 × 64 f32). Asking one tile ahead (a tile of work covers the
+/// latency) took decode over scrambled 16-token blocks from ~25–30% to ~10–15% slower than
+/// one contiguous block (`bench_kernels attn`, noisy shared VM).
+#[inline]
+fn prefetch_tile<'a>(
+    table: &[u32],
+    g: usize,
+    t0: usize,
+    end: usize,
+    kv: KvView<'a>,
+    part: impl Fn(u32, usize, usize) -> &'a [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    runs(table, kv.block_size, t0, (t0 + TILE).min(end), |b, off, p0, p1| {
+        let run = &part(b, g, off)[..(p1 - p0) * kv.head_dim];
+        for line in run.chunks(16) {
+            // SAFETY: prefetching is a hint that never faults; the address is in bounds anyway.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    line.as_ptr() as *const i8,
+                )
+            };
+        }
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, g, t0, end, kv, part);
+}
+
+/// Decode with a long context: the three steps as separate parallel phases, so that 2 cores
+/// share even 1 KV head. Same per-query arithmetic as [`attend`]; tables already checked.
+fn split_phases(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, simd: bool) {
+    let (d, bs) = (kv.head_dim, kv.block_size);
     let lmax = qs.iter().map(|q| q.len).max().unwrap_or(0);
     let mut scores = vec![0f32; qs.len() * lmax];
     let sp = Ptr(scores.as_mut_ptr());
@@ -211,24 +265,14 @@ fn split_phases(
     parallel::for_each(chunks, |c| {
         for t0 in (c * 4 * TILE..((c + 1) * 4 * TILE).min(lmax)).step_by(TILE) {
             for (qi, q) in qs_p.get().iter().enumerate() {
-                let t1 = (t0 + TILE).min(q.len);
-                if t0 < t1 {
-                    let kh = kv.k[kv_head(qi) * d..].as_ptr();
+                runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
+                    let k = kv.k(b, q.g, off);
                     // SAFETY: disjoint positions per chunk; in bounds as in `attend`.
                     unsafe {
-                        dots(
-                            q.q,
-                            kh,
-                            stride,
-                            d,
-                            t0,
-                            t1,
-                            scale,
-                            sp.get().add(qi * lmax),
-                            simd,
-                        )
+                        let s = sp.get().add(qi * lmax + p0);
+                        dots(q.q, k.as_ptr(), d, p1 - p0, scale, s, simd)
                     }
-                }
+                });
             }
         }
     });
@@ -239,64 +283,57 @@ fn split_phases(
             unsafe { std::slice::from_raw_parts_mut(sp.get().add(qi * lmax), qs_p.get()[qi].len) };
         softmax(s, simd);
     });
-    // Phase 3: p · V over (query set of one KV head, slice of head_dim).
+    // Phase 3: p · V over (queries of one KV head, slice of head_dim).
     let dslice = if d.is_multiple_of(32) { 32 } else { d };
-    let nheads = (0..qs.len()).map(&kv_head).max().map_or(0, |m| m + 1);
+    let nheads = qs.iter().map(|q| q.g + 1).max().unwrap_or(0);
     let sp = Ptr(scores.as_ptr());
     parallel::for_each(nheads * (d / dslice), |t| {
         let (g, d0) = (t / (d / dslice), (t % (d / dslice)) * dslice);
-        let vh = kv.v[g * d..].as_ptr();
         for t0 in (0..lmax).step_by(TILE) {
-            for (qi, q) in qs_p
-                .get()
-                .iter()
-                .enumerate()
-                .filter(|(qi, _)| kv_head(*qi) == g)
-            {
-                let t1 = (t0 + TILE).min(q.len);
-                if t0 < t1 {
+            for (qi, q) in qs_p.get().iter().enumerate().filter(|(_, q)| q.g == g) {
+                runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
+                    let v = kv.v(b, g, off);
                     // SAFETY: task t writes dims d0..d0+dslice of the outputs of KV head g's
                     // queries only.
                     unsafe {
+                        let p = sp.get().add(qi * lmax + p0);
                         pv(
-                            sp.get().add(qi * lmax),
-                            vh,
-                            stride,
-                            t0,
-                            t1,
+                            p,
+                            v.as_ptr(),
+                            d,
+                            p1 - p0,
                             d0,
                             d0 + dslice,
                             q.out,
+                            p0 == 0,
                             simd,
                         )
                     }
-                }
+                });
             }
         }
     });
 }
 
-/// `s[j] = (q · k_j) * scale` for `j` in `j0..j1`.
+/// `s[j] = (q · k_j) * scale` for `j < n`, `k_j` at `k + j * d`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn dots(
     q: *const f32,
     k: *const f32,
-    stride: usize,
     d: usize,
-    j0: usize,
-    j1: usize,
+    n: usize,
     scale: f32,
     s: *mut f32,
     simd: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd && d.is_multiple_of(8) {
-        return x86::dots(q, k, stride, d, j0, j1, scale, s);
+        return x86::dots(q, k, d, d, 0, n, scale, s);
     }
     let _ = simd;
     let q = std::slice::from_raw_parts(q, d);
-    for j in j0..j1 {
-        let kj = std::slice::from_raw_parts(k.add(j * stride), d);
+    for j in 0..n {
+        let kj = std::slice::from_raw_parts(k.add(j * d), d);
         let mut acc = [0f32; 8];
         for (t, (&a, &b)) in q.iter().zip(kj).enumerate() {
             acc[t % 8] += a * b;
@@ -306,31 +343,32 @@ unsafe fn dots(
     }
 }
 
-/// `out[d0..d1] (+)= Σ_{j in j0..j1} p[j] · v_j[d0..d1]`, starting from zero when `j0 == 0`.
+/// `out[d0..d1] (+)= Σ_{j < n} p[j] · v_j[d0..d1]` (`v_j` at `v + j * d`), in order of `j`,
+/// starting from zero when `init`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv(
     p: *const f32,
     v: *const f32,
-    stride: usize,
-    j0: usize,
-    j1: usize,
+    d: usize,
+    n: usize,
     d0: usize,
     d1: usize,
     out: *mut f32,
+    init: bool,
     simd: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd && (d1 - d0).is_multiple_of(8) && d0.is_multiple_of(8) {
-        return x86::pv(p, v, stride, j0, j1, d0, d1, out);
+        return x86::pv(p, v, d, n, d0, d1, out, init);
     }
     let _ = simd;
     let o = std::slice::from_raw_parts_mut(out.add(d0), d1 - d0);
-    if j0 == 0 {
+    if init {
         o.fill(0.0);
     }
-    for j in j0..j1 {
+    for j in 0..n {
         let pj = *p.add(j);
-        let vj = std::slice::from_raw_parts(v.add(j * stride + d0), d1 - d0);
+        let vj = std::slice::from_raw_parts(v.add(j * d + d0), d1 - d0);
         for (a, &b) in o.iter_mut().zip(vj) {
             *a += pj * b;
         }
@@ -386,7 +424,7 @@ mod x86 {
         }
     }
 
-    /// Accumulates `p[j] · v_j` into `out[d0..d1]` for `j0..j1`, up to 64 dims per pass with
+    /// Accumulates `p[j] · v_j` into `out[d0..d1]` for `j < n` (from zero when `init`), up to 64 dims per pass with
     /// the accumulators in registers (one load + store of `out` per tile, not per position).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
@@ -394,19 +432,19 @@ mod x86 {
         p: *const f32,
         v: *const f32,
         stride: usize,
-        j0: usize,
-        j1: usize,
+        n: usize,
         d0: usize,
         d1: usize,
         out: *mut f32,
+        init: bool,
     ) {
         let mut c = d0;
         while c < d1 {
             match (d1 - c) / 8 {
-                8.. => chunk::<8>(p, v, stride, j0, j1, c, out),
-                4..=7 => chunk::<4>(p, v, stride, j0, j1, c, out),
-                2..=3 => chunk::<2>(p, v, stride, j0, j1, c, out),
-                _ => chunk::<1>(p, v, stride, j0, j1, c, out),
+                8.. => chunk::<8>(p, v, stride, n, c, out, init),
+                4..=7 => chunk::<4>(p, v, stride, n, c, out, init),
+                2..=3 => chunk::<2>(p, v, stride, n, c, out, init),
+                _ => chunk::<1>(p, v, stride, n, c, out, init),
             }
             c += match (d1 - c) / 8 {
                 8.. => 64,
@@ -423,18 +461,18 @@ mod x86 {
         p: *const f32,
         v: *const f32,
         stride: usize,
-        j0: usize,
-        j1: usize,
+        n: usize,
         c: usize,
         out: *mut f32,
+        init: bool,
     ) {
         let o = out.add(c);
-        let mut acc: [__m256; NV] = if j0 == 0 {
+        let mut acc: [__m256; NV] = if init {
             [_mm256_setzero_ps(); NV]
         } else {
             std::array::from_fn(|i| _mm256_loadu_ps(o.add(8 * i)))
         };
-        for j in j0..j1 {
+        for j in 0..n {
             let pj = _mm256_set1_ps(*p.add(j));
             let vj = v.add(j * stride + c);
             for (i, a) in acc.iter_mut().enumerate() {

@@ -1,18 +1,32 @@
-//! Weight matrices ([`CpuMatrix`]) and `out = x · Wᵀ` with f32 accumulation.
+//! Weight matrices ([`CpuMatrix`]) and `out = x · Wᵀ` with f32 accumulation, batch-invariant.
 //!
-//! Weights stay in their stored 16-bit format: decode is memory-bandwidth bound (every weight
-//! byte is read once per token), so widening them to f32 would double the bytes per token.
-//! Two regimes:
-//! - few rows (decode, `rows ≤ SMALL_ROWS`): a hand-written AVX2+FMA kernel streams each weight
-//!   row once (one sequential stream per thread, software prefetch 1 KiB ahead), widens
-//!   bf16/f16 → f32 in registers and multiplies it with up to 4 activation rows at a time; the
-//!   output features are split into contiguous chunks claimed dynamically by the threads.
-//! - many rows (prefill): each task widens a panel of weight rows to f32 in a per-thread
-//!   scratch and hands it to the `gemm` crate (single-threaded inside the task).
+//! **Determinism contract.** Every output element is computed as
+//! `acc = 0; for k in 0..K { acc = fma(x[r, k], W[n, k], acc) }`: one fused multiply-add per
+//! `k`, in `k` order, whatever the number of rows, the tile that holds the element or the
+//! thread split. A row's result therefore never depends on the other rows of the step: a
+//! sequence gives the same bits alone or batched with others, decoded token by token or
+//! recomputed as a prompt (preemption by recompute), and the scalar twin (`f32::mul_add`)
+//! gives the same bits as the AVX2 kernel.
+//!
+//! **Layout.** Weights stay in their stored 16-bit format (decode is memory-bandwidth bound:
+//! every weight byte is read once per token, so widening to f32 would double the bytes), packed
+//! for an outer-product kernel: output features in groups of [`GROUP`] = 32, each group stored
+//! `[K][32]` (feature-minor: one 64-byte line of bf16 per `k`), groups one after another; the
+//! last group is only as wide as the remaining features rounded up to 16 (zero padding).
+//! Vector lanes run over output features and `x[r, k]` is broadcast, so no horizontal sums are
+//! needed and the accumulation order is the plain sequence over `k` above.
+//!
+//! **Kernels.** A tile is `R ≤ 6` activation rows × `S ≤ 2` sub-panels of 16 features (two
+//! vectors each) of one group, over all of `K`: `2·R·S ≤ 12` accumulators in registers, the
+//! weights widened in registers (a shift for bf16). Rows are cut into balanced tiles (8 = 4 + 4).
+//! Few rows (decode, `≤ SMALL_ROWS`): tasks are runs of whole groups, so each thread streams one
+//! contiguous range of weights, with software prefetch 1 KiB ahead (the hardware prefetcher
+//! stops at page boundaries); the other row tiles of a group find it in L1/L2. Many rows
+//! (prompts): tasks are one group × `ROW_CHUNK` rows. Tasks are claimed dynamically.
+//! `bench_kernels` on the Zen 3 VM: at or above the previous streaming-kernel + `gemm`-crate
+//! pair at every row count (it replaced them; the `gemm` path was not batch-invariant).
 //!
 //! Weights live in huge-page memory (`arena.rs`).
-//!
-//! Both have scalar twins (used when AVX2/FMA are absent) that agree within float rounding.
 
 use super::arena::WeightBuf;
 use super::parallel::{self, SendPtr};
@@ -20,14 +34,18 @@ use super::simd::{self, WElem};
 use crate::error::BackendError;
 use crate::model::tensor::{HostData, HostTensor};
 use half::{bf16, f16};
-use std::cell::RefCell;
 
-/// At or below this many activation rows the streaming kernel beats widened panels + gemm
-/// (`bench_kernels cross` on the Zen 3 VM: streaming wins by 1.3–6× up to 32 rows, ties at 48,
-/// loses from 64).
-pub const SMALL_ROWS: usize = 32;
+/// Output features per packed group.
+pub const GROUP: usize = 32;
+/// Output features per sub-panel (two 8-lane vectors).
+const SUB: usize = 16;
+/// Activation rows per tile in the prompt regime.
+const TILE_ROWS: usize = 6;
+/// Above this many rows, tasks also split rows (in chunks of `ROW_CHUNK`).
+const SMALL_ROWS: usize = 32;
+const ROW_CHUNK: usize = 96;
 
-/// Weight data in its stored format.
+/// Weight data in its stored format, packed as described in the module docs.
 #[derive(Debug, Clone)]
 pub enum WData {
     Bf16(WeightBuf<bf16>),
@@ -35,12 +53,27 @@ pub enum WData {
     F32(WeightBuf<f32>),
 }
 
-/// A weight matrix `[rows = out_features, cols = in_features]`, row-major.
+/// A weight matrix `[rows = out_features, cols = in_features]`, packed.
 #[derive(Debug, Clone)]
 pub struct CpuMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: WData,
+}
+
+/// Index of `W[n, k]` in the packed data of a matrix with `rows` output features and `k_len`
+/// input features.
+#[inline]
+fn packed_index(rows: usize, k_len: usize, n: usize, k: usize) -> usize {
+    let g = n / GROUP;
+    let width = group_width(rows, g);
+    g * GROUP * k_len + k * width + n % GROUP
+}
+
+/// Width (features, a multiple of 16) of group `g`.
+#[inline]
+fn group_width(rows: usize, g: usize) -> usize {
+    (rows.next_multiple_of(SUB) - g * GROUP).min(GROUP)
 }
 
 impl CpuMatrix {
@@ -65,49 +98,56 @@ impl CpuMatrix {
             rows += p.shape[0];
         }
         let same = |f: fn(&HostData<'_>) -> bool| parts.iter().all(|p| f(&p.data));
-        // Each part is converted straight into its rows of the (huge-page) destination.
-        fn stack<T: Copy>(
+        // Each part's rows are converted and scattered straight into their packed places in
+        // the (huge-page, zeroed) destination; padding features stay zero.
+        fn pack<T: Copy + Default>(
             parts: &[&HostTensor<'_>],
-            len: usize,
-            conv: impl Fn(&HostData<'_>, &mut [T]),
+            rows: usize,
+            cols: usize,
+            conv: impl Fn(&HostData<'_>, std::ops::Range<usize>, &mut [T]),
         ) -> WeightBuf<T> {
-            WeightBuf::build(len, |dst| {
-                let mut off = 0;
+            WeightBuf::build(rows.next_multiple_of(SUB) * cols, |dst| {
+                let mut row = vec![T::default(); cols];
+                let mut n = 0;
                 for p in parts {
-                    conv(&p.data, &mut dst[off..off + p.data.len()]);
-                    off += p.data.len();
+                    for r in 0..p.shape[0] {
+                        conv(&p.data, r * cols..(r + 1) * cols, &mut row);
+                        for (k, &v) in row.iter().enumerate() {
+                            dst[packed_index(rows, cols, n, k)] = v;
+                        }
+                        n += 1;
+                    }
                 }
             })
         }
-        let len = rows * cols;
         let data = if same(|d| matches!(d, HostData::F32(_))) {
-            WData::F32(stack(parts, len, |d, o| {
+            WData::F32(pack(parts, rows, cols, |d, r, o| {
                 if let HostData::F32(v) = d {
-                    o.copy_from_slice(v)
+                    o.copy_from_slice(&v[r])
                 }
             }))
         } else if matches!(first.data, HostData::F16(_)) {
-            WData::F16(stack(parts, len, |d, o| match d {
-                HostData::F16(v) => o.copy_from_slice(v),
+            WData::F16(pack(parts, rows, cols, |d, r, o| match d {
+                HostData::F16(v) => o.copy_from_slice(&v[r]),
                 HostData::F32(v) => o
                     .iter_mut()
-                    .zip(v.iter())
+                    .zip(&v[r])
                     .for_each(|(o, &x)| *o = f16::from_f32(x)),
                 HostData::Bf16(v) => o
                     .iter_mut()
-                    .zip(v.iter())
+                    .zip(&v[r])
                     .for_each(|(o, x)| *o = f16::from_f32(x.to_f32())),
             }))
         } else {
-            WData::Bf16(stack(parts, len, |d, o| match d {
-                HostData::Bf16(v) => o.copy_from_slice(v),
+            WData::Bf16(pack(parts, rows, cols, |d, r, o| match d {
+                HostData::Bf16(v) => o.copy_from_slice(&v[r]),
                 HostData::F32(v) => o
                     .iter_mut()
-                    .zip(v.iter())
+                    .zip(&v[r])
                     .for_each(|(o, &x)| *o = bf16::from_f32(x)),
                 HostData::F16(v) => o
                     .iter_mut()
-                    .zip(v.iter())
+                    .zip(&v[r])
                     .for_each(|(o, x)| *o = bf16::from_f32(x.to_f32())),
             }))
         };
@@ -123,27 +163,32 @@ impl CpuMatrix {
         self.rows * self.cols * elem
     }
 
-    /// Widens row `r` into `out` (`cols` floats).
+    /// Widens row `r` (output feature `r`) into `out` (`cols` floats): a strided gather, used
+    /// for embedding lookups.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let range = r * self.cols..(r + 1) * self.cols;
+        fn gather<T: WElem>(d: &[T], rows: usize, r: usize, out: &mut [f32]) {
+            let cols = out.len();
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = d[packed_index(rows, cols, r, k)].to_f32();
+            }
+        }
+        let out = &mut out[..self.cols];
         match &self.data {
-            WData::Bf16(d) => widen(&d[range], out),
-            WData::F16(d) => widen(&d[range], out),
-            WData::F32(d) => out.copy_from_slice(&d[range]),
+            WData::Bf16(d) => gather(d, self.rows, r, out),
+            WData::F16(d) => gather(d, self.rows, r, out),
+            WData::F32(d) => gather(d, self.rows, r, out),
         }
     }
 }
 
-fn widen<T: WElem>(src: &[T], out: &mut [f32]) {
-    for (o, s) in out.iter_mut().zip(src) {
-        *o = s.to_f32();
-    }
+/// `out[r, n] = Σ_k x[r, k] · W[n, k]` for `r < rows` (see the determinism contract). `x`
+/// holds at least `rows × w.cols` floats and `out` at least `rows × w.rows`.
+pub fn matmul(x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
+    matmul_with(x, rows, w, out, simd::avx2_fma());
 }
 
-/// `out[r, n] = Σ_k x[r, k] · W[n, k]` for `r < rows`. `x` holds at least `rows × w.cols`
-/// floats and `out` at least `rows × w.rows`.
-pub fn matmul(x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32]) {
-    let simd = simd::avx2_fma();
+/// [`matmul`] with the kernel choice explicit (`simd = false`: the scalar twin).
+pub fn matmul_with(x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], simd: bool) {
     let (n, k) = (w.rows, w.cols);
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
     match &w.data {
@@ -165,261 +210,221 @@ fn matmul_t<T: WElem>(
     if m == 0 || n == 0 {
         return;
     }
-    if m <= SMALL_ROWS {
-        matvec_par(x, m, w, n, k, out, simd);
-    } else {
-        gemm_par(x, m, w, n, k, out);
-    }
-}
-
-/// The streaming path, parallel over contiguous chunks of output features claimed dynamically
-/// (4 per thread: slack for an uneven VM at a few µs of overhead per call). Chunk bounds are
-/// multiples of 8 rows.
-pub fn matvec_par<T: WElem>(
-    x: &[f32],
-    m: usize,
-    w: &[T],
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-    simd: bool,
-) {
-    assert!(x.len() >= m * k && out.len() >= m * n && w.len() >= n * k);
+    let subs = n.div_ceil(SUB);
+    assert!(x.len() >= m * k && out.len() >= m * n && w.len() >= subs * SUB * k);
     let threads = rayon::current_num_threads();
-    // Below ~64 KiB of weights a fork/join costs more than it saves.
-    let chunks = if n * k < 32 * 1024 {
-        1
+    // Tasks: column ranges (in sub-panels) × row ranges. Few rows: columns only, about 4 per
+    // thread (slack for an uneven VM at a few µs per call), none below ~64 KiB of weights
+    // where a fork/join costs more than it saves. Many rows: one group × `ROW_CHUNK` rows.
+    let (cstep, rstep) = if m <= SMALL_ROWS {
+        // Whole groups, so that each task streams one contiguous range of weights.
+        let chunks = if n * k < 32 * 1024 { 1 } else { 4 * threads };
+        let per = GROUP / SUB;
+        (subs.div_ceil(per).div_ceil(chunks) * per, m)
     } else {
-        (4 * threads).min(n.div_ceil(8))
+        (GROUP / SUB, ROW_CHUNK)
     };
-    let step = n.div_ceil(chunks).next_multiple_of(8);
+    let (ctasks, rtasks) = (subs.div_ceil(cstep), m.div_ceil(rstep));
     let outp = SendPtr(out.as_mut_ptr());
-    parallel::for_each(n.div_ceil(step), |c| {
-        let (n0, n1) = (c * step, ((c + 1) * step).min(n));
-        // SAFETY: chunk `c` writes only columns n0..n1 of each of the m output rows, and the
-        // assert above bounds every read and write.
-        unsafe { matvec_range(x, m, w, n, k, outp, n0, n1, simd) }
+    parallel::for_each(ctasks * rtasks, |t| {
+        let (c, r) = (t / rtasks, t % rtasks);
+        let cols = c * cstep..((c + 1) * cstep).min(subs);
+        let rows = r * rstep..((r + 1) * rstep).min(m);
+        // SAFETY: task t writes only rows `rows` × features of sub-panels `cols` of `out`,
+        // and the assert above bounds every read and write.
+        unsafe { range(x, w, n, k, outp, cols, rows, simd) }
     });
 }
 
-/// Output columns `n0..n1` of the streaming path.
+/// Sub-panels `cols` × rows `rows` of the product, group by group.
 ///
 /// # Safety
-/// `x`, `w` and `out` (row stride `n`) must hold `m` rows; nothing else may write those columns.
+/// `x` holds `rows.end` rows of `k`, `w` the packed matrix of `n` features, `out` `rows.end`
+/// rows of `n`; nothing else writes this block of `out`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matvec_range<T: WElem>(
+unsafe fn range<T: WElem>(
     x: &[f32],
-    m: usize,
     w: &[T],
     n: usize,
     k: usize,
     out: SendPtr<f32>,
-    n0: usize,
-    n1: usize,
+    cols: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
     simd: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2::matvec_range(x.as_ptr(), m, w.as_ptr(), n, k, out.0, n0, n1);
-    }
-    let _ = simd;
-    for r in 0..m {
-        let xr = &x[r * k..(r + 1) * k];
-        for j in n0..n1 {
-            *out.0.add(r * n + j) = dot_scalar(xr, &w[j * k..(j + 1) * k]);
-        }
+    let per = GROUP / SUB;
+    let mut s = cols.start;
+    while s < cols.end {
+        let g = s / per;
+        let (s0, s1) = (s - g * per, (cols.end - g * per).min(per));
+        let col0 = g * GROUP + s0 * SUB;
+        let t = Tile {
+            x: x.as_ptr().add(rows.start * k),
+            ldx: k,
+            // Sub-panel s0 of group g, at k = 0.
+            w: w.as_ptr().add(g * GROUP * k + s0 * SUB),
+            ldw: group_width(n, g),
+            k,
+            out: out.get().add(rows.start * n + col0),
+            ldo: n,
+        };
+        let valid = (n - col0).min((s1 - s0) * SUB);
+        row_tiles(t, rows.len(), s1 - s0, valid, simd);
+        s = (g + 1) * per;
     }
 }
 
-/// Scalar dot product with 8 partial sums (the same shape the AVX2 kernel uses).
-fn dot_scalar<T: WElem>(x: &[f32], w: &[T]) -> f32 {
-    let mut acc = [0f32; 8];
-    let k8 = x.len() / 8 * 8;
-    for (xc, wc) in x[..k8].chunks_exact(8).zip(w[..k8].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += xc[l] * wc[l].to_f32();
+/// `rows` rows from `t` on, in tiles of up to `TILE_ROWS` rows of balanced sizes (8 rows run
+/// as 4 + 4, not 6 + 2: a 2-row tile leaves half the accumulator registers idle).
+unsafe fn row_tiles<T: WElem>(t: Tile<T>, rows: usize, subs: usize, valid: usize, simd: bool) {
+    let tiles = rows.div_ceil(TILE_ROWS);
+    let mut r = 0;
+    for i in 0..tiles {
+        let rb = rows / tiles + usize::from(i < rows % tiles);
+        let t = Tile {
+            x: t.x.add(r * t.ldx),
+            out: t.out.add(r * t.ldo),
+            ..t
+        };
+        r += rb;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            avx2::tiles(t, rb, subs, valid);
+            continue;
+        }
+        let _ = simd;
+        scalar(t, rb, valid);
+    }
+}
+
+/// One block of work: `rows × valid` outputs at `out` (row stride `ldo`) from rows of `x`
+/// (stride `ldx`) and the packed weights at `w` (stride `ldw` per `k`).
+struct Tile<T> {
+    x: *const f32,
+    ldx: usize,
+    w: *const T,
+    ldw: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+/// The scalar twin: the same fused multiply-add sequence per element, so the same bits.
+impl<T> Clone for Tile<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Tile<T> {}
+
+unsafe fn scalar<T: WElem>(t: Tile<T>, rows: usize, valid: usize) {
+    for r in 0..rows {
+        for c in 0..valid {
+            let mut acc = 0f32;
+            for kk in 0..t.k {
+                let wv = (*t.w.add(kk * t.ldw + c)).to_f32();
+                acc = (*t.x.add(r * t.ldx + kk)).mul_add(wv, acc);
+            }
+            *t.out.add(r * t.ldo + c) = acc;
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    for t in k8..x.len() {
-        s += x[t] * w[t].to_f32();
-    }
-    s
 }
 
 #[cfg(target_arch = "x86_64")]
-// Register-blocked kernels index `acc[r][u]` explicitly: clearer than iterator chains here.
+// Register-blocked kernels index `acc[r][v]` explicitly: clearer than iterator chains here.
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
-    use super::super::simd::x86::{hsum, load8};
+    use super::super::simd::x86::load8;
     use super::super::simd::WElem;
+    use super::{Tile, SUB};
     use std::arch::x86_64::*;
 
-    /// Weight rows per block when more than 4 activation rows share it: the block (16 rows ×
-    /// K × 2 bytes ≤ 48 KiB for K = 1536) stays in L1/L2 while each group of ≤ 4 rows passes.
-    const WBLOCK: usize = 16;
     /// Software prefetch distance along the weight stream. The hardware prefetcher stops at
     /// page boundaries; 1 KiB ahead measured best (12 → 14–18 GB/s per core on Zen 3).
     const PREFETCH_BYTES: usize = 1024;
 
-    #[allow(clippy::too_many_arguments)]
+    /// `rows` (≤ 6) × `subs` (≤ 2: one group) sub-panels, split into register tiles.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn matvec_range<T: WElem>(
-        x: *const f32,
-        m: usize,
-        w: *const T,
-        n: usize,
-        k: usize,
-        out: *mut f32,
-        n0: usize,
-        n1: usize,
-    ) {
-        let block = if m <= 4 { n1 - n0 } else { WBLOCK };
-        let mut b0 = n0;
-        while b0 < n1 {
-            let b1 = (b0 + block).min(n1);
-            let mut r0 = 0;
-            while r0 < m {
-                let rg = (m - r0).min(4);
-                let (xr, o) = (x.add(r0 * k), out.add(r0 * n));
-                for j in b0..b1 {
-                    let (wj, oj) = (w.add(j * k), o.add(j));
-                    match rg {
-                        1 => row::<T, 1, 4>(xr, wj, k, oj, n),
-                        2 => row::<T, 2, 4>(xr, wj, k, oj, n),
-                        3 => row::<T, 3, 2>(xr, wj, k, oj, n),
-                        _ => row::<T, 4, 2>(xr, wj, k, oj, n),
+    pub(super) unsafe fn tiles<T: WElem>(t: Tile<T>, rows: usize, subs: usize, valid: usize) {
+        let at = |s: usize| Tile {
+            w: t.w.add(s * SUB),
+            out: t.out.add(s * SUB),
+            ..t
+        };
+        let v = |s: usize| valid.saturating_sub(s * SUB);
+        match (rows, subs) {
+            (1, 2) => tile::<T, 1, 2>(t, valid),
+            (1, _) => tile::<T, 1, 1>(t, valid),
+            (2, 2) => tile::<T, 2, 2>(t, valid),
+            (2, _) => tile::<T, 2, 1>(t, valid),
+            _ => {
+                for s in 0..subs {
+                    match rows {
+                        3 => tile::<T, 3, 1>(at(s), v(s)),
+                        4 => tile::<T, 4, 1>(at(s), v(s)),
+                        5 => tile::<T, 5, 1>(at(s), v(s)),
+                        _ => tile::<T, 6, 1>(at(s), v(s)),
                     }
                 }
-                r0 += rg;
             }
-            b0 = b1;
         }
     }
 
-    /// One weight row against `R` activation rows: `U` independent accumulators per activation
-    /// row along K (`R × U ≤ 8` vectors) so the FMA latency chain never limits the stream.
+    /// `R` rows × `S` sub-panels over all of `K`; stores the first `valid` features.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row<T: WElem, const R: usize, const U: usize>(
-        x: *const f32,
-        w: *const T,
-        k: usize,
-        out: *mut f32,
-        ldo: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); U]; R];
-        let step = 8 * U;
-        let bytes = step * std::mem::size_of::<T>();
-        let mut kk = 0;
-        while kk + step <= k {
-            // Prefetch the line(s) PREFETCH_BYTES ahead (may run past the matrix: prefetches
-            // never fault, and wrapping_add keeps the address computation defined).
-            let ahead =
-                (w as *const u8).wrapping_add(kk * std::mem::size_of::<T>() + PREFETCH_BYTES);
-            for l in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
-            }
-            for u in 0..U {
-                let wv = load8(w.add(kk + 8 * u));
-                for r in 0..R {
-                    let xv = _mm256_loadu_ps(x.add(r * k + kk + 8 * u));
-                    acc[r][u] = _mm256_fmadd_ps(wv, xv, acc[r][u]);
+    unsafe fn tile<T: WElem, const R: usize, const S: usize>(t: Tile<T>, valid: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let size = std::mem::size_of::<T>();
+        for kk in 0..t.k {
+            let wk = t.w.add(kk * t.ldw);
+            if R == 1 {
+                // The decode stream: prefetch this k-row's lines PREFETCH_BYTES ahead (may run
+                // past the matrix: prefetches never fault, and wrapping_add keeps the address
+                // computation defined).
+                let ahead = (wk as *const u8).wrapping_add(PREFETCH_BYTES);
+                for l in (0..S * SUB * size).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
                 }
             }
-            kk += step;
-        }
-        while kk + 8 <= k {
-            let wv = load8(w.add(kk));
-            for r in 0..R {
-                acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(r * k + kk)), acc[r][0]);
+            if R == 1 {
+                // Load and use each weight vector at once: 8 accumulators + 1 broadcast + 1 weight
+                // vector stay in registers (loading all 8 first would spill one accumulator).
+                let b = _mm256_broadcast_ss(&*t.x.add(kk));
+                for s in 0..S {
+                    acc[s][0] = _mm256_fmadd_ps(b, load8(wk.add(s * SUB)), acc[s][0]);
+                    acc[s][1] = _mm256_fmadd_ps(b, load8(wk.add(s * SUB + 8)), acc[s][1]);
+                }
+            } else {
+                let b: [__m256; R] =
+                    std::array::from_fn(|r| _mm256_broadcast_ss(&*t.x.add(r * t.ldx + kk)));
+                for s in 0..S {
+                    let (w0, w1) = (load8(wk.add(s * SUB)), load8(wk.add(s * SUB + 8)));
+                    for r in 0..R {
+                        acc[r * S + s][0] = _mm256_fmadd_ps(b[r], w0, acc[r * S + s][0]);
+                        acc[r * S + s][1] = _mm256_fmadd_ps(b[r], w1, acc[r * S + s][1]);
+                    }
+                }
             }
-            kk += 8;
         }
         for r in 0..R {
-            let mut v = acc[r][0];
-            for u in 1..U {
-                v = _mm256_add_ps(v, acc[r][u]);
+            let o = t.out.add(r * t.ldo);
+            if valid >= S * SUB {
+                for s in 0..S {
+                    _mm256_storeu_ps(o.add(s * SUB), acc[r * S + s][0]);
+                    _mm256_storeu_ps(o.add(s * SUB + 8), acc[r * S + s][1]);
+                }
+            } else {
+                // The matrix's last, partial sub-panel: only `valid` features exist in `out`.
+                let mut tmp = [0f32; 4 * SUB];
+                for s in 0..S {
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(s * SUB), acc[r * S + s][0]);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(s * SUB + 8), acc[r * S + s][1]);
+                }
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, valid);
             }
-            let mut s = hsum(v);
-            for t in kk..k {
-                s += *x.add(r * k + t) * (*w.add(t)).to_f32();
-            }
-            *out.add(r * ldo) = s;
         }
     }
-}
-
-thread_local! {
-    /// Per-thread f32 panel for the prefill path (reused across calls; grows to the largest
-    /// `panel × K` seen, ≤ 1.5 MiB for the default model).
-    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Rows of W per gemm task in the prefill path: big enough that packing X once per panel is
-/// amortized, small enough that the widened panel stays near L2 and that there are about
-/// 4 panels per thread for balance. (One `gemm` call over whole slabs with the crate's own
-/// rayon parallelism measured 5–25% slower.)
-fn panel_rows(n: usize, k: usize, threads: usize) -> usize {
-    let max_rows = ((512 * 1024) / (4 * k)).clamp(64, 512);
-    let by_balance = n.div_ceil(4 * threads);
-    by_balance.clamp(16, max_rows).next_multiple_of(16)
-}
-
-/// The prefill path: parallel over panels of weight rows, each widened to f32 and multiplied
-/// by the `gemm` crate (which does its own runtime CPU dispatch, so this path is portable).
-pub fn gemm_par<T: WElem>(x: &[f32], m: usize, w: &[T], n: usize, k: usize, out: &mut [f32]) {
-    assert!(x.len() >= m * k && out.len() >= m * n && w.len() >= n * k);
-    let panel = panel_rows(n, k, rayon::current_num_threads());
-    let outp = SendPtr(out.as_mut_ptr());
-    parallel::for_each(n.div_ceil(panel), |p| {
-        let (n0, n1) = (p * panel, ((p + 1) * panel).min(n));
-        let wp = &w[n0 * k..n1 * k];
-        let run = |panel: &[f32]| {
-            // SAFETY: panel p writes only columns n0..n1 of the m output rows (row stride n);
-            // x is m × k (row stride k); the panel is (n1 - n0) rows of k, read as the k × nb
-            // right-hand side with row stride 1 and column stride k.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n1 - n0,
-                    k,
-                    outp.get().add(n0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
-        };
-        if let Some(f) = as_f32(wp) {
-            run(f);
-        } else {
-            PANEL.with_borrow_mut(|buf| {
-                buf.resize(wp.len(), 0.0);
-                widen(wp, buf);
-                run(buf);
-            });
-        }
-    });
-}
-
-/// `Some` when the weights already are f32 (no widening needed).
-fn as_f32<T: WElem>(w: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32 (checked by TypeId), so the cast is the identity.
-        .then(|| unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Tests of `matmul.rs`: every path (streaming AVX2, streaming scalar, gemm panels) against
-//! a naive f64 reference on odd shapes and all three weight dtypes; part stacking rules.
+//! Tests of `matmul.rs`: both kernels (AVX2, scalar twin) against a naive f64 reference on odd
+//! shapes and all three weight dtypes, bit-identical to each other; batch invariance (a row's
+//! bits do not depend on the other rows); packing and part stacking rules.
 
 use super::*;
 use rand::{Rng, SeedableRng};
@@ -64,8 +65,16 @@ fn wf32(m: &CpuMatrix) -> Vec<f32> {
     out
 }
 
+fn kernels() -> &'static [bool] {
+    if simd::avx2_fma() {
+        &[false, true]
+    } else {
+        &[false]
+    }
+}
+
 #[test]
-fn all_paths_match_f64_reference() {
+fn both_kernels_match_f64_reference_and_each_other() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let shapes = [
         (1, 1, 1),
@@ -78,42 +87,82 @@ fn all_paths_match_f64_reference() {
         (9, 70, 129),
         (33, 45, 67),
         (64, 130, 576),
+        (7, 200, 0),
     ];
-    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+    for &(m, n, k) in &shapes {
         for kind in 0..3u8 {
             let wt = tensor("w", n, k, &mut rng, kind);
             let w = CpuMatrix::from_parts(&[&wt]).unwrap();
             let wf = wf32(&w);
+            assert_eq!(
+                wf,
+                wt.data
+                    .to_f32()
+                    .iter()
+                    .map(|&v| round(v, kind))
+                    .collect::<Vec<_>>()
+            );
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let want = reference(&x, m, &wf, n, k);
-            let mut out = vec![f32::NAN; m * n];
-            matmul(&x, m, &w, &mut out);
-            check(&out, &want, &x, m, &wf, n, k);
-            // Force each path explicitly, whatever the row count.
-            let paths: &[bool] = if simd::avx2_fma() {
-                &[false, true]
-            } else {
-                &[false]
-            };
-            for &s in paths {
-                out.fill(f32::NAN);
-                match &w.data {
-                    WData::Bf16(d) => matvec_par(&x, m, d, n, k, &mut out, s),
-                    WData::F16(d) => matvec_par(&x, m, d, n, k, &mut out, s),
-                    WData::F32(d) => matvec_par(&x, m, d, n, k, &mut out, s),
-                }
+            let mut outs = Vec::new();
+            for &s in kernels() {
+                let mut out = vec![f32::NAN; m * n];
+                matmul_with(&x, m, &w, &mut out, s);
                 check(&out, &want, &x, m, &wf, n, k);
+                outs.push(out);
             }
-            out.fill(f32::NAN);
-            match &w.data {
-                WData::Bf16(d) => gemm_par(&x, m, d, n, k, &mut out),
-                WData::F16(d) => gemm_par(&x, m, d, n, k, &mut out),
-                WData::F32(d) => gemm_par(&x, m, d, n, k, &mut out),
-            }
-            check(&out, &want, &x, m, &wf, n, k);
-            let _ = i;
+            assert!(
+                outs.windows(2).all(|p| p[0] == p[1]),
+                "kernels differ ({m}, {n}, {k})"
+            );
         }
     }
+}
+
+fn round(v: f32, kind: u8) -> f32 {
+    match kind {
+        0 => bf16::from_f32(v).to_f32(),
+        1 => f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+#[test]
+fn a_row_gives_the_same_bits_alone_and_in_any_batch() {
+    // Rows 0..m computed together (every tile shape, the row-split regime above 32 rows) vs
+    // each row alone (the decode tile).
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let (n, k) = (200, 300);
+    let w = CpuMatrix::from_parts(&[&tensor("w", n, k, &mut rng, 0)]).unwrap();
+    for &s in kernels() {
+        for m in [2, 3, 5, 6, 7, 13, 33, 100] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut all = vec![f32::NAN; m * n];
+            matmul_with(&x, m, &w, &mut all, s);
+            for r in 0..m {
+                let mut one = vec![f32::NAN; n];
+                matmul_with(&x[r * k..(r + 1) * k], 1, &w, &mut one, s);
+                assert_eq!(&all[r * n..(r + 1) * n], &one[..], "m {m} row {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn packing_puts_features_in_groups_of_32() {
+    // 38 features: group 0 is 32 wide, group 1 is 16 wide (6 real + 10 zero padding).
+    assert_eq!(GROUP, 32);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let t = tensor("w", 38, 3, &mut rng, 2);
+    let m = CpuMatrix::from_parts(&[&t]).unwrap();
+    let WData::F32(d) = &m.data else {
+        panic!("f32 stays f32")
+    };
+    assert_eq!(d.len(), 48 * 3);
+    let src = t.data.to_f32();
+    assert_eq!(d[32 + 5], src[5 * 3 + 1]); // W[5, 1]
+    assert_eq!(d[32 * 3 + 16 * 2 + 3], src[35 * 3 + 2]); // W[35, 2]
+    assert_eq!(d[32 * 3 + 16 * 2 + 6], 0.0); // padding
 }
 
 #[test]
@@ -145,6 +194,8 @@ fn stacking_parts_and_dtypes() {
     let mut row = vec![0f32; 5];
     m.row_f32(3, &mut row);
     assert_eq!(row, b.data.to_f32()[..5]);
+    m.row_f32(4, &mut row);
+    assert_eq!(row, b.data.to_f32()[5..10]);
     // Mixed: first part f16 → f16; first part f32 with a bf16 part → bf16; all f32 → f32.
     let (h, f) = (
         tensor("h", 1, 5, &mut rng, 1),

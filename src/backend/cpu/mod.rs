@@ -4,7 +4,8 @@
 //! - `matmul`: weight matrices in their stored 16-bit format; AVX2 streaming kernel for decode,
 //!   widened panels + `gemm` for prefill.
 //! - `ops`: RMSNorm, SiLU·up, softmax, RoPE (cos/sin table cached by position in the backend).
-//! - `cache`, `attention`: the contiguous f32 KV cache and causal GQA attention over it.
+//! - `kv_store`, `attention`: the paged KV block pool (f32 blocks, per layer
+//!   `[block][kv head][slot][dim]`) and batched causal GQA attention over block tables.
 //! - `simd`: runtime CPU-feature detection and AVX2 helpers (generic x86-64 binaries).
 //! - `arena`: huge-page storage for weights; `parallel`: the fork/join every op uses.
 //!
@@ -13,16 +14,16 @@
 
 pub mod arena;
 pub mod attention;
-pub mod cache;
+pub mod kv_store;
 pub mod matmul;
 pub mod ops;
 pub mod parallel;
 pub mod simd;
 
-use crate::backend::{AttnShape, Backend, RopeParams};
+use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams};
 use crate::error::BackendError;
 use crate::model::tensor::HostTensor;
-use cache::CpuCache;
+use kv_store::CpuKvStore;
 use matmul::{CpuMatrix, WData};
 use ops::RopeTable;
 use std::sync::{Arc, RwLock};
@@ -62,7 +63,7 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Matrix = CpuMatrix;
-    type Cache = CpuCache;
+    type KvStore = CpuKvStore;
 
     fn name(&self) -> String {
         let isa = if simd::avx2_fma() {
@@ -89,8 +90,12 @@ impl Backend for CpuBackend {
         out.copy_from_slice(&buf[offset..offset + out.len()]);
     }
 
-    fn copy_rows(&self, x: &Vec<f32>, first: usize, rows: usize, width: usize) -> Vec<f32> {
-        x[first * width..(first + rows) * width].to_vec()
+    fn gather_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows.len() * width);
+        for &r in rows {
+            out.extend_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        out
     }
 
     fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut Vec<f32>) {
@@ -131,12 +136,18 @@ impl Backend for CpuBackend {
         ops::silu_mul(gate_up, rows, inter, out);
     }
 
-    fn new_cache(&self, layers: usize, capacity: usize, shape: AttnShape) -> CpuCache {
-        CpuCache::new(layers, capacity, shape)
+    fn kv_bytes_per_block(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize {
+        CpuKvStore::bytes_per_block(layers, block_size, shape)
     }
 
-    fn cache_capacity(&self, cache: &CpuCache) -> usize {
-        cache.capacity
+    fn new_kv_store(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        shape: AttnShape,
+    ) -> CpuKvStore {
+        CpuKvStore::new(layers, num_blocks, block_size, shape)
     }
 
     fn rope_and_store(
@@ -144,38 +155,33 @@ impl Backend for CpuBackend {
         qkv: &mut Vec<f32>,
         rows: usize,
         positions: &[u32],
+        slots: &[u32],
         shape: AttnShape,
         rope: &RopeParams,
-        cache: &mut CpuCache,
+        store: &mut CpuKvStore,
         layer: usize,
     ) {
         let positions = &positions[..rows];
         let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
         self.rope_table(rope, max_pos + 1)
             .apply(qkv, rows, positions, shape);
-        cache.store(layer, qkv, rows, positions, shape);
+        store.store(layer, qkv, rows, &slots[..rows]);
     }
 
     fn attention(
         &self,
         qkv: &Vec<f32>,
-        rows: usize,
-        start_pos: usize,
+        seqs: &[AttnSeq<'_>],
         shape: AttnShape,
-        cache: &CpuCache,
+        store: &CpuKvStore,
         layer: usize,
         out: &mut Vec<f32>,
     ) {
-        attention::attention(
-            qkv,
-            rows,
-            start_pos,
-            shape,
-            cache,
-            layer,
-            out,
-            simd::avx2_fma(),
-        );
+        attention::attention(qkv, seqs, shape, store, layer, out, simd::avx2_fma());
+    }
+
+    fn copy_blocks(&self, store: &mut CpuKvStore, copies: &[(u32, u32)]) {
+        store.copy_blocks(copies);
     }
 }
 

@@ -1,0 +1,244 @@
+//! The typed configuration tree, loaded once (`config/default.toml` mirrors
+//! [`Config::default`]; a test keeps them equal) and handed down in pieces. Unknown keys are
+//! errors, so a typo never silently falls back to a default. Secrets are masked in `Debug`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {msg}", path.display())]
+    Parse { path: PathBuf, msg: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelSection,
+    pub kv: KvSection,
+    /// Tenants and their KV quotas. A server with none configured serves one `default` tenant.
+    pub tenants: Vec<TenantConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model: ModelSection::default(),
+            kv: KvSection::default(),
+            tenants: vec![TenantConfig::default()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face directory or a `.gguf` file.
+    pub path: PathBuf,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("models/SmolLM2-135M-Instruct"),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvSection {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes of KV memory for the whole pool; 0 sizes it to the machine (a quarter of the
+    /// available memory, at most 8 GiB).
+    pub cache_bytes: u64,
+    /// Server secret (64 hex digits) that keys each tenant's cache scope; empty generates one at
+    /// start (prefix caches then do not survive a restart, which is the safe default).
+    pub secret: String,
+}
+
+impl Default for KvSection {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            cache_bytes: 0,
+            secret: String::new(),
+        }
+    }
+}
+
+impl fmt::Debug for KvSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvSection")
+            .field("block_size", &self.block_size)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("secret", &if self.secret.is_empty() { "" } else { "***" })
+            .finish()
+    }
+}
+
+impl KvSection {
+    /// The pool size in bytes, resolving 0 to a share of this machine's available memory.
+    pub fn resolved_cache_bytes(&self) -> u64 {
+        if self.cache_bytes > 0 {
+            return self.cache_bytes;
+        }
+        let available = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(4 << 30);
+        (available / 4).min(8 << 30)
+    }
+
+    /// The 32-byte secret: parsed from hex, or freshly generated when empty.
+    pub fn secret_bytes(&self) -> Result<[u8; 32], ConfigError> {
+        if self.secret.is_empty() {
+            let mut s = [0u8; 32];
+            rand::fill(&mut s);
+            return Ok(s);
+        }
+        let hex = self.secret.trim();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ConfigError::Invalid(
+                "kv.secret must be 64 hex digits (32 bytes)".into(),
+            ));
+        }
+        let mut s = [0u8; 32];
+        for (i, byte) in s.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        Ok(s)
+    }
+}
+
+/// One tenant's share of the KV pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Blocks guaranteed to this tenant: no other tenant can take them.
+    pub reserved_blocks: usize,
+    /// Hard cap on blocks in use; 0 means the whole pool.
+    pub max_blocks: usize,
+    /// Cached (free, reusable) blocks protected from other tenants' eviction pressure.
+    pub cached_floor: usize,
+    /// Tenants naming the same group share prefix-cache blocks (e.g. a public system prompt).
+    pub share_group: Option<String>,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            reserved_blocks: 0,
+            max_blocks: 0,
+            cached_floor: 0,
+            share_group: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; missing keys take their defaults, unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kv.block_size == 0 || self.kv.block_size > 1024 {
+            return Err(ConfigError::Invalid(
+                "kv.block_size must be in 1..=1024".into(),
+            ));
+        }
+        if self.tenants.is_empty() {
+            return Err(ConfigError::Invalid("at least one tenant is needed".into()));
+        }
+        let mut names: Vec<&str> = self.tenants.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid("tenant names must be unique".into()));
+        }
+        for t in &self.tenants {
+            if t.max_blocks != 0 && t.reserved_blocks > t.max_blocks {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant `{}`: reserved_blocks {} > max_blocks {}",
+                    t.name, t.reserved_blocks, t.max_blocks
+                )));
+            }
+        }
+        self.kv.secret_bytes()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_mirrors_default_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let from_file = Config::from_file(&path).unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn tenants_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants.example.toml");
+        let cfg = Config::from_file(&path).unwrap();
+        assert!(cfg.tenants.len() >= 2);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let p = Path::new("x.toml");
+        let e = Config::from_toml("[kv]\nblok_size = 16\n", p).unwrap_err();
+        assert!(e.to_string().contains("blok_size"), "{e}");
+        assert!(Config::from_toml("[kv]\nblock_size = 0\n", p).is_err());
+        assert!(Config::from_toml("[kv]\nsecret = \"abc\"\n", p).is_err());
+        let dup = "[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"\n";
+        assert!(Config::from_toml(dup, p).is_err());
+        let over = "[[tenants]]\nname = \"a\"\nreserved_blocks = 5\nmax_blocks = 4\n";
+        assert!(Config::from_toml(over, p).is_err());
+    }
+
+    #[test]
+    fn secret_is_masked_and_parsed() {
+        let mut kv = KvSection {
+            secret: "ab".repeat(32),
+            ..KvSection::default()
+        };
+        assert!(!format!("{kv:?}").contains("abab"));
+        assert_eq!(kv.secret_bytes().unwrap(), [0xab; 32]);
+        kv.secret.clear();
+        assert_ne!(kv.secret_bytes().unwrap(), kv.secret_bytes().unwrap());
+        assert!(KvSection::default().resolved_cache_bytes() > 0);
+    }
+}
