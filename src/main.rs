@@ -3,12 +3,14 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvserve::backend::cpu::CpuBackend;
-use kvserve::engine::generate::{generate, GenerateOptions};
+use kvserve::config::{KvSection, TenantConfig};
+use kvserve::engine::generate::{generate, generate_paged, GenerateOptions};
+use kvserve::engine::paged::PagedKv;
 use kvserve::model::chat_template::ChatMessage;
 use kvserve::model::llama::Llama;
 use kvserve::model::tokenizer::IncrementalDecoder;
 use kvserve::model::{convert, loader};
-use kvserve::types::SamplingParams;
+use kvserve::types::{SamplingParams, TenantId};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -107,6 +109,10 @@ struct GenerateArgs {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// KV pool budget in bytes (the pool a server would have; 0 = sized to the machine).
+    /// Without it the pool is just big enough for this request.
+    #[arg(long)]
+    kv_cache_bytes: Option<u64>,
 }
 
 fn parse_bias(s: &str) -> Result<(u32, f32), String> {
@@ -224,7 +230,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut decoder = IncrementalDecoder::new();
     let mut io_err: Option<std::io::Error> = None;
     let stop_ids = opts.stop_ids.clone();
-    let result = generate(&model, &prompt, &opts, |s| {
+    let mut on_token = |s: &kvserve::engine::sampler::Sampled| {
         let res = if args.json {
             let text = tok.decode(&[s.token], false).unwrap_or_default();
             let line = serde_json::json!({
@@ -245,7 +251,33 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         if let Err(e) = res {
             io_err.get_or_insert(e);
         }
-    })?;
+    };
+    let result = match args.kv_cache_bytes {
+        None => generate(&model, &prompt, &opts, &mut on_token)?,
+        Some(bytes) => {
+            let kv_cfg = KvSection {
+                cache_bytes: bytes,
+                ..KvSection::default()
+            };
+            let mut kv = PagedKv::new(&model, &kv_cfg, &[TenantConfig::default()])?;
+            eprintln!(
+                "KV pool: {} blocks of {} tokens ({} bytes)",
+                kv.pool.num_blocks(),
+                kv_cfg.block_size,
+                kv.pool.num_blocks() * model.kv_bytes_per_block(kv_cfg.block_size)
+            );
+            let scope = kv.pool.scope(TenantId(0), None);
+            generate_paged(
+                &model,
+                &mut kv,
+                TenantId(0),
+                &scope,
+                &prompt,
+                &opts,
+                &mut on_token,
+            )?
+        }
+    };
     if !args.json {
         writeln!(out, "{}", decoder.finish(tok)?)?;
     }

@@ -127,3 +127,34 @@ fn generate_reports_bad_model_path_and_missing_prompt() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--prompt"));
 }
+
+#[test]
+fn generate_with_a_kv_budget_reports_the_pool_and_rejects_a_budget_below_one_block() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinySpec::default(), 14);
+    let run = |bytes: &str| {
+        kvserve()
+            .args(["generate", "--model"])
+            .arg(dir.path())
+            .args([
+                "--prompt-ids",
+                "1,2,3",
+                "--max-tokens",
+                "4",
+                "--ignore-eos",
+                "--kv-cache-bytes",
+                bytes,
+            ])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    // Tiny model: 2 layers × 2 (K, V) × 2 KV heads × 8 dims × 4 bytes × 16 tokens = 4096 per block.
+    let ok = run("40960");
+    let err = String::from_utf8_lossy(&ok.stderr);
+    assert!(ok.status.success(), "{err}");
+    assert!(err.contains("KV pool: 10 blocks of 16 tokens"), "{err}");
+    let bad = run("100");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("holds no block"));
+}

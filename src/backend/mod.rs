@@ -54,7 +54,7 @@ pub struct AttnSeq<'a> {
 
 /// The geometry every backend's paged KV store reports (the model validates block tables and
 /// slots against it before any kernel runs).
-pub trait PagedKv: Send {
+pub trait KvGeometry: Send {
     fn num_layers(&self) -> usize;
     fn num_blocks(&self) -> usize;
     /// Tokens per block.
@@ -70,7 +70,7 @@ pub trait Backend: Send + Sync {
     /// The physical pool of KV blocks over all layers. Block ids and refcounts belong to `kv/`;
     /// the store only holds the data, addressed by block ids and slots
     /// (`block * block_size + offset`).
-    type KvStore: PagedKv;
+    type KvStore: KvGeometry;
 
     fn name(&self) -> String;
 

@@ -9,7 +9,7 @@
 use super::config::ModelConfig;
 use super::tensor::HostTensor;
 use super::TensorSource;
-use crate::backend::{AttnSeq, AttnShape, Backend, PagedKv, RopeParams};
+use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams};
 use crate::error::{ModelError, RunError};
 
 struct Layer<B: Backend> {

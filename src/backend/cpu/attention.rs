@@ -121,7 +121,8 @@ pub fn attention(
         num_kv_heads > 0 && num_heads % num_kv_heads == 0,
         "bad GQA shape {shape:?}"
     );
-    debug_assert_eq!(store.shape(), shape, "store shape");
+    // A store of another shape would make the kernels read past a q row: refuse it.
+    assert_eq!(store.shape(), shape, "KV store shape");
     let (width, qw) = (shape.qkv_width(), shape.q_width());
     let (qkv, out) = (&qkv[..total * width], &mut out[..total * qw]);
     let group = num_heads / num_kv_heads;
@@ -191,11 +192,12 @@ pub fn attention(
 /// and its table must cover `len` positions with valid blocks.
 unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<f32>, simd: bool) {
     let (d, bs) = (kv.head_dim, kv.block_size);
+    let Some(first) = qs.first() else { return };
     let lmax = qs.iter().map(|q| q.len).max().unwrap_or(0);
     scores.resize(qs.len() * lmax, 0.0);
     // All queries of a task share one table and one KV head: the first query of a tile reads
     // it from memory, the others from L1.
-    let (table, g) = (qs[0].table, qs[0].g);
+    let (table, g) = (first.table, first.g);
     for t0 in (0..lmax).step_by(TILE) {
         prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.k(b, g, off));
         for (qi, q) in qs.iter().enumerate() {
@@ -215,7 +217,17 @@ unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<
             let p = scores[qi * lmax..].as_ptr();
             runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
                 let v = kv.v(b, q.g, off);
-                pv(p.add(p0), v.as_ptr(), d, p1 - p0, 0, d, q.out, p0 == 0, simd);
+                pv(
+                    p.add(p0),
+                    v.as_ptr(),
+                    d,
+                    p1 - p0,
+                    0,
+                    d,
+                    q.out,
+                    p0 == 0,
+                    simd,
+                );
             });
         }
     }
@@ -237,17 +249,23 @@ fn prefetch_tile<'a>(
     part: impl Fn(u32, usize, usize) -> &'a [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    runs(table, kv.block_size, t0, (t0 + TILE).min(end), |b, off, p0, p1| {
-        let run = &part(b, g, off)[..(p1 - p0) * kv.head_dim];
-        for line in run.chunks(16) {
-            // SAFETY: prefetching is a hint that never faults; the address is in bounds anyway.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    line.as_ptr() as *const i8,
-                )
-            };
-        }
-    });
+    runs(
+        table,
+        kv.block_size,
+        t0,
+        (t0 + TILE).min(end),
+        |b, off, p0, p1| {
+            let run = &part(b, g, off)[..(p1 - p0) * kv.head_dim];
+            for line in run.chunks(16) {
+                // SAFETY: prefetching is a hint that never faults; the address is in bounds anyway.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        line.as_ptr() as *const i8,
+                    )
+                };
+            }
+        },
+    );
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (table, g, t0, end, kv, part);
 }

@@ -6,7 +6,7 @@
 use super::*;
 use crate::backend::cpu::simd;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, PagedKv, RopeParams};
+use crate::backend::{Backend, KvGeometry, RopeParams};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

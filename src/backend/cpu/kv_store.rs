@@ -13,7 +13,7 @@
 //! scales) changes `ELEM_BYTES`, `write_row`/`copy_blocks` and those kernels, nothing outside.
 
 use super::arena::ZeroedBuf;
-use crate::backend::{AttnShape, PagedKv};
+use crate::backend::{AttnShape, KvGeometry};
 
 /// Bytes per stored element (f32 today).
 pub const ELEM_BYTES: usize = 4;
@@ -34,7 +34,7 @@ pub struct CpuKvStore {
     shape: AttnShape,
 }
 
-impl PagedKv for CpuKvStore {
+impl KvGeometry for CpuKvStore {
     fn num_layers(&self) -> usize {
         self.layers.len()
     }
