@@ -21,15 +21,21 @@
 //! phases, despite the 2:1 split, because the phases pay two more fork/joins and a round trip
 //! of the scores.)
 //!
+//! The inner loops (scores of a run, `p · V` over a tile's runs) are in `attention_kernels.rs`.
+//!
 //! Safety of reads: before any kernel runs, each sequence's table is checked to cover its
 //! positions with block ids `< num_blocks`; a sequence that fails (a caller bug: `kv` and the
 //! model guarantee valid tables) trips a debug assertion and gets zero output in release. A
 //! query reads only positions `< start_pos + i + 1` of its own table.
 
+#[path = "attention_kernels.rs"]
+mod kernels;
+
 use super::kv_store::{CpuKvStore, KvView};
 use super::ops::softmax;
 use super::parallel;
 use crate::backend::{AttnSeq, AttnShape};
+use kernels::{dots, pv, Run};
 use std::cell::RefCell;
 
 /// Positions per tile: 64 × 64 dims × 4 bytes = 16 KiB of K or V, comfortably in L1.
@@ -48,6 +54,25 @@ struct Query<'a> {
     len: usize,
     g: usize,
     table: &'a [u32],
+}
+
+/// The runs of positions `t0..t1` through `table`, K or V of one head (`base(block, offset)`).
+fn tile_runs(
+    table: &[u32],
+    bs: usize,
+    t0: usize,
+    t1: usize,
+    base: impl Fn(u32, usize) -> *const f32,
+    out: &mut Vec<Run>,
+) {
+    out.clear();
+    runs(table, bs, t0, t1, |b, off, p0, p1| {
+        out.push(Run {
+            at: base(b, off),
+            p: p0,
+            n: p1 - p0,
+        })
+    });
 }
 
 /// Raw pointers moved into parallel chunks.
@@ -195,17 +220,25 @@ unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<
     let Some(first) = qs.first() else { return };
     let lmax = qs.iter().map(|q| q.len).max().unwrap_or(0);
     scores.resize(qs.len() * lmax, 0.0);
-    // All queries of a task share one table and one KV head: the first query of a tile reads
-    // it from memory, the others from L1.
+    // All queries of a task share one table and one KV head: a tile's runs are found once,
+    // and the first query of a tile reads them from memory, the others from L1.
     let (table, g) = (first.table, first.g);
+    let mut tile = Vec::with_capacity(TILE / bs + 2);
     for t0 in (0..lmax).step_by(TILE) {
         prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.k(b, g, off));
+        tile_runs(
+            table,
+            bs,
+            t0,
+            (t0 + TILE).min(lmax),
+            |b, off| kv.k(b, g, off).as_ptr(),
+            &mut tile,
+        );
         for (qi, q) in qs.iter().enumerate() {
             let s = scores[qi * lmax..].as_mut_ptr();
-            runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
-                let k = kv.k(b, q.g, off);
-                dots(q.q, k.as_ptr(), d, p1 - p0, scale, s.add(p0), simd);
-            });
+            for r in tile.iter().take_while(|r| r.p < q.len) {
+                dots(q.q, r.at, d, r.n.min(q.len - r.p), scale, s.add(r.p), simd);
+            }
         }
     }
     for (qi, q) in qs.iter().enumerate() {
@@ -213,22 +246,17 @@ unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<
     }
     for t0 in (0..lmax).step_by(TILE) {
         prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.v(b, g, off));
+        tile_runs(
+            table,
+            bs,
+            t0,
+            (t0 + TILE).min(lmax),
+            |b, off| kv.v(b, g, off).as_ptr(),
+            &mut tile,
+        );
         for (qi, q) in qs.iter().enumerate() {
             let p = scores[qi * lmax..].as_ptr();
-            runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
-                let v = kv.v(b, q.g, off);
-                pv(
-                    p.add(p0),
-                    v.as_ptr(),
-                    d,
-                    p1 - p0,
-                    0,
-                    d,
-                    q.out,
-                    p0 == 0,
-                    simd,
-                );
-            });
+            pv(p, &tile, q.len, d, 0, d, q.out, t0 == 0, simd);
         }
     }
 }
@@ -237,8 +265,9 @@ unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<
 /// into L1. Blocks sit wherever the table says, so the hardware prefetcher, which follows
 /// sequential streams within a 4 KiB page, starts cold at every block (one block of one head
 /// is exactly 4 KiB for 16 × 64 f32). Asking one tile ahead (a tile of work covers the
-/// latency) took decode over scrambled 16-token blocks from ~25–30% to ~10–15% slower than
-/// one contiguous block (`bench_kernels attn`, noisy shared VM).
+/// latency), together with keeping `p · V` accumulators in registers across a tile's runs,
+/// took decode over scrambled 16-token blocks from ~25–30% to ~1–5% slower than one
+/// contiguous block (`bench_kernels attn`, shared VM).
 #[inline]
 fn prefetch_tile<'a>(
     table: &[u32],
@@ -310,197 +339,21 @@ fn split_phases(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, simd: bool) {
         for t0 in (0..lmax).step_by(TILE) {
             for (qi, q) in qs_p.get().iter().enumerate().filter(|(_, q)| q.g == g) {
                 runs(q.table, bs, t0, (t0 + TILE).min(q.len), |b, off, p0, p1| {
-                    let v = kv.v(b, g, off);
+                    let run = [Run {
+                        at: kv.v(b, g, off).as_ptr(),
+                        p: p0,
+                        n: p1 - p0,
+                    }];
                     // SAFETY: task t writes dims d0..d0+dslice of the outputs of KV head g's
                     // queries only.
                     unsafe {
-                        let p = sp.get().add(qi * lmax + p0);
-                        pv(
-                            p,
-                            v.as_ptr(),
-                            d,
-                            p1 - p0,
-                            d0,
-                            d0 + dslice,
-                            q.out,
-                            p0 == 0,
-                            simd,
-                        )
+                        let p = sp.get().add(qi * lmax);
+                        pv(p, &run, q.len, d, d0, d0 + dslice, q.out, p0 == 0, simd)
                     }
                 });
             }
         }
     });
-}
-
-/// `s[j] = (q · k_j) * scale` for `j < n`, `k_j` at `k + j * d`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn dots(
-    q: *const f32,
-    k: *const f32,
-    d: usize,
-    n: usize,
-    scale: f32,
-    s: *mut f32,
-    simd: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if simd && d.is_multiple_of(8) {
-        return x86::dots(q, k, d, d, 0, n, scale, s);
-    }
-    let _ = simd;
-    let q = std::slice::from_raw_parts(q, d);
-    for j in 0..n {
-        let kj = std::slice::from_raw_parts(k.add(j * d), d);
-        let mut acc = [0f32; 8];
-        for (t, (&a, &b)) in q.iter().zip(kj).enumerate() {
-            acc[t % 8] += a * b;
-        }
-        let dot = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-        *s.add(j) = dot * scale;
-    }
-}
-
-/// `out[d0..d1] (+)= Σ_{j < n} p[j] · v_j[d0..d1]` (`v_j` at `v + j * d`), in order of `j`,
-/// starting from zero when `init`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn pv(
-    p: *const f32,
-    v: *const f32,
-    d: usize,
-    n: usize,
-    d0: usize,
-    d1: usize,
-    out: *mut f32,
-    init: bool,
-    simd: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if simd && (d1 - d0).is_multiple_of(8) && d0.is_multiple_of(8) {
-        return x86::pv(p, v, d, n, d0, d1, out, init);
-    }
-    let _ = simd;
-    let o = std::slice::from_raw_parts_mut(out.add(d0), d1 - d0);
-    if init {
-        o.fill(0.0);
-    }
-    for j in 0..n {
-        let pj = *p.add(j);
-        let vj = std::slice::from_raw_parts(v.add(j * d + d0), d1 - d0);
-        for (a, &b) in o.iter_mut().zip(vj) {
-            *a += pj * b;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::super::simd::x86::hsum4;
-    use std::arch::x86_64::*;
-
-    /// Four positions per step: four independent accumulators, one q load per 4 FMAs, and one
-    /// combined horizontal reduction (`hsum4`) per 4 scores. `d % 8 == 0`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots(
-        q: *const f32,
-        k: *const f32,
-        stride: usize,
-        d: usize,
-        j0: usize,
-        j1: usize,
-        scale: f32,
-        s: *mut f32,
-    ) {
-        let sc = _mm_set1_ps(scale);
-        let mut j = j0;
-        while j + 4 <= j1 {
-            let kp: [*const f32; 4] = std::array::from_fn(|i| k.add((j + i) * stride));
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for t in (0..d).step_by(8) {
-                let qv = _mm256_loadu_ps(q.add(t));
-                for i in 0..4 {
-                    acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[i].add(t)), acc[i]);
-                }
-            }
-            _mm_storeu_ps(
-                s.add(j),
-                _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), sc),
-            );
-            j += 4;
-        }
-        while j < j1 {
-            // Same lane order as the 4-wide step (hsum4 with the other three slots unused).
-            let kp = k.add(j * stride);
-            let mut acc = _mm256_setzero_ps();
-            for t in (0..d).step_by(8) {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(t)), _mm256_loadu_ps(kp.add(t)), acc);
-            }
-            let z = _mm256_setzero_ps();
-            *s.add(j) = _mm_cvtss_f32(hsum4(acc, z, z, z)) * scale;
-            j += 1;
-        }
-    }
-
-    /// Accumulates `p[j] · v_j` into `out[d0..d1]` for `j < n` (from zero when `init`), up to 64 dims per pass with
-    /// the accumulators in registers (one load + store of `out` per tile, not per position).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pv(
-        p: *const f32,
-        v: *const f32,
-        stride: usize,
-        n: usize,
-        d0: usize,
-        d1: usize,
-        out: *mut f32,
-        init: bool,
-    ) {
-        let mut c = d0;
-        while c < d1 {
-            match (d1 - c) / 8 {
-                8.. => chunk::<8>(p, v, stride, n, c, out, init),
-                4..=7 => chunk::<4>(p, v, stride, n, c, out, init),
-                2..=3 => chunk::<2>(p, v, stride, n, c, out, init),
-                _ => chunk::<1>(p, v, stride, n, c, out, init),
-            }
-            c += match (d1 - c) / 8 {
-                8.. => 64,
-                4..=7 => 32,
-                2..=3 => 16,
-                _ => 8,
-            };
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn chunk<const NV: usize>(
-        p: *const f32,
-        v: *const f32,
-        stride: usize,
-        n: usize,
-        c: usize,
-        out: *mut f32,
-        init: bool,
-    ) {
-        let o = out.add(c);
-        let mut acc: [__m256; NV] = if init {
-            [_mm256_setzero_ps(); NV]
-        } else {
-            std::array::from_fn(|i| _mm256_loadu_ps(o.add(8 * i)))
-        };
-        for j in 0..n {
-            let pj = _mm256_set1_ps(*p.add(j));
-            let vj = v.add(j * stride + c);
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj.add(8 * i)), *a);
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(o.add(8 * i), *a);
-        }
-    }
 }
 
 #[cfg(test)]
