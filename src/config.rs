@@ -24,6 +24,7 @@ pub enum ConfigError {
 pub struct Config {
     pub model: ModelSection,
     pub kv: KvSection,
+    pub engine: EngineSection,
     /// Tenants and their KV quotas. A server with none configured serves one `default` tenant.
     pub tenants: Vec<TenantConfig>,
 }
@@ -33,6 +34,7 @@ impl Default for Config {
         Self {
             model: ModelSection::default(),
             kv: KvSection::default(),
+            engine: EngineSection::default(),
             tenants: vec![TenantConfig::default()],
         }
     }
@@ -125,6 +127,32 @@ impl KvSection {
     }
 }
 
+/// The continuous-batching engine's limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Tokens computed per step at most (prompt chunks + one per decoding sequence). Bounds the
+    /// time of one step, and so the inter-token latency of running streams.
+    pub max_batched_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Requests waiting for admission at most; more are refused as overloaded.
+    pub max_waiting: usize,
+    /// Milliseconds a request may wait for admission before it is refused as overloaded; 0 = no limit.
+    pub max_queue_ms: u64,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            max_batched_tokens: 256,
+            max_running: 64,
+            max_waiting: 1024,
+            max_queue_ms: 60_000,
+        }
+    }
+}
+
 /// One tenant's share of the KV pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -138,6 +166,8 @@ pub struct TenantConfig {
     pub cached_floor: usize,
     /// Tenants naming the same group share prefix-cache blocks (e.g. a public system prompt).
     pub share_group: Option<String>,
+    /// Fair-share weight: under contention a tenant's service is proportional to it.
+    pub weight: f64,
 }
 
 impl Default for TenantConfig {
@@ -148,6 +178,7 @@ impl Default for TenantConfig {
             max_blocks: 0,
             cached_floor: 0,
             share_group: None,
+            weight: 1.0,
         }
     }
 }
@@ -185,7 +216,19 @@ impl Config {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid("tenant names must be unique".into()));
         }
+        let e = &self.engine;
+        if e.max_batched_tokens == 0 || e.max_running == 0 || e.max_waiting == 0 {
+            return Err(ConfigError::Invalid(
+                "engine.max_batched_tokens, max_running and max_waiting must be > 0".into(),
+            ));
+        }
         for t in &self.tenants {
+            if !(t.weight.is_finite() && t.weight > 0.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant `{}`: weight must be a positive number",
+                    t.name
+                )));
+            }
             if t.max_blocks != 0 && t.reserved_blocks > t.max_blocks {
                 return Err(ConfigError::Invalid(format!(
                     "tenant `{}`: reserved_blocks {} > max_blocks {}",
@@ -227,6 +270,9 @@ mod tests {
         assert!(Config::from_toml(dup, p).is_err());
         let over = "[[tenants]]\nname = \"a\"\nreserved_blocks = 5\nmax_blocks = 4\n";
         assert!(Config::from_toml(over, p).is_err());
+        let weight = "[[tenants]]\nname = \"a\"\nweight = 0.0\n";
+        assert!(Config::from_toml(weight, p).is_err());
+        assert!(Config::from_toml("[engine]\nmax_running = 0\n", p).is_err());
     }
 
     #[test]

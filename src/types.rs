@@ -54,12 +54,15 @@ pub enum FinishReason {
     Stop,
     /// The token limit was reached.
     Length,
+    /// The request was aborted (by its caller, or because its receiver went away).
+    Abort,
 }
 
 /// A tenant, as resolved by the server from an API key. Never taken from a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TenantId(pub u32);
 
-/// One sequence (one choice of one request) inside the engine.
+/// One request inside the engine (one sequence: `n > 1` is `n` requests sharing a prompt).
+/// Assigned by the engine handle, unique for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeqId(pub u64);
+pub struct RequestId(pub u64);

@@ -1,6 +1,17 @@
-//! The engine: tokens in, tokens out. Today it holds the sampler and the single-sequence
-//! generation loop; the continuous-batching scheduler arrives with its own issue.
+//! The engine: tokens in, tokens out. [`Engine`] runs the continuous-batching loop on its own
+//! thread (`worker`), fed through [`EngineHandle`] (`handle`); the `scheduler` decides which
+//! tokens run each step with fair share between tenants (`fair`); `sequence` is one request's
+//! state; `sampler` picks tokens. `generate` is the single-sequence path the CLI uses.
 
+mod fair;
 pub mod generate;
+mod handle;
 pub mod paged;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
+mod sequence;
+mod worker;
+
+pub use handle::{Engine, EngineHandle, EngineStats, Submission};
+pub use request::{EngineError, EngineEvent, EngineRequest, StopParams, Usage};

@@ -12,6 +12,7 @@ pub struct PagedKv<B: Backend> {
     pub pool: KvPool,
     pub store: B::KvStore,
     tenant_names: Vec<String>,
+    weights: Vec<(TenantId, f64)>,
 }
 
 impl<B: Backend> PagedKv<B> {
@@ -63,6 +64,11 @@ impl<B: Backend> PagedKv<B> {
             pool,
             store,
             tenant_names: tenants.iter().map(|t| t.name.clone()).collect(),
+            weights: tenants
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (TenantId(i as u32), t.weight))
+                .collect(),
         })
     }
 
@@ -72,6 +78,11 @@ impl<B: Backend> PagedKv<B> {
             .iter()
             .position(|n| n == name)
             .map(|i| TenantId(i as u32))
+    }
+
+    /// Each tenant's fair-share weight, for the scheduler.
+    pub fn weights(&self) -> Vec<(TenantId, f64)> {
+        self.weights.clone()
     }
 
     /// Performs the copy-on-write copies the pool queued; call before every forward.

@@ -58,6 +58,8 @@ pub struct Sampler {
     cand: Vec<(TokenId, f32)>,
     /// Per-`BLOCK` sums of the dense weights, reused.
     blocks: Vec<f64>,
+    /// Tokens that must not be drawn right now (stop ids before `min_tokens`). Logprobs stay raw.
+    banned: Vec<TokenId>,
     /// Output-token counts for the penalties, reused.
     counts: HashMap<TokenId, u32>,
 }
@@ -212,12 +214,20 @@ impl Sampler {
             work: Vec::new(),
             cand: Vec::new(),
             blocks: Vec::new(),
+            banned: Vec::new(),
             counts: HashMap::new(),
         }
     }
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// Forbids drawing `tokens` until changed (the engine bans stop ids before `min_tokens`).
+    /// Reported logprobs are unaffected: they remain the raw model's.
+    pub fn set_banned(&mut self, tokens: &[TokenId]) {
+        self.banned.clear();
+        self.banned.extend_from_slice(tokens);
     }
 
     /// Picks the next token. `history` is prompt + generated tokens so far; the generated part
@@ -262,7 +272,7 @@ impl Sampler {
         let p = &self.params;
         let rep = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
         let additive = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        if p.logit_bias.is_empty() && !rep && !additive {
+        if p.logit_bias.is_empty() && !rep && !additive && self.banned.is_empty() {
             return false;
         }
         self.work.clear();
@@ -300,6 +310,11 @@ impl Sampler {
                 if additive && c > 0 {
                     *x -= p.presence_penalty + p.frequency_penalty * c as f32;
                 }
+            }
+        }
+        for &t in &self.banned {
+            if let Some(x) = w.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
             }
         }
         true

@@ -334,6 +334,19 @@ impl KvPool {
         seq.blocks.iter().map(|b| b.0).collect()
     }
 
+    /// Whether `tenant` is registered.
+    pub fn has_tenant(&self, tenant: TenantId) -> bool {
+        self.ledger.get(tenant).is_ok()
+    }
+
+    /// Whether `extra` more blocks would put `tenant` over its own `max_blocks`: then only
+    /// freeing the tenant's own blocks can help; other tenants' blocks cannot.
+    pub fn over_cap(&self, tenant: TenantId, extra: usize) -> bool {
+        self.ledger
+            .get(tenant)
+            .is_ok_and(|a| a.used + extra > a.quota.max_blocks)
+    }
+
     /// Blocks `tenant` holds above its reservation (0 if none): preempt the largest first.
     pub fn borrowed(&self, tenant: TenantId) -> usize {
         self.ledger

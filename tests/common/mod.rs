@@ -344,3 +344,25 @@ impl TinyWeights {
             .collect()
     }
 }
+
+/// The real default model (SmolLM2-135M-Instruct) on the CPU backend. Fails, never skips, when
+/// it is missing: these tests are the correctness evidence. Run scripts/fetch-model.sh first.
+pub fn load_real_model() -> (
+    kvserve::model::loader::ModelFiles,
+    kvserve::model::llama::Llama<kvserve::backend::cpu::CpuBackend>,
+) {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh first (these tests need the real model)",
+        p.display()
+    );
+    let files = kvserve::model::loader::open(&p).unwrap();
+    let model = kvserve::model::llama::Llama::load(
+        files.config.clone(),
+        files.weights.as_ref(),
+        kvserve::backend::cpu::CpuBackend::new(),
+    )
+    .unwrap();
+    (files, model)
+}

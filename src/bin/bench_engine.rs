@@ -1,0 +1,160 @@
+//! Engine throughput and latency without HTTP: N concurrent requests (distinct prompts of
+//! `--prompt` tokens, `--output` tokens each, EOS ignored) submitted at once, for each N in
+//! `--concurrency`. Prints per level: output tokens/s over the whole run (prompts included),
+//! output tokens/s once every stream is decoding (from the last first token to the end), steps
+//! and mean step time, time to first token and inter-token latency (p50 / p99).
+//!
+//! Usage: `cargo run --release --bin bench_engine -- [--concurrency 1,4,16,64] [--prompt 256]
+//! [--output 128] [--max-batched-tokens 256] [--model DIR]`
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kvserve::backend::cpu::CpuBackend;
+use kvserve::config::{EngineSection, KvSection, TenantConfig};
+use kvserve::engine::paged::PagedKv;
+use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
+use kvserve::model::llama::Llama;
+use kvserve::model::loader;
+use kvserve::types::{SamplingParams, TenantId};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct")]
+    model: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 256)]
+    prompt: usize,
+    #[arg(long, default_value_t = 128)]
+    output: usize,
+    #[arg(long, default_value_t = EngineSection::default().max_batched_tokens)]
+    max_batched_tokens: usize,
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[((xs.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let files =
+        loader::open(args.model.as_ref()).with_context(|| format!("opening {}", args.model))?;
+    let model = Arc::new(Llama::load(
+        files.config.clone(),
+        files.weights.as_ref(),
+        CpuBackend::new(),
+    )?);
+    let text = std::fs::read_to_string("README.md")?;
+    let corpus = files.tokenizer.encode(&text, false)?;
+    println!(
+        "prompt {} tokens, output {} tokens, max_batched_tokens {}, {} threads",
+        args.prompt,
+        args.output,
+        args.max_batched_tokens,
+        rayon::current_num_threads()
+    );
+    println!(
+        "concurrency  out_tok/s  decode_tok/s  wall_s  steps  ms/step  ttft_p50_s  ttft_p99_s  itl_p50_ms  itl_p99_ms"
+    );
+    for &n in &args.concurrency {
+        let tokens_needed = n * (args.prompt + args.output);
+        let blocks = tokens_needed.div_ceil(16) + n + 16;
+        let kv = PagedKv::with_blocks(
+            &model,
+            &KvSection::default(),
+            &[TenantConfig::default()],
+            blocks,
+        )?;
+        let cfg = EngineSection {
+            max_batched_tokens: args.max_batched_tokens,
+            max_running: n.max(1),
+            ..EngineSection::default()
+        };
+        let engine = Engine::start(model.clone(), kv, &cfg, vec![(TenantId(0), 1.0)]);
+        let h = engine.handle();
+        let t0 = Instant::now();
+        let mut subs = Vec::new();
+        for i in 0..n {
+            // Distinct prompts: different corpus offsets, so no prefix-cache hits.
+            let prompt = corpus
+                .iter()
+                .copied()
+                .cycle()
+                .skip(i * 131)
+                .take(args.prompt)
+                .collect();
+            let req = EngineRequest {
+                tenant: TenantId(0),
+                cache_salt: None,
+                prompt,
+                sampling: SamplingParams::default(),
+                stop: StopParams {
+                    max_tokens: args.output,
+                    ignore_eos: true,
+                    ..StopParams::default()
+                },
+                priority: 0,
+            };
+            subs.push(h.submit(req)?);
+        }
+        let joins: Vec<_> = subs
+            .into_iter()
+            .map(|mut s| {
+                std::thread::spawn(move || {
+                    let mut times = Vec::new();
+                    while let Some(ev) = s.events.blocking_recv() {
+                        if let EngineEvent::Token(_) = ev {
+                            times.push(Instant::now());
+                        }
+                    }
+                    times
+                })
+            })
+            .collect();
+        let all: Vec<Vec<Instant>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+        let wall = t0.elapsed();
+        let stats = h.stats();
+        drop(engine);
+        let generated: usize = all.iter().map(Vec::len).sum();
+        let mut ttft: Vec<f64> = all.iter().map(|t| (t[0] - t0).as_secs_f64()).collect();
+        let mut itl: Vec<f64> = all
+            .iter()
+            .flat_map(|t| t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3))
+            .collect();
+        let steps = stats.scheduler.steps.max(1);
+        // Steady decode: every stream has its first token; count what follows.
+        let all_decoding = all.iter().map(|t| t[0]).max().unwrap();
+        let end = all.iter().map(|t| *t.last().unwrap()).max().unwrap();
+        let after: usize = all
+            .iter()
+            .map(|t| t.iter().filter(|&&x| x > all_decoding).count())
+            .sum();
+        let decode_rate = after as f64 / (end - all_decoding).as_secs_f64().max(1e-9);
+        println!(
+            "{:>11}  {:>9.1}  {:>12.1}  {:>6.2}  {:>5}  {:>7.1}  {:>10.2}  {:>10.2}  {:>10.1}  {:>10.1}",
+            n,
+            generated as f64 / wall.as_secs_f64(),
+            decode_rate,
+            wall.as_secs_f64(),
+            steps,
+            wall.as_secs_f64() * 1e3 / steps as f64,
+            percentile(&mut ttft, 0.5),
+            percentile(&mut ttft, 0.99),
+            percentile(&mut itl, 0.5),
+            percentile(&mut itl, 0.99),
+        );
+        println!(
+            "             forward {:.1}% of step time, steps {:.1}% of wall time",
+            100.0 * stats.forward_seconds / stats.step_seconds.max(1e-9),
+            100.0 * stats.step_seconds / wall.as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
