@@ -8,15 +8,15 @@
 //!
 //! Fails (does not skip) when the model is missing: run scripts/fetch-model.sh.
 
+mod common;
+
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
-use kvserve::model::loader::{self, ModelFiles};
+use kvserve::model::loader::ModelFiles;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-const MODEL_DIR: &str = "models/SmolLM2-135M-Instruct";
 const BS: usize = 16;
 
 struct Loaded {
@@ -27,19 +27,7 @@ struct Loaded {
 fn real() -> &'static Loaded {
     static M: OnceLock<Loaded> = OnceLock::new();
     M.get_or_init(|| {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(MODEL_DIR);
-        assert!(
-            p.exists(),
-            "{} is missing: run scripts/fetch-model.sh first (these tests need the real model)",
-            p.display()
-        );
-        let files = loader::open(&p).unwrap();
-        let model = Llama::load(
-            files.config.clone(),
-            files.weights.as_ref(),
-            CpuBackend::new(),
-        )
-        .unwrap();
+        let (files, model) = common::load_real_model();
         Loaded { files, model }
     })
 }

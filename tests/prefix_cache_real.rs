@@ -3,29 +3,17 @@
 //! tenant, or under another cache salt, hits nothing; a share group does hit; every block is
 //! free again at the end.
 
+mod common;
+
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::config::{KvSection, TenantConfig};
 use kvserve::engine::generate::{generate_paged, GenerateOptions};
 use kvserve::engine::paged::PagedKv;
 use kvserve::model::llama::Llama;
-use kvserve::model::loader;
 use kvserve::types::{SamplingParams, TokenId};
-use std::path::PathBuf;
 
 fn model() -> (Llama<CpuBackend>, Vec<TokenId>) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
-    assert!(
-        dir.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        dir.display()
-    );
-    let files = loader::open(&dir).unwrap();
-    let model = Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )
-    .unwrap();
+    let (files, model) = common::load_real_model();
     let text = "The KV cache stores the keys and values of every token a model has seen, so that \
                 each new token attends to the past without recomputing it. "
         .repeat(8);
