@@ -253,13 +253,6 @@ mod tests {
     }
 
     #[test]
-    fn tenants_example_parses() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tenants.example.toml");
-        let cfg = Config::from_file(&path).unwrap();
-        assert!(cfg.tenants.len() >= 2);
-    }
-
-    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let p = Path::new("x.toml");
         let e = Config::from_toml("[kv]\nblok_size = 16\n", p).unwrap_err();

@@ -8,4 +8,5 @@ pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod tenancy;
 pub mod types;

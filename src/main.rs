@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the SHA-256 digest of an API key, as a tenants file stores it (`api_keys_sha256`).
+    HashKey {
+        /// The key; read from the KVSERVE_API_KEY environment variable if not given (keeps it
+        /// out of the shell history).
+        #[arg(env = "KVSERVE_API_KEY")]
+        key: String,
+    },
 }
 
 #[derive(Args)]
@@ -155,6 +162,10 @@ fn main() -> Result<()> {
             }
             let line: Vec<String> = ids.iter().map(u32::to_string).collect();
             println!("{}", line.join(","));
+            Ok(())
+        }
+        Command::HashKey { key } => {
+            println!("{}", kvserve::tenancy::hash_key(&key));
             Ok(())
         }
         Command::Convert { gguf, out } => {

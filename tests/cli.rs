@@ -158,3 +158,25 @@ fn generate_with_a_kv_budget_reports_the_pool_and_rejects_a_budget_below_one_blo
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("holds no block"));
 }
+
+#[test]
+fn hash_key_prints_the_digest_a_tenants_file_stores() {
+    let out = kvserve().args(["hash-key", "abc"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let out = kvserve()
+        .arg("hash-key")
+        .env("KVSERVE_API_KEY", "sk-acme-example")
+        .output()
+        .unwrap();
+    let digest = String::from_utf8(out.stdout).unwrap();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/tenants.example.toml"
+    ))
+    .unwrap();
+    assert!(example.contains(digest.trim()));
+}

@@ -1,8 +1,8 @@
 //! The CPU backend: always compiled, the correctness oracle for every other backend, and fast
 //! enough to serve small models. Follows Hugging Face Llama's float32 math (see each op).
 //!
-//! - `matmul`: weight matrices in their stored 16-bit format; AVX2 streaming kernel for decode,
-//!   widened panels + `gemm` for prefill.
+//! - `matmul`: weight matrices in their stored 16-bit format; one batch-invariant AVX2
+//!   outer-product kernel for every row count (decode streams, prompts tile).
 //! - `ops`: RMSNorm, SiLU·up, softmax, RoPE (cos/sin table cached by position in the backend).
 //! - `kv_store`, `attention`: the paged KV block pool (f32 blocks, per layer
 //!   `[block][kv head][slot][dim]`) and batched causal GQA attention over block tables.
