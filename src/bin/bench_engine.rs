@@ -31,6 +31,10 @@ struct Args {
     output: usize,
     #[arg(long, default_value_t = EngineSection::default().max_batched_tokens)]
     max_batched_tokens: usize,
+    /// The first N prompt tokens are the same for every request (a shared system prompt):
+    /// shows the prefix computed once and hit by the others.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
 }
 
 fn percentile(xs: &mut [f64], p: f64) -> f64 {
@@ -53,8 +57,9 @@ fn main() -> Result<()> {
     let text = std::fs::read_to_string("README.md")?;
     let corpus = files.tokenizer.encode(&text, false)?;
     println!(
-        "prompt {} tokens, output {} tokens, max_batched_tokens {}, {} threads",
+        "prompt {} tokens ({} shared), output {} tokens, max_batched_tokens {}, {} threads",
         args.prompt,
+        args.shared_prefix.min(args.prompt),
         args.output,
         args.max_batched_tokens,
         rayon::current_num_threads()
@@ -150,9 +155,11 @@ fn main() -> Result<()> {
             percentile(&mut itl, 0.99),
         );
         println!(
-            "             forward {:.1}% of step time, steps {:.1}% of wall time",
+            "             forward {:.1}% of step time, steps {:.1}% of wall time, {} tokens computed, {} prefix-hit tokens",
             100.0 * stats.forward_seconds / stats.step_seconds.max(1e-9),
-            100.0 * stats.step_seconds / wall.as_secs_f64()
+            100.0 * stats.step_seconds / wall.as_secs_f64(),
+            stats.tokens_computed,
+            stats.kv.as_ref().map_or(0, |kv| kv.tenants.iter().map(|t| t.1.prefix_hit_tokens).sum::<u64>()),
         );
         std::thread::sleep(Duration::from_millis(200));
     }
