@@ -3,7 +3,9 @@
 //!
 //! Prints decode matvec GB/s (weight bytes streamed per second, 1 activation row, weights cycled
 //! through > 256 MiB of copies so they come from DRAM, not L3), a whole-model decode sweep,
-//! GFLOP/s by number of rows (batched decode), prefill GFLOP/s at 512 rows, and attention
+//! a whole-model rows sweep (1..32 rows, weights from DRAM; 2..32 also with the previous
+//! kernel, `old`, interleaved), GFLOP/s by number of rows on one L2/L3-resident matrix
+//! (batched decode), prefill GFLOP/s at 512 rows, and attention
 //! timings (paged vs one contiguous block).
 //!
 //! `cargo run --release --bin bench_kernels [-- quick]`
@@ -11,12 +13,13 @@
 use half::bf16;
 use kvserve::backend::cpu::attention::attention;
 use kvserve::backend::cpu::kv_store::CpuKvStore;
-use kvserve::backend::cpu::matmul::{matmul, CpuMatrix};
+use kvserve::backend::cpu::matmul::{matmul, CpuMatrix, GROUP_PREFETCH};
 use kvserve::backend::cpu::simd;
 use kvserve::backend::{AttnSeq, AttnShape};
 use kvserve::model::tensor::{HostData, HostTensor};
 use std::borrow::Cow;
 use std::hint::black_box;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> CpuMatrix {
@@ -64,8 +67,8 @@ fn time(min: Duration, mut f: impl FnMut()) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "quick");
-    // Sections to run (all when none is named): mem decode sweep cross prefill attn.
-    let names = ["mem", "decode", "sweep", "cross", "prefill", "attn"];
+    // Sections to run (all when none is named): mem decode sweep dram cross prefill attn.
+    let names = ["mem", "decode", "sweep", "dram", "cross", "prefill", "attn"];
     let all = !args.iter().any(|a| names.contains(&a.as_str()));
     let on = |s: &str| all || args.iter().any(|a| a == s);
     let min = Duration::from_millis(if quick { 300 } else { 1500 });
@@ -163,6 +166,74 @@ fn main() {
             total as f64 / t / 1e9,
             1.0 / t
         );
+    }
+    if on("dram") {
+        println!(
+            "\n== rows sweep, DRAM-resident weights (whole model: 30 layers x qkv/o/gate_up/down + lm_head)"
+        );
+        let layers: Vec<[CpuMatrix; 4]> = (0..30)
+            .map(|l| {
+                let s = l as u64 * 8 + 3;
+                [
+                    bf16_matrix(960, 576, s),
+                    bf16_matrix(576, 576, s + 1),
+                    bf16_matrix(3072, 576, s + 2),
+                    bf16_matrix(576, 1536, s + 3),
+                ]
+            })
+            .collect();
+        let head = bf16_matrix(49152, 576, 998);
+        let all: Vec<&CpuMatrix> = layers.iter().flatten().chain([&head]).collect();
+        let params: usize = all.iter().map(|m| m.rows * m.cols).sum();
+        let bytes: usize = all.iter().map(|m| m.bytes()).sum();
+        // One pass streams > 256 MiB, so every matrix comes from DRAM (L3 is 32 MiB).
+        let copies = (256usize << 20).div_ceil(bytes).max(1);
+        println!(
+            "{:.1} M params, {:.1} MiB x {copies} cop{}",
+            params as f64 / 1e6,
+            bytes as f64 / (1 << 20) as f64,
+            if copies == 1 { "y" } else { "ies" }
+        );
+        let (x576, x1536) = (acts(32 * 576), acts(32 * 1536));
+        let mut out = vec![0f32; 32 * 49152];
+        // `new`: the kernel as shipped; `old`: without the next-group prefetch of 2..=32 rows.
+        // Interleaved, so that both see the same machine.
+        let mut pass = |rows: usize, prefetch: bool| {
+            GROUP_PREFETCH.store(prefetch, Ordering::Relaxed);
+            time(min, || {
+                for m in &all {
+                    let x = if m.cols == 576 { &x576 } else { &x1536 };
+                    matmul(x, rows, m, &mut out);
+                }
+                black_box(&out);
+            })
+        };
+        for rows in [1, 2, 4, 8, 16, 32] {
+            let (mut tn, mut to) = (f64::MAX, f64::MAX);
+            for _ in 0..2 {
+                tn = tn.min(pass(rows, true));
+                if rows > 1 {
+                    to = to.min(pass(rows, false));
+                }
+            }
+            let gf = |t: f64| 2.0 * (rows * params) as f64 / t / 1e9;
+            print!(
+                "rows {rows:>3}: new {:7.2} ms/pass {:6.1} GFLOP/s {:5.1} GB/s",
+                tn * 1e3,
+                gf(tn),
+                bytes as f64 / tn / 1e9
+            );
+            if rows > 1 {
+                print!(
+                    " | old {:7.2} ms {:6.1} GFLOP/s | x{:.2}",
+                    to * 1e3,
+                    gf(to),
+                    to / tn
+                );
+            }
+            println!();
+        }
+        GROUP_PREFETCH.store(true, Ordering::Relaxed);
     }
     if on("cross") {
         println!("\n== rows sweep on gate_up 576->3072 (L2/L3-resident weights)");

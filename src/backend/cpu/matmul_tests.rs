@@ -217,3 +217,83 @@ fn stacking_parts_and_dtypes() {
     assert!(CpuMatrix::from_parts(&[&a, &bad]).is_err());
     assert!(CpuMatrix::from_parts(&[]).is_err());
 }
+
+#[test]
+fn few_rows_streaming_path_matches_scalar_and_single_rows() {
+    // 2..=32 rows over a matrix big enough for several tasks of several groups each (the
+    // next-group prefetch path), with a 16-wide last group: the same bits as the scalar twin
+    // and as each row alone.
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (n, k) = (1000, 131);
+    for kind in [0u8, 2] {
+        let w = CpuMatrix::from_parts(&[&tensor("w", n, k, &mut rng, kind)]).unwrap();
+        for m in [2, 3, 4, 7, 8, 12, 16, 25, 32] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut outs = Vec::new();
+            for &s in kernels() {
+                let mut out = vec![f32::NAN; m * n];
+                matmul_with(&x, m, &w, &mut out, s);
+                outs.push(out);
+            }
+            assert!(
+                outs.windows(2).all(|p| p[0] == p[1]),
+                "kernels differ, m {m}"
+            );
+            for r in [0, m / 2, m - 1] {
+                let mut one = vec![f32::NAN; n];
+                matmul(&x[r * k..(r + 1) * k], 1, &w, &mut one);
+                assert_eq!(&outs[0][r * n..(r + 1) * n], &one[..], "m {m} row {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn prefetch_plan_covers_the_next_group() {
+    // Summed over a group's passes, the next group's prefetches reach all of its lines.
+    for &(rows, subs, k, bytes) in &[
+        (2, 2, 576, 576 * 64),
+        (3, 2, 576, 576 * 64),
+        (16, 2, 576, 576 * 64),
+        (32, 2, 1536, 1536 * 64),
+        (13, 1, 131, 131 * 32),
+        (16, 2, 97, 97 * 128),
+        (5, 2, 1, 64),
+    ] {
+        for first in [false, true] {
+            let next = 1usize << 20;
+            let own = 1usize << 10;
+            let mut plan = PfPlan::new(
+                rows,
+                subs,
+                k,
+                (own as *const u8, bytes),
+                Some((next as *const u8, bytes)),
+                first,
+            );
+            let tiles = rows.div_ceil(TILE_ROWS);
+            let passes: usize = (0..tiles)
+                .map(|i| rows / tiles + usize::from(i < rows % tiles))
+                .map(|rb| if rb <= 2 { 1 } else { subs })
+                .sum();
+            let mut reach = 0;
+            for p in 0..passes {
+                let Some(pf) = plan.take() else {
+                    panic!("pass {p} of {passes} has no prefetch")
+                };
+                let end = pf.at as usize + k.div_ceil(pf.step) * pf.lines * 64;
+                if pf.at as usize >= next {
+                    assert_eq!(pf.at as usize, next + reach, "contiguous slices");
+                    reach = end - next;
+                } else {
+                    // The own stream: a group prefetched ahead of its own loads.
+                    assert_eq!(pf.at as usize, own + PREFETCH_BYTES);
+                    assert!(end - own >= bytes);
+                }
+            }
+            if passes > 1 {
+                assert!(reach >= bytes, "{rows} {subs} {k}: {reach} < {bytes}");
+            }
+        }
+    }
+}
