@@ -86,13 +86,21 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         let mut subs = Vec::new();
         for i in 0..n {
-            // Distinct prompts: different corpus offsets, so no prefix-cache hits.
+            // Distinct prompts (different corpus offsets), after a shared prefix if asked.
+            let shared = args.shared_prefix.min(args.prompt);
             let prompt = corpus
                 .iter()
                 .copied()
                 .cycle()
-                .skip(i * 131)
-                .take(args.prompt)
+                .take(shared)
+                .chain(
+                    corpus
+                        .iter()
+                        .copied()
+                        .cycle()
+                        .skip(7 + i * 131)
+                        .take(args.prompt - shared),
+                )
                 .collect();
             let req = EngineRequest {
                 tenant: TenantId(0),

@@ -427,7 +427,8 @@ fn abort_frees_blocks_at_once_and_emits_a_final_event() {
 #[test]
 fn identical_prompts_arriving_together_compute_the_prefix_once() {
     let mut p = pool(256, &[(0, quota(0, 256))]);
-    let mut s = sched(8, 8, &[]);
+    // A budget that fits all four prompts at once: only the prefix wait keeps them apart.
+    let mut s = sched(256, 8, &[]);
     let now = Instant::now();
     let prompt: Vec<TokenId> = (0..30).collect();
     for id in ids(4) {
