@@ -130,11 +130,7 @@ impl Tenancy {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text, path)
+        Self::from_toml(&crate::config::read_file(path)?, path)
     }
 
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {

@@ -430,50 +430,6 @@ impl Scheduler {
         *budget -= n;
     }
 
-    /// The running sequence to preempt so that `requester` (of `tenant`, short of `extra`
-    /// blocks) can proceed, or `None` if preempting cannot help or is not allowed.
-    ///
-    /// Only blocks that `tenant` could then take help: its own sequences' if it is at its cap,
-    /// otherwise also those of tenants holding more than their reservation (a tenant within its
-    /// reservation keeps its blocks: they are guaranteed). Among those, the victim is from the
-    /// tenant with the highest virtual counter (the most served), then the worst priority, then
-    /// the latest arrival. A new admission (`admitting`) may only displace a sequence of a
-    /// tenant served strictly more than its own, or one of its own tenant's of strictly worse
-    /// priority; the requester itself is never the victim.
-    fn victim(
-        &self,
-        requester: RequestId,
-        tenant: TenantId,
-        extra: usize,
-        pool: &KvPool,
-        admitting: bool,
-    ) -> Option<RequestId> {
-        let own_only = pool.over_cap(tenant, extra);
-        let my_counter = self.fair.counter(tenant);
-        let my_priority = self.seqs[&requester].key.priority;
-        self.running
-            .iter()
-            .filter(|&&r| r != requester)
-            .map(|r| (r, &self.seqs[r]))
-            .filter(|(_, s)| {
-                if s.tenant == tenant {
-                    !admitting || s.key.priority > my_priority
-                } else {
-                    !own_only
-                        && pool.borrowed(s.tenant) > 0
-                        && (!admitting || self.fair.counter(s.tenant) > my_counter)
-                }
-            })
-            .max_by(|(_, a), (_, b)| {
-                self.fair
-                    .counter(a.tenant)
-                    .total_cmp(&self.fair.counter(b.tenant))
-                    .then(a.key.priority.cmp(&b.key.priority))
-                    .then(a.key.arrival.cmp(&b.key.arrival))
-            })
-            .map(|(r, _)| *r)
-    }
-
     /// Preempts by recompute: frees the sequence's blocks (its full blocks stay in the prefix
     /// cache, so the recompute is mostly prefix hits), drops it from this step's plan and puts
     /// it back in its tenant's queue at its original place.
@@ -498,27 +454,6 @@ impl Scheduler {
         self.fair.running_changed(tenant, false);
         self.fair.push(tenant, key);
         self.preemptions += 1;
-    }
-
-    /// Whether waiting request `id` should let a running sequence finish computing a prompt
-    /// that starts with the same full block (same scope): it will then hit the prefix cache
-    /// instead of computing the same KV again.
-    fn waits_for_shared_prefix(&self, id: RequestId) -> bool {
-        let w = &self.seqs[&id];
-        self.running.iter().any(|r| {
-            let s = &self.seqs[r];
-            if !s.is_prefilling() || s.scope != w.scope {
-                return false;
-            }
-            let common = s.tokens[..s.prompt_len]
-                .iter()
-                .zip(&w.tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
-            // Blocks W could hit once S has computed them (at least one token of W stays to compute).
-            let shareable = common.min(w.tokens.len() - 1);
-            shareable >= self.cfg.block_size && s.computed < shareable
-        })
     }
 
     /// Applies a forward pass's results: `logits[i]` belongs to `step.entries[i]` (the last
@@ -563,6 +498,8 @@ impl Scheduler {
     }
 }
 
+#[path = "scheduler_policy.rs"]
+mod policy;
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]
 mod tests;
