@@ -116,6 +116,13 @@ fn run_all(
     got
 }
 
+/// The request of each token event in `out` (one entry per generated token).
+fn token_ids(out: &[Output]) -> impl Iterator<Item = RequestId> + '_ {
+    out.iter()
+        .filter(|o| matches!(o.event, EngineEvent::Token(_)))
+        .map(|o| o.id)
+}
+
 fn ids(n: u64) -> impl Iterator<Item = RequestId> {
     (0..n).map(RequestId)
 }
@@ -150,10 +157,8 @@ fn chunked_prefill_shares_the_budget_with_decodes() {
     while !s.is_idle() {
         let (st, out) = step(&mut s, &mut p, now);
         assert!(st.num_tokens() <= 8);
-        for o in out {
-            if let EngineEvent::Token(_) = o.event {
-                *generated.entry(o.id.0).or_insert(0) += 1;
-            }
+        for id in token_ids(&out) {
+            *generated.entry(id.0).or_insert(0) += 1;
         }
     }
     // Request 0 had 3 of its 4 tokens before the loop; request 1 gets both of its own.
@@ -179,10 +184,8 @@ fn running_cap_and_budget_are_respected_and_every_request_finishes() {
         assert!(st.num_tokens() <= 16);
         max_running = max_running.max(s.num_running());
         assert!(st.entries.len() <= 3);
-        for o in out {
-            if let EngineEvent::Token(_) = o.event {
-                *all.entry(o.id).or_insert(0) += 1;
-            }
+        for id in token_ids(&out) {
+            *all.entry(id).or_insert(0) += 1;
         }
     }
     assert_eq!(max_running, 3);
@@ -314,10 +317,8 @@ fn contended_share(weights: &[(u32, f64)], quiet_reqs: u64, noisy_reqs: u64) -> 
     // Contended while the quiet tenant still has a request waiting.
     while s.fair.waiting_of(TenantId(0)).next().is_some() {
         let (_, out) = step(&mut s, &mut p, now);
-        for o in out {
-            if let EngineEvent::Token(_) = o.event {
-                tokens[usize::from(quiet.contains(&o.id))] += 1;
-            }
+        for id in token_ids(&out) {
+            tokens[usize::from(quiet.contains(&id))] += 1;
         }
     }
     let _ = run_all(&mut s, &mut p);
