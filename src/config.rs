@@ -22,6 +22,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub server: ServerSection,
     pub model: ModelSection,
     pub kv: KvSection,
     pub engine: EngineSection,
@@ -32,10 +33,60 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            server: ServerSection::default(),
             model: ModelSection::default(),
             kv: KvSection::default(),
             engine: EngineSection::default(),
             tenants: vec![TenantConfig::default()],
+        }
+    }
+}
+
+/// The HTTP server: where it listens, how it drains, and the bounds every request is held to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Without a tenants file (no authentication) only a loopback address is allowed unless
+    /// `allow_open` is set.
+    pub host: String,
+    pub port: u16,
+    /// Serve without API keys on a non-loopback address (trusted networks only).
+    pub allow_open: bool,
+    /// The model id clients send and see; empty = the model directory's name.
+    pub served_model_name: String,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// After SIGTERM, in-flight requests get this long to finish before the process exits.
+    pub drain_timeout_secs: u64,
+    /// Upper bounds on request fields (400 above them).
+    pub max_n: usize,
+    pub max_tokens: usize,
+    pub max_stop_sequences: usize,
+    pub max_stop_bytes: usize,
+    pub max_logit_bias: usize,
+    pub max_top_logprobs: usize,
+    pub max_messages: usize,
+    /// Prompts per completions request (a list of prompts is a batch).
+    pub max_prompts: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            allow_open: false,
+            served_model_name: String::new(),
+            max_body_bytes: 4 << 20,
+            drain_timeout_secs: 30,
+            max_n: 16,
+            max_tokens: 8192,
+            max_stop_sequences: 8,
+            max_stop_bytes: 256,
+            max_logit_bias: 1024,
+            max_top_logprobs: 20,
+            max_messages: 1024,
+            max_prompts: 64,
         }
     }
 }

@@ -3,13 +3,14 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvserve::backend::cpu::CpuBackend;
-use kvserve::config::{KvSection, TenantConfig};
+use kvserve::config::{Config, KvSection, TenantConfig};
 use kvserve::engine::generate::{generate, generate_paged, GenerateOptions};
 use kvserve::engine::paged::PagedKv;
 use kvserve::model::chat_template::ChatMessage;
 use kvserve::model::llama::Llama;
 use kvserve::model::tokenizer::IncrementalDecoder;
 use kvserve::model::{convert, loader};
+use kvserve::tenancy::Tenancy;
 use kvserve::types::{SamplingParams, TenantId};
 use std::io::Write;
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate text from a prompt on the CPU, streaming it to stdout.
     Generate(GenerateArgs),
     /// Print the token ids of a text, comma-separated (input for `generate --prompt-ids`).
@@ -63,6 +66,35 @@ enum Command {
         #[arg(env = "KVSERVE_API_KEY")]
         key: String,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A Hugging Face model directory or a `.gguf` file (default: the config's `model.path`).
+    #[arg(long, env = "KVSERVE_MODEL")]
+    model: Option<PathBuf>,
+    /// Address to listen on (default: the config's `server.host`, 127.0.0.1).
+    #[arg(long, env = "KVSERVE_HOST")]
+    host: Option<String>,
+    /// Port (0 picks a free one; default: the config's `server.port`, 8000).
+    #[arg(long, env = "KVSERVE_PORT")]
+    port: Option<u16>,
+    /// A kvserve TOML config file (see config/default.toml).
+    #[arg(long, env = "KVSERVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// A tenants file (see config/tenants.example.toml): API keys, quotas and limits. Without
+    /// one the server has a single tenant and no authentication.
+    #[arg(long, env = "KVSERVE_TENANTS")]
+    tenants: Option<PathBuf>,
+    /// Serve without API keys on a non-loopback address (trusted networks only).
+    #[arg(long, env = "KVSERVE_ALLOW_OPEN")]
+    allow_open: bool,
+    /// KV pool budget in bytes (overrides `kv.cache_bytes`).
+    #[arg(long, env = "KVSERVE_KV_CACHE_BYTES")]
+    kv_cache_bytes: Option<u64>,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, env = "KVSERVE_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -139,6 +171,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),
         Command::Tokenize {
             model,
@@ -175,6 +208,93 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
+    let mut cfg = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(m) = args.model {
+        cfg.model.path = m;
+    }
+    if let Some(h) = args.host {
+        cfg.server.host = h;
+    }
+    if let Some(p) = args.port {
+        cfg.server.port = p;
+    }
+    if args.allow_open {
+        cfg.server.allow_open = true;
+    }
+    if let Some(b) = args.kv_cache_bytes {
+        cfg.kv.cache_bytes = b;
+    }
+    cfg.validate()?;
+    let tenancy = match &args.tenants {
+        Some(p) => Tenancy::from_file(p)?,
+        None => Tenancy::open(&cfg.tenants),
+    };
+    let host: std::net::IpAddr = cfg
+        .server
+        .host
+        .parse()
+        .with_context(|| format!("--host `{}` is not an IP address", cfg.server.host))?;
+    if tenancy.is_open() {
+        if !host.is_loopback() && !cfg.server.allow_open {
+            bail!(
+                "no tenants file: the server has no authentication and may only listen on a \
+                 loopback address; give --tenants FILE, or --allow-open on a trusted network"
+            );
+        }
+        eprintln!("kvserve: no tenants file: one tenant, no API keys (listening on {host} only)");
+    }
+    let server = kvserve::server::Server::start(&cfg, tenancy)?;
+    let state = server.state.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, cfg.server.port))
+            .await
+            .with_context(|| format!("binding {host}:{}", cfg.server.port))?;
+        println!("kvserve: listening on http://{}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        kvserve::http::serve(listener, state, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    server.shutdown();
+    eprintln!("kvserve: drained, exiting");
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("kvserve: shutdown signal received, draining");
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {

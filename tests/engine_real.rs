@@ -95,6 +95,7 @@ fn greedy(tenant: u32, prompt: Vec<TokenId>, max_tokens: usize, ignore_eos: bool
             ignore_eos,
         },
         priority: 0,
+        prompt_logprobs: None,
     }
 }
 
@@ -123,6 +124,7 @@ fn collect(mut sub: Submission) -> JoinHandle<Outcome> {
                     preemptions,
                 } => o.finish = Some((reason, usage, preemptions)),
                 EngineEvent::Error(e) => o.error = Some(e),
+                EngineEvent::PromptLogprobs(_) => panic!("not asked for"),
             }
         }
         o

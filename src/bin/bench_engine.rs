@@ -113,6 +113,7 @@ fn main() -> Result<()> {
                     ..StopParams::default()
                 },
                 priority: 0,
+                prompt_logprobs: None,
             };
             subs.push(h.submit(req)?);
         }

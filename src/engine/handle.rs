@@ -86,7 +86,7 @@ impl EngineHandle {
         sh.in_channel.fetch_add(1, Ordering::AcqRel);
         let cmd = Command::Submit {
             id,
-            req,
+            req: Box::new(req),
             events: events_tx,
             at: Instant::now(),
         };

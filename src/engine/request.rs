@@ -17,6 +17,11 @@ pub struct EngineRequest {
     /// Orders requests within a tenant: lower values are admitted first (vLLM's convention);
     /// ties go to the earlier arrival. Never orders across tenants (that is fair share).
     pub priority: i32,
+    /// `Some(k)`: report the logprob of every prompt token after the first (and its top `k`
+    /// alternatives) in one [`EngineEvent::PromptLogprobs`] before the first token. Such a
+    /// request computes its whole prompt (no prefix-cache hits: the cached blocks have no
+    /// logits).
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// When a sequence stops.
@@ -56,6 +61,9 @@ pub struct Usage {
 /// one `Finished` or `Error`.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
+    /// Entry `i` scores prompt token `i + 1` (the first token has no logprob); sent once, before
+    /// the first `Token`, only when the request asked for it.
+    PromptLogprobs(Vec<Sampled>),
     Token(Sampled),
     Finished {
         reason: FinishReason,

@@ -48,6 +48,35 @@ pub struct Sampled {
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
+/// The raw logprob of `token` under `logits` and the `top` most likely alternatives (the same
+/// convention as [`Sampler::sample`]); used for prompt logprobs (`echo`), where the token is
+/// given rather than drawn.
+pub fn score(logits: &[f32], token: TokenId, top: usize) -> Sampled {
+    score_into(logits, token, top, &mut Vec::new())
+}
+
+fn score_into(
+    logits: &[f32],
+    token: TokenId,
+    top: usize,
+    cand: &mut Vec<(TokenId, f32)>,
+) -> Sampled {
+    let m = max_lanes(logits);
+    let lse = if m.is_finite() {
+        m + sum_exp(logits, m).ln() as f32
+    } else {
+        m
+    };
+    let raw_logprob = |t: TokenId| key(logits[t as usize]) - lse;
+    top_k_into(logits, top, cand);
+    let top_logprobs = cand.iter().map(|&(t, _)| (t, raw_logprob(t))).collect();
+    Sampled {
+        token,
+        logprob: raw_logprob(token),
+        top_logprobs,
+    }
+}
+
 /// Per-sequence sampler: owns the RNG stream and reusable scratch buffers.
 pub struct Sampler {
     params: SamplingParams,
@@ -246,24 +275,7 @@ impl Sampler {
             self.sample_stochastic()
         };
 
-        let m = max_lanes(logits);
-        let lse = if m.is_finite() {
-            m + sum_exp(logits, m).ln() as f32
-        } else {
-            m
-        };
-        let raw_logprob = |t: TokenId| key(logits[t as usize]) - lse;
-        top_k_into(logits, self.params.top_logprobs, &mut self.cand);
-        let top_logprobs = self
-            .cand
-            .iter()
-            .map(|&(t, _)| (t, raw_logprob(t)))
-            .collect();
-        Sampled {
-            token,
-            logprob: raw_logprob(token),
-            top_logprobs,
-        }
+        score_into(logits, token, self.params.top_logprobs, &mut self.cand)
     }
 
     /// Applies bias and penalties into `self.work`. Returns false (and leaves `work` untouched)

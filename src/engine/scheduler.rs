@@ -54,6 +54,8 @@ pub struct Scheduled {
     pub table: Vec<u32>,
     /// The chunk reaches the end of the known tokens: sample the next one from its last row.
     pub sample: bool,
+    /// Every row's logits are needed (prompt logprobs), not only the last one's.
+    pub all_logits: bool,
 }
 
 /// What one forward pass computes.
@@ -163,6 +165,8 @@ impl Scheduler {
             computed: 0,
             cached_tokens: None,
             preemptions: 0,
+            prompt_logprobs: req.prompt_logprobs,
+            prompt_lps: Vec::new(),
         };
         self.fair.push(seq.tenant, key);
         self.seqs.insert(id, seq);
@@ -357,7 +361,7 @@ impl Scheduler {
     ) -> bool {
         let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
         let (tenant, key) = (seq.tenant, seq.key);
-        let (blocks, cached) = match pool.start(tenant, &seq.scope, &seq.tokens) {
+        let (blocks, cached) = match pool.start(tenant, &seq.scope, seq.cache_lookup()) {
             Ok(x) => x,
             Err(e) => {
                 self.fail(id, EngineError::Invalid(e.to_string()), pool);
@@ -426,6 +430,7 @@ impl Scheduler {
             len: n,
             table: pool.block_table(blocks),
             sample: seq.computed + n == seq.tokens.len(),
+            all_logits: seq.wants_prompt_logits(),
         });
         *budget -= n;
     }
@@ -470,9 +475,24 @@ impl Scheduler {
                 self.fail(e.id, EngineError::Internal, pool);
                 continue;
             }
+            let rows = if e.all_logits { e.len.max(1) } else { 1 };
+            let vocab = row.len() / rows;
+            if e.all_logits {
+                score_prompt(seq, e.start, row, vocab);
+            }
+            if seq.prompt_logprobs.is_some() && !seq.wants_prompt_logits() {
+                // Complete: sent once; the sequence never asks for prompt logits again.
+                seq.prompt_logprobs = None;
+                let lps = std::mem::take(&mut seq.prompt_lps);
+                self.outbox.push(Output {
+                    id: e.id,
+                    event: EngineEvent::PromptLogprobs(lps),
+                });
+            }
             if !e.sample {
                 continue;
             }
+            let row = &row[row.len() - vocab..];
             let banned = seq.banned().to_vec();
             seq.sampler.set_banned(&banned);
             let sampled = seq.sampler.sample(row, &seq.tokens, seq.prompt_len);
@@ -494,6 +514,24 @@ impl Scheduler {
                 self.remove(e.id, pool);
                 self.outbox.push(Output { id: e.id, event });
             }
+        }
+    }
+}
+
+/// Scores the prompt tokens that the rows of a step starting at `start` predict (row `j` at
+/// position `start + j` predicts `tokens[start + j + 1]`), skipping rows already scored before
+/// a preemption.
+fn score_prompt(seq: &mut Sequence, start: usize, rows: &[f32], vocab: usize) {
+    let top = seq.prompt_logprobs.unwrap_or(0);
+    for (j, logits) in rows.chunks_exact(vocab).enumerate() {
+        let pos = start + j;
+        if pos + 1 >= seq.prompt_len {
+            break;
+        }
+        if pos == seq.prompt_lps.len() {
+            let next = seq.tokens[pos + 1];
+            seq.prompt_lps
+                .push(super::sampler::score(logits, next, top));
         }
     }
 }

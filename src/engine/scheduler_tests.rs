@@ -54,6 +54,7 @@ fn req(tenant: u32, prompt: Vec<TokenId>, max_tokens: usize) -> EngineRequest {
             ignore_eos: false,
         },
         priority: 0,
+        prompt_logprobs: None,
     }
 }
 
@@ -78,7 +79,12 @@ fn step(s: &mut Scheduler, p: &mut KvPool, now: Instant) -> (Step, Vec<Output>) 
         .entries
         .iter()
         .map(|e| {
-            if e.sample {
+            if e.all_logits {
+                let t = s.tokens(e.id);
+                (e.start..e.start + e.len)
+                    .flat_map(|pos| one_hot(next_token(&t[..=pos])))
+                    .collect()
+            } else if e.sample {
                 one_hot(next_token(s.tokens(e.id)))
             } else {
                 Vec::new()
@@ -231,6 +237,7 @@ fn stop_ids_min_tokens_max_tokens_and_ignore_eos() {
                     fin.insert(o.id, (reason, usage));
                 }
                 EngineEvent::Error(e) => panic!("{e}"),
+                EngineEvent::PromptLogprobs(_) => panic!("not asked for"),
             }
         }
     }
@@ -445,4 +452,65 @@ fn identical_prompts_arriving_together_compute_the_prefix_once() {
     assert_eq!(computed, 30 + 3 * 2 + 4);
     let st = p.stats();
     assert_eq!(st.tenants[0].1.prefix_hit_tokens, 3 * 28);
+}
+
+#[test]
+fn prompt_logprobs_score_every_prompt_token_once_without_cache_hits() {
+    let mut p = pool(64, &[(0, quota(0, 64))]);
+    let mut s = sched(4, 8, &[]);
+    let prompt: Vec<TokenId> = (1..=13).collect();
+    // A first request puts the prompt's full blocks in the prefix cache.
+    s.add(RequestId(0), req(0, prompt.clone(), 2), &p, Instant::now())
+        .unwrap();
+    run_all(&mut s, &mut p);
+    let mut r = req(0, prompt.clone(), 3);
+    r.prompt_logprobs = Some(2);
+    s.add(RequestId(1), r, &p, Instant::now()).unwrap();
+    let mut events = Vec::new();
+    let now = Instant::now();
+    while !s.is_idle() {
+        let (st, out) = step(&mut s, &mut p, now);
+        assert!(
+            st.entries.iter().all(|e| e.len <= 4),
+            "chunked by the budget"
+        );
+        events.extend(out.into_iter().map(|o| o.event));
+    }
+    assert_eq!(p.stats().used, 0, "blocks leaked");
+    let EngineEvent::PromptLogprobs(lps) = &events[0] else {
+        panic!("prompt logprobs come first: {:?}", events[0]);
+    };
+    assert_eq!(lps.len(), prompt.len() - 1);
+    for (i, lp) in lps.iter().enumerate() {
+        assert_eq!(lp.token, prompt[i + 1]);
+        let predicted = next_token(&prompt[..=i]);
+        assert_eq!(lp.top_logprobs.len(), 2);
+        assert_eq!(lp.top_logprobs[0].0, predicted);
+        if lp.token == predicted {
+            assert!(lp.logprob > -0.01, "{lp:?}");
+        } else {
+            assert!(lp.logprob < -9.0, "{lp:?}");
+        }
+    }
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, EngineEvent::PromptLogprobs(_)))
+            .count(),
+        1
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, EngineEvent::Token(_)))
+            .count(),
+        3
+    );
+    let Some(EngineEvent::Finished { usage, .. }) = events.last() else {
+        panic!("no finish");
+    };
+    assert_eq!(
+        usage.cached_tokens, 0,
+        "prompt logprobs need the whole prompt computed"
+    );
 }

@@ -28,6 +28,10 @@ pub(super) struct Sequence {
     /// Prefix-cache hit at the first admission; `None` until then (never admitted).
     pub cached_tokens: Option<usize>,
     pub preemptions: u32,
+    /// Top alternatives to report with prompt logprobs; `None` when not asked for.
+    pub prompt_logprobs: Option<usize>,
+    /// Prompt logprobs so far: entry `i` scores `tokens[i + 1]` (kept across preemptions).
+    pub prompt_lps: Vec<super::sampler::Sampled>,
 }
 
 impl Sequence {
@@ -66,6 +70,22 @@ impl Sequence {
             &self.stop.stop_ids
         } else {
             &[]
+        }
+    }
+
+    /// Prompt logprobs still to compute: the prefix lookup must stop before them, and steps
+    /// over them need every row's logits.
+    pub fn wants_prompt_logits(&self) -> bool {
+        self.prompt_logprobs.is_some() && self.prompt_lps.len() + 1 < self.prompt_len
+    }
+
+    /// The tokens whose cached blocks may be reused: all of them, except that prompt positions
+    /// whose logprobs are still missing must be computed.
+    pub fn cache_lookup(&self) -> &[TokenId] {
+        if self.wants_prompt_logits() {
+            &self.tokens[..self.prompt_lps.len() + 1]
+        } else {
+            &self.tokens
         }
     }
 

@@ -25,7 +25,7 @@ const BLOCKED_POLL: Duration = Duration::from_millis(5);
 pub(super) enum Command {
     Submit {
         id: RequestId,
-        req: EngineRequest,
+        req: Box<EngineRequest>,
         events: UnboundedSender<EngineEvent>,
         at: Instant,
     },
@@ -146,7 +146,7 @@ impl<B: Backend> Worker<B> {
                 at,
             } => {
                 self.shared.in_channel.fetch_sub(1, Ordering::AcqRel);
-                match self.sched.add(id, req, &self.kv.pool, at) {
+                match self.sched.add(id, *req, &self.kv.pool, at) {
                     Ok(()) => {
                         // Counted as waiting at once, so `in_channel + waiting` never dips
                         // between taking the command and the next schedule.
@@ -226,7 +226,9 @@ impl<B: Backend> Worker<B> {
                 tokens: &self.sched.tokens(e.id)[e.start..e.start + e.len],
                 start_pos: e.start,
                 block_table: &e.table,
-                logits: if e.sample {
+                logits: if e.all_logits {
+                    LogitsFor::All
+                } else if e.sample {
                     LogitsFor::Last
                 } else {
                     LogitsFor::None

@@ -27,6 +27,7 @@
 //! - pending copies read pinned blocks and write distinct in-use blocks that no copy reads.
 
 mod ledger;
+pub mod policy;
 mod pool;
 #[cfg(test)]
 mod pool_tests;

@@ -8,6 +8,29 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// GPT-2's byte-level table: the printable character that stands for each byte value in a
+/// byte-level BPE vocabulary.
+pub fn byte_level_table() -> &'static [char; 256] {
+    static TABLE: std::sync::OnceLock<[char; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let direct = |b: u32| {
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+        };
+        let mut out = ['\0'; 256];
+        let mut n = 0;
+        for (b, slot) in out.iter_mut().enumerate() {
+            let b = b as u32;
+            *slot = if direct(b) {
+                char::from_u32(b).expect("latin-1")
+            } else {
+                n += 1;
+                char::from_u32(255 + n).expect("BMP")
+            };
+        }
+        out
+    })
+}
+
 /// A loaded tokenizer.json. Encoding splits out added tokens first, so special tokens written in
 /// the text (`<|im_start|>`) become their ids, exactly as HF `tokenizers` does.
 pub struct Tokenizer {
@@ -73,6 +96,23 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
         self.inner.token_to_id(token)
+    }
+
+    /// The raw bytes a token stands for (OpenAI's logprob `bytes`; a token may hold part of a
+    /// UTF-8 character). Byte-level BPE tokens map back through GPT-2's byte table; other
+    /// tokens (and ids without a vocabulary entry) fall back to their decoded text.
+    pub fn token_bytes(&self, id: TokenId) -> Vec<u8> {
+        if let Some(piece) = self.id_to_token(id) {
+            let table = byte_level_table();
+            let bytes: Option<Vec<u8>> = piece
+                .chars()
+                .map(|c| table.iter().position(|&t| t == c).map(|b| b as u8))
+                .collect();
+            if let Some(b) = bytes {
+                return b;
+            }
+        }
+        self.decode(&[id], false).unwrap_or_default().into_bytes()
     }
 
     pub fn id_to_token(&self, id: TokenId) -> Option<String> {

@@ -1,0 +1,263 @@
+//! The small endpoints (models, health, readiness, metrics, tokenize, detokenize, the 404
+//! fallback) and the steps every generation endpoint takes first: authenticate, parse the
+//! body, admit under the tenant's limits.
+
+use super::error::ApiError;
+use super::limits::ConcurrencyGuard;
+use super::request::{DetokenizeRequest, TokenizeRequest};
+use super::response::{DetokenizeResponse, ModelCard, ModelList, TokenizeResponse};
+use super::state::AppState;
+use super::validate::{render_chat, Plan};
+use crate::types::TenantId;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One SSE `data:` frame holding `v` as JSON.
+pub fn data<T: Serialize>(v: &T) -> Event {
+    Event::default().data(serde_json::to_string(v).unwrap_or_default())
+}
+
+/// The presented API key: `Authorization: Bearer KEY` or `x-api-key: KEY`.
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        if let Some(k) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+        {
+            return Some(k.trim());
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+    state.tenancy.authenticate(api_key(headers)).map_err(|e| {
+        state.metrics.rejections.with_label_values(&["auth"]).inc();
+        ApiError::Unauthorized(e.to_string())
+    })
+}
+
+/// JSON body → `T`; a body over the size limit is 413, anything malformed 400 (never 422).
+pub fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    state: &AppState,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: state.limits.max_body_bytes,
+            }
+        } else {
+            ApiError::Invalid {
+                message: format!("could not read the request body: {e}"),
+                param: None,
+            }
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
+}
+
+/// Refuses work while draining, then charges the tenant's limits for the whole request.
+pub fn admit(
+    state: &AppState,
+    tenant: TenantId,
+    plan: &Plan,
+) -> Result<ConcurrencyGuard, ApiError> {
+    if state.is_draining() {
+        state
+            .metrics
+            .rejections
+            .with_label_values(&["draining"])
+            .inc();
+        return Err(ApiError::Unavailable {
+            message: "the server is shutting down".into(),
+            code: "draining",
+            retry_after_secs: 5,
+        });
+    }
+    state
+        .limiter
+        .admit(tenant, plan.token_cost(), Instant::now())
+        .inspect_err(|e| {
+            if matches!(e, ApiError::RateLimited { .. }) {
+                state
+                    .metrics
+                    .rejections
+                    .with_label_values(&["rate_limit"])
+                    .inc();
+            }
+        })
+}
+
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 401, body = super::response::ErrorResponse)), security(("bearer" = [])))]
+pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authenticate(&state, &headers) {
+        return e.into_response();
+    }
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: state.model.name.clone(),
+            object: "model",
+            created: state.model.created,
+            owned_by: "kvserve",
+            max_model_len: state.model.max_context,
+        }],
+    })
+    .into_response()
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "alive")))]
+pub async fn health() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: 200 while serving, 503 while loading or draining.
+#[utoipa::path(get, path = "/ready", responses((status = 200, description = "serving"), (status = 503, description = "loading or draining")))]
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        let status = if state.is_draining() {
+            "draining"
+        } else {
+            "loading"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(serde_json::json!({"status": status})),
+        )
+            .into_response()
+    }
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(&state.engine.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = super::response::ErrorResponse)), security(("bearer" = [])))]
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    authenticate(&state, &headers)?;
+    let req: TokenizeRequest = parse_body(body, &state)?;
+    let (model, tokens) = match req {
+        TokenizeRequest::Chat {
+            model,
+            messages,
+            add_generation_prompt,
+        } => {
+            let text = render_chat(
+                &messages,
+                add_generation_prompt,
+                &state.model,
+                &state.limits,
+            )?;
+            (model, state.model.tokenizer.encode(&text, false))
+        }
+        TokenizeRequest::Prompt {
+            model,
+            prompt,
+            add_special_tokens,
+        } => (
+            model,
+            state
+                .model
+                .tokenizer
+                .encode(&prompt, add_special_tokens.unwrap_or(true)),
+        ),
+    };
+    check_model(&state, model.as_deref())?;
+    let tokens = tokens.map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        tokens,
+        max_model_len: state.model.max_context,
+    }))
+}
+
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = super::response::ErrorResponse)), security(("bearer" = [])))]
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    authenticate(&state, &headers)?;
+    let req: DetokenizeRequest = parse_body(body, &state)?;
+    check_model(&state, req.model.as_deref())?;
+    if let Some(bad) = req
+        .tokens
+        .iter()
+        .find(|&&t| t as usize >= state.model.vocab_size)
+    {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary"),
+        ));
+    }
+    let prompt = state
+        .model
+        .tokenizer
+        .decode(&req.tokens, false)
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.model.name => Err(ApiError::NotFound {
+            message: format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                state.model.name
+            ),
+            code: "model_not_found",
+        }),
+        _ => Ok(()),
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        message: "no such route".into(),
+        code: "not_found",
+    }
+}

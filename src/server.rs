@@ -1,0 +1,97 @@
+//! The one place that wires the layers together (DESIGN §3): configuration and tenants → model
+//! → KV pool → engine → HTTP state. `main` and the integration tests both start the server
+//! through [`Server::start`] and [`crate::http::serve`].
+
+use crate::backend::cpu::CpuBackend;
+use crate::config::{Config, ConfigError};
+use crate::engine::paged::PagedKv;
+use crate::engine::Engine;
+use crate::error::ModelError;
+use crate::http::{AppState, ModelInfo};
+use crate::kv::policy::KvPolicySpec;
+use crate::metrics::Metrics;
+use crate::model::llama::Llama;
+use crate::model::loader;
+use crate::tenancy::Tenancy;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// A loaded model with its engine running, ready to serve. Dropping it drains the engine
+/// (accepted requests finish) and stops its thread.
+pub struct Server {
+    pub state: Arc<AppState>,
+    engine: Engine,
+}
+
+impl Server {
+    /// Loads the model named by `cfg.model.path`, sizes the KV pool, starts the engine.
+    /// `tenancy` comes from a tenants file, or is [`Tenancy::open`] (one tenant, no keys).
+    pub fn start(cfg: &Config, tenancy: Tenancy) -> Result<Self, StartError> {
+        for i in 0..tenancy.len() {
+            let t = tenancy
+                .get(crate::types::TenantId(i as u32))
+                .expect("tenant in range");
+            KvPolicySpec::parse(&t.kv_policy)
+                .and_then(KvPolicySpec::check_available)
+                .map_err(|e| ConfigError::Invalid(format!("tenant `{}`: {e}", t.id)))?;
+        }
+        let t0 = std::time::Instant::now();
+        let files = loader::open(&cfg.model.path)?;
+        let model = Llama::load(
+            files.config.clone(),
+            files.weights.as_ref(),
+            CpuBackend::new(),
+        )?;
+        let tenant_cfgs = tenancy.tenant_configs();
+        let kv = PagedKv::new(&model, &cfg.kv, &tenant_cfgs)?;
+        tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            blocks = kv.pool.num_blocks(),
+            block_size = cfg.kv.block_size,
+            tenants = tenancy.len(),
+            "model loaded"
+        );
+        let name = if cfg.server.served_model_name.is_empty() {
+            cfg.model
+                .path
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        } else {
+            cfg.server.served_model_name.clone()
+        };
+        let info = ModelInfo {
+            name,
+            vocab_size: files.config.vocab_size,
+            max_context: files.config.max_position_embeddings,
+            eos_token_ids: files.config.eos_token_ids.clone(),
+            tokenizer: files.tokenizer,
+            template: files.chat_template,
+            created: crate::http::routes::unix_now(),
+        };
+        let weights = kv.weights();
+        let engine = Engine::start(Arc::new(model), kv, &cfg.engine, weights);
+        let metrics = Arc::new(Metrics::new(
+            tenant_cfgs.iter().map(|t| t.name.clone()).collect(),
+        ));
+        let state = Arc::new(AppState::new(
+            info,
+            engine.handle(),
+            tenancy,
+            cfg.server.clone(),
+            metrics,
+        ));
+        Ok(Self { state, engine })
+    }
+
+    /// Finishes accepted requests and stops the engine thread.
+    pub fn shutdown(self) {
+        self.engine.shutdown();
+    }
+}
