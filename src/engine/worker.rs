@@ -247,7 +247,8 @@ impl<B: Backend> Worker<B> {
                 break;
             }
             for Output { id, event } in outputs {
-                let terminal = !matches!(event, EngineEvent::Token(_));
+                let terminal =
+                    matches!(event, EngineEvent::Finished { .. } | EngineEvent::Error(_));
                 if matches!(event, EngineEvent::Token(_)) {
                     self.tokens_generated += 1;
                 }

@@ -211,26 +211,27 @@ pub fn render_chat(
                 format!("unknown role `{}`", m.role),
             ));
         }
-        let content =
-            match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
-                Some(MessageContent::Parts(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => s.push_str(t),
-                            (kind, _) => return Err(ApiError::invalid(
+        let content = match &m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t.clone(),
+            Some(MessageContent::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => s.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
                                 "messages",
                                 format!(
                                     "content parts of type `{kind}` are not supported (text only)"
                                 ),
-                            )),
+                            ))
                         }
                     }
-                    s
                 }
-            };
+                s
+            }
+        };
         // `developer` is OpenAI's newer name for `system`.
         let role = if m.role == "developer" {
             "system"
@@ -293,7 +294,11 @@ fn count(
     param: &'static str,
 ) -> Result<usize, ApiError> {
     let v = v.unwrap_or(default as i64);
-    let lo = if param == "n" { 1 } else { 0 };
+    let lo = if matches!(param, "n" | "max_tokens") {
+        1
+    } else {
+        0
+    };
     if v < lo || v > max as i64 {
         return Err(ApiError::invalid(
             param,
@@ -345,14 +350,8 @@ fn common(
     }
     let max_tokens = match max_tokens {
         None => default_max_tokens.max(1),
-        Some(v) => count(Some(v), 1, limits.max_tokens, "max_tokens")?.max(1),
+        Some(v) => count(Some(v), 1, limits.max_tokens, "max_tokens")?,
     };
-    if max_tokens == 0 {
-        return Err(ApiError::invalid(
-            "max_tokens",
-            "`max_tokens` must be at least 1",
-        ));
-    }
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     if longest + max_tokens > model.max_context {
         return Err(ApiError::ContextLength(format!(

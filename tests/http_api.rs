@@ -1,0 +1,654 @@
+//! The HTTP API end to end: the real server (real model, real sockets on 127.0.0.1:0) checked
+//! with a real HTTP client: response shapes, SSE framing, streamed = plain text, stop strings,
+//! logprobs and echo, every error status, tenants (auth, rate limits, cache isolation), client
+//! disconnects freeing KV blocks, and draining on shutdown.
+//!
+//! Fails (does not skip) when the model is missing: run scripts/fetch-model.sh.
+
+use kvserve::config::Config;
+use kvserve::server::Server;
+use kvserve::tenancy::{hash_key, Tenancy};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+const KEY_A: &str = "sk-test-alpha";
+const KEY_B: &str = "sk-test-beta";
+
+struct TestServer {
+    addr: SocketAddr,
+    state: std::sync::Arc<kvserve::http::AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Option<Server>,
+}
+
+fn model_path() -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        p.display()
+    );
+    p
+}
+
+fn tenants(rpm_a: u32) -> Tenancy {
+    let toml = format!(
+        r#"
+[[tenant]]
+id = "alpha"
+api_keys_sha256 = ["{}"]
+requests_per_minute = {rpm_a}
+max_concurrent = 16
+[[tenant]]
+id = "beta"
+api_keys_sha256 = ["{}"]
+"#,
+        hash_key(KEY_A),
+        hash_key(KEY_B)
+    );
+    Tenancy::from_toml(&toml, Path::new("tenants.toml")).unwrap()
+}
+
+async fn start(tenancy: Option<Tenancy>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut cfg = Config::default();
+    cfg.model.path = model_path();
+    cfg.kv.cache_bytes = 64 << 20;
+    cfg.server.max_body_bytes = 64 << 10;
+    tweak(&mut cfg);
+    let tenancy = tenancy.unwrap_or_else(|| Tenancy::open(&cfg.tenants));
+    let server = tokio::task::block_in_place(|| Server::start(&cfg, tenancy)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let state = server.state.clone();
+    let done = tokio::spawn(kvserve::http::serve(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    TestServer {
+        addr,
+        state,
+        stop: Some(tx),
+        done,
+        server: Some(server),
+    }
+}
+
+impl TestServer {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut r = reqwest::Client::new().post(self.url(path)).json(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, headers, v)
+    }
+
+    /// A streaming request's `data:` payloads, in order (the last is `[DONE]`).
+    async fn stream(&self, path: &str, key: Option<&str>, body: &Value) -> Vec<String> {
+        let mut r = reqwest::Client::new().post(self.url(path)).json(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let text = resp.text().await.unwrap();
+        let mut out = Vec::new();
+        for frame in text.split("\n\n").filter(|f| !f.trim().is_empty()) {
+            if frame.starts_with(':') {
+                continue; // keep-alive comment
+            }
+            let payload = frame
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("bad frame {frame:?}"));
+            out.push(payload.to_string());
+        }
+        out
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(60), &mut self.done)
+            .await
+            .expect("server drained")
+            .unwrap()
+            .unwrap();
+        let server = self.server.take().unwrap();
+        tokio::task::block_in_place(|| server.shutdown());
+    }
+
+    /// Waits until the engine is idle and checks every KV block is free (none leaked).
+    async fn assert_all_free(&self) {
+        let t0 = Instant::now();
+        loop {
+            let st = self.state.engine.stats();
+            let kv = tokio::task::block_in_place(|| self.state.engine.check_kv()).unwrap();
+            if st.scheduler.running == 0 && st.scheduler.waiting == 0 && kv.used == 0 {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "blocks still in use: {kv:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn chunks(frames: &[String]) -> Vec<Value> {
+    assert_eq!(
+        frames.last().map(String::as_str),
+        Some("[DONE]"),
+        "{frames:?}"
+    );
+    frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_plain_and_streaming_agree() {
+    let s = start(None, |_| {}).await;
+    let body = json!({"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+    let (status, _, v) = s.post("/v1/completions", None, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "SmolLM2-135M-Instruct");
+    assert!(v["created"].as_u64().unwrap() > 1_700_000_000);
+    let choice = &v["choices"][0];
+    let text = choice["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+    let u = &v["usage"];
+    assert_eq!(u["prompt_tokens"], 5);
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
+    assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
+
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let frames = chunks(&s.stream("/v1/completions", None, &sbody).await);
+    let usage = frames.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], u["completion_tokens"]);
+    let body_chunks = &frames[..frames.len() - 1];
+    let streamed: String = body_chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        streamed, text,
+        "streamed text equals the plain text at temperature 0"
+    );
+    let finishes: Vec<_> = body_chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finishes.len(), 1);
+    assert_eq!(
+        finishes[0]["choices"][0]["finish_reason"],
+        choice["finish_reason"]
+    );
+    assert!(body_chunks.iter().all(|c| c["id"] == body_chunks[0]["id"]));
+    s.assert_all_free().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streaming_with_two_choices() {
+    let s = start(None, |_| {}).await;
+    let body = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}], "max_tokens": 10, "temperature": 0, "n": 2});
+    let (status, _, v) = s.post("/v1/chat/completions", None, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["object"], "chat.completion");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["role"], "assistant");
+    }
+    // Greedy: both choices are the same text; usage counts the prompt once.
+    assert_eq!(
+        choices[0]["message"]["content"],
+        choices[1]["message"]["content"]
+    );
+    let plain = choices[0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, _, one) = s
+        .post(
+            "/v1/chat/completions",
+            None,
+            &json!({"messages": body["messages"], "max_tokens": 10, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(v["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let frames = chunks(&s.stream("/v1/chat/completions", None, &sbody).await);
+    for i in 0..2 {
+        let mine: Vec<&Value> = frames
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == i)
+            .collect();
+        assert_eq!(
+            mine[0]["choices"][0]["delta"]["role"], "assistant",
+            "first chunk carries the role"
+        );
+        assert_eq!(mine[0]["object"], "chat.completion.chunk");
+        let fin = mine
+            .iter()
+            .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+            .count();
+        assert_eq!(fin, 1, "exactly one finish_reason per choice");
+        let text: String = mine
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, plain);
+    }
+    assert!(
+        frames.iter().all(|c| c.get("usage").is_none()),
+        "no usage chunk unless asked"
+    );
+    s.assert_all_free().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_logprobs_echo_and_seeds() {
+    let s = start(None, |_| {}).await;
+    let prompt = "Once upon a time, there was a little";
+    let base = json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": true});
+    let (_, _, v) = s.post("/v1/completions", None, &base).await;
+    let full = v["choices"][0]["text"].as_str().unwrap().to_string();
+    // A stop string that the greedy text contains, starting mid-text.
+    let words: Vec<&str> = full.split_whitespace().collect();
+    assert!(words.len() >= 4, "{full:?}");
+    let stop_word = words[2];
+    let cut = full.find(stop_word).unwrap();
+    let mut body = base.clone();
+    body["stop"] = json!(["NEVER-APPEARS", stop_word]);
+    let (_, _, v) = s.post("/v1/completions", None, &body).await;
+    assert_eq!(v["choices"][0]["text"], json!(full[..cut]));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    body["stream"] = json!(true);
+    let frames = chunks(&s.stream("/v1/completions", None, &body).await);
+    let streamed: String = frames
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, &full[..cut], "the stop string is never streamed");
+
+    // logprobs with echo: prompt tokens first (the first has no logprob), then 2 generated.
+    let body =
+        json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": true});
+    let (status, _, v) = s.post("/v1/completions", None, &body).await;
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert!(c["text"].as_str().unwrap().starts_with(prompt));
+    let lp = &c["logprobs"];
+    let n_prompt = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let n = lp["tokens"].as_array().unwrap().len();
+    assert_eq!(n, n_prompt + 2);
+    for k in ["token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[k].as_array().unwrap().len(), n, "{k}");
+    }
+    assert!(lp["token_logprobs"][0].is_null());
+    for i in 1..n {
+        let x = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(x <= 0.0, "{x}");
+        assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 2);
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+
+    // A prompt logprob is the same number as the sampled logprob of that token when it was
+    // generated: score prompt + first generated token with echo.
+    let (_, _, ids) = s.post("/tokenize", None, &json!({"prompt": prompt})).await;
+    let mut ids: Vec<u64> = ids["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let (_, _, gen) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 1}),
+        )
+        .await;
+    let sampled_lp = gen["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap();
+    let (_, _, t) = s
+        .post(
+            "/tokenize",
+            None,
+            &json!({"prompt": gen["choices"][0]["text"], "add_special_tokens": false}),
+        )
+        .await;
+    assert_eq!(t["count"], 1, "{t}");
+    ids.push(t["tokens"][0].as_u64().unwrap());
+    let (_, _, echo) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 0, "echo": true}),
+        )
+        .await;
+    let lps = echo["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    let prompt_lp = lps[ids.len() - 1].as_f64().unwrap();
+    assert!(
+        (prompt_lp - sampled_lp).abs() < 1e-3,
+        "{prompt_lp} vs {sampled_lp}"
+    );
+
+    // Chat logprobs: one entry per generated token, with raw bytes and alternatives.
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 3, "ignore_eos": true});
+    let (_, _, v) = s.post("/v1/chat/completions", None, &body).await;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4);
+    let joined: Vec<u8> = content
+        .iter()
+        .flat_map(|e| {
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    assert_eq!(
+        String::from_utf8(joined).unwrap(),
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(content
+        .iter()
+        .all(|e| e["top_logprobs"].as_array().unwrap().len() == 3));
+
+    // Seeds: the same seed gives the same text at temperature 1.
+    let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 1234});
+    let (_, _, a) = s.post("/v1/completions", None, &body).await;
+    let (_, _, b) = s.post("/v1/completions", None, &body).await;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    s.assert_all_free().await;
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_the_right_status_and_envelope() {
+    let s = start(Some(tenants(1000)), |_| {}).await;
+    let ok = json!({"prompt": "Hello", "max_tokens": 2});
+    let check = |status: u16, v: &Value, want: u16, code: &str| {
+        assert_eq!(status, want, "{v}");
+        let e = &v["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(e["type"].is_string());
+        assert_eq!(e["code"], code, "{v}");
+    };
+    // 401: no key, wrong key; x-api-key works like Bearer.
+    let (st, _, v) = s.post("/v1/completions", None, &ok).await;
+    check(st, &v, 401, "invalid_api_key");
+    let (st, _, v) = s.post("/v1/completions", Some("sk-wrong"), &ok).await;
+    check(st, &v, 401, "invalid_api_key");
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .header("x-api-key", KEY_B)
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // 400s name the parameter.
+    for (patch, param) in [
+        (json!({"temperature": -1}), "temperature"),
+        (json!({"n": 0}), "n"),
+        (json!({"top_p": 0}), "top_p"),
+        (json!({"logprobs": 50}), "logprobs"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"kv_policy": "nonsense"}), "kv_policy"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+    ] {
+        let mut b = ok.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(patch.as_object().unwrap().clone());
+        let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &b).await;
+        check(st, &v, 400, "invalid_value");
+        assert_eq!(v["error"]["param"], param);
+    }
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            Some(KEY_A),
+            &json!({"prompt": "Hello", "max_tokens": 8192}),
+        )
+        .await;
+    check(st, &v, 400, "context_length_exceeded");
+    let (st, _, v) = s
+        .post("/v1/completions", Some(KEY_A), &json!({"prompt": 5}))
+        .await;
+    check(st, &v, 400, "invalid_value");
+    // Malformed JSON is 400, never 422.
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(KEY_A)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // 404: unknown model, unknown route.
+    let (st, _, v) = s
+        .post(
+            "/v1/completions",
+            Some(KEY_A),
+            &json!({"model": "gpt-9", "prompt": "x"}),
+        )
+        .await;
+    check(st, &v, 404, "model_not_found");
+    let (st, _, v) = s.post("/v1/nothing", Some(KEY_A), &ok).await;
+    check(st, &v, 404, "not_found");
+    // 413: a body over the limit.
+    let big = json!({"prompt": "a ".repeat(40_000)});
+    let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &big).await;
+    check(st, &v, 413, "request_too_large");
+    // Unknown fields are ignored; the server still answers after every error.
+    let mut b = ok.clone();
+    b["some_future_field"] = json!({"x": 1});
+    let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &b).await;
+    assert_eq!(st, 200, "{v}");
+    // The small endpoints.
+    let models: Value = reqwest::Client::new()
+        .get(s.url("/v1/models"))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");
+    let (st, _, v) = s
+        .post("/tokenize", Some(KEY_A), &json!({"prompt": "Hello world"}))
+        .await;
+    assert_eq!(st, 200);
+    let ids = v["tokens"].clone();
+    assert_eq!(v["count"], ids.as_array().unwrap().len());
+    let (_, _, v) = s
+        .post("/detokenize", Some(KEY_A), &json!({"tokens": ids}))
+        .await;
+    assert_eq!(v["prompt"], "Hello world");
+    let health = reqwest::get(s.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(reqwest::get(s.url("/ready")).await.unwrap().status(), 200);
+    let spec: Value = reqwest::get(s.url("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for p in [
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/ready",
+        "/metrics",
+    ] {
+        assert!(spec["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    let metrics = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("kvserve:http_requests_total"), "{metrics}");
+    assert!(metrics.contains("kvserve:kv_blocks{state=\"free\"}"));
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_rate_limited_and_cache_isolated_separately() {
+    let s = start(Some(tenants(2)), |_| {}).await;
+    // A ~100-token prompt sent by alpha twice hits alpha's prefix cache the second time.
+    let prompt = "The history of the city begins with a small settlement on the river bank, where fishermen and traders met every spring to exchange salt, grain, wool and news from the distant mountain villages, and over the centuries the settlement grew into a market town with stone walls, a cathedral, a university and a harbour full of ships from every country of the known world.";
+    let body = json!({"prompt": prompt, "max_tokens": 1});
+    let (st, _, a1) = s.post("/v1/completions", Some(KEY_A), &body).await;
+    assert_eq!(st, 200, "{a1}");
+    assert!(a1["usage"]["prompt_tokens"].as_u64().unwrap() >= 64);
+    let (_, _, a2) = s.post("/v1/completions", Some(KEY_A), &body).await;
+    assert!(
+        a2["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{a2}"
+    );
+    // beta sends the same prompt: no hit on alpha's blocks.
+    let (_, _, b1) = s.post("/v1/completions", Some(KEY_B), &body).await;
+    assert_eq!(
+        b1["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{b1}"
+    );
+    // alpha is over its 2 requests/minute: 429 with Retry-After and x-ratelimit headers.
+    let (st, h, v) = s.post("/v1/completions", Some(KEY_A), &body).await;
+    assert_eq!(st, 429, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    // beta is served normally meanwhile.
+    let (st, _, _) = s.post("/v1/completions", Some(KEY_B), &body).await;
+    assert_eq!(st, 200);
+    // A client salt only subdivides alpha's own scope: a new salt misses.
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_streams_free_their_blocks() {
+    let s = start(None, |_| {}).await;
+    let body = json!({"prompt": "Write a long story about a dragon.", "max_tokens": 2000, "ignore_eos": true, "stream": true, "temperature": 0});
+    for _ in 0..4 {
+        let mut resp = reqwest::Client::new()
+            .post(s.url("/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        // Read a few chunks, then hang up.
+        let mut got = 0;
+        while got < 3 {
+            let c = resp.chunk().await.unwrap().unwrap();
+            got += String::from_utf8_lossy(&c).matches("data: ").count();
+        }
+        drop(resp);
+    }
+    s.assert_all_free().await;
+    // The engine keeps serving.
+    let (st, _, _) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": "Hi", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_streams() {
+    let s = start(None, |_| {}).await;
+    let body = json!({"prompt": "Count:", "max_tokens": 40, "ignore_eos": true, "stream": true, "temperature": 0});
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let state = s.state.clone();
+    let addr = s.addr;
+    let reader = tokio::spawn(async move { resp.text().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let shutdown = tokio::spawn(s.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!state.is_ready(), "/ready reports draining");
+    // No new connections are accepted while draining.
+    let refused = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/completions"))
+        .json(&json!({"prompt": "x", "max_tokens": 1}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(refused.is_err() || refused.unwrap().status() == 503);
+    let text = reader.await.unwrap();
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "the in-flight stream finished: {text}"
+    );
+    assert!(text.contains("\"finish_reason\":\"length\""));
+    shutdown.await.unwrap();
+}
