@@ -113,7 +113,10 @@ async def one_request(client, args, prompt: str) -> dict:
 async def run_level(client, args, conc: int, level_idx: int) -> dict:
     rng = random.Random(1000 + level_idx)
     n = args.requests_per_level
-    prompts = [make_prompt(args.prompt_tokens, None if args.same_prompt else level_idx * 100000 + i,
+    # A per-run salt keeps prompts unique across runs too (a rerun against the same server
+    # would otherwise hit the prefix cache of the previous run).
+    salt = args.run_salt * 10_000_000
+    prompts = [make_prompt(args.prompt_tokens, None if args.same_prompt else salt + level_idx * 100000 + i,
                            rng if not args.same_prompt else random.Random(0)) for i in range(n)]
     results: list[dict] = []
     errors: list[str] = []
@@ -236,6 +239,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--run-salt", type=int, default=random.SystemRandom().randrange(1, 1 << 20),
+                    help="makes this run's prompts differ from other runs' (default: random)")
     ap.add_argument("--same-prompt", action="store_true",
                     help="every request sends the same prompt (prefix-cache hits)")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")

@@ -254,22 +254,41 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         }
         eprintln!("kvserve: no tenants file: one tenant, no API keys (listening on {host} only)");
     }
-    let server = kvserve::server::Server::start(&cfg, tenancy)?;
-    let state = server.state.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((host, cfg.server.port))
-            .await
+        // The port opens before the model loads: `/health` answers, `/ready` says `loading`.
+        let std_listener = std::net::TcpListener::bind((host, cfg.server.port))
             .with_context(|| format!("binding {host}:{}", cfg.server.port))?;
-        println!("kvserve: listening on http://{}", listener.local_addr()?);
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let loading_listener = tokio::net::TcpListener::from_std(std_listener.try_clone()?)?;
+        eprintln!(
+            "kvserve: loading {} (port {} open)",
+            cfg.model.path.display(),
+            addr.port()
+        );
+        let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<()>();
+        let loading = tokio::spawn(kvserve::http::serve_loading(loading_listener, async move {
+            let _ = loaded_rx.await;
+        }));
+        let start_cfg = cfg.clone();
+        let server = tokio::task::spawn_blocking(move || {
+            kvserve::server::Server::start(&start_cfg, tenancy)
+        })
+        .await??;
+        let _ = loaded_tx.send(());
+        loading.await??;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        println!("kvserve: listening on http://{addr}");
         std::io::stdout().flush()?;
+        let state = server.state.clone();
         kvserve::http::serve(listener, state, shutdown_signal()).await?;
+        tokio::task::spawn_blocking(move || server.shutdown()).await?;
         anyhow::Ok(())
     })?;
-    server.shutdown();
     eprintln!("kvserve: drained, exiting");
     Ok(())
 }

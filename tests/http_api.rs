@@ -652,3 +652,29 @@ async fn shutdown_drains_in_flight_streams() {
     assert!(text.contains("\"finish_reason\":\"length\""));
     shutdown.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_loading_health_answers_and_ready_is_503() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(kvserve::http::serve_loading(listener, async move {
+        let _ = rx.await;
+    }));
+    let get = |p: &str| reqwest::get(format!("http://{addr}{p}"));
+    assert_eq!(get("/health").await.unwrap().status(), 200);
+    let r = get("/ready").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/completions"))
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "loading");
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -110,6 +110,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What the listening socket answers while the model loads (the port is open from the start,
+/// so orchestrators see a live process): `/health` 200, `/ready` and everything else 503
+/// `loading` with `Retry-After`. Returns once `loaded` resolves, after the connections it
+/// accepted are answered.
+pub async fn serve_loading(
+    listener: TcpListener,
+    loaded: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    async fn loading() -> ApiError {
+        ApiError::Unavailable {
+            message: "the model is loading".into(),
+            code: "loading",
+            retry_after_secs: 5,
+        }
+    }
+    let app = Router::new()
+        .route("/health", get(routes::health))
+        .route(
+            "/ready",
+            get(|| async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "5")],
+                    Json(serde_json::json!({"status": "loading"})),
+                )
+            }),
+        )
+        .fallback(loading);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(loaded)
+        .await
+}
+
 /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, new generations get 503,
 /// no new connections are accepted, and in-flight requests (streams included) get
 /// `drain_timeout_secs` to finish before this returns.
