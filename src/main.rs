@@ -3,6 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::cuda::{CudaBackend, DeviceArg};
+use kvserve::backend::Backend;
 use kvserve::config::{KvSection, TenantConfig};
 use kvserve::engine::generate::{generate, generate_paged, GenerateOptions};
 use kvserve::engine::paged::PagedKv;
@@ -34,7 +36,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt on the CPU, streaming it to stdout.
+    /// Generate text from a prompt (on the GPU when one is usable), streaming it to stdout.
     Generate(GenerateArgs),
     /// Print the token ids of a text, comma-separated (input for `generate --prompt-ids`).
     Tokenize {
@@ -113,6 +115,9 @@ struct GenerateArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -183,13 +188,26 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             .num_threads(n)
             .build_global()?;
     }
+    // Device choice (issue 9): said on stderr with its reason; `cuda` without a GPU is an error.
+    match kvserve::backend::cuda::choose(args.device).map_err(anyhow::Error::msg)? {
+        kvserve::backend::cuda::Choice::Cpu { reason } => {
+            eprintln!("device: cpu ({reason})");
+            generate_on(args, CpuBackend::new())
+        }
+        kvserve::backend::cuda::Choice::Cuda(gpu) => {
+            eprintln!(
+                "device: cuda:{} ({}, sm_{}): a usable GPU was found",
+                gpu.ordinal, gpu.name, gpu.arch
+            );
+            generate_on(args, CudaBackend::new(gpu)?)
+        }
+    }
+}
+
+fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
     let t_load = Instant::now();
     let files = loader::open(&args.model)?;
-    let model = Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )?;
+    let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
     drop(files.weights);
     tracing::info!(ms = t_load.elapsed().as_millis() as u64, "model loaded");
     let tok = &files.tokenizer;
