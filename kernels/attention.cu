@@ -2,7 +2,7 @@
 // [num_blocks][kv_heads][block_size][dim]. Position p of a sequence is at block
 // tables[table_off + p / block_size], slot p % block_size.
 //
-// - paged_decode_*: one query row per sequence (decode). A CTA owns one KV head of one sequence
+// - paged_decode_g<G>_*: one query row per sequence (decode), for query groups of up to G heads. A CTA owns one KV head of one sequence
 //   and one split of its context, so each K/V byte is read once for the whole query group
 //   (G = heads / kv_heads query heads). TPK = dim / 8 threads read one key as 16-byte vectors.
 //   Each split writes its unnormalised output with its max and sum; decode_reduce_f32 merges the
@@ -13,7 +13,10 @@
 //   past each query's position.
 #include "common.cuh"
 
-#define MAXG 8        // query heads per KV head handled by the decode kernel
+#ifndef DECODE_UNROLL
+#define DECODE_UNROLL 4  // keys (or values) each decode thread loads before using any
+#endif
+#define UNROLL DECODE_UNROLL
 #define THREADS 128
 #define KTILE 32      // keys per prefill tile (one per lane)
 #define PREFILL_Q 32  // queries per prefill CTA (rows * G)
@@ -27,13 +30,58 @@ __device__ __forceinline__ void unpack8(uint4 raw, float* f) {
     }
 }
 
+// Sums v[0..G_MAX) (one partial dot product per query head) over the tpk lanes of a thread
+// group (tpk >= G_MAX) with a transposing butterfly: each of the first log2(G_MAX) steps sends
+// half of the values still held and keeps the other half (the step's sizes are compile-time
+// constants), then plain steps finish; G = 4 over 8 lanes takes 4 shuffles instead of 12.
+// Afterwards v[0] holds the total of head `group_head<G_MAX>(ln, tpk)`.
+template <int G_MAX>
+__device__ __forceinline__ void group_reduce(float* v, int ln, int tpk) {
+#pragma unroll
+    for (int s = 0; (G_MAX >> (s + 1)) >= 1; ++s) {
+        const int half = G_MAX >> (s + 1), o = tpk >> (s + 1);
+        const bool upper = (ln & o) != 0;
+#pragma unroll
+        for (int i = 0; i < half; ++i) {
+            float send = upper ? v[i] : v[i + half];
+            float keep = upper ? v[i + half] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+    }
+    for (int o = tpk / (2 * G_MAX); o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+}
+
+template <int G_MAX>
+__device__ __forceinline__ int group_head(int ln, int tpk) {
+    int head = 0;
+#pragma unroll
+    for (int s = 0; (G_MAX >> (s + 1)) >= 1; ++s)
+        if (ln & (tpk >> (s + 1))) head += G_MAX >> (s + 1);
+    return head;
+}
+
+// Address of 8 elements (this thread's dims) of position p of KV head kvh. `bs_shift` is
+// log2(block_size) when that is a power of two (shift and mask instead of a division), else -1.
 template <typename KV>
+__device__ __forceinline__ const KV* kv_at(const KV* cache, const unsigned int* table, int p,
+                                           int block_size, int bs_shift, int kv_heads, int kvh,
+                                           int dim, int ln) {
+    const unsigned int blk = bs_shift >= 0 ? table[p >> bs_shift] : table[p / block_size];
+    const int off = bs_shift >= 0 ? (p & (block_size - 1)) : p % block_size;
+    return cache + (((size_t)blk * kv_heads + kvh) * block_size + off) * dim + ln * 8;
+}
+
+// G_MAX bounds the group at compile time (register arrays); the runtime group G is <= G_MAX.
+// A thread group of tpk = dim / 8 threads handles UNROLL consecutive positions per step (one
+// block-table lookup for all of them when block_size is a multiple of UNROLL), each thread
+// loading 16 bytes of each before using any.
+template <typename KV, int G_MAX>
 __device__ void paged_decode(const float* qkv, const unsigned int* meta, const unsigned int* tables,
                              const KV* k_cache, const KV* v_cache, float* part_o, float* part_ml,
-                             int heads, int kv_heads, int dim, int block_size, int split_len,
-                             int max_splits, float scale) {
+                             int heads, int kv_heads, int dim, int block_size, int bs_shift,
+                             int split_len, int max_splits, float scale) {
     extern __shared__ float smem[];
-    __shared__ float m_s[MAXG], l_s[MAXG];
+    __shared__ float m_s[G_MAX], l_s[G_MAX];
     const int kvh = blockIdx.x, e = blockIdx.y, split = blockIdx.z;
     const int G = heads / kv_heads, tpk = dim / 8, kpp = THREADS / tpk;
     const unsigned int row = meta[3 * e], ctx = meta[3 * e + 1];
@@ -41,36 +89,53 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     const int t0 = split * split_len;
     if (t0 >= (int)ctx) return;
     const int n = min((int)ctx - t0, split_len);
-    float* q_s = smem;              // [G, dim], pre-scaled
-    float* sc = smem + G * dim;     // [G, split_len] scores, then probabilities
-    float* red = sc;                // reused after the scores: [kpp, G, dim]
+    const bool grouped = block_size % UNROLL == 0;  // t0 and every step start are multiples of UNROLL
+    float* sc = smem;   // [G, split_len] scores, then probabilities
+    float* red = smem;  // reused after the probabilities: [kpp, G, dim]
     const int width = (heads + 2 * kv_heads) * dim;
-    const float* q = qkv + (size_t)row * width + (size_t)kvh * G * dim;
-    for (int i = threadIdx.x; i < G * dim; i += THREADS) q_s[i] = q[i] * scale;
-    __syncthreads();
-
     const int grp = threadIdx.x / tpk, ln = threadIdx.x % tpk;
-    for (int tb = 0; tb < n; tb += kpp) {
-        int t = tb + grp;
-        float kf[8];
-        if (t < n) {
-            int p = t0 + t;
-            size_t at = (((size_t)table[p / block_size] * kv_heads + kvh) * block_size +
-                         p % block_size) * dim + ln * 8;
-            unpack8(*reinterpret_cast<const uint4*>(k_cache + at), kf);
-        } else {
+    // This thread only ever touches dims ln*8 .. ln*8+8: its slice of each query, pre-scaled,
+    // lives in registers.
+    float qr[G_MAX][8];
+    const float* q = qkv + (size_t)row * width + (size_t)kvh * G * dim + ln * 8;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) kf[j] = 0.0f;
+    for (int g = 0; g < G_MAX; ++g)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) qr[g][j] = g < G ? q[g * dim + j] * scale : 0.0f;
+
+    // Scores. After the group reduction each lane holds one head's score; the first lane of the
+    // tpk / G_MAX lanes holding the same head writes it.
+    const int my_head = group_head<G_MAX>(ln, tpk);
+    const bool writer = (ln & (tpk / G_MAX - 1)) == 0 && my_head < G;
+    for (int tb = 0; tb < n; tb += kpp * UNROLL) {
+        const int tg = tb + grp * UNROLL;
+        uint4 raw[UNROLL];
+        const KV* base = tg < n ? kv_at(k_cache, table, t0 + tg, block_size, bs_shift, kv_heads, kvh, dim, ln)
+                                : k_cache;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            raw[u] = make_uint4(0u, 0u, 0u, 0u);
+            if (tg + u < n) {
+                const KV* at = grouped ? base + u * dim
+                                       : kv_at(k_cache, table, t0 + tg + u, block_size, bs_shift,
+                                               kv_heads, kvh, dim, ln);
+                raw[u] = *reinterpret_cast<const uint4*>(at);
+            }
         }
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g < G) {
+        for (int u = 0; u < UNROLL; ++u) {
+            float kf[8];
+            unpack8(raw[u], kf);
+            float v[G_MAX];
+#pragma unroll
+            for (int g = 0; g < G_MAX; ++g) {
                 float d = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) d += q_s[g * dim + ln * 8 + j] * kf[j];
-                for (int o = tpk / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                if (ln == 0 && t < n) sc[g * split_len + t] = d;
+                for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
+                v[g] = d;
             }
+            group_reduce<G_MAX>(v, ln, tpk);
+            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = v[0];
         }
     }
     __syncthreads();
@@ -90,29 +155,46 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     }
     __syncthreads();
 
-    float acc[MAXG][8];
+    // p · V, each thread accumulating its 8 dims of every query head of the group.
+    float acc[G_MAX][8];
 #pragma unroll
-    for (int g = 0; g < MAXG; ++g)
+    for (int g = 0; g < G_MAX; ++g)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
-    for (int t = grp; t < n; t += kpp) {
-        int p = t0 + t;
-        size_t at = (((size_t)table[p / block_size] * kv_heads + kvh) * block_size +
-                     p % block_size) * dim + ln * 8;
-        float vf[8];
-        unpack8(*reinterpret_cast<const uint4*>(v_cache + at), vf);
+    for (int tb = 0; tb < n; tb += kpp * UNROLL) {
+        const int tg = tb + grp * UNROLL;
+        if (tg >= n) continue;  // no shuffles below: threads may leave the step independently
+        uint4 raw[UNROLL];
+        const KV* base = kv_at(v_cache, table, t0 + tg, block_size, bs_shift, kv_heads, kvh, dim, ln);
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if (g < G) {
-                float pg = sc[g * split_len + t];
+        for (int u = 0; u < UNROLL; ++u) {
+            raw[u] = make_uint4(0u, 0u, 0u, 0u);
+            if (tg + u < n) {
+                const KV* at = grouped ? base + u * dim
+                                       : kv_at(v_cache, table, t0 + tg + u, block_size, bs_shift,
+                                               kv_heads, kvh, dim, ln);
+                raw[u] = *reinterpret_cast<const uint4*>(at);
+            }
+        }
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[j];
+        for (int u = 0; u < UNROLL; ++u) {
+            if (tg + u < n) {
+                float vf[8];
+                unpack8(raw[u], vf);
+#pragma unroll
+                for (int g = 0; g < G_MAX; ++g) {
+                    if (g < G) {
+                        float pg = sc[g * split_len + tg + u];
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[j];
+                    }
+                }
             }
         }
     }
     __syncthreads();  // every thread is done with `sc` before `red` overwrites it
 #pragma unroll
-    for (int g = 0; g < MAXG; ++g)
+    for (int g = 0; g < G_MAX; ++g)
         if (g < G)
 #pragma unroll
             for (int j = 0; j < 8; ++j) red[(grp * G + g) * dim + ln * 8 + j] = acc[g][j];
@@ -130,7 +212,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     }
 }
 
-extern "C" __global__ void paged_decode_bf16(
+extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g1_bf16(
     const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
     const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
     const unsigned int* tables,  // [sum of table lengths]
@@ -138,9 +220,52 @@ extern "C" __global__ void paged_decode_bf16(
     const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
     float* part_o,               // [n, heads, max_splits, dim]
     float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
-    int heads, int kv_heads, int dim, int block_size, int split_len, int max_splits, float scale) {
-    paged_decode<bf16_t>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads, kv_heads,
-                         dim, block_size, split_len, max_splits, scale);
+    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
+    float scale) {
+    paged_decode<bf16_t, 1>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
+                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g2_bf16(
+    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
+    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
+    const unsigned int* tables,  // [sum of table lengths]
+    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
+    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
+    float* part_o,               // [n, heads, max_splits, dim]
+    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
+    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
+    float scale) {
+    paged_decode<bf16_t, 2>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
+                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g4_bf16(
+    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
+    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
+    const unsigned int* tables,  // [sum of table lengths]
+    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
+    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
+    float* part_o,               // [n, heads, max_splits, dim]
+    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
+    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
+    float scale) {
+    paged_decode<bf16_t, 4>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
+                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g8_bf16(
+    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
+    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
+    const unsigned int* tables,  // [sum of table lengths]
+    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
+    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
+    float* part_o,               // [n, heads, max_splits, dim]
+    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
+    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
+    float scale) {
+    paged_decode<bf16_t, 8>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
+                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
 }
 
 // Merges the splits of one (sequence, head): grid (n, heads), one thread per dim.

@@ -30,7 +30,7 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
     let mut failures = Vec::new();
     for arch in [80, 90] {
         for &(file, src) in KERNEL_FILES {
-            match compile_file(file, src, arch, true) {
+            match compile_file(file, src, arch, true, &[]) {
                 Ok(c) => {
                     // An ELF image, with the resource report of every entry point.
                     assert_eq!(&c.cubin[..4], b"\x7fELF", "{file} sm_{arch}: not a CUBIN");
@@ -65,6 +65,11 @@ fn every_extern_c_entry_point_is_named_op_dtype() {
         let mut in_sig = false;
         for line in src.lines() {
             if let Some(rest) = line.split("extern \"C\" __global__ void ").nth(1) {
+                // Skip `__launch_bounds__(...)` before the name.
+                let rest = match rest.strip_prefix("__launch_bounds__(") {
+                    Some(r) => r.split_once(") ").unwrap().1,
+                    None => rest,
+                };
                 let name = rest.split('(').next().unwrap();
                 let dtype = name.rsplit('_').next().unwrap();
                 assert!(

@@ -32,6 +32,9 @@ struct Args {
     device: usize,
     #[arg(long)]
     skip_engine: bool,
+    /// Only the copy and decode-attention bandwidth section (for profilers).
+    #[arg(long)]
+    only_bandwidth: bool,
 }
 
 /// One result line: a parity check (error) or a measurement (value + unit).
@@ -68,7 +71,11 @@ pub fn error_row(name: &str, e: f64, note: &str) -> Row {
 }
 
 pub fn measure(name: &str, value: f64, unit: &'static str, note: &str) -> Row {
-    println!("{:<44} {:>10.1} {unit}  {note}", name, value);
+    if unit == "max rel err" {
+        println!("{:<44} {:>10.3e} {unit}  {note}", name, value);
+    } else {
+        println!("{:<44} {:>10.1} {unit}  {note}", name, value);
+    }
     Row {
         name: name.into(),
         value,
@@ -238,6 +245,9 @@ fn main() -> Result<()> {
         Ok(Choice::Cpu { reason }) => println!("--device auto picks the CPU: {reason}"),
         Err(e) => println!("--device auto: {e}"),
     }
+    if args.only_bandwidth {
+        return speed::bandwidth(&gpu, &[], &mut rows);
+    }
     println!("\n== op parity vs the CPU backend (pass: max rel err <= {TOL})");
     section("op parity", &mut rows, |rows| ops::run(&gpu, rows));
     section("attention parity", &mut rows, |rows| {
@@ -246,7 +256,7 @@ fn main() -> Result<()> {
     });
     println!("\n== speed: decode attention bandwidth");
     section("decode bandwidth", &mut rows, |rows| {
-        speed::bandwidth(&gpu, rows)
+        speed::bandwidth(&gpu, &[8], rows)
     });
     println!("\n== whole forward parity, 1B shape");
     let mut model = None;

@@ -53,14 +53,15 @@ pub fn nvrtc_version() -> Result<(i32, i32), String> {
     Ok((major, minor))
 }
 
-/// NVRTC options for `sm_<arch>`; `verbose` adds ptxas's resource report (one `-Xptxas=` per
+/// NVRTC options for `sm_<arch>` with `-D` tuning `defines`; `verbose` adds ptxas's resource report (one `-Xptxas=` per
 /// flag: NVRTC rejects comma-joined ptxas flags).
-pub fn options(arch: u32, verbose: bool) -> Vec<String> {
+pub fn options(arch: u32, verbose: bool, defines: &[(&str, u32)]) -> Vec<String> {
     let mut o = vec![
         format!("--gpu-architecture=sm_{arch}"),
         "--std=c++17".to_string(),
         "-default-device".to_string(),
     ];
+    o.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
     if verbose {
         o.push("-Xptxas=-v".to_string());
         o.push("-Xptxas=--warn-on-spills".to_string());
@@ -74,12 +75,13 @@ pub fn compile_file(
     src: &str,
     arch: u32,
     verbose: bool,
+    defines: &[(&str, u32)],
 ) -> Result<Compiled, String> {
     let code = CString::new(expand(src)).map_err(|e| format!("{file}: {e}"))?;
     let name = CString::new(file).expect("file names have no NUL");
     let prog = nvrtc::create_program(&code, Some(&name)).map_err(|e| format!("{file}: {e:?}"))?;
     // SAFETY: `prog` was just created and is destroyed exactly once below.
-    let compiled = unsafe { nvrtc::compile_program(prog, &options(arch, verbose)) };
+    let compiled = unsafe { nvrtc::compile_program(prog, &options(arch, verbose, defines)) };
     // SAFETY: `prog` is live.
     let log = unsafe { nvrtc::get_program_log(prog) }
         .map(|l| {
@@ -129,10 +131,17 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// The cache file of `file` for this source, arch, NVRTC and driver.
-pub fn cache_path(file: &str, src: &str, arch: u32, nvrtc: (i32, i32), driver: i32) -> PathBuf {
+pub fn cache_path(
+    file: &str,
+    src: &str,
+    arch: u32,
+    nvrtc: (i32, i32),
+    driver: i32,
+    defines: &[(&str, u32)],
+) -> PathBuf {
     let mut h = blake3::Hasher::new();
     h.update(expand(src).as_bytes());
-    h.update(options(arch, false).join(" ").as_bytes());
+    h.update(options(arch, false, defines).join(" ").as_bytes());
     let hash = h.finalize().to_hex();
     let stem = file.trim_end_matches(".cu");
     cache_dir().join(format!(
@@ -145,11 +154,15 @@ pub fn cache_path(file: &str, src: &str, arch: u32, nvrtc: (i32, i32), driver: i
 
 /// Every kernel file for `sm_<arch>`, from the disk cache when present (a cache that cannot be
 /// written is only logged: compiling again next start is correct, just slower).
-pub fn compile_all(arch: u32, driver: i32) -> Result<Vec<Compiled>, String> {
+pub fn compile_all(
+    arch: u32,
+    driver: i32,
+    defines: &[(&str, u32)],
+) -> Result<Vec<Compiled>, String> {
     let nv = nvrtc_version()?;
     let mut out = Vec::new();
     for &(file, src) in KERNEL_FILES {
-        let path = cache_path(file, src, arch, nv, driver);
+        let path = cache_path(file, src, arch, nv, driver, defines);
         if let Ok(cubin) = std::fs::read(&path) {
             if !cubin.is_empty() {
                 out.push(Compiled {
@@ -161,7 +174,7 @@ pub fn compile_all(arch: u32, driver: i32) -> Result<Vec<Compiled>, String> {
                 continue;
             }
         }
-        let c = compile_file(file, src, arch, false)?;
+        let c = compile_file(file, src, arch, false, defines)?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let written = std::fs::create_dir_all(cache_dir())
             .and_then(|()| std::fs::write(&tmp, &c.cubin))

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// Threads per CTA of the attention kernels (`THREADS` in attention.cu).
 pub const ATTN_THREADS: u32 = 128;
-/// Query heads per KV head the decode kernel handles (`MAXG`).
+/// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).
 pub const MAX_GROUP: usize = 8;
 /// Keys per prefill tile (`KTILE`) and queries per prefill CTA (`PREFILL_Q`).
 pub const KTILE: usize = 32;
@@ -42,7 +42,8 @@ pub struct Kernels {
     pub sum_halves: CudaFunction,
     pub convert: CudaFunction,
     pub rope_store: CudaFunction,
-    pub paged_decode: CudaFunction,
+    /// `paged_decode_g{1,2,4,8}_bf16`: register arrays sized for the group (see `decode_fn`).
+    pub paged_decode: [CudaFunction; 4],
     pub decode_reduce: CudaFunction,
     pub prefill: CudaFunction,
     pub copy_blocks: CudaFunction,
@@ -75,7 +76,12 @@ impl Kernels {
             sum_halves: f("elementwise.cu", "sum_halves_f32")?,
             convert: f("elementwise.cu", "convert_bf16")?,
             rope_store: f("rope_kv.cu", "rope_store_bf16")?,
-            paged_decode: f("attention.cu", "paged_decode_bf16")?,
+            paged_decode: [
+                f("attention.cu", "paged_decode_g1_bf16")?,
+                f("attention.cu", "paged_decode_g2_bf16")?,
+                f("attention.cu", "paged_decode_g4_bf16")?,
+                f("attention.cu", "paged_decode_g8_bf16")?,
+            ],
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
             prefill: f("attention.cu", "prefill_bf16")?,
             copy_blocks: f("kv_copy.cu", "copy_blocks_bf16")?,
@@ -96,11 +102,25 @@ pub fn prefill_smem(dim: usize) -> u32 {
     ((2 * PREFILL_QUERIES * dim + KTILE * (dim + 1) + KTILE * dim) * 4) as u32
 }
 
-/// Dynamic shared memory of the decode kernel: q `[G, dim]` plus the larger of the scores
-/// `[G, split_len]` and the per-group partial outputs `[128 / (dim / 8), G, dim]`.
+/// Dynamic shared memory of the decode kernel: the larger of the scores `[G, split_len]` and
+/// the per-thread-group partial outputs `[128 / (dim / 8), G, dim]` (they share the space).
 pub fn decode_smem(group: usize, dim: usize, split_len: usize) -> u32 {
     let kpp = ATTN_THREADS as usize / (dim / 8);
-    ((group * dim + (group * split_len).max(kpp * group * dim)) * 4) as u32
+    ((group * split_len).max(kpp * group * dim) * 4) as u32
+}
+
+impl Kernels {
+    /// The smallest decode variant whose compile-time group bound `G_MAX` holds `group` (≤ 8),
+    /// with that bound (the kernel needs `dim / 8 >= G_MAX` lanes per key).
+    pub fn decode_fn(&self, group: usize) -> (&CudaFunction, usize) {
+        let i = match group {
+            0 | 1 => 0,
+            2 => 1,
+            3 | 4 => 2,
+            _ => 3,
+        };
+        (&self.paged_decode[i], 1 << i)
+    }
 }
 
 /// A 1-D grid-stride launch over `n` elements.

@@ -89,6 +89,12 @@ pub struct CudaBackend {
     split_matmul: std::sync::atomic::AtomicBool,
     /// `inv_freq` uploaded once per distinct rope parameters.
     rope: Mutex<Vec<(Vec<f32>, CudaSlice<f32>)>>,
+    /// The last index array uploaded for each purpose (positions, slots, block tables, ...).
+    /// A copy from pageable host memory waits for the stream to drain, and a forward step
+    /// uploads the same arrays for every layer: an unchanged array is reused, so a step syncs
+    /// once per array instead of once per layer. A replaced array is freed in stream order,
+    /// after the kernels queued before that read it.
+    uploads: Mutex<Vec<(&'static str, Vec<u32>, CudaSlice<u32>)>>,
     /// Seconds spent compiling kernels at start (0 when all came from the cache).
     pub compile_seconds: f64,
 }
@@ -97,6 +103,32 @@ pub struct CudaBackend {
 #[track_caller]
 fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA {what}: {e:?}"))
+}
+
+/// Per-op scratch and activations come from the device's default stream-ordered memory pool,
+/// whose release threshold is 0 by default: every synchronisation (one per forward step, to
+/// read the logits) would hand its memory back to the driver and the next step would map it
+/// again. Keep it instead. Failure only costs speed, so it is logged, not returned.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::sys as drv;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: valid out-pointer and device; the attribute takes a pointer to a u64.
+    let r = unsafe {
+        drv::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .and_then(|()| {
+                drv::cuMemPoolSetAttribute(
+                    pool,
+                    drv::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                )
+                .result()
+            })
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "cannot keep freed memory in the CUDA memory pool");
+    }
 }
 
 fn start_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> BackendError + '_ {
@@ -112,15 +144,22 @@ impl CudaBackend {
 
     /// Opens a probed device: context, stream, cuBLAS, kernels (compiled or from the cache).
     pub fn new(info: GpuInfo) -> Result<Self, BackendError> {
+        Self::with_defines(info, &[])
+    }
+
+    /// [`CudaBackend::new`] with `-D NAME=VALUE` tuning knobs for the kernels (e.g.
+    /// `DECODE_UNROLL`), for measurements.
+    pub fn with_defines(info: GpuInfo, defines: &[(&str, u32)]) -> Result<Self, BackendError> {
         let ctx = CudaContext::new(info.ordinal).map_err(start_err("context"))?;
         // SAFETY: one stream only; stream order is the only ordering the backend relies on.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| BackendError::Unsupported(format!("cuBLAS: {e:?}")))?;
         let t = std::time::Instant::now();
-        let modules =
-            compile::compile_all(info.arch, info.driver).map_err(BackendError::Unsupported)?;
+        let modules = compile::compile_all(info.arch, info.driver, defines)
+            .map_err(BackendError::Unsupported)?;
         let compiled = modules.iter().any(|m| !m.from_cache);
         let k = Kernels::load(&ctx, modules).map_err(start_err("module load"))?;
         let sms = ctx
@@ -134,6 +173,7 @@ impl CudaBackend {
             sms,
             split_matmul: true.into(),
             rope: Mutex::new(Vec::new()),
+            uploads: Mutex::new(Vec::new()),
             compile_seconds: if compiled {
                 t.elapsed().as_secs_f64()
             } else {
@@ -178,6 +218,25 @@ impl CudaBackend {
     fn scratch<T: DeviceRepr>(&self, len: usize) -> CudaSlice<T> {
         // SAFETY: every caller overwrites the elements it later reads.
         ok(unsafe { self.stream.alloc::<T>(len.max(1)) }, "alloc")
+    }
+
+    /// Device address of `data` uploaded under `key` (see `uploads`). Valid until the next
+    /// call with the same key; every caller enqueues its kernels before that.
+    fn indices(&self, key: &'static str, data: &[u32]) -> u64 {
+        let mut cache = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = cache.iter().position(|e| e.0 == key);
+        if let Some(i) = pos {
+            if cache[i].1 == data {
+                return self.ptr(&cache[i].2);
+            }
+        }
+        let dev = self.to_device(if data.is_empty() { &[0] } else { data });
+        let p = self.ptr(&dev);
+        match pos {
+            Some(i) => cache[i] = (key, data.to_vec(), dev),
+            None => cache.push((key, data.to_vec(), dev)),
+        }
+        p
     }
 
     fn inv_freq(&self, rope: &RopeParams) -> u64 {

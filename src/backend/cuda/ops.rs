@@ -72,14 +72,8 @@ impl Backend for CudaBackend {
             );
         }
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = self.to_device(&idx);
-        let (xp, ip, op, n, w) = (
-            self.ptr(x),
-            self.ptr(&idx),
-            self.ptr(&out),
-            rows.len(),
-            width as i32,
-        );
+        let ip = self.indices("rows", &idx);
+        let (xp, op, n, w) = (self.ptr(x), self.ptr(&out), rows.len(), width as i32);
         // SAFETY: `x` holds every row in `rows` (asserted), `out` `n * width` floats.
         ok(
             unsafe {
@@ -97,10 +91,9 @@ impl Backend for CudaBackend {
         if n == 0 {
             return;
         }
-        let ids_d = self.to_device(ids);
-        let (tp, ip, op, wi, vocab) = (
+        let ip = self.indices("ids", ids);
+        let (tp, op, wi, vocab) = (
             self.ptr(&table.data),
-            self.ptr(&ids_d),
             self.ptr(out),
             w as i32,
             table.rows as u32,
@@ -285,18 +278,13 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return;
         }
-        let pos_d = self.to_device(&positions[..rows]);
-        let slot_d = self.to_device(&slots[..rows]);
+        let pp = self.indices("positions", &positions[..rows]);
+        let sp = self.indices("slots", &slots[..rows]);
         let freq = self.inv_freq(rope);
         let base = self.ptr(&store.data);
         let kp = base + ((2 * layer) * store.plane() * 2) as u64;
         let vp = base + ((2 * layer + 1) * store.plane() * 2) as u64;
-        let (qp, pp, sp, scale) = (
-            self.ptr(qkv),
-            self.ptr(&pos_d),
-            self.ptr(&slot_d),
-            rope.attention_scaling,
-        );
+        let (qp, scale) = (self.ptr(qkv), rope.attention_scaling);
         let (h, kvh, d, bs) = (
             shape.num_heads as i32,
             shape.num_kv_heads as i32,
@@ -371,22 +359,31 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return;
         }
-        let tables = self.to_device(&p.tables);
+        let tp = self.indices("tables", &p.tables);
         let base = self.ptr(&store.data);
         let kp = base + ((2 * layer) * store.plane() * 2) as u64;
         let vp = base + ((2 * layer + 1) * store.plane() * 2) as u64;
-        let (qp, tp, op) = (self.ptr(qkv), self.ptr(&tables), self.ptr(out));
+        let (qp, op) = (self.ptr(qkv), self.ptr(out));
         let scale = 1.0 / (d as f32).sqrt();
         let (hi, kvhi, di, bsi) = (h as i32, kvh as i32, d as i32, store.block_size as i32);
 
         let n = p.decode_rows();
         if n > 0 {
+            let (decode_fn, g_max) = self.k.decode_fn(group);
+            assert!(
+                d / 8 >= g_max,
+                "decode attention: head_dim {d} too small for {group} query heads per KV head"
+            );
+            let bs_shift = if store.block_size.is_power_of_two() {
+                store.block_size.trailing_zeros() as i32
+            } else {
+                -1
+            };
             let (split, max_splits) = decode_split(p.max_ctx, n, kvh, self.sms);
-            let meta = self.to_device(&p.decode);
+            let mp = self.indices("decode", &p.decode);
             let part_o = self.scratch::<f32>(n * h * max_splits * d);
             let part_ml = self.scratch::<f32>(n * h * max_splits * 2);
-            let (mp, pop, pmp, spi, msi) = (
-                self.ptr(&meta),
+            let (pop, pmp, spi, msi) = (
                 self.ptr(&part_o),
                 self.ptr(&part_ml),
                 split as i32,
@@ -404,7 +401,7 @@ impl Backend for CudaBackend {
                 unsafe {
                     args!(
                         self.stream,
-                        &self.k.paged_decode,
+                        decode_fn,
                         &qp,
                         &mp,
                         &tp,
@@ -416,6 +413,7 @@ impl Backend for CudaBackend {
                         &kvhi,
                         &di,
                         &bsi,
+                        &bs_shift,
                         &spi,
                         &msi,
                         &scale
@@ -455,8 +453,7 @@ impl Backend for CudaBackend {
                 d <= PREFILL_MAX_DIM,
                 "prefill attention: head_dim {d} > {PREFILL_MAX_DIM}"
             );
-            let tiles = self.to_device(&p.tiles);
-            let tip = self.ptr(&tiles);
+            let tip = self.indices("tiles", &p.tiles);
             let cfg = LaunchConfig {
                 grid_dim: (kvh as u32, t as u32, 1),
                 block_dim: (ATTN_THREADS, 1, 1),

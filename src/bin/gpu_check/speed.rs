@@ -37,7 +37,9 @@ fn time(gpu: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
     median(t)
 }
 
-pub fn bandwidth(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
+/// Copy bandwidth, then decode attention bandwidth with the default kernels and with each
+/// `DECODE_UNROLL` in `unrolls` (kernels recompiled with that define).
+pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Result<()> {
     // The ceiling: a 2 GiB device-to-device copy, counting bytes read plus written.
     let n = 1usize << 29;
     let src = gpu.upload(&random_vec(&mut ChaCha8Rng::seed_from_u64(3), n, 1.0));
@@ -56,7 +58,16 @@ pub fn bandwidth(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     ));
     drop((src, dst));
 
-    // Paged decode attention, one layer of the 1B shape: K and V of every context read once.
+    decode(gpu, copy, "", rows);
+    for &u in unrolls {
+        let variant = CudaBackend::with_defines(gpu.info().clone(), &[("DECODE_UNROLL", u)])?;
+        decode(&variant, copy, &format!(", DECODE_UNROLL={u}"), rows);
+    }
+    Ok(())
+}
+
+/// Paged decode attention, one layer of the 1B shape: K and V of every context read once.
+fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
     let shape = AttnShape {
         num_heads: 32,
         num_kv_heads: 8,
@@ -105,7 +116,7 @@ pub fn bandwidth(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         let bytes = (seqs * ctx * shape.kv_width() * 2 * 2) as f64;
         let bw = bytes / s / 1e9;
         rows.push(measure(
-            &format!("decode attention {seqs} seqs x {ctx} ctx"),
+            &format!("decode attention {seqs} seqs x {ctx} ctx{label}"),
             bw,
             "GB/s",
             &format!(
@@ -115,7 +126,6 @@ pub fn bandwidth(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             ),
         ));
     }
-    Ok(())
 }
 
 /// Engine output tokens/s at batch 1, 32 and 128: prompts of 128 tokens, 128 output tokens each
@@ -177,6 +187,7 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
             .collect();
         let all: Vec<Vec<Instant>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
         let wall = t0.elapsed().as_secs_f64();
+        let stats = h.stats();
         drop(engine);
         let generated: usize = all.iter().map(Vec::len).sum();
         let decoding = all
@@ -201,7 +212,10 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
             generated as f64 / wall,
             "tok/s",
             &format!(
-                "prompt {prompt}, output {output}, {generated} tokens in {wall:.2} s; steady decode {decode_rate:.0} tok/s"
+                "prompt {prompt}, output {output}, {generated} tokens in {wall:.2} s; steady decode {decode_rate:.0} tok/s; {} steps, {:.2} ms/step, forward {:.0}% of step time",
+                stats.scheduler.steps,
+                stats.step_seconds * 1e3 / stats.scheduler.steps.max(1) as f64,
+                100.0 * stats.forward_seconds / stats.step_seconds.max(1e-9),
             ),
         ));
         std::thread::sleep(Duration::from_millis(100));
