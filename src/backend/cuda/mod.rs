@@ -19,6 +19,7 @@
 //! Unlike the CPU backend, a row's result may differ in the last bits with the batch around it
 //! (cuBLAS picks its algorithm by shape).
 
+mod attention;
 pub mod compile;
 pub mod device;
 mod kernels;
@@ -79,6 +80,9 @@ impl CudaKvStore {
     }
 }
 
+/// One cached index array: its purpose, its host copy and its device copy.
+type Upload = (&'static str, Vec<u32>, CudaSlice<u32>);
+
 /// A GPU backend on one device.
 pub struct CudaBackend {
     info: GpuInfo,
@@ -94,7 +98,7 @@ pub struct CudaBackend {
     /// uploads the same arrays for every layer: an unchanged array is reused, so a step syncs
     /// once per array instead of once per layer. A replaced array is freed in stream order,
     /// after the kernels queued before that read it.
-    uploads: Mutex<Vec<(&'static str, Vec<u32>, CudaSlice<u32>)>>,
+    uploads: Mutex<Vec<Upload>>,
     /// Seconds spent compiling kernels at start (0 when all came from the cache).
     pub compile_seconds: f64,
 }
