@@ -3,6 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::cuda::{CudaBackend, DeviceArg};
+use kvserve::backend::Backend;
 use kvserve::config::{Config, KvSection, TenantConfig};
 use kvserve::engine::generate::{generate, generate_paged, GenerateOptions};
 use kvserve::engine::paged::PagedKv;
@@ -37,7 +39,7 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
-    /// Generate text from a prompt on the CPU, streaming it to stdout.
+    /// Generate text from a prompt (on the GPU when one is usable), streaming it to stdout.
     Generate(GenerateArgs),
     /// Print the token ids of a text, comma-separated (input for `generate --prompt-ids`).
     Tokenize {
@@ -95,6 +97,9 @@ struct ServeArgs {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, env = "KVSERVE_THREADS")]
     threads: Option<usize>,
+    /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, env = "KVSERVE_DEVICE", default_value = "auto")]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -145,6 +150,9 @@ struct GenerateArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -275,8 +283,24 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             let _ = loaded_rx.await;
         }));
         let start_cfg = cfg.clone();
-        let server = tokio::task::spawn_blocking(move || {
-            kvserve::server::Server::start(&start_cfg, tenancy)
+        let device = args.device;
+        let server = tokio::task::spawn_blocking(move || -> Result<kvserve::server::Server> {
+            use kvserve::backend::cuda::{choose, Choice};
+            use kvserve::server::Server;
+            // Said on stderr with its reason; `cuda` without a usable GPU is an error.
+            Ok(match choose(device).map_err(anyhow::Error::msg)? {
+                Choice::Cpu { reason } => {
+                    eprintln!("kvserve: device cpu ({reason})");
+                    Server::start_on(&start_cfg, tenancy, CpuBackend::new())?
+                }
+                Choice::Cuda(gpu) => {
+                    eprintln!(
+                        "kvserve: device cuda:{} ({}, sm_{}): a usable GPU was found",
+                        gpu.ordinal, gpu.name, gpu.arch
+                    );
+                    Server::start_on(&start_cfg, tenancy, CudaBackend::new(gpu)?)?
+                }
+            })
         })
         .await??;
         let _ = loaded_tx.send(());
@@ -322,13 +346,26 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             .num_threads(n)
             .build_global()?;
     }
+    // Device choice (issue 9): said on stderr with its reason; `cuda` without a GPU is an error.
+    match kvserve::backend::cuda::choose(args.device).map_err(anyhow::Error::msg)? {
+        kvserve::backend::cuda::Choice::Cpu { reason } => {
+            eprintln!("device: cpu ({reason})");
+            generate_on(args, CpuBackend::new())
+        }
+        kvserve::backend::cuda::Choice::Cuda(gpu) => {
+            eprintln!(
+                "device: cuda:{} ({}, sm_{}): a usable GPU was found",
+                gpu.ordinal, gpu.name, gpu.arch
+            );
+            generate_on(args, CudaBackend::new(gpu)?)
+        }
+    }
+}
+
+fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
     let t_load = Instant::now();
     let files = loader::open(&args.model)?;
-    let model = Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )?;
+    let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
     drop(files.weights);
     tracing::info!(ms = t_load.elapsed().as_millis() as u64, "model loaded");
     let tok = &files.tokenizer;

@@ -3,6 +3,7 @@
 //! through [`Server::start`] and [`crate::http::serve`].
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
 use crate::engine::paged::PagedKv;
 use crate::engine::Engine;
@@ -31,9 +32,20 @@ pub struct Server {
 }
 
 impl Server {
-    /// Loads the model named by `cfg.model.path`, sizes the KV pool, starts the engine.
-    /// `tenancy` comes from a tenants file, or is [`Tenancy::open`] (one tenant, no keys).
+    /// [`Server::start_on`] the CPU backend.
     pub fn start(cfg: &Config, tenancy: Tenancy) -> Result<Self, StartError> {
+        Self::start_on(cfg, tenancy, CpuBackend::new())
+    }
+
+    /// Loads the model named by `cfg.model.path` onto `backend`, sizes the KV pool, starts the
+    /// engine. `tenancy` comes from a tenants file, or is [`Tenancy::open`] (one tenant, no
+    /// keys).
+    pub fn start_on<B>(cfg: &Config, tenancy: Tenancy, backend: B) -> Result<Self, StartError>
+    where
+        B: Backend + 'static,
+        Llama<B>: Send + Sync,
+        B::KvStore: Send,
+    {
         for i in 0..tenancy.len() {
             let t = tenancy
                 .get(crate::types::TenantId(i as u32))
@@ -44,11 +56,7 @@ impl Server {
         }
         let t0 = std::time::Instant::now();
         let files = loader::open(&cfg.model.path)?;
-        let model = Llama::load(
-            files.config.clone(),
-            files.weights.as_ref(),
-            CpuBackend::new(),
-        )?;
+        let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
         let tenant_cfgs = tenancy.tenant_configs();
         let kv = PagedKv::new(&model, &cfg.kv, &tenant_cfgs)?;
         tracing::info!(

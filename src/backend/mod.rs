@@ -5,6 +5,7 @@
 //! backend's memory (host memory for the CPU backend, device memory for CUDA).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::BackendError;
 use crate::model::tensor::HostTensor;

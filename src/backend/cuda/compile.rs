@@ -1,0 +1,188 @@
+//! Kernel sources and their NVRTC compilation. Every `kernels/*.cu` file is embedded in the
+//! binary, compiled at start for the device's own architecture straight to a CUBIN (no PTX: a
+//! driver can only JIT PTX from an NVRTC no newer than itself), and cached on disk keyed by the
+//! source hash, the architecture, the NVRTC version and the driver version.
+//!
+//! `common.cuh` is pasted in place of each file's `#include "common.cuh"` line, so NVRTC needs no
+//! include path and no CUDA headers (bf16 is handled as raw bits in `common.cuh`).
+
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use std::ffi::CString;
+use std::path::PathBuf;
+
+/// `kernels/common.cuh`, shared by every file.
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Every kernel file: (file name, source).
+pub const KERNEL_FILES: &[(&str, &str)] = &[
+    ("norm.cu", include_str!("../../../kernels/norm.cu")),
+    (
+        "elementwise.cu",
+        include_str!("../../../kernels/elementwise.cu"),
+    ),
+    ("rope_kv.cu", include_str!("../../../kernels/rope_kv.cu")),
+    (
+        "attention.cu",
+        include_str!("../../../kernels/attention.cu"),
+    ),
+    ("kv_copy.cu", include_str!("../../../kernels/kv_copy.cu")),
+];
+
+/// The source NVRTC sees for `src`: `common.cuh` pasted in place of its include line.
+pub fn expand(src: &str) -> String {
+    src.replace("#include \"common.cuh\"", COMMON)
+}
+
+/// One compiled file.
+#[derive(Debug)]
+pub struct Compiled {
+    pub file: &'static str,
+    pub cubin: Vec<u8>,
+    /// The compiler's log (ptxas resource usage with `verbose`).
+    pub log: String,
+    pub from_cache: bool,
+}
+
+/// The NVRTC library's version, `(major, minor)`.
+pub fn nvrtc_version() -> Result<(i32, i32), String> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers; NVRTC is loaded (the caller checked it is present).
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+    Ok((major, minor))
+}
+
+/// NVRTC options for `sm_<arch>` with `-D` tuning `defines`; `verbose` adds ptxas's resource report (one `-Xptxas=` per
+/// flag: NVRTC rejects comma-joined ptxas flags).
+pub fn options(arch: u32, verbose: bool, defines: &[(&str, u32)]) -> Vec<String> {
+    let mut o = vec![
+        format!("--gpu-architecture=sm_{arch}"),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+    ];
+    o.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+    if verbose {
+        o.push("-Xptxas=-v".to_string());
+        o.push("-Xptxas=--warn-on-spills".to_string());
+    }
+    o
+}
+
+/// Compiles one file to a CUBIN for `sm_<arch>` (no cache).
+pub fn compile_file(
+    file: &'static str,
+    src: &str,
+    arch: u32,
+    verbose: bool,
+    defines: &[(&str, u32)],
+) -> Result<Compiled, String> {
+    let code = CString::new(expand(src)).map_err(|e| format!("{file}: {e}"))?;
+    let name = CString::new(file).expect("file names have no NUL");
+    let prog = nvrtc::create_program(&code, Some(&name)).map_err(|e| format!("{file}: {e:?}"))?;
+    // SAFETY: `prog` was just created and is destroyed exactly once below.
+    let compiled = unsafe { nvrtc::compile_program(prog, &options(arch, verbose, defines)) };
+    // SAFETY: `prog` is live.
+    let log = unsafe { nvrtc::get_program_log(prog) }
+        .map(|l| {
+            let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .unwrap_or_default();
+    let result = match compiled {
+        Err(e) => Err(format!("{file} for sm_{arch}: {e:?}\n{log}")),
+        Ok(()) => {
+            let mut size = 0usize;
+            // SAFETY: `prog` compiled; `size` is a valid out-pointer.
+            let r = unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) }.result();
+            let mut cubin = vec![0u8; size];
+            // SAFETY: `cubin` holds exactly the `size` bytes NVRTC reported.
+            let r = r.and_then(|()| {
+                unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _) }.result()
+            });
+            match r {
+                Ok(()) if size > 0 => Ok(Compiled {
+                    file,
+                    cubin,
+                    log: log.clone(),
+                    from_cache: false,
+                }),
+                Ok(()) => Err(format!("{file}: NVRTC returned an empty CUBIN")),
+                Err(e) => Err(format!("{file}: nvrtcGetCUBIN: {e:?}")),
+            }
+        }
+    };
+    // SAFETY: `prog` is live and not used after this.
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    result
+}
+
+/// Where compiled modules are cached: `$KVSERVE_CUDA_CACHE`, else `$XDG_CACHE_HOME/kvserve/cuda`,
+/// else `~/.cache/kvserve/cuda`, else the system temp dir.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KVSERVE_CUDA_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("kvserve").join("cuda")
+}
+
+/// The cache file of `file` for this source, arch, NVRTC and driver.
+pub fn cache_path(
+    file: &str,
+    src: &str,
+    arch: u32,
+    nvrtc: (i32, i32),
+    driver: i32,
+    defines: &[(&str, u32)],
+) -> PathBuf {
+    let mut h = blake3::Hasher::new();
+    h.update(expand(src).as_bytes());
+    h.update(options(arch, false, defines).join(" ").as_bytes());
+    let hash = h.finalize().to_hex();
+    let stem = file.trim_end_matches(".cu");
+    cache_dir().join(format!(
+        "{stem}-sm_{arch}-nvrtc{}.{}-drv{driver}-{}.cubin",
+        nvrtc.0,
+        nvrtc.1,
+        &hash[..16]
+    ))
+}
+
+/// Every kernel file for `sm_<arch>`, from the disk cache when present (a cache that cannot be
+/// written is only logged: compiling again next start is correct, just slower).
+pub fn compile_all(
+    arch: u32,
+    driver: i32,
+    defines: &[(&str, u32)],
+) -> Result<Vec<Compiled>, String> {
+    let nv = nvrtc_version()?;
+    let mut out = Vec::new();
+    for &(file, src) in KERNEL_FILES {
+        let path = cache_path(file, src, arch, nv, driver, defines);
+        if let Ok(cubin) = std::fs::read(&path) {
+            if !cubin.is_empty() {
+                out.push(Compiled {
+                    file,
+                    cubin,
+                    log: String::new(),
+                    from_cache: true,
+                });
+                continue;
+            }
+        }
+        let c = compile_file(file, src, arch, false, defines)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = std::fs::create_dir_all(cache_dir())
+            .and_then(|()| std::fs::write(&tmp, &c.cubin))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled kernel module");
+        }
+        out.push(c);
+    }
+    Ok(out)
+}

@@ -1,0 +1,134 @@
+//! Typed wrappers over the `kernels/*.cu` entry points: one method per kernel that computes the
+//! launch shape and checks what the kernel assumes. Device pointers travel as raw `u64`
+//! addresses: the backend runs everything on one stream with cudarc's event tracking off, so
+//! stream order alone orders every read after the writes before it.
+
+use super::compile::Compiled;
+use cudarc::driver::{
+    sys::CUfunction_attribute_enum, CudaContext, CudaFunction, DriverError, LaunchConfig,
+};
+use std::sync::Arc;
+
+/// Threads per CTA of the attention kernels (`THREADS` in attention.cu).
+pub const ATTN_THREADS: u32 = 128;
+/// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).
+pub const MAX_GROUP: usize = 8;
+/// Keys per prefill tile (`KTILE`) and queries per prefill CTA (`PREFILL_Q`).
+pub const KTILE: usize = 32;
+pub const PREFILL_QUERIES: usize = 32;
+/// Largest head_dim the prefill kernel's shared memory is sized for at load.
+pub const PREFILL_MAX_DIM: usize = 256;
+
+/// Builds a launch from a function and argument references (all locals of the caller).
+macro_rules! args {
+    ($stream:expr, $f:expr, $($arg:expr),* $(,)?) => {{
+        let mut b = $stream.launch_builder($f);
+        $( b.arg($arg); )*
+        b
+    }};
+}
+pub(crate) use args;
+
+/// Every kernel, loaded from the compiled modules.
+#[derive(Debug)]
+pub struct Kernels {
+    pub rms_norm: CudaFunction,
+    pub add: CudaFunction,
+    pub add_bias: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub embed: CudaFunction,
+    pub split: CudaFunction,
+    pub sum_halves: CudaFunction,
+    pub convert: CudaFunction,
+    pub rope_store: CudaFunction,
+    /// `paged_decode_g{1,2,4,8}_bf16`: register arrays sized for the group (see `decode_fn`).
+    pub paged_decode: [CudaFunction; 4],
+    pub decode_reduce: CudaFunction,
+    pub prefill: CudaFunction,
+    pub copy_blocks: CudaFunction,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>, modules: Vec<Compiled>) -> Result<Self, DriverError> {
+        let mut loaded = Vec::new();
+        for m in modules {
+            loaded.push((
+                m.file,
+                ctx.load_module(cudarc::nvrtc::Ptx::from_binary(m.cubin))?,
+            ));
+        }
+        let f = |file: &str, name: &str| -> Result<CudaFunction, DriverError> {
+            let (_, module) = loaded
+                .iter()
+                .find(|(f, _)| *f == file)
+                .expect("every kernel file is compiled");
+            module.load_function(name)
+        };
+        let k = Kernels {
+            rms_norm: f("norm.cu", "rms_norm_f32")?,
+            add: f("elementwise.cu", "add_f32")?,
+            add_bias: f("elementwise.cu", "add_bias_f32")?,
+            silu_mul: f("elementwise.cu", "silu_mul_f32")?,
+            gather_rows: f("elementwise.cu", "gather_rows_f32")?,
+            embed: f("elementwise.cu", "embed_bf16")?,
+            split: f("elementwise.cu", "split_bf16")?,
+            sum_halves: f("elementwise.cu", "sum_halves_f32")?,
+            convert: f("elementwise.cu", "convert_bf16")?,
+            rope_store: f("rope_kv.cu", "rope_store_bf16")?,
+            paged_decode: [
+                f("attention.cu", "paged_decode_g1_bf16")?,
+                f("attention.cu", "paged_decode_g2_bf16")?,
+                f("attention.cu", "paged_decode_g4_bf16")?,
+                f("attention.cu", "paged_decode_g8_bf16")?,
+            ],
+            decode_reduce: f("attention.cu", "decode_reduce_f32")?,
+            prefill: f("attention.cu", "prefill_bf16")?,
+            copy_blocks: f("kv_copy.cu", "copy_blocks_bf16")?,
+        };
+        // The prefill CTA's shared memory passes 48 KiB from head_dim 96 up (132 KiB at 256;
+        // sm_80 allows 163 KiB per CTA, sm_90 227 KiB).
+        k.prefill.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            prefill_smem(PREFILL_MAX_DIM) as i32,
+        )?;
+        Ok(k)
+    }
+}
+
+/// Dynamic shared memory of the prefill kernel at `dim`: q and outputs `[32, dim]` each,
+/// K `[32, dim + 1]`, V `[32, dim]`, f32.
+pub fn prefill_smem(dim: usize) -> u32 {
+    ((2 * PREFILL_QUERIES * dim + KTILE * (dim + 1) + KTILE * dim) * 4) as u32
+}
+
+/// Dynamic shared memory of the decode kernel: the larger of the scores `[G, split_len]` and
+/// the per-thread-group partial outputs `[128 / (dim / 8), G, dim]` (they share the space).
+pub fn decode_smem(group: usize, dim: usize, split_len: usize) -> u32 {
+    let kpp = ATTN_THREADS as usize / (dim / 8);
+    ((group * split_len).max(kpp * group * dim) * 4) as u32
+}
+
+impl Kernels {
+    /// The smallest decode variant whose compile-time group bound `G_MAX` holds `group` (≤ 8),
+    /// with that bound (the kernel needs `dim / 8 >= G_MAX` lanes per key).
+    pub fn decode_fn(&self, group: usize) -> (&CudaFunction, usize) {
+        let i = match group {
+            0 | 1 => 0,
+            2 => 1,
+            3 | 4 => 2,
+            _ => 3,
+        };
+        (&self.paged_decode[i], 1 << i)
+    }
+}
+
+/// A 1-D grid-stride launch over `n` elements.
+pub fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

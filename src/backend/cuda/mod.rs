@@ -1,0 +1,291 @@
+//! The CUDA backend: the [`Backend`] ops on an NVIDIA GPU through cudarc, with the driver, NVRTC
+//! and cuBLAS loaded at run time (`device` probes them first, so a machine without them gets a
+//! clear answer instead of cudarc's loader panic).
+//!
+//! - Weights: bf16 on the device (`CudaMatrix`), whatever the source format.
+//! - Activations: f32 (`CudaSlice<f32>`), as the trait specifies.
+//! - Products: cuBLAS GemmEx, bf16 × bf16 with f32 accumulation. The f32 activations are split
+//!   into bf16 `hi + lo` rows (`split_bf16`) and multiplied in one product of twice the rows, so
+//!   the result matches an f32-activation product (the CPU oracle) to ~1e-5 instead of the
+//!   ~3e-3 of a plain bf16 cast; weights are still read once. [`CudaBackend::set_split_matmul`]
+//!   turns this off (plain bf16 activations, half the arithmetic).
+//! - KV: bf16, one allocation `[layer][k|v][block][kv_head][slot][dim]` (`CudaKvStore`); the
+//!   quantized KV policies (int8/int4/latent) are a later issue.
+//! - Kernels: `kernels/*.cu`, compiled at start by NVRTC for the device's arch (`compile`).
+//!
+//! Everything runs in order on one stream with cudarc's event tracking off. The trait's ops are
+//! infallible: a CUDA error inside one (a lost device, an out-of-memory) panics with the op's
+//! name, like an out-of-bounds index would on the CPU; start-up errors are returned.
+//! Unlike the CPU backend, a row's result may differ in the last bits with the batch around it
+//! (cuBLAS picks its algorithm by shape).
+
+mod attention;
+pub mod compile;
+pub mod device;
+mod kernels;
+pub mod parity;
+pub mod plan;
+
+use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams};
+use crate::error::BackendError;
+use crate::model::tensor::HostTensor;
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    sys::CUdevice_attribute, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+pub use device::{choose, probe, Choice, DeviceArg, GpuInfo};
+use half::bf16;
+use kernels::{args, grid_1d, Kernels};
+use std::sync::{Arc, Mutex};
+
+/// A weight matrix `[rows, cols]` in bf16 on the device.
+#[derive(Debug)]
+pub struct CudaMatrix {
+    pub data: CudaSlice<bf16>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The paged KV pool on the device: bf16, `[layer][k|v][block][kv_head][slot][dim]`.
+#[derive(Debug)]
+pub struct CudaKvStore {
+    data: CudaSlice<bf16>,
+    layers: usize,
+    num_blocks: usize,
+    block_size: usize,
+    shape: AttnShape,
+}
+
+impl KvGeometry for CudaKvStore {
+    fn num_layers(&self) -> usize {
+        self.layers
+    }
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+}
+
+impl CudaKvStore {
+    /// Elements of one block of one layer's K (or V).
+    fn block_elems(&self) -> usize {
+        self.block_size * self.shape.kv_width()
+    }
+    /// Elements of one layer's K (or V).
+    fn plane(&self) -> usize {
+        self.num_blocks * self.block_elems()
+    }
+}
+
+/// One cached index array: its purpose, its host copy and its device copy.
+type Upload = (&'static str, Vec<u32>, CudaSlice<u32>);
+
+/// A GPU backend on one device.
+pub struct CudaBackend {
+    info: GpuInfo,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    sms: usize,
+    split_matmul: std::sync::atomic::AtomicBool,
+    /// `inv_freq` uploaded once per distinct rope parameters.
+    rope: Mutex<Vec<(Vec<f32>, CudaSlice<f32>)>>,
+    /// The last index array uploaded for each purpose (positions, slots, block tables, ...).
+    /// A copy from pageable host memory waits for the stream to drain, and a forward step
+    /// uploads the same arrays for every layer: an unchanged array is reused, so a step syncs
+    /// once per array instead of once per layer. A replaced array is freed in stream order,
+    /// after the kernels queued before that read it.
+    uploads: Mutex<Vec<Upload>>,
+    /// Seconds spent compiling kernels at start (0 when all came from the cache).
+    pub compile_seconds: f64,
+}
+
+/// Unwraps a CUDA result inside an infallible trait op (see the module doc).
+#[track_caller]
+fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("CUDA {what}: {e:?}"))
+}
+
+/// Per-op scratch and activations come from the device's default stream-ordered memory pool,
+/// whose release threshold is 0 by default: every synchronisation (one per forward step, to
+/// read the logits) would hand its memory back to the driver and the next step would map it
+/// again. Keep it instead. Failure only costs speed, so it is logged, not returned.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::sys as drv;
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: valid out-pointer and device; the attribute takes a pointer to a u64.
+    let r = unsafe {
+        drv::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .and_then(|()| {
+                drv::cuMemPoolSetAttribute(
+                    pool,
+                    drv::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                )
+                .result()
+            })
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "cannot keep freed memory in the CUDA memory pool");
+    }
+}
+
+fn start_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> BackendError + '_ {
+    move |e| BackendError::Unsupported(format!("CUDA {what}: {e}"))
+}
+
+impl CudaBackend {
+    /// Probes device `ordinal` and opens it (see [`device::probe`]).
+    pub fn open(ordinal: usize) -> Result<Self, BackendError> {
+        let info = probe(ordinal).map_err(BackendError::Unsupported)?;
+        Self::new(info)
+    }
+
+    /// Opens a probed device: context, stream, cuBLAS, kernels (compiled or from the cache).
+    pub fn new(info: GpuInfo) -> Result<Self, BackendError> {
+        Self::with_defines(info, &[])
+    }
+
+    /// [`CudaBackend::new`] with `-D NAME=VALUE` tuning knobs for the kernels (e.g.
+    /// `DECODE_UNROLL`), for measurements.
+    pub fn with_defines(info: GpuInfo, defines: &[(&str, u32)]) -> Result<Self, BackendError> {
+        let ctx = CudaContext::new(info.ordinal).map_err(start_err("context"))?;
+        // SAFETY: one stream only; stream order is the only ordering the backend relies on.
+        unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| BackendError::Unsupported(format!("cuBLAS: {e:?}")))?;
+        let t = std::time::Instant::now();
+        let modules = compile::compile_all(info.arch, info.driver, defines)
+            .map_err(BackendError::Unsupported)?;
+        let compiled = modules.iter().any(|m| !m.from_cache);
+        let k = Kernels::load(&ctx, modules).map_err(start_err("module load"))?;
+        let sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(start_err("attribute"))? as usize;
+        Ok(Self {
+            info,
+            stream,
+            blas,
+            k,
+            sms,
+            split_matmul: true.into(),
+            rope: Mutex::new(Vec::new()),
+            uploads: Mutex::new(Vec::new()),
+            compile_seconds: if compiled {
+                t.elapsed().as_secs_f64()
+            } else {
+                0.0
+            },
+        })
+    }
+
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
+    }
+
+    /// Waits for all queued work (timing, and errors surfacing from earlier launches).
+    pub fn synchronize(&self) {
+        ok(self.stream.synchronize(), "synchronize");
+    }
+
+    /// `true` (default): products with bf16 `hi + lo` activations (f32-exact); `false`: plain
+    /// bf16 activations.
+    pub fn set_split_matmul(&self, on: bool) {
+        self.split_matmul
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    fn to_device<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        ok(self.stream.clone_htod(v), "upload")
+    }
+
+    /// Uninitialised device memory for `len` elements (at least one).
+    fn scratch<T: DeviceRepr>(&self, len: usize) -> CudaSlice<T> {
+        // SAFETY: every caller overwrites the elements it later reads.
+        ok(unsafe { self.stream.alloc::<T>(len.max(1)) }, "alloc")
+    }
+
+    /// Device address of `data` uploaded under `key` (see `uploads`). Valid until the next
+    /// call with the same key; every caller enqueues its kernels before that.
+    fn indices(&self, key: &'static str, data: &[u32]) -> u64 {
+        let mut cache = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = cache.iter().position(|e| e.0 == key);
+        if let Some(i) = pos {
+            if cache[i].1 == data {
+                return self.ptr(&cache[i].2);
+            }
+        }
+        let dev = self.to_device(if data.is_empty() { &[0] } else { data });
+        let p = self.ptr(&dev);
+        match pos {
+            Some(i) => cache[i] = (key, data.to_vec(), dev),
+            None => cache.push((key, data.to_vec(), dev)),
+        }
+        p
+    }
+
+    fn inv_freq(&self, rope: &RopeParams) -> u64 {
+        let mut tables = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        let scaled: Vec<f32> = rope.inv_freq.clone();
+        if let Some((_, d)) = tables.iter().find(|(f, _)| *f == scaled) {
+            return self.ptr(d);
+        }
+        let d = self.to_device(&scaled);
+        let p = self.ptr(&d);
+        tables.push((scaled, d));
+        p
+    }
+
+    /// `out[rows, n] = x[rows, k] · wᵀ` with bf16 `x` (`[rows, k]`) through cuBLAS.
+    fn gemm(&self, x: u64, rows: usize, w: &CudaMatrix, out: u64) {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: `w` holds `w.rows * w.cols` bf16, `x` `rows * w.cols` bf16 and `out`
+        // `rows * w.rows` f32 (the callers allocate them so); column-major view: out (w.rows ×
+        // rows) = wᵀ-stored (w.cols × w.rows)ᵀ · x (w.cols × rows).
+        let r = unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                w.rows as i32,
+                rows as i32,
+                w.cols as i32,
+                &alpha as *const f32 as *const _,
+                self.ptr(&w.data) as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                w.cols as i32,
+                x as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                w.cols as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                w.rows as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        ok(r, "cublasGemmEx");
+    }
+}
+
+mod ops;

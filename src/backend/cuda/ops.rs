@@ -1,0 +1,370 @@
+//! `impl Backend for CudaBackend`: each op checks the sizes its kernel assumes, uploads the small
+//! index arrays it needs and launches. Launch shapes are documented in the `.cu` files.
+
+use super::*;
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type Matrix = CudaMatrix;
+    type KvStore = CudaKvStore;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} ({}, sm_{}, driver {})",
+            self.info.ordinal, self.info.name, self.info.arch, self.info.driver
+        )
+    }
+
+    fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<CudaMatrix, BackendError> {
+        let cols = match parts.first() {
+            Some(p) if p.shape.len() == 2 => p.shape[1],
+            _ => return Err(BackendError::Shape("expected 2-D matrices".into())),
+        };
+        let mut data = Vec::new();
+        let mut rows = 0;
+        for p in parts {
+            if p.shape.len() != 2 || p.shape[1] != cols || p.data.len() != p.numel() {
+                return Err(BackendError::Shape(format!(
+                    "{}: shape {:?} cannot stack with {cols} columns",
+                    p.name, p.shape
+                )));
+            }
+            rows += p.shape[0];
+            data.extend(p.data.to_bf16());
+        }
+        let data = self
+            .stream
+            .clone_htod(&data)
+            .map_err(|e| BackendError::Unsupported(format!("CUDA upload: {e}")))?;
+        Ok(CudaMatrix { data, rows, cols })
+    }
+
+    fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        self.to_device(data)
+    }
+
+    fn alloc(&self, len: usize) -> CudaSlice<f32> {
+        ok(self.stream.alloc_zeros(len.max(1)), "alloc")
+    }
+
+    fn read(&self, buf: &CudaSlice<f32>, offset: usize, out: &mut [f32]) {
+        if out.is_empty() {
+            return;
+        }
+        let view = buf.slice(offset..offset + out.len());
+        ok(self.stream.memcpy_dtoh(&view, out), "read");
+        self.synchronize();
+    }
+
+    fn gather_rows(&self, x: &CudaSlice<f32>, rows: &[usize], width: usize) -> CudaSlice<f32> {
+        let out = self.alloc(rows.len() * width);
+        if let Some(&max) = rows.iter().max() {
+            assert!(
+                (max + 1) * width <= x.len(),
+                "gather_rows: row {max} out of range"
+            );
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let ip = self.indices("rows", &idx);
+        let (xp, op, n, w) = (self.ptr(x), self.ptr(&out), rows.len(), width as i32);
+        // SAFETY: `x` holds every row in `rows` (asserted), `out` `n * width` floats.
+        ok(
+            unsafe {
+                args!(self.stream, &self.k.gather_rows, &xp, &ip, &op, &n, &w)
+                    .launch(grid_1d(n * width))
+            },
+            "gather_rows",
+        );
+        out
+    }
+
+    fn embed(&self, table: &CudaMatrix, ids: &[u32], out: &mut CudaSlice<f32>) {
+        let (n, w) = (ids.len(), table.cols);
+        assert!(out.len() >= n * w, "embed: output too small");
+        if n == 0 {
+            return;
+        }
+        let ip = self.indices("ids", ids);
+        let (tp, op, wi, vocab) = (
+            self.ptr(&table.data),
+            self.ptr(out),
+            w as i32,
+            table.rows as u32,
+        );
+        // SAFETY: `table` is `[vocab, w]` bf16, `ids` n ids (bounds-checked in the kernel),
+        // `out` ≥ `n * w` floats (asserted).
+        ok(
+            unsafe {
+                args!(self.stream, &self.k.embed, &tp, &ip, &op, &n, &wi, &vocab)
+                    .launch(grid_1d(n * w))
+            },
+            "embed",
+        );
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let w = weight.len();
+        assert!(
+            x.len() >= rows * w && out.len() >= rows * w,
+            "rms_norm: buffers too small"
+        );
+        if rows == 0 {
+            return;
+        }
+        let (xp, wp, op, wi) = (self.ptr(x), self.ptr(weight), self.ptr(out), w as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one CTA per row of `w` floats; `x` and `out` hold `rows * w` (asserted).
+        ok(
+            unsafe { args!(self.stream, &self.k.rms_norm, &xp, &wp, &op, &wi, &eps).launch(cfg) },
+            "rms_norm",
+        );
+    }
+
+    fn matmul(&self, x: &CudaSlice<f32>, rows: usize, w: &CudaMatrix, out: &mut CudaSlice<f32>) {
+        let (k, n) = (w.cols, w.rows);
+        assert!(
+            x.len() >= rows * k && out.len() >= rows * n,
+            "matmul: buffers too small"
+        );
+        if rows == 0 {
+            return;
+        }
+        let xp = self.ptr(x);
+        if self.split_matmul.load(std::sync::atomic::Ordering::Relaxed) {
+            let hilo = self.scratch::<bf16>(2 * rows * k);
+            let y2 = self.scratch::<f32>(2 * rows * n);
+            let (hp, yp, op, len) = (self.ptr(&hilo), self.ptr(&y2), self.ptr(out), rows * k);
+            // SAFETY: `x` ≥ `len` floats (asserted), `hilo` holds `2 * len` bf16.
+            ok(
+                unsafe { args!(self.stream, &self.k.split, &xp, &hp, &len).launch(grid_1d(len)) },
+                "split",
+            );
+            self.gemm(hp, 2 * rows, w, yp);
+            let m = rows * n;
+            // SAFETY: `y2` holds `2 * m` floats, `out` ≥ `m` (asserted).
+            ok(
+                unsafe { args!(self.stream, &self.k.sum_halves, &yp, &op, &m).launch(grid_1d(m)) },
+                "sum_halves",
+            );
+        } else {
+            let xb = self.scratch::<bf16>(rows * k);
+            let (bp, len) = (self.ptr(&xb), rows * k);
+            // SAFETY: `x` ≥ `len` floats, `xb` holds `len` bf16.
+            ok(
+                unsafe { args!(self.stream, &self.k.convert, &xp, &bp, &len).launch(grid_1d(len)) },
+                "convert",
+            );
+            self.gemm(bp, rows, w, self.ptr(out));
+        }
+    }
+
+    fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize) {
+        let w = bias.len();
+        assert!(x.len() >= rows * w, "add_bias: buffer too small");
+        let (xp, bp, wi) = (self.ptr(x), self.ptr(bias), w as i32);
+        // SAFETY: `x` ≥ `rows * w` floats (asserted), `bias` `w`.
+        ok(
+            unsafe {
+                args!(self.stream, &self.k.add_bias, &xp, &bp, &rows, &wi).launch(grid_1d(rows * w))
+            },
+            "add_bias",
+        );
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, len: usize) {
+        assert!(x.len() >= len && y.len() >= len, "add: buffers too small");
+        if len == 0 {
+            return;
+        }
+        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        // SAFETY: both hold ≥ `len` floats (asserted).
+        ok(
+            unsafe { args!(self.stream, &self.k.add, &xp, &yp, &len).launch(grid_1d(len)) },
+            "add",
+        );
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &CudaSlice<f32>,
+        rows: usize,
+        inter: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        assert!(
+            gate_up.len() >= rows * 2 * inter && out.len() >= rows * inter,
+            "silu_mul: buffers too small"
+        );
+        if rows * inter == 0 {
+            return;
+        }
+        let (gp, op, ii) = (self.ptr(gate_up), self.ptr(out), inter as i32);
+        // SAFETY: `gate_up` ≥ `rows * 2 * inter`, `out` ≥ `rows * inter` floats (asserted).
+        ok(
+            unsafe {
+                args!(self.stream, &self.k.silu_mul, &gp, &op, &rows, &ii)
+                    .launch(grid_1d(rows * inter))
+            },
+            "silu_mul",
+        );
+    }
+
+    fn kv_bytes_per_block(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize {
+        layers * 2 * block_size * shape.kv_width() * std::mem::size_of::<bf16>()
+    }
+
+    fn new_kv_store(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        shape: AttnShape,
+    ) -> CudaKvStore {
+        assert!(block_size > 0, "block_size must be positive");
+        let len = layers * 2 * num_blocks * block_size * shape.kv_width();
+        CudaKvStore {
+            data: ok(self.stream.alloc_zeros(len.max(1)), "KV store alloc"),
+            layers,
+            num_blocks,
+            block_size,
+            shape,
+        }
+    }
+
+    fn rope_and_store(
+        &self,
+        qkv: &mut CudaSlice<f32>,
+        rows: usize,
+        positions: &[u32],
+        slots: &[u32],
+        shape: AttnShape,
+        rope: &RopeParams,
+        store: &mut CudaKvStore,
+        layer: usize,
+    ) {
+        assert!(
+            qkv.len() >= rows * shape.qkv_width(),
+            "rope_and_store: qkv too small"
+        );
+        assert_eq!(
+            rope.inv_freq.len() * 2,
+            shape.head_dim,
+            "rope: inv_freq is head_dim / 2"
+        );
+        assert_eq!(store.shape, shape, "rope_and_store: store of another shape");
+        let cap = store.num_blocks * store.block_size;
+        assert!(
+            slots[..rows].iter().all(|&s| (s as usize) < cap),
+            "rope_and_store: slot out of range"
+        );
+        if rows == 0 {
+            return;
+        }
+        let pp = self.indices("positions", &positions[..rows]);
+        let sp = self.indices("slots", &slots[..rows]);
+        let freq = self.inv_freq(rope);
+        let base = self.ptr(&store.data);
+        let kp = base + ((2 * layer) * store.plane() * 2) as u64;
+        let vp = base + ((2 * layer + 1) * store.plane() * 2) as u64;
+        let (qp, scale) = (self.ptr(qkv), rope.attention_scaling);
+        let (h, kvh, d, bs) = (
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            shape.head_dim as i32,
+            store.block_size as i32,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one CTA per row of `qkv` (asserted size); every slot is inside the store
+        // (asserted); `kp`/`vp` point at layer `layer`'s K and V planes of `store`.
+        ok(
+            unsafe {
+                args!(
+                    self.stream,
+                    &self.k.rope_store,
+                    &qp,
+                    &pp,
+                    &sp,
+                    &freq,
+                    &scale,
+                    &kp,
+                    &vp,
+                    &h,
+                    &kvh,
+                    &d,
+                    &bs
+                )
+                .launch(cfg)
+            },
+            "rope_store",
+        );
+    }
+
+    fn attention(
+        &self,
+        qkv: &CudaSlice<f32>,
+        seqs: &[AttnSeq<'_>],
+        shape: AttnShape,
+        store: &CudaKvStore,
+        layer: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        self.attention_impl(qkv, seqs, shape, store, layer, out);
+    }
+
+    fn copy_blocks(&self, store: &mut CudaKvStore, copies: &[(u32, u32)]) {
+        let nb = store.num_blocks as u32;
+        let valid: Vec<(u32, u32)> = copies
+            .iter()
+            .copied()
+            .filter(|&(s, d)| s < nb && d < nb)
+            .collect();
+        // Copies run in order: a pair that reads or writes a block an earlier pair of the
+        // current launch writes (or reads, for a write) starts a new launch.
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        let (mut reads, mut writes) = (Vec::new(), Vec::new());
+        for (s, d) in valid {
+            if runs.is_empty() || writes.contains(&s) || writes.contains(&d) || reads.contains(&d) {
+                runs.push(Vec::new());
+                reads.clear();
+                writes.clear();
+            }
+            runs.last_mut().expect("pushed above").extend([s, d]);
+            reads.push(s);
+            writes.push(d);
+        }
+        let (sp, be) = (self.ptr(&store.data), store.block_elems());
+        for run in runs {
+            let pairs = self.to_device(&run);
+            let pp = self.ptr(&pairs);
+            let cfg = LaunchConfig {
+                grid_dim: ((run.len() / 2) as u32, (store.layers * 2) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every id in `pairs` is < num_blocks (filtered; re-checked in the kernel);
+            // the grid covers layers × {K, V} planes of the store.
+            ok(
+                unsafe { args!(self.stream, &self.k.copy_blocks, &sp, &pp, &be, &nb).launch(cfg) },
+                "copy_blocks",
+            );
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! GPU verification in one run (issue 9): parity of every CUDA op and of the whole forward pass
+//! against the CPU backend (the oracle) on random inputs and a random-weight 1B-shaped Llama,
+//! then speed: paged decode attention bandwidth against a device-to-device copy, and engine
+//! output tokens/s at batch 1, 32 and 128. Writes `gpu-check.json` and `gpu-check.md` into
+//! `--out`. Exit status 1 when any parity check fails.
+//!
+//! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine]` (see scripts/gpu-check.sh).
+
+#[path = "gpu_check/ops.rs"]
+mod ops;
+#[path = "gpu_check/speed.rs"]
+mod speed;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::cuda::parity::{llama_config, max_rel_err, RandomWeights};
+use kvserve::backend::cuda::{choose, probe, Choice, CudaBackend, DeviceArg};
+use kvserve::model::config::ModelConfig;
+use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
+use std::fmt::Write as _;
+use std::time::Instant;
+
+/// Largest relative error a bf16 check may show.
+pub const TOL: f64 = 1e-2;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = ".")]
+    out: std::path::PathBuf,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    #[arg(long)]
+    skip_engine: bool,
+    /// Only the copy and decode-attention bandwidth section (for profilers).
+    #[arg(long)]
+    only_bandwidth: bool,
+}
+
+/// One result line: a parity check (error) or a measurement (value + unit).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+    /// `Some(pass)` for parity checks.
+    pub pass: Option<bool>,
+    pub note: String,
+}
+
+pub fn parity(name: &str, got: &[f32], want: &[f32], note: &str) -> Row {
+    error_row(name, max_rel_err(got, want), note)
+}
+
+/// A parity row for an error already measured.
+pub fn error_row(name: &str, e: f64, note: &str) -> Row {
+    let row = Row {
+        name: name.into(),
+        value: e,
+        unit: "max rel err",
+        pass: Some(e <= TOL),
+        note: note.into(),
+    };
+    println!(
+        "{:<44} {:>10.3e}  {}  {note}",
+        name,
+        e,
+        if e <= TOL { "PASS" } else { "FAIL" }
+    );
+    row
+}
+
+pub fn measure(name: &str, value: f64, unit: &'static str, note: &str) -> Row {
+    if unit == "max rel err" {
+        println!("{:<44} {:>10.3e} {unit}  {note}", name, value);
+    } else {
+        println!("{:<44} {:>10.1} {unit}  {note}", name, value);
+    }
+    Row {
+        name: name.into(),
+        value,
+        unit,
+        pass: None,
+        note: note.into(),
+    }
+}
+
+/// Runs one section of the check; an error or a panic (a CUDA error inside an op) becomes a
+/// failed row, and the next sections still run (a launch error leaves the context usable).
+fn section(name: &str, rows: &mut Vec<Row>, f: impl FnOnce(&mut Vec<Row>) -> Result<()>) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *rows)));
+    let msg = match r {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into()),
+    };
+    println!("SECTION FAILED: {name}: {msg}");
+    rows.push(Row {
+        name: format!("{name} (section)"),
+        value: f64::INFINITY,
+        unit: "max rel err",
+        pass: Some(false),
+        note: msg,
+    });
+}
+
+/// The 1B-like shape of the issue: 16 layers, hidden 2048, 32 q / 8 kv heads of 64, MLP 8192.
+pub fn one_b() -> ModelConfig {
+    llama_config(32_000, 2048, 8192, 16, 32, 8, 64)
+}
+
+/// Whole-forward parity on the 1B shape: two prompts in one batch, then decode steps of both,
+/// the CPU's greedy tokens fed to both backends; the logits of every step compared.
+fn forward_parity(gpu: CudaBackend, rows: &mut Vec<Row>) -> Result<Llama<CudaBackend>> {
+    let cfg = one_b();
+    let t = Instant::now();
+    let weights = RandomWeights::new(&cfg, 42);
+    let cpu = Llama::load(cfg.clone(), &weights, CpuBackend::new())?;
+    let dev = Llama::load(cfg.clone(), &weights, gpu)?;
+    drop(weights);
+    println!(
+        "1B random-weight model built and loaded twice in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let (mut s_cpu, mut s_dev) = (cpu.new_kv_store(64, 16), dev.new_kv_store(64, 16));
+    let tables: [Vec<u32>; 2] = [(0..16).rev().collect(), (16..64).step_by(2).collect()];
+    let mut toks: [Vec<u32>; 2] = [
+        (0..77).map(|i| (i * 7919 + 13) % 32_000).collect(),
+        (0..33).map(|i| (i * 104_729 + 5) % 32_000).collect(),
+    ];
+    let mut worst = 0f64;
+    let mut worst_plain = None;
+    for step in 0..6 {
+        let batch: Vec<SeqStep<'_>> = (0..2)
+            .map(|s| {
+                let start = if step == 0 { 0 } else { toks[s].len() - 1 };
+                SeqStep {
+                    tokens: &toks[s][start..],
+                    start_pos: start,
+                    block_table: &tables[s],
+                    logits: if step == 0 {
+                        LogitsFor::All
+                    } else {
+                        LogitsFor::Last
+                    },
+                }
+            })
+            .collect();
+        let want = cpu.forward(&batch, &mut s_cpu)?;
+        let got = dev.forward(&batch, &mut s_dev)?;
+        for s in 0..2 {
+            let e = max_rel_err(&got[s], &want[s]);
+            worst = worst.max(e);
+            println!(
+                "  forward step {step} seq {s}: {} logits, max rel err {e:.3e}",
+                want[s].len()
+            );
+        }
+        if step == 0 {
+            // The same prompt step with plain bf16 activations (no hi/lo split), for the record.
+            dev.backend().set_split_matmul(false);
+            let mut scratch = dev.new_kv_store(64, 16);
+            let plain = dev.forward(&batch, &mut scratch)?;
+            dev.backend().set_split_matmul(true);
+            let e = (0..2)
+                .map(|s| max_rel_err(&plain[s], &want[s]))
+                .fold(0f64, f64::max);
+            worst_plain = Some(e);
+        }
+        let next: Vec<u32> = (0..2)
+            .map(|s| {
+                let v = cfg.vocab_size;
+                let last = &want[s][want[s].len() - v..];
+                (0..v).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32
+            })
+            .collect();
+        drop(batch);
+        for s in 0..2 {
+            toks[s].push(next[s]);
+        }
+    }
+    rows.push(error_row(
+        "forward 1B (prompts 77+33, 5 decode steps)",
+        worst,
+        "logits, worst step",
+    ));
+    if let Some(e) = worst_plain {
+        rows.push(measure(
+            "forward 1B prompt step, plain bf16 activations",
+            e,
+            "max rel err",
+            "informational",
+        ));
+    }
+    Ok(dev)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let info = probe(args.device)
+        .map_err(anyhow::Error::msg)
+        .context("no usable GPU")?;
+    println!(
+        "device cuda:{}: {} sm_{} driver {} memory {:.1} GiB",
+        info.ordinal,
+        info.name,
+        info.arch,
+        info.driver,
+        info.total_mem as f64 / (1u64 << 30) as f64
+    );
+    let t = Instant::now();
+    let gpu = CudaBackend::new(info.clone())?;
+    println!(
+        "backend up in {:.2} s (kernel compile {:.2} s, {} SMs)",
+        t.elapsed().as_secs_f64(),
+        gpu.compile_seconds,
+        gpu.multiprocessors()
+    );
+    let mut rows = Vec::new();
+    rows.push(measure(
+        "backend start, kernels compiled by NVRTC",
+        t.elapsed().as_secs_f64(),
+        "s",
+        &format!("compile {:.2} s", gpu.compile_seconds),
+    ));
+    let t2 = Instant::now();
+    let again = CudaBackend::new(info.clone())?;
+    let cached = again.compile_seconds == 0.0;
+    drop(again);
+    rows.push(measure(
+        "backend start again, kernels from the disk cache",
+        t2.elapsed().as_secs_f64(),
+        "s",
+        if cached { "cache hit" } else { "cache MISS" },
+    ));
+    match choose(DeviceArg::Auto) {
+        Ok(Choice::Cuda(i)) => println!("--device auto picks cuda:{} ({})", i.ordinal, i.name),
+        Ok(Choice::Cpu { reason }) => println!("--device auto picks the CPU: {reason}"),
+        Err(e) => println!("--device auto: {e}"),
+    }
+    if args.only_bandwidth {
+        return speed::bandwidth(&gpu, &[], &mut rows);
+    }
+    println!("\n== op parity vs the CPU backend (pass: max rel err <= {TOL})");
+    section("op parity", &mut rows, |rows| ops::run(&gpu, rows));
+    section("attention parity", &mut rows, |rows| {
+        ops::attention(&gpu, rows);
+        Ok(())
+    });
+    println!("\n== speed: decode attention bandwidth");
+    section("decode bandwidth", &mut rows, |rows| {
+        speed::bandwidth(&gpu, &[8], rows)
+    });
+    println!("\n== whole forward parity, 1B shape");
+    let mut model = None;
+    section("forward parity", &mut rows, |rows| {
+        model = Some(forward_parity(gpu, rows)?);
+        Ok(())
+    });
+    if let (Some(model), false) = (model, args.skip_engine) {
+        println!("\n== engine output tokens/s, 1B shape, CudaBackend");
+        section("engine", &mut rows, |rows| speed::engine(model, rows));
+    }
+
+    let failed: Vec<&Row> = rows.iter().filter(|r| r.pass == Some(false)).collect();
+    let mut md = String::new();
+    writeln!(
+        md,
+        "device: cuda:{} {} (sm_{}, driver {})\n",
+        info.ordinal, info.name, info.arch, info.driver
+    )?;
+    writeln!(
+        md,
+        "| check | value | unit | result | note |\n| --- | ---: | --- | --- | --- |"
+    )?;
+    for r in &rows {
+        let res = match r.pass {
+            Some(true) => "pass",
+            Some(false) => "FAIL",
+            None => "",
+        };
+        let v = if r.unit == "max rel err" {
+            format!("{:.2e}", r.value)
+        } else {
+            format!("{:.1}", r.value)
+        };
+        writeln!(md, "| {} | {v} | {} | {res} | {} |", r.name, r.unit, r.note)?;
+    }
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("gpu-check.md"), &md)?;
+    let json = serde_json::json!({ "device": info.name, "arch": info.arch, "driver": info.driver, "rows": rows });
+    std::fs::write(
+        args.out.join("gpu-check.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    println!("\n{md}");
+    if !failed.is_empty() {
+        anyhow::bail!("{} parity check(s) failed", failed.len());
+    }
+    Ok(())
+}

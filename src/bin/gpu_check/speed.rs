@@ -1,0 +1,225 @@
+//! Speed: device-to-device copy bandwidth (the ceiling), paged decode attention bandwidth, and
+//! engine output tokens/s on the 1B shape.
+
+use super::{measure, Row};
+use anyhow::Result;
+use kvserve::backend::cuda::parity::random_vec;
+use kvserve::backend::cuda::{CudaBackend, CudaMatrix};
+use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams};
+use kvserve::config::{EngineSection, KvSection, TenantConfig};
+use kvserve::engine::paged::PagedKv;
+use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
+use kvserve::model::llama::Llama;
+use kvserve::types::{SamplingParams, TenantId};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `reps` runs after 3 warm-ups, the device synchronised around each.
+fn time(gpu: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    gpu.synchronize();
+    let mut t = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f();
+        gpu.synchronize();
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    median(t)
+}
+
+/// Copy bandwidth, then decode attention bandwidth with the default kernels and with each
+/// `DECODE_UNROLL` in `unrolls` (kernels recompiled with that define).
+pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Result<()> {
+    // The ceiling: a 2 GiB device-to-device copy, counting bytes read plus written.
+    let n = 1usize << 29;
+    let src = gpu.upload(&random_vec(&mut ChaCha8Rng::seed_from_u64(3), n, 1.0));
+    let mut dst = gpu.alloc(n);
+    let s = time(gpu, 10, || {
+        gpu.stream()
+            .memcpy_dtod(&src, &mut dst)
+            .expect("memcpy_dtod")
+    });
+    let copy = 2.0 * (n * 4) as f64 / s / 1e9;
+    rows.push(measure(
+        "device-to-device copy (2 GiB)",
+        copy,
+        "GB/s",
+        "read + written",
+    ));
+    drop((src, dst));
+
+    decode(gpu, copy, "", rows);
+    for &u in unrolls {
+        let variant = CudaBackend::with_defines(gpu.info().clone(), &[("DECODE_UNROLL", u)])?;
+        decode(&variant, copy, &format!(", DECODE_UNROLL={u}"), rows);
+    }
+    Ok(())
+}
+
+/// Paged decode attention, one layer of the 1B shape: K and V of every context read once.
+fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
+    let shape = AttnShape {
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 64,
+    };
+    let bs = 16;
+    for &(seqs, ctx) in &[(128usize, 4096usize), (32, 4096), (8, 8192), (1, 32768)] {
+        let blocks_per = ctx.div_ceil(bs);
+        let nblocks = seqs * blocks_per;
+        let mut store = gpu.new_kv_store(1, nblocks, bs, shape);
+        let rope = RopeParams {
+            inv_freq: vec![1e-3; 32],
+            attention_scaling: 1.0,
+        };
+        // Fill the store with random (not zero) K/V, 16384 rows per launch.
+        let chunk = 16_384usize;
+        let qkv = gpu.upload(&random_vec(
+            &mut ChaCha8Rng::seed_from_u64(4),
+            chunk * shape.qkv_width(),
+            1.0,
+        ));
+        let total = nblocks * bs;
+        for c0 in (0..total).step_by(chunk) {
+            let n = chunk.min(total - c0);
+            let slots: Vec<u32> = (c0..c0 + n).map(|s| s as u32).collect();
+            let pos: Vec<u32> = slots.iter().map(|&s| s % ctx as u32).collect();
+            let mut q = gpu.gather_rows(&qkv, &(0..n).collect::<Vec<_>>(), shape.qkv_width());
+            gpu.rope_and_store(&mut q, n, &pos, &slots, shape, &rope, &mut store, 0);
+        }
+        let tables: Vec<Vec<u32>> = (0..seqs)
+            .map(|s| ((s * blocks_per) as u32..((s + 1) * blocks_per) as u32).collect())
+            .collect();
+        let attn: Vec<AttnSeq<'_>> = tables
+            .iter()
+            .map(|t| AttnSeq {
+                rows: 1,
+                start_pos: ctx - 1,
+                block_table: t,
+            })
+            .collect();
+        let q = gpu.gather_rows(&qkv, &(0..seqs).collect::<Vec<_>>(), shape.qkv_width());
+        let mut out = gpu.alloc(seqs * shape.q_width());
+        let s = time(gpu, 20, || {
+            gpu.attention(&q, &attn, shape, &store, 0, &mut out)
+        });
+        let bytes = (seqs * ctx * shape.kv_width() * 2 * 2) as f64;
+        let bw = bytes / s / 1e9;
+        rows.push(measure(
+            &format!("decode attention {seqs} seqs x {ctx} ctx{label}"),
+            bw,
+            "GB/s",
+            &format!(
+                "{:.1}% of copy; {:.3} ms per layer call",
+                100.0 * bw / copy,
+                s * 1e3
+            ),
+        ));
+    }
+}
+
+/// Engine output tokens/s at batch 1, 32 and 128: prompts of 128 tokens, 128 output tokens each
+/// (EOS ignored), greedy.
+pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
+    let _ = std::any::type_name::<CudaMatrix>();
+    let model = Arc::new(model);
+    let (prompt, output) = (128usize, 128usize);
+    for &n in &[1usize, 32, 128] {
+        let blocks = (n * (prompt + output)).div_ceil(16) + n + 16;
+        let kv = PagedKv::with_blocks(
+            &model,
+            &KvSection::default(),
+            &[TenantConfig::default()],
+            blocks,
+        )?;
+        let cfg = EngineSection {
+            max_batched_tokens: 4096,
+            max_running: n,
+            ..EngineSection::default()
+        };
+        let engine = Engine::start(model.clone(), kv, &cfg, vec![(TenantId(0), 1.0)]);
+        let h = engine.handle();
+        let t0 = Instant::now();
+        let mut subs = Vec::new();
+        for i in 0..n {
+            let req = EngineRequest {
+                tenant: TenantId(0),
+                cache_salt: None,
+                prompt: (0..prompt)
+                    .map(|j| ((i * 7919 + j * 104_729 + 3) % 32_000) as u32)
+                    .collect(),
+                sampling: SamplingParams {
+                    temperature: 0.0,
+                    ..SamplingParams::default()
+                },
+                stop: StopParams {
+                    max_tokens: output,
+                    ignore_eos: true,
+                    ..StopParams::default()
+                },
+                priority: 0,
+                prompt_logprobs: None,
+            };
+            subs.push(h.submit(req)?);
+        }
+        let joins: Vec<_> = subs
+            .into_iter()
+            .map(|mut s| {
+                std::thread::spawn(move || {
+                    let mut times = Vec::new();
+                    while let Some(ev) = s.events.blocking_recv() {
+                        if let EngineEvent::Token(_) = ev {
+                            times.push(Instant::now());
+                        }
+                    }
+                    times
+                })
+            })
+            .collect();
+        let all: Vec<Vec<Instant>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+        let wall = t0.elapsed().as_secs_f64();
+        let stats = h.stats();
+        drop(engine);
+        let generated: usize = all.iter().map(Vec::len).sum();
+        let decoding = all
+            .iter()
+            .filter_map(|t| t.first())
+            .max()
+            .copied()
+            .unwrap_or(t0);
+        let end = all
+            .iter()
+            .filter_map(|t| t.last())
+            .max()
+            .copied()
+            .unwrap_or(t0);
+        let after: usize = all
+            .iter()
+            .map(|t| t.iter().filter(|&&x| x > decoding).count())
+            .sum();
+        let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
+        rows.push(measure(
+            &format!("engine batch {n}: output tok/s"),
+            generated as f64 / wall,
+            "tok/s",
+            &format!(
+                "prompt {prompt}, output {output}, {generated} tokens in {wall:.2} s; steady decode {decode_rate:.0} tok/s; {} steps, {:.2} ms/step, forward {:.0}% of step time",
+                stats.scheduler.steps,
+                stats.step_seconds * 1e3 / stats.scheduler.steps.max(1) as f64,
+                100.0 * stats.forward_seconds / stats.step_seconds.max(1e-9),
+            ),
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
