@@ -36,29 +36,13 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match run(state, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn run(
-    state: Arc<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     let req: CompletionRequest = parse_body(body, &state)?;
     if !req.unknown.is_empty() {
         tracing::debug!(fields = ?req.unknown.keys().collect::<Vec<_>>(), "ignoring unknown fields");
     }
-    let policy = state
-        .tenancy
-        .get(tenant)
-        .map_or("bf16", |t| t.kv_policy.as_str())
-        .to_string();
-    let plan = validate::completion(&req, &state.model, &state.limits, &policy)?;
+    let plan = validate::completion(&req, &state.model, &state.limits, state.kv_policy(tenant))?;
     let guard = admit(&state, tenant, &plan)?;
     let gen = generation::start(&state, &plan, tenant, guard)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());

@@ -57,6 +57,13 @@ impl AppState {
         }
     }
 
+    /// The tenant's default KV policy (a request's `kv_policy` overrides it).
+    pub fn kv_policy(&self, tenant: crate::types::TenantId) -> &str {
+        self.tenancy
+            .get(tenant)
+            .map_or("bf16", |t| t.kv_policy.as_str())
+    }
+
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
