@@ -395,6 +395,7 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
     };
 
     let opts = GenerateOptions {
+        kv_policy: kvserve::kv::policy::KvPolicy::EXACT,
         max_tokens: args.max_tokens,
         stop_ids: files.config.eos_token_ids.clone(),
         ignore_eos: args.ignore_eos,

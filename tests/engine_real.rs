@@ -84,6 +84,7 @@ fn cfg(max_batched_tokens: usize, max_running: usize) -> EngineSection {
 
 fn greedy(tenant: u32, prompt: Vec<TokenId>, max_tokens: usize, ignore_eos: bool) -> EngineRequest {
     EngineRequest {
+        kv: kvserve::engine::request::KvChoice::default(),
         tenant: TenantId(tenant),
         cache_salt: None,
         prompt,

@@ -160,6 +160,7 @@ fn greedy_tokens_and_logprobs_match_transformers() {
             );
         }
         let opts = GenerateOptions {
+            kv_policy: kvserve::kv::policy::KvPolicy::EXACT,
             max_tokens: case.steps.len(),
             stop_ids: vec![],
             ignore_eos: true,
@@ -220,6 +221,7 @@ fn gguf_and_converted_directory_give_identical_logits() {
         .encode("The KV cache is the heart of serving.", true)
         .unwrap();
     let step = [SeqStep {
+        policy: kvserve::kv::policy::KvPolicy::EXACT,
         tokens: &prompt,
         start_pos: 0,
         block_table: &[0, 1, 2, 3],

@@ -228,7 +228,7 @@ impl Model {
                 }
                 let t = l.tenant;
                 let q = self.setup.quotas[t].clone();
-                let need = self.pool.blocks_needed(&self.live[i].seq, target);
+                let need = self.pool.units_needed(&self.live[i].seq, target);
                 let used = self.used(t);
                 let others_reserved: usize = (0..TENANTS)
                     .filter(|&u| u != t)

@@ -72,6 +72,7 @@ fn paged_blocks_equal_one_contiguous_block_on_the_real_model() {
         let mut out = Vec::new();
         for (start, end) in [(0, 100), (100, 147), (147, 148), (148, 149), (149, 150)] {
             let step = SeqStep {
+                policy: kvserve::kv::policy::KvPolicy::EXACT,
                 tokens: &prompt[start..end],
                 start_pos: start,
                 block_table: table,
@@ -172,6 +173,7 @@ fn generate_together(prompts: &[Vec<u32>], new_tokens: usize, budget: usize) -> 
                 let s = &seqs[i];
                 let last = s.computed + n == s.tokens.len();
                 SeqStep {
+                    policy: kvserve::kv::policy::KvPolicy::EXACT,
                     tokens: &s.tokens[s.computed..s.computed + n],
                     start_pos: s.computed,
                     block_table: &s.table,
@@ -224,6 +226,7 @@ fn a_sequence_gives_identical_logits_alone_and_in_a_mixed_batch() {
         for (i, &(done, _)) in plan.iter().enumerate() {
             if done > 0 {
                 let s = SeqStep {
+                    policy: kvserve::kv::policy::KvPolicy::EXACT,
                     tokens: &prompts[i][..done],
                     start_pos: 0,
                     block_table: &tables[i],
@@ -237,6 +240,7 @@ fn a_sequence_gives_identical_logits_alone_and_in_a_mixed_batch() {
         .iter()
         .enumerate()
         .map(|(i, &(done, n))| SeqStep {
+            policy: kvserve::kv::policy::KvPolicy::EXACT,
             tokens: &prompts[i][done..done + n],
             start_pos: done,
             block_table: &tables[i],

@@ -41,6 +41,7 @@ fn prefix_hits_stay_within_a_tenant_and_give_identical_tokens() {
     ];
     let mut kv = PagedKv::with_blocks(&model, &KvSection::default(), &tenants, 256).unwrap();
     let opts = GenerateOptions {
+        kv_policy: kvserve::kv::policy::KvPolicy::EXACT,
         max_tokens: 12,
         stop_ids: vec![],
         ignore_eos: true,

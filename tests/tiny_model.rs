@@ -33,6 +33,7 @@ fn step<'a>(
     logits: LogitsFor,
 ) -> SeqStep<'a> {
     SeqStep {
+        policy: kvserve::kv::policy::KvPolicy::EXACT,
         tokens,
         start_pos,
         block_table: table,
@@ -354,6 +355,7 @@ fn generate_respects_max_tokens_and_stop_ids_and_is_deterministic() {
     write_tiny_model(dir.path(), TinySpec::default(), 6);
     let model = load(dir.path());
     let mut opts = GenerateOptions {
+        kv_policy: kvserve::kv::policy::KvPolicy::EXACT,
         max_tokens: 12,
         stop_ids: vec![],
         ignore_eos: false,

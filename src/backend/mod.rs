@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::BackendError;
+use crate::kv::policy::KvPolicy;
 use crate::model::tensor::HostTensor;
 
 /// Rotary-embedding parameters, computed once by the model from its config (scaling included).
@@ -49,8 +50,20 @@ pub struct AttnSeq<'a> {
     /// Position of the sequence's first row: row `i` is at `start_pos + i`.
     pub start_pos: usize,
     /// Physical block of each logical block: position `p` lives in block
-    /// `block_table[p / block_size]`, slot `p % block_size`.
+    /// `block_table[p / block_size]`, slot `p % block_size`. Under a window, blocks no query
+    /// of the step sees may be `u32::MAX` (dropped).
     pub block_table: &'a [u32],
+    /// How the sequence's blocks are read: sealed blocks decoded, window and quest visibility.
+    pub policy: KvPolicy,
+}
+
+/// A block that became full in a forward step, to encode into its policy's `codec` (with
+/// per-channel key min/max when `bounds`, for `quest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    pub block: u32,
+    pub codec: crate::kv::codec::Codec,
+    pub bounds: bool,
 }
 
 /// The geometry every backend's paged KV store reports (the model validates block tables and
@@ -153,4 +166,21 @@ pub trait Backend: Send + Sync {
     /// Copy-on-write support: for each `(src, dst)`, block `dst` becomes a copy of block `src`
     /// in every layer, K and V. Copies run in order; pairs with an id out of range are skipped.
     fn copy_blocks(&self, store: &mut Self::KvStore, copies: &[(u32, u32)]);
+
+    /// Whether this backend serves `policy` (its format, window and quest reads); every backend
+    /// serves [`KvPolicy::EXACT`].
+    fn supports_policy(&self, policy: &KvPolicy) -> bool;
+    /// Bytes one block of `policy` takes once sealed, over all layers (its `kv` weight).
+    fn kv_sealed_bytes_per_block(
+        &self,
+        layers: usize,
+        block_size: usize,
+        shape: AttnShape,
+        policy: &KvPolicy,
+    ) -> usize;
+    /// Encodes layer `layer` of each block in `seals` (full after this step's `rope_and_store`)
+    /// before attention reads the layer, so later positions of the same step read them sealed.
+    fn seal(&self, store: &mut Self::KvStore, layer: usize, seals: &[Seal]);
+    /// After the step: the exact copies of the blocks sealed in it are no longer needed.
+    fn release_exact(&self, store: &mut Self::KvStore, blocks: &[u32]);
 }

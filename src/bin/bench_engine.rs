@@ -103,6 +103,7 @@ fn main() -> Result<()> {
                 )
                 .collect();
             let req = EngineRequest {
+                kv: kvserve::engine::request::KvChoice::default(),
                 tenant: TenantId(0),
                 cache_salt: None,
                 prompt,

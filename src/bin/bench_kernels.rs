@@ -292,6 +292,7 @@ fn main() {
                     rows,
                     start_pos,
                     block_table: t,
+                    policy: kvserve::kv::policy::KvPolicy::EXACT,
                 })
                 .collect();
             attention(q, &seqs, shape, store, 0, out, simd::avx2_fma());

@@ -39,6 +39,7 @@ fn main() -> Result<()> {
     let kv_cfg = KvSection::default();
     let tenants = [TenantConfig::default()];
     let opts = GenerateOptions {
+        kv_policy: kvserve::kv::policy::KvPolicy::EXACT,
         max_tokens: 1,
         stop_ids: vec![],
         ignore_eos: true,

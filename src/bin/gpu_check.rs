@@ -139,6 +139,7 @@ fn forward_parity(gpu: CudaBackend, rows: &mut Vec<Row>) -> Result<Llama<CudaBac
             .map(|s| {
                 let start = if step == 0 { 0 } else { toks[s].len() - 1 };
                 SeqStep {
+                    policy: kvserve::kv::policy::KvPolicy::EXACT,
                     tokens: &toks[s][start..],
                     start_pos: start,
                     block_table: &tables[s],

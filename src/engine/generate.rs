@@ -7,6 +7,7 @@ use super::sampler::{Sampled, Sampler};
 use crate::backend::Backend;
 use crate::config::{KvSection, TenantConfig};
 use crate::error::RunError;
+use crate::kv::policy::KvPolicy;
 use crate::kv::{Alloc, CacheScope, SeqBlocks};
 use crate::model::llama::{Llama, LogitsFor, SeqStep};
 use crate::types::{FinishReason, SamplingParams, TenantId, TokenId};
@@ -21,6 +22,8 @@ pub struct GenerateOptions {
     /// Keep going past stop ids.
     pub ignore_eos: bool,
     pub sampling: SamplingParams,
+    /// How the sequence's KV is kept ([`KvPolicy::EXACT`] unless a tool asks otherwise).
+    pub kv_policy: KvPolicy,
 }
 
 /// What a generation produced and how long its two phases took.
@@ -80,7 +83,7 @@ pub fn generate_paged<B: Backend>(
     }
     let (mut seq, cached) = kv
         .pool
-        .start(tenant, scope, prompt)
+        .start_as(tenant, scope, prompt, kv.classes.class(&opts.kv_policy))
         .map_err(|e| RunError::Invalid(e.to_string()))?;
     let result = run(model, kv, &mut seq, cached, prompt, opts, on_token);
     kv.pool.free(seq);
@@ -130,6 +133,7 @@ fn run<B: Backend>(
             start_pos: start,
             block_table: &table,
             logits: LogitsFor::Last,
+            policy: opts.kv_policy,
         };
         let logits = model.forward(&[step], &mut kv.store)?.swap_remove(0);
         kv.pool

@@ -14,4 +14,4 @@ mod sequence;
 mod worker;
 
 pub use handle::{Engine, EngineHandle, EngineStats, Submission};
-pub use request::{EngineError, EngineEvent, EngineRequest, StopParams, Usage};
+pub use request::{EngineError, EngineEvent, EngineRequest, KvChoice, StopParams, Usage};

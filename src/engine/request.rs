@@ -2,6 +2,7 @@
 //! Tokens only: the HTTP layer owns text, stop strings and JSON.
 
 use super::sampler::Sampled;
+use crate::kv::policy::KvPolicy;
 use crate::types::{FinishReason, SamplingParams, TenantId, TokenId};
 
 /// A request as the engine takes it: already tokenized, validated and bound to its tenant.
@@ -22,6 +23,34 @@ pub struct EngineRequest {
     /// request computes its whole prompt (no prefix-cache hits: the cached blocks have no
     /// logits).
     pub prompt_logprobs: Option<usize>,
+    /// How the request's KV is kept (resolved by the caller from the tenant's default and the
+    /// request's `kv_policy`).
+    pub kv: KvChoice,
+}
+
+/// The KV policy a request runs under, and what it may fall back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvChoice {
+    pub policy: KvPolicy,
+    /// Tried in order when the request does not fit under `policy` right now (it would wait)
+    /// or ever: the first that fits admits it instead (reported in its `usage`).
+    pub fallbacks: Vec<KvPolicy>,
+}
+
+impl KvChoice {
+    pub fn only(policy: KvPolicy) -> Self {
+        Self {
+            policy,
+            fallbacks: Vec::new(),
+        }
+    }
+}
+
+impl Default for KvChoice {
+    /// Exact f32 KV: tools and tests that do not choose.
+    fn default() -> Self {
+        Self::only(KvPolicy::EXACT)
+    }
 }
 
 /// When a sequence stops.
@@ -49,12 +78,34 @@ impl Default for StopParams {
 }
 
 /// Token accounting of a finished request (OpenAI's `usage`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: usize,
     /// Prompt tokens served from the prefix cache at the request's first admission.
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    /// The KV policy the request ran under (a fallback if it was admitted under one).
+    pub kv_policy: KvPolicy,
+    /// Whether `kv_policy` is a fallback rather than the policy asked for.
+    pub kv_fallback: bool,
+    /// Bytes the request's KV took at its end (sealed blocks + the exact tail block).
+    pub kv_bytes: usize,
+    /// What the same tokens take under `bf16`.
+    pub kv_bytes_bf16: usize,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            kv_policy: KvPolicy::EXACT,
+            kv_fallback: false,
+            kv_bytes: 0,
+            kv_bytes_bf16: 0,
+        }
+    }
 }
 
 /// What the engine sends back for one request, in order: any number of `Token`s, then exactly

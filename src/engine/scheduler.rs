@@ -22,9 +22,11 @@
 //! Events for the caller accumulate in an outbox ([`Scheduler::take_outputs`]).
 
 use super::fair::{FairQueue, WaitKey, OUTPUT_PRICE, PROMPT_PRICE};
+use super::paged::KvClasses;
 use super::request::{EngineError, EngineEvent, EngineRequest};
 use super::sampler::Sampler;
 use super::sequence::Sequence;
+use crate::kv::policy::KvPolicy;
 use crate::kv::{Alloc, KvPool};
 use crate::types::{FinishReason, RequestId, TenantId};
 use std::collections::HashMap;
@@ -42,6 +44,8 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Fair-share weights; tenants not listed weigh 1.
     pub weights: Vec<(TenantId, f64)>,
+    /// Each KV policy's block weights in the pool.
+    pub classes: KvClasses,
 }
 
 /// One sequence's share of a step: compute `tokens[start..start + len]`.
@@ -56,6 +60,8 @@ pub struct Scheduled {
     pub sample: bool,
     /// Every row's logits are needed (prompt logprobs), not only the last one's.
     pub all_logits: bool,
+    /// The sequence's KV policy (how the forward seals and reads its blocks).
+    pub policy: KvPolicy,
 }
 
 /// What one forward pass computes.
@@ -167,6 +173,8 @@ impl Scheduler {
             preemptions: 0,
             prompt_logprobs: req.prompt_logprobs,
             prompt_lps: Vec::new(),
+            kv: req.kv,
+            kv_fallback: false,
         };
         self.fair.push(seq.tenant, key);
         self.seqs.insert(id, seq);
@@ -180,7 +188,7 @@ impl Scheduler {
         };
         let event = EngineEvent::Finished {
             reason: FinishReason::Abort,
-            usage: seq.usage(),
+            usage: seq.usage(&self.cfg.classes),
             preemptions: seq.preemptions,
         };
         self.remove(id, pool);
@@ -325,7 +333,7 @@ impl Scheduler {
             let n = seq.uncomputed().min(*budget);
             let total = seq.computed + n;
             let blocks = seq.blocks.as_ref().expect("running sequence has blocks");
-            let extra = pool.blocks_needed(blocks, total);
+            let extra = pool.units_needed(blocks, total);
             let tenant = seq.tenant;
             match pool.reserve(
                 self.seqs.get_mut(&id).unwrap().blocks.as_mut().unwrap(),
@@ -361,7 +369,8 @@ impl Scheduler {
     ) -> bool {
         let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
         let (tenant, key) = (seq.tenant, seq.key);
-        let (blocks, cached) = match pool.start(tenant, &seq.scope, seq.cache_lookup()) {
+        let class = self.cfg.classes.class(&seq.kv.policy);
+        let (blocks, cached) = match pool.start_as(tenant, &seq.scope, seq.cache_lookup(), class) {
             Ok(x) => x,
             Err(e) => {
                 self.fail(id, EngineError::Invalid(e.to_string()), pool);
@@ -375,26 +384,35 @@ impl Scheduler {
             let n = seq.uncomputed().min(*budget);
             let total = seq.computed + n;
             let blocks = seq.blocks.as_mut().unwrap();
-            let extra = pool.blocks_needed(blocks, total);
+            let extra = pool.units_needed(blocks, total);
             match pool.reserve(blocks, total) {
                 Alloc::Granted => break,
                 Alloc::Never => {
+                    if self.admit_fallback(id, budget, pool) {
+                        break;
+                    }
+                    let seq = self.seqs.get_mut(&id).unwrap();
                     let b = seq.blocks.take().unwrap();
                     seq.computed = 0;
                     pool.free(b);
                     self.fail(id, EngineError::KvQuota { tokens: total }, pool);
                     return true;
                 }
-                Alloc::NotNow => match self.victim(id, tenant, extra, pool, true) {
-                    Some(v) => self.preempt(v, plan, budget, pool),
-                    None => {
-                        let seq = self.seqs.get_mut(&id).unwrap();
-                        let b = seq.blocks.take().unwrap();
-                        seq.computed = 0;
-                        pool.free(b);
-                        return false;
+                Alloc::NotNow => {
+                    if self.admit_fallback(id, budget, pool) {
+                        break;
                     }
-                },
+                    match self.victim(id, tenant, extra, pool, true) {
+                        Some(v) => self.preempt(v, plan, budget, pool),
+                        None => {
+                            let seq = self.seqs.get_mut(&id).unwrap();
+                            let b = seq.blocks.take().unwrap();
+                            seq.computed = 0;
+                            pool.free(b);
+                            return false;
+                        }
+                    }
+                }
             }
         }
         let seq = self.seqs.get_mut(&id).unwrap();
@@ -414,6 +432,34 @@ impl Scheduler {
         true
     }
 
+    /// The request does not fit under its policy: admits it under the first fallback that
+    /// fits now (without preempting anyone), replacing its blocks. `true` when it did.
+    fn admit_fallback(&mut self, id: RequestId, budget: &usize, pool: &mut KvPool) -> bool {
+        let seq = self.seqs.get_mut(&id).expect("admitting sequence exists");
+        while !seq.kv.fallbacks.is_empty() {
+            let policy = seq.kv.fallbacks.remove(0);
+            let class = self.cfg.classes.class(&policy);
+            let Ok((mut blocks, cached)) =
+                pool.start_as(seq.tenant, &seq.scope, seq.cache_lookup(), class)
+            else {
+                continue;
+            };
+            let total = cached + (seq.tokens.len() - cached).min(*budget);
+            if pool.reserve(&mut blocks, total) == Alloc::Granted {
+                if let Some(old) = seq.blocks.replace(blocks) {
+                    pool.free(old);
+                }
+                seq.computed = cached;
+                seq.kv.policy = policy;
+                seq.kv.fallbacks.clear();
+                seq.kv_fallback = true;
+                return true;
+            }
+            pool.free(blocks);
+        }
+        false
+    }
+
     fn push_entry(
         &mut self,
         id: RequestId,
@@ -431,6 +477,7 @@ impl Scheduler {
             table: pool.block_table(blocks),
             sample: seq.computed + n == seq.tokens.len(),
             all_logits: seq.wants_prompt_logits(),
+            policy: seq.kv.policy,
         });
         *budget -= n;
     }
@@ -508,7 +555,7 @@ impl Scheduler {
                 let seq = &self.seqs[&e.id];
                 let event = EngineEvent::Finished {
                     reason,
-                    usage: seq.usage(),
+                    usage: seq.usage(&self.cfg.classes),
                     preemptions: seq.preemptions,
                 };
                 self.remove(e.id, pool);

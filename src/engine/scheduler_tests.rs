@@ -38,11 +38,13 @@ fn sched(budget: usize, running: usize, weights: &[(u32, f64)]) -> Scheduler {
         max_context: 1 << 20,
         block_size: BS,
         weights: weights.iter().map(|&(t, w)| (TenantId(t), w)).collect(),
+        classes: crate::engine::paged::KvClasses::uniform(BS),
     })
 }
 
 fn req(tenant: u32, prompt: Vec<TokenId>, max_tokens: usize) -> EngineRequest {
     EngineRequest {
+        kv: crate::engine::request::KvChoice::default(),
         tenant: TenantId(tenant),
         cache_salt: None,
         prompt,

@@ -3,7 +3,8 @@
 //! same stream) and its stop conditions.
 
 use super::fair::WaitKey;
-use super::request::{StopParams, Usage};
+use super::paged::KvClasses;
+use super::request::{KvChoice, StopParams, Usage};
 use super::sampler::Sampler;
 use crate::kv::{CacheScope, SeqBlocks};
 use crate::types::{FinishReason, TenantId, TokenId};
@@ -32,6 +33,10 @@ pub(super) struct Sequence {
     pub prompt_logprobs: Option<usize>,
     /// Prompt logprobs so far: entry `i` scores `tokens[i + 1]` (kept across preemptions).
     pub prompt_lps: Vec<super::sampler::Sampled>,
+    /// The KV policy it runs under and the fallbacks left to try.
+    pub kv: KvChoice,
+    /// Admitted under a fallback.
+    pub kv_fallback: bool,
 }
 
 impl Sequence {
@@ -89,11 +94,19 @@ impl Sequence {
         }
     }
 
-    pub fn usage(&self) -> Usage {
+    pub fn usage(&self, classes: &KvClasses) -> Usage {
+        let tokens = self.tokens.len();
         Usage {
             prompt_tokens: self.prompt_len,
             cached_tokens: self.cached_tokens.unwrap_or(0),
             completion_tokens: self.generated(),
+            kv_policy: self.kv.policy,
+            kv_fallback: self.kv_fallback,
+            kv_bytes: classes.bytes(&self.kv.policy, tokens),
+            kv_bytes_bf16: classes.bytes(
+                &crate::kv::policy::KvPolicy::format(crate::kv::codec::Codec::Bf16),
+                tokens,
+            ),
         }
     }
 }

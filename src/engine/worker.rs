@@ -66,6 +66,7 @@ impl<B: Backend> Worker<B> {
             max_context: model.config().max_position_embeddings,
             block_size: kv.pool.block_size(),
             weights,
+            classes: kv.classes.clone(),
         });
         Self {
             model,
@@ -233,6 +234,7 @@ impl<B: Backend> Worker<B> {
                 } else {
                     LogitsFor::None
                 },
+                policy: e.policy,
             })
             .collect();
         self.model.forward(&steps, &mut self.kv.store)

@@ -55,6 +55,7 @@ impl Plan {
                 let mut sampling = self.sampling.clone();
                 sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
                 out.push(EngineRequest {
+                    kv: crate::engine::request::KvChoice::default(),
                     tenant,
                     cache_salt: self.cache_salt.clone(),
                     prompt: p.ids.clone(),

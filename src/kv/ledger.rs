@@ -2,15 +2,19 @@
 //! stats, and the two decisions that protect tenants from each other — may tenant T take k more
 //! blocks now (`admit`), and whose cached block is evicted next (`pick_victim`).
 //!
-//! Charging: a tenant's `used` is the number of distinct in-use blocks it holds at least one
-//! reference on. Forks of one tenant share blocks and pay once. A block held by two tenants of a
+//! Units: everything here is in pool units. In a uniform pool every block costs one unit; in the
+//! engine's mixed pool a unit is a byte and a block costs what its format takes (exact while it
+//! fills, less once sealed), so a quota holds ~3× more tokens under `kivi4` than under `bf16`.
+//!
+//! Charging: a tenant's `used` is the sum of the weights of the distinct in-use blocks it holds
+//! at least one reference on. Forks of one tenant share blocks and pay once. A block held by two tenants of a
 //! share group is charged to both: cross-tenant sharing saves compute and physical memory, not
 //! quota. That is what keeps the guarantees exact — if the block were charged to one of them,
 //! then when that one let go the other would suddenly hold a block it never paid for, which
 //! could push it over its cap or eat into someone's reservation with no allocation to refuse.
 //! The physical blocks saved this way stay as extra cache.
 //!
-//! Invariants (`V = Σ used`, `N = num_blocks`, `unres(U) = max(0, reserved(U) − used(U))`):
+//! Invariants (`V = Σ used`, `N = capacity` (units), `unres(U) = max(0, reserved(U) − used(U))`):
 //! - `used(T) ≤ max_blocks(T)`;
 //! - `N − V ≥ Σ_U unres(U)` (H): every tenant's unused reservation is backed by capacity that no
 //!   other tenant's charges can claim. `admit` keeps H: tenant T may add k charges only if
@@ -30,8 +34,10 @@ use crate::types::TenantId;
 #[derive(Debug)]
 pub(super) struct Account {
     pub(super) quota: TenantQuota,
-    /// Distinct in-use blocks this tenant holds a reference on.
+    /// Units of the distinct in-use blocks this tenant holds a reference on.
     pub(super) used: usize,
+    /// Units of the blocks in `lru`.
+    pub(super) cached_units: usize,
     /// This tenant's cached-free blocks as `(tick, block)`, least recently used first.
     pub(super) lru: BTreeSet<(u64, BlockId)>,
     pub(super) prefix_queries: u64,
@@ -44,14 +50,15 @@ impl Account {
         self.quota.reserved_blocks.saturating_sub(self.used)
     }
 
+    /// Units of this tenant's cached-free blocks.
     pub(super) fn cached(&self) -> usize {
-        self.lru.len()
+        self.cached_units
     }
 }
 
 #[derive(Debug)]
 pub(super) struct Ledger {
-    num_blocks: usize,
+    capacity: usize,
     accounts: BTreeMap<TenantId, Account>,
     /// V = Σ used.
     total_used: usize,
@@ -59,9 +66,9 @@ pub(super) struct Ledger {
 }
 
 impl Ledger {
-    pub(super) fn new(num_blocks: usize) -> Self {
+    pub(super) fn new(capacity: usize) -> Self {
         Self {
-            num_blocks,
+            capacity,
             accounts: BTreeMap::new(),
             total_used: 0,
             total_reserved: 0,
@@ -84,15 +91,15 @@ impl Ledger {
         if quota.share_group.as_deref() == Some("") {
             return Err(invalid("share_group is empty".into()));
         }
-        if self.total_reserved + quota.reserved_blocks > self.num_blocks {
+        if self.total_reserved + quota.reserved_blocks > self.capacity {
             return Err(invalid(format!(
                 "reservations would total {} blocks, the pool has {}",
                 self.total_reserved + quota.reserved_blocks,
-                self.num_blocks
+                self.capacity
             )));
         }
         let unres: usize = self.accounts.values().map(Account::unreserved).sum();
-        if self.num_blocks - self.total_used < unres + quota.reserved_blocks {
+        if self.capacity - self.total_used < unres + quota.reserved_blocks {
             return Err(invalid(
                 "the pool is too busy to back this reservation now".into(),
             ));
@@ -103,6 +110,7 @@ impl Ledger {
             Account {
                 quota,
                 used: 0,
+                cached_units: 0,
                 lru: BTreeSet::new(),
                 prefix_queries: 0,
                 prefix_query_tokens: 0,
@@ -141,7 +149,7 @@ impl Ledger {
     pub(super) fn ceiling(&self, tenant: TenantId) -> usize {
         let a = self.acct(tenant);
         let others_reserved = self.total_reserved - a.quota.reserved_blocks;
-        a.quota.max_blocks.min(self.num_blocks - others_reserved)
+        a.quota.max_blocks.min(self.capacity - others_reserved)
     }
 
     /// New charges `tenant` may take without eating into anyone else's unused reservation.
@@ -152,7 +160,7 @@ impl Ledger {
             .filter(|(u, _)| **u != tenant)
             .map(|(_, a)| a.unreserved())
             .sum();
-        (self.num_blocks - self.total_used).saturating_sub(others)
+        (self.capacity - self.total_used).saturating_sub(others)
     }
 
     /// May `tenant` take `k` new blocks from the free list / cache right now? Checks its cap,
@@ -213,26 +221,42 @@ impl Ledger {
         best.map(|(_, tick, u, b)| (u, tick, b))
     }
 
-    pub(super) fn charge(&mut self, tenant: TenantId) {
-        self.acct_mut(tenant).used += 1;
-        self.total_used += 1;
+    pub(super) fn charge(&mut self, tenant: TenantId, units: usize) {
+        self.acct_mut(tenant).used += units;
+        self.total_used += units;
     }
 
-    pub(super) fn uncharge(&mut self, tenant: TenantId) {
+    pub(super) fn uncharge(&mut self, tenant: TenantId, units: usize) {
         let a = self.acct_mut(tenant);
-        debug_assert!(a.used > 0, "kv: uncharge below zero");
-        a.used -= 1;
-        self.total_used -= 1;
+        debug_assert!(a.used >= units, "kv: uncharge below zero");
+        a.used -= units;
+        self.total_used -= units;
     }
 
-    pub(super) fn cache_insert(&mut self, tenant: TenantId, tick: u64, block: BlockId) {
-        let inserted = self.acct_mut(tenant).lru.insert((tick, block));
+    pub(super) fn cache_insert(
+        &mut self,
+        tenant: TenantId,
+        tick: u64,
+        block: BlockId,
+        units: usize,
+    ) {
+        let a = self.acct_mut(tenant);
+        let inserted = a.lru.insert((tick, block));
         debug_assert!(inserted, "kv: block cached twice");
+        a.cached_units += units;
     }
 
-    pub(super) fn cache_remove(&mut self, tenant: TenantId, tick: u64, block: BlockId) {
-        let removed = self.acct_mut(tenant).lru.remove(&(tick, block));
+    pub(super) fn cache_remove(
+        &mut self,
+        tenant: TenantId,
+        tick: u64,
+        block: BlockId,
+        units: usize,
+    ) {
+        let a = self.acct_mut(tenant);
+        let removed = a.lru.remove(&(tick, block));
         debug_assert!(removed, "kv: cached block missing from its owner's LRU");
+        a.cached_units -= units;
     }
 
     /// Checks this module's invariants given the per-tenant counts recomputed from the blocks.
@@ -263,17 +287,17 @@ impl Ledger {
         if sum != self.total_used {
             return Err(format!("Σ used {} != total_used {}", sum, self.total_used));
         }
-        if self.total_used > self.num_blocks {
+        if self.total_used > self.capacity {
             return Err(format!(
-                "Σ used {} > num_blocks {}",
-                self.total_used, self.num_blocks
+                "Σ used {} > capacity {}",
+                self.total_used, self.capacity
             ));
         }
         let unres: usize = self.accounts.values().map(Account::unreserved).sum();
-        if self.num_blocks - self.total_used < unres {
+        if self.capacity - self.total_used < unres {
             return Err(format!(
                 "reservations not backed: N − Σ used = {} < Σ unused reservations {}",
-                self.num_blocks - self.total_used,
+                self.capacity - self.total_used,
                 unres
             ));
         }

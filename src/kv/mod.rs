@@ -26,6 +26,9 @@
 //! - the prefix map points a hash at a block iff that block carries the hash;
 //! - pending copies read pinned blocks and write distinct in-use blocks that no copy reads.
 
+#[cfg(test)]
+mod class_tests;
+pub mod codec;
 mod ledger;
 pub mod policy;
 mod pool;
@@ -73,6 +76,9 @@ pub enum KvError {
 struct BlockId(u32);
 
 impl BlockId {
+    /// A table entry whose block left the sequence (`window`); never a real block.
+    const DROPPED: BlockId = BlockId(u32::MAX);
+
     fn idx(self) -> usize {
         self.0 as usize
     }
@@ -81,7 +87,11 @@ impl BlockId {
 /// Pool shape and the secrets that go into its keys.
 #[derive(Clone)]
 pub struct KvPoolConfig {
+    /// Block ids. In a uniform pool (every block one unit) this is also the capacity; a mixed
+    /// pool needs `capacity / lightest block` ids so that ids never run out before units do.
     pub num_blocks: usize,
+    /// Units of memory the pool may hold (quotas, reservations and stats are in units).
+    pub capacity: usize,
     /// Tokens per block (16 by default).
     pub block_size: usize,
     /// Server secret keying the cache scopes. Generate it at start if the config has none:
@@ -98,6 +108,7 @@ impl KvPoolConfig {
     pub fn new(num_blocks: usize, secret: [u8; 32]) -> Self {
         Self {
             num_blocks,
+            capacity: num_blocks,
             block_size: Self::DEFAULT_BLOCK_SIZE,
             secret,
             policy_id: 0,
@@ -110,6 +121,7 @@ impl fmt::Debug for KvPoolConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KvPoolConfig")
             .field("num_blocks", &self.num_blocks)
+            .field("capacity", &self.capacity)
             .field("block_size", &self.block_size)
             .field("secret", &"<redacted>")
             .field("policy_id", &self.policy_id)
@@ -117,7 +129,8 @@ impl fmt::Debug for KvPoolConfig {
     }
 }
 
-/// A tenant's share of the pool, in blocks.
+/// A tenant's share of the pool, in pool units (blocks in a uniform pool, bytes in the engine's
+/// mixed pool).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantQuota {
     /// Guaranteed: other tenants can never take these. Σ over tenants ≤ `num_blocks`.
@@ -142,13 +155,54 @@ pub enum Alloc {
     Never,
 }
 
+/// How a sequence's blocks are charged, keyed and kept; the engine derives it from the sequence's
+/// KV policy (`kv` knows weights and keys, not formats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockClass {
+    /// Units a block costs while it fills (the exact format).
+    pub filling: usize,
+    /// Units once it is full and sealed into the policy's format.
+    pub sealed: usize,
+    /// Identity of the sealed content, part of every block key (`KvPolicy::content_id`).
+    pub content_id: u32,
+    /// Whether full blocks are looked up in and published to the prefix cache.
+    pub shares_prefix: bool,
+    /// Keep only block 0 (attention sinks) and the last `n` blocks: older ones leave the
+    /// sequence after each commit (`window:W`).
+    pub window_blocks: Option<usize>,
+}
+
+impl BlockClass {
+    /// Every block one unit, keyed under `content_id`, never dropped.
+    pub fn uniform(content_id: u32) -> Self {
+        Self {
+            filling: 1,
+            sealed: 1,
+            content_id,
+            shares_prefix: true,
+            window_blocks: None,
+        }
+    }
+
+    /// The fewest units a sequence of `tokens` tokens can ever be held in (each block filled
+    /// and sealed in turn): if this exceeds what the tenant can hold, waiting cannot help.
+    pub fn min_units(&self, tokens: usize, bs: usize) -> usize {
+        let blocks = tokens.div_ceil(bs);
+        let full = blocks.saturating_sub(1);
+        let kept = self.window_blocks.map_or(full, |w| full.min(w));
+        kept * self.sealed + usize::from(blocks > 0) * self.filling
+    }
+}
+
 /// One sequence's blocks. Opaque outside `kv`; not `Clone` so a sequence is freed exactly once
 /// (a second sequence sharing the blocks comes from [`KvPool::fork`]).
 #[derive(Debug)]
 #[must_use = "a SeqBlocks must be given back with KvPool::free, or its blocks leak"]
 pub struct SeqBlocks {
     scope: CacheScope,
-    /// Block table: block `i` holds positions `i*block_size .. (i+1)*block_size`.
+    class: BlockClass,
+    /// Block table: block `i` holds positions `i*block_size .. (i+1)*block_size`; entries a
+    /// window dropped are [`BlockId::DROPPED`].
     blocks: Vec<BlockId>,
     /// Hash chain of the leading full blocks whose KV is computed (`hashes.len() ≤ computed / bs`).
     hashes: Vec<BlockHash>,
@@ -165,23 +219,31 @@ impl SeqBlocks {
         self.blocks.len()
     }
 
+    pub fn class(&self) -> BlockClass {
+        self.class
+    }
+
     /// Tokens whose KV is computed: cached at start, then as committed.
     pub fn num_computed_tokens(&self) -> usize {
         self.computed
     }
 }
 
-/// Pool-wide numbers for metrics. Blocks: `used + cached + free == num_blocks`.
+/// Pool-wide numbers for metrics, in units: `used + cached + free == capacity` (blocks in a
+/// uniform pool, bytes in the engine's mixed pool).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvStats {
     pub num_blocks: usize,
+    pub capacity: usize,
     pub block_size: usize,
-    /// Blocks with refcount > 0.
+    /// Units of blocks with refcount > 0.
     pub used: usize,
-    /// Free but still keyed (reusable by a prefix hit until evicted).
+    /// Units of blocks free but still keyed (reusable by a prefix hit until evicted).
     pub cached: usize,
-    /// Free and unkeyed.
+    /// Units not held by any block.
     pub free: usize,
+    /// Blocks with refcount > 0.
+    pub used_blocks: usize,
     pub evictions: u64,
     pub cow_copies: u64,
     pub tenants: Vec<(TenantId, TenantKvStats)>,
@@ -259,7 +321,7 @@ impl KvPool {
                 if blk.holders[..j].iter().any(|(u, _)| u == t) {
                     return Err(format!("block {i}: tenant {} listed twice", t.0));
                 }
-                *used_by.entry(*t).or_default() += 1;
+                *used_by.entry(*t).or_default() += blk.weight;
             }
             match (blk.refs > 0, seen[i]) {
                 (true, Seen::No) if blk.cached.is_none() => {}
@@ -273,6 +335,22 @@ impl KvPool {
                     return Err(format!("block {i} carries a hash the map does not give it"));
                 }
             }
+        }
+        let occupied: usize = self.blocks.iter().map(|b| b.weight).sum();
+        if occupied != self.occupied {
+            return Err(format!(
+                "occupied {} != Σ block weights {occupied}",
+                self.occupied
+            ));
+        }
+        if self.occupied > self.cfg.capacity {
+            return Err(format!(
+                "occupied {} > capacity {}",
+                self.occupied, self.cfg.capacity
+            ));
+        }
+        if let Some(&b) = self.free.iter().find(|b| self.blocks[b.idx()].weight != 0) {
+            return Err(format!("free block {} still weighs", b.0));
         }
         if keyed != self.prefix.len() {
             return Err(format!(

@@ -1,9 +1,23 @@
-//! KV cache policy names as clients and tenants files give them (`kv_policy`): parsed and
-//! checked here so that a typo is a clear error. Compositions join parts with `+`
-//! (`mhc:64+int8`, `kivi4+quest:1024`). Only `bf16` runs today; the compressed formats are the
-//! next piece of work, and asking for one is refused rather than silently served as `bf16`.
+//! KV cache policies: the names clients and tenants files give (`kv_policy`, parsed and checked
+//! here so that a typo is a clear error; compositions join parts with `+`, e.g.
+//! `kivi4+quest:1024`) and their resolved form [`KvPolicy`], which every forward step carries
+//! to the backend.
+//!
+//! A policy has up to three independent parts:
+//! - a storage format ([`Codec`]) for *sealed* blocks: a block is written exactly while it
+//!   fills and encoded when its last token lands, so its content is a pure function of (model,
+//!   policy, prefix tokens) and prefix sharing keeps working;
+//! - `window:W` — StreamingLLM on blocks: the first block (attention sinks) and the last
+//!   ⌈W/block⌉+1 blocks stay; older blocks leave the sequence (memory stops growing);
+//! - `quest:B` — read side only: decode attends to the blocks with the highest upper bound of
+//!   `q·k` (from per-block key min/max stored at seal time) within a budget of B tokens.
+//!
+//! `mhc:R` (calibrated low-rank keys) parses but is refused: it needs `kvserve calibrate`, which
+//! is not built yet.
 
 use std::fmt;
+
+use super::codec::Codec;
 
 /// One part of a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,8 +40,19 @@ pub struct KvPolicySpec {
     pub parts: Vec<PolicyPart>,
 }
 
-/// The policies this build can serve.
-pub const AVAILABLE: &[&str] = &["bf16"];
+/// The policies this server advertises (`GET /v1/kv_policies`); compositions of a format with
+/// `window:W` and/or `quest:B` are accepted too.
+pub const AVAILABLE: &[&str] = &[
+    "bf16",
+    "int8",
+    "k8v4",
+    "kivi4",
+    "kivi2",
+    "bf16+window:1024",
+    "kivi4+window:1024",
+    "bf16+quest:512",
+    "kivi4+quest:512",
+];
 
 impl KvPolicySpec {
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -83,14 +108,140 @@ impl KvPolicySpec {
 
     /// Refuses policies this build cannot serve yet.
     pub fn check_available(self) -> Result<Self, String> {
-        if self.parts == [PolicyPart::Bf16] {
-            Ok(self)
-        } else {
-            Err(format!(
-                "KV policy `{self}` is not available on this server yet (available: {})",
-                AVAILABLE.join(", ")
-            ))
+        KvPolicy::from_spec(&self).map(|_| self)
+    }
+
+    /// The resolved policy (the format defaults to `bf16` when only `window`/`quest` is named).
+    pub fn resolve(&self) -> Result<KvPolicy, String> {
+        KvPolicy::from_spec(self)
+    }
+}
+
+/// A resolved policy: what sealed blocks store and how attention reads them. `Copy`, carried by
+/// every forward step; its [`fmt::Display`] is the canonical name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvPolicy {
+    /// Format of sealed blocks. `None`: blocks are never sealed and stay in the backend's exact
+    /// format (f32 on the CPU) — the oracle path of tests and tools, not offered to clients.
+    pub codec: Option<Codec>,
+    /// Sliding window in tokens (plus the sink block).
+    pub window: Option<u32>,
+    /// Quest token budget for decode reads.
+    pub quest: Option<u32>,
+}
+
+/// Layers attended densely under `quest` (the first layers' attention is broad; Quest and the
+/// simulation in shared/research/kv_compression.md §4 keep them dense).
+pub const QUEST_DENSE_LAYERS: usize = 2;
+
+impl KvPolicy {
+    /// Never sealed, no window, no selection: bit-exact f32 KV.
+    pub const EXACT: KvPolicy = KvPolicy {
+        codec: None,
+        window: None,
+        quest: None,
+    };
+
+    /// The plain format policy (`bf16`, `int8`, …).
+    pub const fn format(codec: Codec) -> Self {
+        KvPolicy {
+            codec: Some(codec),
+            window: None,
+            quest: None,
         }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        KvPolicySpec::parse(s)?.resolve()
+    }
+
+    fn from_spec(spec: &KvPolicySpec) -> Result<Self, String> {
+        let mut p = KvPolicy {
+            codec: None,
+            window: None,
+            quest: None,
+        };
+        for part in &spec.parts {
+            match *part {
+                PolicyPart::Bf16 => p.codec = Some(Codec::Bf16),
+                PolicyPart::Int8 => p.codec = Some(Codec::Int8),
+                PolicyPart::Kivi4 => p.codec = Some(Codec::Kivi4),
+                PolicyPart::Kivi2 => p.codec = Some(Codec::Kivi2),
+                PolicyPart::K8v4 => p.codec = Some(Codec::K8v4),
+                PolicyPart::Window(w) => p.window = Some(w),
+                PolicyPart::Quest(b) => p.quest = Some(b),
+                PolicyPart::Mhc(_) => {
+                    return Err(format!(
+                        "KV policy `{spec}` is not available on this server: `mhc` needs a \
+                         calibrated projection (`kvserve calibrate`), which this build does not \
+                         have (available: {})",
+                        AVAILABLE.join(", ")
+                    ))
+                }
+            }
+        }
+        p.codec.get_or_insert(Codec::Bf16);
+        Ok(p)
+    }
+
+    /// Blocks a windowed sequence keeps besides the sink block: ⌈W/bs⌉ + 1 (the one being
+    /// filled included), so every query sees at least W earlier tokens.
+    pub fn window_blocks(&self, bs: usize) -> Option<usize> {
+        self.window.map(|w| (w as usize).div_ceil(bs) + 1)
+    }
+
+    /// Whether sealed blocks carry per-channel key min/max (for `quest`).
+    pub fn stores_bounds(&self) -> bool {
+        self.quest.is_some() && self.codec.is_some()
+    }
+
+    /// Whether sealed blocks are shared through the prefix cache. Windowed sequences are not:
+    /// their blocks were computed with earlier tokens forgotten, so they are not the KV of the
+    /// prefix they would be keyed by.
+    pub fn shares_prefix(&self) -> bool {
+        self.window.is_none()
+    }
+
+    /// Identity of the sealed block content, part of every block key: blocks of different
+    /// formats (or with/without key bounds) never alias. `0` for [`Self::EXACT`]. The quest
+    /// budget and the window are not part of it: the budget only changes reads, and windowed
+    /// blocks are never keyed.
+    pub fn content_id(&self) -> u32 {
+        match self.codec {
+            None => 0,
+            Some(c) => {
+                let h = blake3::hash(
+                    format!("kv-content/{}/{}", c.name(), self.stores_bounds()).as_bytes(),
+                );
+                u32::from_le_bytes(h.as_bytes()[..4].try_into().expect("4 bytes")) | 1
+            }
+        }
+    }
+
+    /// Sealed bytes per token over all layers for KV heads of `head_dim` (block size `bs`).
+    pub fn sealed_bytes_per_block(
+        &self,
+        layers: usize,
+        kv_heads: usize,
+        bs: usize,
+        d: usize,
+    ) -> Option<usize> {
+        let c = self.codec?;
+        let bounds = if self.stores_bounds() { 2 * d * 2 } else { 0 };
+        Some(layers * kv_heads * (c.k_bytes(bs, d) + c.v_bytes(bs, d) + bounds))
+    }
+}
+
+impl fmt::Display for KvPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.codec.map_or("exact", |c| c.name()))?;
+        if let Some(w) = self.window {
+            write!(f, "+window:{w}")?;
+        }
+        if let Some(b) = self.quest {
+            write!(f, "+quest:{b}")?;
+        }
+        Ok(())
     }
 }
 
@@ -146,10 +297,41 @@ mod tests {
             .unwrap()
             .check_available()
             .is_ok());
-        let e = KvPolicySpec::parse("int8")
+        let e = KvPolicySpec::parse("mhc:64+int8")
             .unwrap()
             .check_available()
             .unwrap_err();
         assert!(e.contains("not available") && e.contains("bf16"), "{e}");
+    }
+
+    #[test]
+    fn resolved_policies_name_and_key_their_content() {
+        let p = KvPolicy::parse("quest:512+kivi4").unwrap();
+        assert_eq!(p.to_string(), "kivi4+quest:512");
+        assert_eq!(
+            KvPolicy::parse("window:100").unwrap().to_string(),
+            "bf16+window:100"
+        );
+        assert_eq!(
+            KvPolicy::parse("window:100").unwrap().window_blocks(16),
+            Some(8)
+        );
+        // Content ids: distinct per format and per bounds, equal across quest budgets.
+        let ids: Vec<u32> = ["bf16", "int8", "kivi4", "kivi2", "k8v4", "kivi4+quest:64"]
+            .iter()
+            .map(|s| KvPolicy::parse(s).unwrap().content_id())
+            .collect();
+        for (i, a) in ids.iter().enumerate() {
+            assert_ne!(*a, 0);
+            assert!(!ids[..i].contains(a), "{ids:?}");
+        }
+        assert_eq!(
+            KvPolicy::parse("kivi4+quest:64").unwrap().content_id(),
+            KvPolicy::parse("kivi4+quest:1024").unwrap().content_id()
+        );
+        assert_eq!(KvPolicy::EXACT.content_id(), 0);
+        for s in AVAILABLE {
+            assert!(KvPolicy::parse(s).is_ok(), "{s}");
+        }
     }
 }

@@ -19,8 +19,8 @@
 use super::ledger::Ledger;
 use super::prefix::{block_hash, derive_scope, BlockHash, PrefixMap};
 use super::{
-    Alloc, BlockId, CacheScope, KvError, KvPoolConfig, KvStats, SeqBlocks, TenantKvStats,
-    TenantQuota,
+    Alloc, BlockClass, BlockId, CacheScope, KvError, KvPoolConfig, KvStats, SeqBlocks,
+    TenantKvStats, TenantQuota,
 };
 use crate::types::{TenantId, TokenId};
 
@@ -38,6 +38,9 @@ pub(super) struct Block {
     pub(super) hash: Option<BlockHash>,
     /// For a cached-free block: the tenant whose LRU it is in and its tick there.
     pub(super) cached: Option<(TenantId, u64)>,
+    /// Units the block occupies (0 iff it is on the free stack): its class's `filling` weight
+    /// until sealed by `commit`, `sealed` after.
+    pub(super) weight: usize,
 }
 
 /// A copy-on-write the backend has not performed yet. `src` is pinned (one reference, held on
@@ -70,6 +73,8 @@ pub struct KvPool {
     pub(super) prefix: PrefixMap,
     pub(super) ledger: Ledger,
     pub(super) pending: Vec<PendingCopy>,
+    /// Σ weights of blocks in use or cached: `capacity − occupied` units are free.
+    pub(super) occupied: usize,
     /// LRU clock: bumped each time a block is parked in a cached LRU.
     tick: u64,
     evictions: u64,
@@ -87,13 +92,17 @@ impl KvPool {
         if cfg.block_size == 0 {
             return Err(KvError::InvalidConfig("block_size must be > 0".into()));
         }
+        if cfg.capacity == 0 {
+            return Err(KvError::InvalidConfig("capacity must be > 0".into()));
+        }
         let n = cfg.num_blocks;
         Ok(Self {
             blocks: (0..n).map(|_| Block::default()).collect(),
             free: (0..n as u32).rev().map(BlockId).collect(),
             prefix: PrefixMap::default(),
-            ledger: Ledger::new(n),
+            ledger: Ledger::new(cfg.capacity),
             pending: Vec::new(),
+            occupied: 0,
             tick: 0,
             evictions: 0,
             cow_copies: 0,
@@ -137,6 +146,19 @@ impl KvPool {
         scope: &CacheScope,
         prompt: &[TokenId],
     ) -> Result<(SeqBlocks, usize), KvError> {
+        let class = BlockClass::uniform(self.cfg.policy_id);
+        self.start_as(tenant, scope, prompt, class)
+    }
+
+    /// [`Self::start`] for a sequence whose blocks are of `class` (its KV policy's weights and
+    /// key). Only blocks of the same content id are hits.
+    pub fn start_as(
+        &mut self,
+        tenant: TenantId,
+        scope: &CacheScope,
+        prompt: &[TokenId],
+        class: BlockClass,
+    ) -> Result<(SeqBlocks, usize), KvError> {
         if scope.tenant() != tenant {
             return Err(KvError::ScopeMismatch {
                 tenant,
@@ -149,17 +171,20 @@ impl KvPool {
         let bs = self.cfg.block_size;
         let mut hashes: Vec<BlockHash> = Vec::new();
         let mut hits = Vec::new();
-        for chunk in prompt
-            .chunks_exact(bs)
-            .take(prompt.len().saturating_sub(1) / bs)
-        {
-            let h = block_hash(scope, hashes.last(), self.cfg.policy_id, chunk);
+        let lookups = if class.shares_prefix {
+            prompt.len().saturating_sub(1) / bs
+        } else {
+            0
+        };
+        for chunk in prompt.chunks_exact(bs).take(lookups) {
+            let h = block_hash(scope, hashes.last(), class.content_id, chunk);
             let Some(b) = self.prefix.get(&h) else { break };
             if !self.holds(b, tenant) {
-                if budget == 0 {
+                let w = self.blocks[b.idx()].weight;
+                if budget < w {
                     break;
                 }
-                budget -= 1;
+                budget -= w;
             }
             hashes.push(h);
             hits.push(b);
@@ -179,6 +204,7 @@ impl KvPool {
         Ok((
             SeqBlocks {
                 scope: *scope,
+                class,
                 blocks: hits,
                 hashes,
                 computed: cached,
@@ -187,11 +213,11 @@ impl KvPool {
         ))
     }
 
-    /// New blocks `reserve(seq, total_tokens)` would take (appended + copy-on-write), so the
-    /// scheduler can budget before asking.
-    pub fn blocks_needed(&self, seq: &SeqBlocks, total_tokens: usize) -> usize {
+    /// Units `reserve(seq, total_tokens)` would charge (appended + copy-on-write blocks), so
+    /// the scheduler can budget before asking.
+    pub fn units_needed(&self, seq: &SeqBlocks, total_tokens: usize) -> usize {
         let p = self.plan(seq, total_tokens);
-        p.replace.len() + p.grow
+        (p.replace.len() + p.grow) * seq.class.filling
     }
 
     /// Ensures blocks cover positions `0..total_tokens`, all of them writable from the first
@@ -200,14 +226,19 @@ impl KvPool {
     pub fn reserve(&mut self, seq: &mut SeqBlocks, total_tokens: usize) -> Alloc {
         let tenant = seq.tenant();
         let bs = self.cfg.block_size;
-        if total_tokens.div_ceil(bs) > self.ledger.ceiling(tenant) {
+        if seq.class.min_units(total_tokens, bs) > self.ledger.ceiling(tenant) {
             return Alloc::Never;
         }
         let plan = self.plan(seq, total_tokens);
-        let k = plan.replace.len() + plan.grow;
-        if k > 0 && !self.ledger.admit(tenant, k, self.free.len()) {
+        let k = (plan.replace.len() + plan.grow) * seq.class.filling;
+        if k > 0
+            && !self
+                .ledger
+                .admit(tenant, k, self.cfg.capacity - self.occupied)
+        {
             return Alloc::NotNow;
         }
+        let w = seq.class.filling;
         for i in plan.unkey {
             let b = seq.blocks[i];
             let h = self.blocks[b.idx()].hash.take().expect("plan: keyed");
@@ -215,7 +246,7 @@ impl KvPool {
         }
         for i in plan.replace {
             let old = seq.blocks[i];
-            let new = self.alloc_block(tenant);
+            let new = self.alloc_block(tenant, w);
             if i * bs < seq.computed {
                 // The sequence's reference on `old` moves to the pending copy, which pins it.
                 // If `old` is itself a pending copy's target, copy from that copy's source
@@ -247,7 +278,7 @@ impl KvPool {
             seq.blocks[i] = new;
         }
         for _ in 0..plan.grow {
-            let b = self.alloc_block(tenant);
+            let b = self.alloc_block(tenant, w);
             seq.blocks.push(b);
         }
         Alloc::Granted
@@ -284,21 +315,54 @@ impl KvPool {
                 computed: seq.computed,
             });
         }
-        for i in seq.hashes.len()..tokens.len() / bs {
-            let h = block_hash(
-                &seq.scope,
-                seq.hashes.last(),
-                self.cfg.policy_id,
-                &tokens[i * bs..(i + 1) * bs],
-            );
+        let class = seq.class;
+        let newly_full = seq.computed / bs..tokens.len() / bs;
+        for i in newly_full {
+            // Sealed now (the backend encoded it in the same forward): it weighs less.
             let b = seq.blocks[i];
-            if self.blocks[b.idx()].hash.is_none() && self.prefix.insert_if_absent(h, b) {
-                self.blocks[b.idx()].hash = Some(h);
+            if b != BlockId::DROPPED && self.blocks[b.idx()].weight == class.filling {
+                self.reweight(b, class.sealed);
             }
-            seq.hashes.push(h);
+        }
+        if class.shares_prefix {
+            for i in seq.hashes.len()..tokens.len() / bs {
+                let h = block_hash(
+                    &seq.scope,
+                    seq.hashes.last(),
+                    class.content_id,
+                    &tokens[i * bs..(i + 1) * bs],
+                );
+                let b = seq.blocks[i];
+                if self.blocks[b.idx()].hash.is_none() && self.prefix.insert_if_absent(h, b) {
+                    self.blocks[b.idx()].hash = Some(h);
+                }
+                seq.hashes.push(h);
+            }
         }
         seq.computed = tokens.len();
+        if let Some(keep) = class.window_blocks {
+            // The next query (position `computed`) sees block 0 and the last `keep` blocks.
+            let first_kept = (seq.computed / bs + 1).saturating_sub(keep);
+            let tenant = seq.tenant();
+            for i in 1..first_kept.min(seq.blocks.len()) {
+                let b = std::mem::replace(&mut seq.blocks[i], BlockId::DROPPED);
+                if b != BlockId::DROPPED {
+                    self.release(b, tenant);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Changes an in-use block's weight, re-charging every holder.
+    fn reweight(&mut self, b: BlockId, weight: usize) {
+        let blk = &mut self.blocks[b.idx()];
+        let old = std::mem::replace(&mut blk.weight, weight);
+        for &(t, _) in &blk.holders {
+            self.ledger.uncharge(t, old);
+            self.ledger.charge(t, weight);
+        }
+        self.occupied = self.occupied - old + weight;
     }
 
     /// A second sequence (`n > 1`) sharing every block that holds computed KV. The partial tail
@@ -310,11 +374,12 @@ impl KvPool {
             .div_ceil(self.cfg.block_size)
             .min(seq.blocks.len());
         let blocks = seq.blocks[..shared].to_vec();
-        for &b in &blocks {
+        for &b in blocks.iter().filter(|&&b| b != BlockId::DROPPED) {
             self.add_ref(b, seq.tenant());
         }
         SeqBlocks {
             scope: seq.scope,
+            class: seq.class,
             blocks,
             hashes: seq.hashes.clone(),
             computed: seq.computed,
@@ -324,12 +389,13 @@ impl KvPool {
     /// Drops the sequence's references, tail first (see the module docs for the orders).
     pub fn free(&mut self, seq: SeqBlocks) {
         let tenant = seq.tenant();
-        for &b in seq.blocks.iter().rev() {
+        for &b in seq.blocks.iter().rev().filter(|&&b| b != BlockId::DROPPED) {
             self.release(b, tenant);
         }
     }
 
-    /// The block table the backend reads: block `i` holds positions `i*block_size..`.
+    /// The block table the backend reads: block `i` holds positions `i*block_size..`. Blocks a
+    /// window dropped read as `u32::MAX` (attention never visits them).
     pub fn block_table(&self, seq: &SeqBlocks) -> Vec<u32> {
         seq.blocks.iter().map(|b| b.0).collect()
     }
@@ -339,7 +405,7 @@ impl KvPool {
         self.ledger.get(tenant).is_ok()
     }
 
-    /// Whether `extra` more blocks would put `tenant` over its own `max_blocks`: then only
+    /// Whether `extra` more units would put `tenant` over its own `max_blocks`: then only
     /// freeing the tenant's own blocks can help; other tenants' blocks cannot.
     pub fn over_cap(&self, tenant: TenantId, extra: usize) -> bool {
         self.ledger
@@ -347,7 +413,7 @@ impl KvPool {
             .is_ok_and(|a| a.used + extra > a.quota.max_blocks)
     }
 
-    /// Blocks `tenant` holds above its reservation (0 if none): preempt the largest first.
+    /// Units `tenant` holds above its reservation (0 if none): preempt the largest first.
     pub fn borrowed(&self, tenant: TenantId) -> usize {
         self.ledger
             .get(tenant)
@@ -356,14 +422,16 @@ impl KvPool {
 
     pub fn stats(&self) -> KvStats {
         // O(tenants): every block is free, cached (in one tenant's LRU) or in use.
-        let free = self.free.len();
         let cached: usize = self.ledger.accounts().map(|(_, a)| a.cached()).sum();
+        let cached_blocks: usize = self.ledger.accounts().map(|(_, a)| a.lru.len()).sum();
         KvStats {
             num_blocks: self.cfg.num_blocks,
+            capacity: self.cfg.capacity,
             block_size: self.cfg.block_size,
-            used: self.cfg.num_blocks - free - cached,
+            used: self.occupied - cached,
             cached,
-            free,
+            free: self.cfg.capacity - self.occupied,
+            used_blocks: self.cfg.num_blocks - self.free.len() - cached_blocks,
             evictions: self.evictions,
             cow_copies: self.cow_copies,
             tenants: self
@@ -423,7 +491,8 @@ impl KvPool {
             Some((_, n)) => *n += 1,
             None => {
                 blk.holders.push((tenant, 1));
-                self.ledger.charge(tenant);
+                let w = blk.weight;
+                self.ledger.charge(tenant, w);
             }
         }
     }
@@ -439,30 +508,35 @@ impl KvPool {
             .cached
             .take()
             .expect("kv: revive of a cached block");
-        self.ledger.cache_remove(owner, tick, b);
+        let w = self.blocks[b.idx()].weight;
+        self.ledger.cache_remove(owner, tick, b, w);
         self.hold(b, tenant);
     }
 
-    /// A fresh block for `tenant`: the free stack first, else an eviction. `Ledger::admit` has
-    /// checked that one exists.
-    fn alloc_block(&mut self, tenant: TenantId) -> BlockId {
-        let b = match self.free.pop() {
-            Some(b) => b,
-            None => {
-                let (owner, tick, b) = self
-                    .ledger
-                    .pick_victim(tenant, false)
-                    .or_else(|| self.ledger.pick_victim(tenant, true))
-                    .expect("kv: admit guaranteed an evictable block");
-                self.ledger.cache_remove(owner, tick, b);
-                let blk = &mut self.blocks[b.idx()];
-                blk.cached = None;
-                let h = blk.hash.take().expect("kv: cached block is keyed");
-                self.prefix.remove(&h);
-                self.evictions += 1;
-                b
-            }
-        };
+    /// A fresh block of `weight` units for `tenant`: evictions until the units are free (ids
+    /// never run out first: the pool has `capacity / lightest block` of them), then the free
+    /// stack. `Ledger::admit` has checked that enough is evictable.
+    fn alloc_block(&mut self, tenant: TenantId, weight: usize) -> BlockId {
+        while self.cfg.capacity - self.occupied < weight || self.free.is_empty() {
+            let (owner, tick, b) = self
+                .ledger
+                .pick_victim(tenant, false)
+                .or_else(|| self.ledger.pick_victim(tenant, true))
+                .expect("kv: admit guaranteed an evictable block");
+            let w = self.blocks[b.idx()].weight;
+            self.ledger.cache_remove(owner, tick, b, w);
+            let blk = &mut self.blocks[b.idx()];
+            blk.cached = None;
+            blk.weight = 0;
+            let h = blk.hash.take().expect("kv: cached block is keyed");
+            self.prefix.remove(&h);
+            self.occupied -= w;
+            self.free.push(b);
+            self.evictions += 1;
+        }
+        let b = self.free.pop().expect("kv: a free id after eviction");
+        self.blocks[b.idx()].weight = weight;
+        self.occupied += weight;
         self.hold(b, tenant);
         b
     }
@@ -481,7 +555,8 @@ impl KvPool {
             blk.holders[i].1 -= 1;
             if blk.holders[i].1 == 0 {
                 blk.holders.remove(i);
-                self.ledger.uncharge(tenant);
+                let w = blk.weight;
+                self.ledger.uncharge(tenant, w);
             }
             if blk.refs > 0 {
                 continue;
@@ -492,11 +567,14 @@ impl KvPool {
                 self.blocks[p.src.idx()].pins -= 1;
                 work.push((p.src, p.tenant));
             }
+            let w = self.blocks[b.idx()].weight;
             if self.blocks[b.idx()].hash.is_some() {
                 self.tick += 1;
                 self.blocks[b.idx()].cached = Some((tenant, self.tick));
-                self.ledger.cache_insert(tenant, self.tick, b);
+                self.ledger.cache_insert(tenant, self.tick, b, w);
             } else {
+                self.blocks[b.idx()].weight = 0;
+                self.occupied -= w;
                 self.free.push(b);
             }
         }

@@ -19,7 +19,7 @@ fn fork_copy_on_write_first_writer_copies() {
     ok(&p);
 
     // The parent writes position 6 into shared block 1: it gets block 2 and a queued copy.
-    assert_eq!(p.blocks_needed(&parent, 7), 1);
+    assert_eq!(p.units_needed(&parent, 7), 1);
     assert_eq!(p.reserve(&mut parent, 7), Alloc::Granted);
     assert_eq!(p.block_table(&parent), [0, 2]);
     assert_eq!(
@@ -31,7 +31,7 @@ fn fork_copy_on_write_first_writer_copies() {
     assert_eq!(tstats(&p, A).used, 3);
     ok(&p);
     // The child is now the only sequence on block 1: it writes in place.
-    assert_eq!(p.blocks_needed(&child, 7), 0);
+    assert_eq!(p.units_needed(&child, 7), 0);
     assert_eq!(p.reserve(&mut child, 7), Alloc::Granted);
     assert_eq!(p.block_table(&child), [0, 1]);
     assert_eq!(p.take_copies(), [(1, 2)]);
@@ -155,6 +155,11 @@ fn config_and_quota_validation() {
         Err(KvError::InvalidConfig(_))
     ));
     cfg.num_blocks = 4;
+    assert!(
+        matches!(KvPool::new(cfg.clone()), Err(KvError::InvalidConfig(_))),
+        "capacity 0"
+    );
+    cfg.capacity = 4;
     cfg.block_size = 0;
     assert!(matches!(
         KvPool::new(cfg.clone()),
@@ -209,7 +214,7 @@ fn max_blocks_never_vs_not_now_all_or_nothing() {
     assert_eq!(p.block_table(&s1), [0, 1, 2]);
 
     let (mut s2, _) = p.start(A, &scope, &toks(100, 5)).unwrap();
-    assert_eq!(p.blocks_needed(&s2, 5), 2);
+    assert_eq!(p.units_needed(&s2, 5), 2);
     assert_eq!(
         p.reserve(&mut s2, 1),
         Alloc::NotNow,
@@ -381,10 +386,12 @@ fn stats_report_pool_and_tenants() {
     };
     let expected = KvStats {
         num_blocks: 8,
+        capacity: 8,
         block_size: BS,
         used: 3,
         cached: 1,
         free: 4,
+        used_blocks: 3,
         evictions: 0,
         cow_copies: 0,
         tenants: vec![(A, tenant(3, 0, 2, 6, 1, 9)), (B, tenant(0, 1, 0, 4, 1, 4))],

@@ -115,7 +115,7 @@ pub(super) fn leak_check(p: &mut KvPool) {
     ok(p);
     let s = p.stats();
     assert_eq!(s.used, 0);
-    assert_eq!(s.cached + s.free, s.num_blocks);
+    assert_eq!(s.cached + s.free, s.capacity);
     for (t, ts) in &s.tenants {
         assert_eq!(ts.used, 0, "tenant {t:?} still charged");
     }

@@ -9,8 +9,9 @@
 use super::config::ModelConfig;
 use super::tensor::HostTensor;
 use super::TensorSource;
-use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams};
+use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams, Seal};
 use crate::error::{ModelError, RunError};
+use crate::kv::policy::KvPolicy;
 
 struct Layer<B: Backend> {
     attn_norm: B::Buf,
@@ -59,6 +60,8 @@ pub struct SeqStep<'a> {
     /// positions. Its keys and values for `tokens` are written there.
     pub block_table: &'a [u32],
     pub logits: LogitsFor,
+    /// How the sequence's KV is kept and read (sealed format, window, quest).
+    pub policy: KvPolicy,
 }
 
 impl<B: Backend> Llama<B> {
@@ -177,6 +180,11 @@ impl<B: Backend> Llama<B> {
         &self.backend
     }
 
+    /// The attention shape (heads, KV heads, head_dim).
+    pub fn attn_shape(&self) -> AttnShape {
+        self.shape
+    }
+
     /// Bytes one KV block of `block_size` tokens takes over all layers.
     pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
         self.backend
@@ -220,8 +228,27 @@ impl<B: Backend> Llama<B> {
                 table.len()
             )));
         }
+        if !self.backend.supports_policy(&step.policy) {
+            return Err(RunError::Invalid(format!(
+                "KV policy `{}` is not supported by the {} backend",
+                step.policy,
+                self.backend.name()
+            )));
+        }
+        // Under a window, blocks that even the step's first position cannot see may have been
+        // dropped; every other entry must be a real block.
+        let first_own = step.start_pos / bs;
+        let dropped_ok = |bi: usize| {
+            step.policy
+                .window_blocks(bs)
+                .is_some_and(|w| bi != 0 && bi + w <= first_own)
+        };
         let blocks = store.num_blocks();
-        if let Some(&bad) = table[..needed].iter().find(|&&b| b as usize >= blocks) {
+        if let Some((_, &bad)) = table[..needed]
+            .iter()
+            .enumerate()
+            .find(|&(bi, &b)| b as usize >= blocks && !dropped_ok(bi))
+        {
             return Err(RunError::Invalid(format!(
                 "block id {bad} out of range (pool of {blocks})"
             )));
@@ -263,6 +290,23 @@ impl<B: Backend> Llama<B> {
                 rows: s.tokens.len(),
                 start_pos: s.start_pos,
                 block_table: s.block_table,
+                policy: s.policy,
+            })
+            .collect();
+        // Blocks that become full in this step are sealed into their policy's format, layer by
+        // layer before attention, so the step's later positions already read them sealed —
+        // exactly what a later decode or a prefix-cache hit reads.
+        let bs = store.block_size();
+        let seals: Vec<Seal> = batch
+            .iter()
+            .filter_map(|s| Some((s, s.policy.codec?)))
+            .flat_map(|(s, codec)| {
+                let bounds = s.policy.stores_bounds();
+                (s.start_pos / bs..(s.start_pos + s.tokens.len()) / bs).map(move |bi| Seal {
+                    block: s.block_table[bi],
+                    codec,
+                    bounds,
+                })
             })
             .collect();
         let t = tokens.len();
@@ -290,6 +334,9 @@ impl<B: Backend> Llama<B> {
             }
             let (shape, rope) = (self.shape, &self.rope);
             be.rope_and_store(&mut qkv, t, &positions, &slots, shape, rope, store, li);
+            if !seals.is_empty() {
+                be.seal(store, li, &seals);
+            }
             be.attention(&qkv, &seqs, shape, store, li, &mut attn);
             be.matmul(&attn, t, &layer.o, &mut proj);
             be.add(&mut x, &proj, t * h);
@@ -299,6 +346,11 @@ impl<B: Backend> Llama<B> {
             be.silu_mul(&gate_up, t, inter, &mut act);
             be.matmul(&act, t, &layer.down, &mut proj);
             be.add(&mut x, &proj, t * h);
+        }
+
+        if !seals.is_empty() {
+            let sealed: Vec<u32> = seals.iter().map(|s| s.block).collect();
+            be.release_exact(store, &sealed);
         }
 
         // Only the rows asked for go through the final norm and the LM head (one matmul).

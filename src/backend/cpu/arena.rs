@@ -163,7 +163,11 @@ impl ZeroedBuf {
     pub fn new(len: usize) -> Self {
         let bytes = len * std::mem::size_of::<f32>();
         if bytes > 0 {
-            if let Ok(m) = memmap2::MmapMut::map_anon(bytes) {
+            if let Ok(m) = memmap2::MmapOptions::new()
+                .len(bytes)
+                .no_reserve_swap()
+                .map_anon()
+            {
                 #[cfg(target_os = "linux")]
                 let _ = m.advise(memmap2::Advice::HugePage); // best effort: THP may be off
                 return ZeroedBuf {
@@ -201,6 +205,98 @@ impl std::ops::DerefMut for ZeroedBuf {
             },
             ZeroedMem::Heap(v) => v,
         }
+    }
+}
+
+impl ZeroedBuf {
+    /// Gives the whole pages inside `range` (elements) back to the OS; they read as zero after.
+    pub fn release(&mut self, range: std::ops::Range<usize>) {
+        let size = std::mem::size_of::<f32>();
+        release_pages(self.mem_bytes(), range.start * size..range.end * size);
+    }
+
+    fn mem_bytes(&mut self) -> Option<&mut memmap2::MmapMut> {
+        match &mut self.mem {
+            ZeroedMem::Map(m) => Some(m),
+            ZeroedMem::Heap(_) => None,
+        }
+    }
+}
+
+/// `madvise(MADV_DONTNEED)` on the whole pages inside `range` (bytes) of an anonymous private
+/// mapping: they are freed and read as zero afterwards. Heap fallbacks keep their memory.
+fn release_pages(map: Option<&mut memmap2::MmapMut>, range: std::ops::Range<usize>) {
+    #[cfg(target_os = "linux")]
+    if let Some(m) = map {
+        const PAGE: usize = 4096;
+        let (a, b) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+        if a < b && b <= m.len() {
+            // SAFETY: the range is inside our own private anonymous mapping, and callers only
+            // release bytes whose content they no longer need (zero-fill on next touch).
+            let _ =
+                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (map, range);
+}
+
+/// Zeroed byte storage for sealed (compressed) KV blocks: reserved as address space only
+/// (`MAP_NORESERVE`), committed page by page as blocks are written, and given back with
+/// [`ZeroedBytes::release`] when a block leaves the arena.
+pub struct ZeroedBytes {
+    mem: Option<memmap2::MmapMut>,
+    heap: Vec<u8>,
+}
+
+impl ZeroedBytes {
+    pub fn new(len: usize) -> Self {
+        if len > 0 {
+            if let Ok(m) = memmap2::MmapOptions::new()
+                .len(len)
+                .no_reserve_swap()
+                .map_anon()
+            {
+                return ZeroedBytes {
+                    mem: Some(m),
+                    heap: Vec::new(),
+                };
+            }
+        }
+        ZeroedBytes {
+            mem: None,
+            heap: vec![0; len],
+        }
+    }
+
+    /// Gives the whole pages inside `range` back to the OS (they read as zero after).
+    pub fn release(&mut self, range: std::ops::Range<usize>) {
+        release_pages(self.mem.as_mut(), range);
+    }
+}
+
+impl Deref for ZeroedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.mem {
+            Some(m) => m,
+            None => &self.heap,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ZeroedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match &mut self.mem {
+            Some(m) => m,
+            None => &mut self.heap,
+        }
+    }
+}
+
+impl std::fmt::Debug for ZeroedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ZeroedBytes[{}]", self.len())
     }
 }
 

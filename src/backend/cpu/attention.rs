@@ -35,6 +35,8 @@ use super::kv_store::{CpuKvStore, KvView};
 use super::ops::softmax;
 use super::parallel;
 use crate::backend::{AttnSeq, AttnShape};
+use crate::kv::codec::Codec;
+use crate::kv::policy::{KvPolicy, QUEST_DENSE_LAYERS};
 use kernels::{dots, pv, Run};
 use std::cell::RefCell;
 
@@ -45,8 +47,8 @@ const ROW_BLOCK: usize = 16;
 /// Below this much work (queries × positions × head_dim) the phase split is not worth its syncs.
 const SPLIT_MIN_WORK: usize = 1 << 20;
 
-/// One query: its q vector, where its output goes, how many positions it sees, its KV head and
-/// its sequence's block table.
+/// One query: its q vector, where its output goes, how many positions it sees, its KV head,
+/// its sequence's block table and policy.
 #[derive(Clone, Copy)]
 struct Query<'a> {
     q: *const f32,
@@ -54,25 +56,24 @@ struct Query<'a> {
     len: usize,
     g: usize,
     table: &'a [u32],
+    policy: KvPolicy,
 }
 
-/// The runs of positions `t0..t1` through `table`, K or V of one head (`base(block, offset)`).
-fn tile_runs(
-    table: &[u32],
-    bs: usize,
-    t0: usize,
-    t1: usize,
-    base: impl Fn(u32, usize) -> *const f32,
-    out: &mut Vec<Run>,
-) {
-    out.clear();
-    runs(table, bs, t0, t1, |b, off, p0, p1| {
-        out.push(Run {
-            at: base(b, off),
-            p: p0,
-            n: p1 - p0,
-        })
-    });
+impl Query<'_> {
+    /// The block this query's own position is in: always read exact (it is, or was when this
+    /// position was decoded, the block being filled).
+    fn own(&self, bs: usize) -> usize {
+        (self.len - 1) / bs
+    }
+
+    /// Whether the window lets this query see logical block `bi` (the sink block 0 and the last
+    /// `window_blocks` blocks up to its own).
+    fn in_window(&self, bi: usize, bs: usize) -> bool {
+        match self.policy.window_blocks(bs) {
+            None => true,
+            Some(w) => bi == 0 || bi + w > self.own(bs),
+        }
+    }
 }
 
 /// Raw pointers moved into parallel chunks.
@@ -94,13 +95,29 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether `seq`'s table covers positions `0..start_pos + rows` with valid block ids.
+/// Whether `seq`'s table covers positions `0..start_pos + rows` with valid block ids (a
+/// windowed sequence's blocks that even its first row cannot see may be dropped).
 fn table_ok(seq: &AttnSeq<'_>, kv: &KvView<'_>) -> bool {
-    let blocks = (seq.start_pos + seq.rows).div_ceil(kv.block_size);
+    let bs = kv.block_size;
+    let blocks = (seq.start_pos + seq.rows).div_ceil(bs);
+    let first_own = seq.start_pos / bs;
+    let dropped_ok = |bi: usize| {
+        seq.policy
+            .window_blocks(bs)
+            .is_some_and(|w| bi != 0 && bi + w <= first_own)
+    };
     seq.block_table.len() >= blocks
         && seq.block_table[..blocks]
             .iter()
-            .all(|&b| (b as usize) < kv.num_blocks)
+            .enumerate()
+            .all(|(bi, &b)| (b as usize) < kv.num_blocks || dropped_ok(bi))
+}
+
+/// Whether every sequence reads plain exact blocks with full visibility (the phase split only
+/// handles that case).
+fn all_plain(seqs: &[AttnSeq<'_>]) -> bool {
+    seqs.iter()
+        .all(|s| s.policy.codec.is_none() && s.policy.window.is_none() && s.policy.quest.is_none())
 }
 
 /// Calls `f(block, offset, p0, p1)` for each run of positions `p0..p1` inside `t0..t1` that
@@ -184,6 +201,7 @@ pub fn attention(
                             len,
                             g,
                             table: seq.block_table,
+                            policy: seq.policy,
                         });
                         work += len;
                     }
@@ -193,7 +211,7 @@ pub fn attention(
         }
     }
     let work: usize = tasks.iter().map(|t| t.2).sum::<usize>() * d;
-    if tasks.len() < rayon::current_num_threads() && work >= SPLIT_MIN_WORK {
+    if tasks.len() < rayon::current_num_threads() && work >= SPLIT_MIN_WORK && all_plain(seqs) {
         return split_phases(&queries, kv, scale, simd);
     }
     // Largest first, so that a long prefill chunk does not start last.
@@ -210,55 +228,197 @@ pub fn attention(
     });
 }
 
+/// A run of one tile in one block: where it sits, and its decoded copy if the block is sealed.
+#[derive(Clone, Copy)]
+struct TileRun {
+    /// Logical block index.
+    bi: usize,
+    /// Exact data (the block's own queries read it), `None` when no query of the task sees it.
+    exact: *const f32,
+    /// Sealed blocks: the run decoded into the task's scratch tile.
+    decoded: Option<*const f32>,
+    p: usize,
+    n: usize,
+}
+
+thread_local! {
+    /// Per-thread decoded tile of sealed K or V runs: `[TILE, head_dim]`.
+    static DECODED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The runs of positions `t0..t1` of KV head `g`, K or V: blocks no query of the task sees are
+/// left out (they may be dropped), sealed blocks are decoded into `scratch` (indexed from `t0`).
+#[allow(clippy::too_many_arguments)]
+fn task_tile(
+    table: &[u32],
+    kv: &KvView<'_>,
+    g: usize,
+    t0: usize,
+    t1: usize,
+    values: bool,
+    seen: impl Fn(usize) -> bool,
+    scratch: &mut [f32],
+    out: &mut Vec<TileRun>,
+) {
+    let (bs, d) = (kv.block_size, kv.head_dim);
+    out.clear();
+    runs(table, bs, t0, t1, |b, off, p0, p1| {
+        let bi = p0 / bs;
+        if !seen(bi) {
+            return;
+        }
+        let exact = if values {
+            kv.v(b, g, off)
+        } else {
+            kv.k(b, g, off)
+        }
+        .as_ptr();
+        let decoded = kv.sealed(b).map(|c: Codec| {
+            let dst = &mut scratch[(p0 - t0) * d..(p1 - t0) * d];
+            if values {
+                kv.decode_v(c, b, g, off, off + p1 - p0, dst);
+            } else {
+                kv.decode_k(c, b, g, off, off + p1 - p0, dst);
+            }
+            dst.as_ptr()
+        });
+        out.push(TileRun {
+            bi,
+            exact,
+            decoded,
+            p: p0,
+            n: p1 - p0,
+        });
+    });
+}
+
+/// Quest: for a decode task (every query at the same position) under `quest:B` past the dense
+/// layers, the logical blocks to attend — the query's own block plus the sealed blocks with the
+/// highest upper bound of `q·k` (max over the task's query heads of Σ_c max(q_c·min_c,
+/// q_c·max_c)) until B tokens. `None`: attend to everything visible.
+fn quest_selection(qs: &[Query<'_>], kv: &KvView<'_>) -> Option<Vec<bool>> {
+    let first = qs.first()?;
+    let budget = first.policy.quest? as usize;
+    let (bs, d) = (kv.block_size, kv.head_dim);
+    if kv.layer() < QUEST_DENSE_LAYERS || qs.iter().any(|q| q.len != first.len) {
+        return None;
+    }
+    let own = first.own(bs);
+    let visible: Vec<usize> = (0..=own).filter(|&bi| first.in_window(bi, bs)).collect();
+    if visible.len() * bs <= budget {
+        return None;
+    }
+    let (mut lo, mut hi) = (vec![0f32; d], vec![0f32; d]);
+    let mut scored: Vec<(f32, usize)> = Vec::with_capacity(visible.len());
+    let mut sel = vec![false; own + 1];
+    sel[own] = true;
+    for &bi in visible.iter().filter(|&&bi| bi != own) {
+        let b = first.table[bi];
+        if !kv.key_bounds(b, first.g, &mut lo, &mut hi) {
+            sel[bi] = true; // no bounds (not sealed): cannot rank it, keep it
+            continue;
+        }
+        let mut best = f32::NEG_INFINITY;
+        for q in qs {
+            // SAFETY: every query's q holds head_dim floats (`attend`'s contract).
+            let qv = unsafe { std::slice::from_raw_parts(q.q, d) };
+            let ub: f32 = (0..d).map(|c| (qv[c] * lo[c]).max(qv[c] * hi[c])).sum();
+            best = best.max(ub);
+        }
+        scored.push((best, bi));
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut tokens = bs; // the own block
+    for (_, bi) in scored {
+        if tokens + bs > budget {
+            break;
+        }
+        sel[bi] = true;
+        tokens += bs;
+    }
+    Some(sel)
+}
+
 /// All three steps for a set of queries of one sequence and one KV head.
+///
+/// Sealed blocks are decoded tile by tile into a per-thread scratch (once per tile for all the
+/// task's queries); a query reads its own block exact. Positions a query does not see (window,
+/// quest) score −∞ and are skipped in `p · V`.
 ///
 /// # Safety
 /// Every query's `q` must hold `head_dim` floats, `out` must hold `head_dim` writable floats,
-/// and its table must cover `len` positions with valid blocks.
+/// and its table must cover `len` positions with valid blocks (except blocks it cannot see).
 unsafe fn attend(qs: &[Query<'_>], kv: KvView<'_>, scale: f32, scores: &mut Vec<f32>, simd: bool) {
     let (d, bs) = (kv.head_dim, kv.block_size);
     let Some(first) = qs.first() else { return };
     let lmax = qs.iter().map(|q| q.len).max().unwrap_or(0);
     scores.resize(qs.len() * lmax, 0.0);
-    // All queries of a task share one table and one KV head: a tile's runs are found once,
-    // and the first query of a tile reads them from memory, the others from L1.
+    // All queries of a task share one table, one KV head and one policy: a tile's runs are
+    // found (and decoded) once, and the first query of a tile reads them from memory, the
+    // others from L1.
     let (table, g) = (first.table, first.g);
+    let plain = first.policy.window.is_none() && first.policy.quest.is_none();
+    let sel = if plain {
+        None
+    } else {
+        quest_selection(qs, &kv)
+    };
+    let sees = |q: &Query<'_>, bi: usize| {
+        bi == q.own(bs) || (q.in_window(bi, bs) && sel.as_ref().is_none_or(|s| s[bi]))
+    };
+    let seen = |bi: usize| plain || qs.iter().any(|q| bi * bs < q.len && sees(q, bi));
     let mut tile = Vec::with_capacity(TILE / bs + 2);
-    for t0 in (0..lmax).step_by(TILE) {
-        prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.k(b, g, off));
-        tile_runs(
-            table,
-            bs,
-            t0,
-            (t0 + TILE).min(lmax),
-            |b, off| kv.k(b, g, off).as_ptr(),
-            &mut tile,
-        );
-        for (qi, q) in qs.iter().enumerate() {
-            let s = scores[qi * lmax..].as_mut_ptr();
-            for r in tile.iter().take_while(|r| r.p < q.len) {
-                dots(q.q, r.at, d, r.n.min(q.len - r.p), scale, s.add(r.p), simd);
+    let mut qruns: Vec<Run> = Vec::with_capacity(TILE / bs + 2);
+    DECODED.with_borrow_mut(|scratch| {
+        scratch.resize(TILE * d, 0.0);
+        for t0 in (0..lmax).step_by(TILE) {
+            let t1 = (t0 + TILE).min(lmax);
+            prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.k(b, g, off));
+            task_tile(table, &kv, g, t0, t1, false, seen, scratch, &mut tile);
+            for (qi, q) in qs.iter().enumerate() {
+                let s = scores[qi * lmax..].as_mut_ptr();
+                if !plain {
+                    std::slice::from_raw_parts_mut(s.add(t0), t1.min(q.len).saturating_sub(t0))
+                        .fill(f32::NEG_INFINITY);
+                }
+                for r in tile.iter().take_while(|r| r.p < q.len) {
+                    if !plain && !sees(q, r.bi) {
+                        continue;
+                    }
+                    let at = match r.decoded {
+                        Some(dec) if r.bi != q.own(bs) => dec,
+                        _ => r.exact,
+                    };
+                    dots(q.q, at, d, r.n.min(q.len - r.p), scale, s.add(r.p), simd);
+                }
             }
         }
-    }
-    for (qi, q) in qs.iter().enumerate() {
-        softmax(&mut scores[qi * lmax..qi * lmax + q.len], simd);
-    }
-    for t0 in (0..lmax).step_by(TILE) {
-        prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.v(b, g, off));
-        tile_runs(
-            table,
-            bs,
-            t0,
-            (t0 + TILE).min(lmax),
-            |b, off| kv.v(b, g, off).as_ptr(),
-            &mut tile,
-        );
         for (qi, q) in qs.iter().enumerate() {
-            let p = scores[qi * lmax..].as_ptr();
-            pv(p, &tile, q.len, d, 0, d, q.out, t0 == 0, simd);
+            softmax(&mut scores[qi * lmax..qi * lmax + q.len], simd);
         }
-    }
+        for t0 in (0..lmax).step_by(TILE) {
+            let t1 = (t0 + TILE).min(lmax);
+            prefetch_tile(table, g, t0 + TILE, lmax, kv, |b, g, off| kv.v(b, g, off));
+            task_tile(table, &kv, g, t0, t1, true, seen, scratch, &mut tile);
+            for (qi, q) in qs.iter().enumerate() {
+                qruns.clear();
+                qruns.extend(
+                    tile.iter()
+                        .filter(|r| r.p < q.len && (plain || sees(q, r.bi)))
+                        .map(|r| Run {
+                            at: match r.decoded {
+                                Some(dec) if r.bi != q.own(bs) => dec,
+                                _ => r.exact,
+                            },
+                            p: r.p,
+                            n: r.n,
+                        }),
+                );
+                let p = scores[qi * lmax..].as_ptr();
+                pv(p, &qruns, q.len, d, 0, d, q.out, t0 == 0, simd);
+            }
+        }
+    });
 }
 
 /// Prefetches the K (or V, per `part`) runs of the tile starting at `t0` (clipped to `end`)
@@ -284,6 +444,9 @@ fn prefetch_tile<'a>(
         t0,
         (t0 + TILE).min(end),
         |b, off, p0, p1| {
+            if b as usize >= kv.num_blocks || kv.sealed(b).is_some() {
+                return; // dropped (window) or read decoded
+            }
             let run = &part(b, g, off)[..(p1 - p0) * kv.head_dim];
             for line in run.chunks(16) {
                 // SAFETY: prefetching is a hint that never faults; the address is in bounds anyway.

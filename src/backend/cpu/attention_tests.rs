@@ -7,6 +7,7 @@ use super::*;
 use crate::backend::cpu::simd;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, KvGeometry, RopeParams};
+use crate::kv::policy::KvPolicy;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -119,6 +120,7 @@ fn seq(rows: usize, start_pos: usize, table: &[u32]) -> AttnSeq<'_> {
         rows,
         start_pos,
         block_table: table,
+        policy: KvPolicy::EXACT,
     }
 }
 
@@ -329,6 +331,7 @@ fn long_context_decode_split_matches_block_path() {
                     len,
                     g: h / 2,
                     table: &table,
+                    policy: KvPolicy::EXACT,
                 })
                 .collect()
         };

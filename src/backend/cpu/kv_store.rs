@@ -1,21 +1,30 @@
 //! The paged KV store of the CPU backend: the physical pool of KV blocks over all layers.
 //! Block ids, refcounts and tables belong to `kv/`; this file only holds the data and moves it
-//! (write a token's K/V at a slot, copy whole blocks for copy-on-write).
+//! (write a token's K/V at a slot, seal full blocks into their policy's format, copy whole
+//! blocks for copy-on-write).
 //!
-//! Layout, per layer, for K and for V: `[num_blocks][num_kv_heads][block_size][head_dim]`.
-//! One (block, KV head) is `block_size × head_dim` contiguous elements, so attention reads a
-//! whole block of one head as one sequential run (a query group of one KV head never touches
-//! the other heads' bytes), and a block of one layer is one contiguous range (a copy-on-write
-//! copy is one `memcpy` per layer and K/V).
+//! Two kinds of storage, both indexed by block id and committed page by page as written:
+//! - the *exact* arena, f32, per layer for K and for V: `[num_blocks][num_kv_heads][block_size]
+//!   [head_dim]`. One (block, KV head) is `block_size × head_dim` contiguous floats, so attention
+//!   reads a block of one head as one sequential run. Blocks are written here while they fill;
+//!   the block being filled is always exact.
+//! - one *sealed* arena per [`Codec`], block-major (`[num_blocks][layers][kv_heads][K run | V
+//!   run]`, runs as `kv::codec` encodes them), plus optional per-(block, layer, head) key
+//!   min/max (`quest`). [`CpuKvStore::seal`] encodes a full block's runs here, layer by layer,
+//!   inside the forward that fills it; [`CpuKvStore::release_exact`] then gives the block's
+//!   exact pages back to the OS, so the memory a sequence holds is its sealed bytes plus one
+//!   exact tail block. Block-major layout makes one block of one format a contiguous range, so
+//!   a block sealed into another format than last time releases its old pages too.
 //!
-//! Elements are f32 for exactness. The element format is private to this file and to the
-//! kernels in `attention.rs` that read blocks (`KvView`): a compressed format (bf16, int8 with
-//! scales) changes `ELEM_BYTES`, `write_row`/`copy_blocks` and those kernels, nothing outside.
+//! Which representation of a block is current is `state[block]`; attention decodes sealed runs
+//! into an L1 tile inside its loop (`KvView::decode_k`/`decode_v`), never in a separate pass.
 
-use super::arena::ZeroedBuf;
-use crate::backend::{AttnShape, KvGeometry};
+use super::arena::{ZeroedBuf, ZeroedBytes};
+use crate::backend::{AttnShape, KvGeometry, Seal};
+use crate::kv::codec::Codec;
+use half::f16;
 
-/// Bytes per stored element (f32 today).
+/// Bytes per stored element of the exact arena (f32).
 pub const ELEM_BYTES: usize = 4;
 
 /// K and V of one layer, each `[num_blocks, num_kv_heads, block_size, head_dim]`.
@@ -25,6 +34,27 @@ pub struct LayerKv {
     pub v: ZeroedBuf,
 }
 
+/// The sealed blocks of one codec, block-major.
+#[derive(Debug)]
+struct SealedArena {
+    k_run: usize,
+    v_run: usize,
+    /// Bytes of one block over all layers and heads (K and V runs, then key bounds if any).
+    block_bytes: usize,
+    data: ZeroedBytes,
+}
+
+impl SealedArena {
+    fn run_at(&self, block: usize, layer: usize, kv_heads: usize, g: usize) -> usize {
+        block * self.block_bytes + (layer * kv_heads + g) * (self.k_run + self.v_run)
+    }
+}
+
+/// Where block `b`'s current data is: `EXACT`, or `1 + codec index` (sealed), `| BOUNDS` when
+/// its key bounds are stored.
+const EXACT: u8 = 0;
+const BOUNDS: u8 = 0x80;
+
 /// The block pool's storage: every layer's K and V for `num_blocks` blocks.
 #[derive(Debug)]
 pub struct CpuKvStore {
@@ -32,6 +62,14 @@ pub struct CpuKvStore {
     num_blocks: usize,
     block_size: usize,
     shape: AttnShape,
+    /// Indexed by codec position in `Codec::ALL`; created on first use.
+    sealed: Vec<Option<SealedArena>>,
+    /// Key min/max per (block, layer, KV head): `[num_blocks][layers][kv_heads][2][head_dim]`
+    /// f16 (min row then max row); created on first use.
+    bounds: Option<ZeroedBytes>,
+    state: Vec<u8>,
+    /// Bit `i` set: block's pages in sealed arena `i` may be committed.
+    resident: Vec<u8>,
 }
 
 impl KvGeometry for CpuKvStore {
@@ -44,6 +82,13 @@ impl KvGeometry for CpuKvStore {
     fn block_size(&self) -> usize {
         self.block_size
     }
+}
+
+fn codec_index(c: Codec) -> usize {
+    Codec::ALL
+        .iter()
+        .position(|&x| x == c)
+        .expect("codec in Codec::ALL")
 }
 
 impl CpuKvStore {
@@ -60,10 +105,14 @@ impl CpuKvStore {
             num_blocks,
             block_size,
             shape,
+            sealed: Codec::ALL.iter().map(|_| None).collect(),
+            bounds: None,
+            state: vec![EXACT; num_blocks],
+            resident: vec![0; num_blocks],
         }
     }
 
-    /// Bytes one block takes over `layers` layers, K and V.
+    /// Bytes one exact (filling) block takes over `layers` layers, K and V.
     pub fn bytes_per_block(layers: usize, block_size: usize, shape: AttnShape) -> usize {
         layers * 2 * block_size * shape.kv_width() * ELEM_BYTES
     }
@@ -78,6 +127,14 @@ impl CpuKvStore {
 
     pub fn layer_mut(&mut self, layer: usize) -> &mut LayerKv {
         &mut self.layers[layer]
+    }
+
+    /// The codec block `block` is currently sealed in, if any.
+    pub fn sealed_codec(&self, block: u32) -> Option<Codec> {
+        match self.state.get(block as usize).map(|s| s & !BOUNDS) {
+            None | Some(EXACT) => None,
+            Some(i) => Some(Codec::ALL[i as usize - 1]),
+        }
     }
 
     /// Elements of one block of one layer (K or V alone).
@@ -101,12 +158,18 @@ impl CpuKvStore {
             block_size: self.block_size,
             kv_heads: self.shape.num_kv_heads,
             head_dim: self.shape.head_dim,
+            layer,
+            layers: self.layers.len(),
+            state: &self.state,
+            sealed: &self.sealed,
+            bounds: self.bounds.as_deref(),
         }
     }
 
     /// Writes the (already rotated) k and the v of fused `[q | k | v]` rows at `slots`
-    /// (`block * block_size + offset`). The caller (kv) guarantees valid slots; an invalid one
-    /// trips a debug assertion and is skipped in release rather than panicking in a server.
+    /// (`block * block_size + offset`). A write at offset 0 of layer 0 starts a block afresh:
+    /// it is exact until sealed. The caller (kv) guarantees valid slots; an invalid one trips a
+    /// debug assertion and is skipped in release rather than panicking in a server.
     pub fn store(&mut self, layer: usize, qkv: &[f32], rows: usize, slots: &[u32]) {
         let shape = self.shape;
         let (qw, kvw, width, d) = (
@@ -123,6 +186,9 @@ impl CpuKvStore {
                 continue;
             }
             let (block, off) = (slot / self.block_size, slot % self.block_size);
+            if layer == 0 && off == 0 {
+                self.state[block] = EXACT;
+            }
             for g in 0..shape.num_kv_heads {
                 let at = self.index(block, g, off);
                 let lkv = &mut self.layers[layer];
@@ -132,8 +198,129 @@ impl CpuKvStore {
         }
     }
 
+    fn arena(&mut self, codec: Codec) -> &mut SealedArena {
+        let (layers, heads, bs, d) = (
+            self.layers.len(),
+            self.shape.num_kv_heads,
+            self.block_size,
+            self.shape.head_dim,
+        );
+        let n = self.num_blocks;
+        self.sealed[codec_index(codec)].get_or_insert_with(|| {
+            let (k_run, v_run) = (codec.k_bytes(bs, d), codec.v_bytes(bs, d));
+            let block_bytes = layers * heads * (k_run + v_run);
+            SealedArena {
+                k_run,
+                v_run,
+                block_bytes,
+                data: ZeroedBytes::new(n * block_bytes),
+            }
+        })
+    }
+
+    fn bounds_block_bytes(&self) -> usize {
+        self.layers.len() * self.shape.num_kv_heads * 2 * self.shape.head_dim * 2
+    }
+
+    /// Encodes layer `layer` of each full block in `seals` into its codec (and key bounds).
+    /// Called once per layer, after `store` and before attention reads the layer, so a sealed
+    /// block is read sealed by every later query of the same forward. Layer 0 also switches
+    /// the block's state (and releases its pages in another codec's arena).
+    pub fn seal(&mut self, layer: usize, seals: &[Seal]) {
+        let (bs, d, heads) = (
+            self.block_size,
+            self.shape.head_dim,
+            self.shape.num_kv_heads,
+        );
+        let run = bs * d;
+        let mut keys = vec![0f32; run];
+        for s in seals {
+            let b = s.block as usize;
+            if b >= self.num_blocks {
+                debug_assert!(false, "seal of block {b} ≥ {}", self.num_blocks);
+                continue;
+            }
+            let ci = codec_index(s.codec);
+            if layer == 0 {
+                self.state[b] = (ci as u8 + 1) | if s.bounds { BOUNDS } else { 0 };
+                for (j, other) in self.sealed.iter_mut().enumerate() {
+                    if j != ci && self.resident[b] & (1 << j) != 0 {
+                        if let Some(a) = other {
+                            let r = b * a.block_bytes..(b + 1) * a.block_bytes;
+                            a.data.release(r);
+                        }
+                    }
+                }
+                self.resident[b] = 1 << ci;
+            }
+            let starts: Vec<usize> = (0..heads).map(|g| self.index(b, g, 0)).collect();
+            let lkv = &self.layers[layer];
+            let (kx, vx): (Vec<&[f32]>, Vec<&[f32]>) = starts
+                .iter()
+                .map(|&a| (&lkv.k[a..a + run], &lkv.v[a..a + run]))
+                .unzip();
+            // Borrow juggling: copy the exact runs out before taking the arena mutably.
+            let kx: Vec<Vec<f32>> = kx.into_iter().map(<[f32]>::to_vec).collect();
+            let vx: Vec<Vec<f32>> = vx.into_iter().map(<[f32]>::to_vec).collect();
+            let arena = self.arena(s.codec);
+            for g in 0..heads {
+                let at = arena.run_at(b, layer, heads, g);
+                let (k_run, v_run) = (arena.k_run, arena.v_run);
+                let (kd, rest) = arena.data[at..at + k_run + v_run].split_at_mut(k_run);
+                s.codec.encode_k(&kx[g], bs, d, kd);
+                s.codec.encode_v(&vx[g], bs, d, &mut rest[..v_run]);
+            }
+            if s.bounds {
+                let bb = self.bounds_block_bytes();
+                let nb = self.num_blocks;
+                let layers = self.layers.len();
+                let arena = self.sealed[ci].as_ref().expect("arena just created");
+                let mut mins = vec![0u16; heads * 2 * d];
+                for g in 0..heads {
+                    // Bounds of the keys attention will read: the decoded ones.
+                    let at = arena.run_at(b, layer, heads, g);
+                    s.codec
+                        .decode_k(&arena.data[at..at + arena.k_run], bs, d, 0, bs, &mut keys);
+                    for c in 0..d {
+                        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                        for t in 0..bs {
+                            lo = lo.min(keys[t * d + c]);
+                            hi = hi.max(keys[t * d + c]);
+                        }
+                        // Round outward so the bound stays a bound after f16 rounding.
+                        mins[g * 2 * d + c] = f16_down(lo).to_bits();
+                        mins[g * 2 * d + d + c] = f16_up(hi).to_bits();
+                    }
+                }
+                let bounds = self.bounds.get_or_insert_with(|| ZeroedBytes::new(nb * bb));
+                let at = b * bb + layer * heads * 2 * d * 2;
+                let _ = layers;
+                for (i, m) in mins.iter().enumerate() {
+                    bounds[at + 2 * i..at + 2 * i + 2].copy_from_slice(&m.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Gives the exact pages of sealed `blocks` back to the OS (call after the forward that
+    /// sealed them: nothing reads them exact any more).
+    pub fn release_exact(&mut self, blocks: &[u32]) {
+        let n = self.block_len();
+        for &b in blocks {
+            let b = b as usize;
+            if b >= self.num_blocks || self.state[b] == EXACT {
+                continue;
+            }
+            for l in &mut self.layers {
+                l.k.release(b * n..(b + 1) * n);
+                l.v.release(b * n..(b + 1) * n);
+            }
+        }
+    }
+
     /// For each `(src, dst)` in order, block `dst` becomes a copy of block `src` in every layer,
-    /// K and V. Out-of-range ids trip a debug assertion and are skipped in release.
+    /// K and V (and its sealed form, if any). Out-of-range ids trip a debug assertion and are
+    /// skipped in release.
     pub fn copy_blocks(&mut self, copies: &[(u32, u32)]) {
         let n = self.block_len();
         for &(src, dst) in copies {
@@ -150,8 +337,40 @@ impl CpuKvStore {
                 l.k.copy_within(src * n..(src + 1) * n, dst * n);
                 l.v.copy_within(src * n..(src + 1) * n, dst * n);
             }
+            self.state[dst] = self.state[src];
+            if let Some(c) = self.sealed_codec(src as u32) {
+                let a = self.arena(c);
+                let bb = a.block_bytes;
+                a.data.copy_within(src * bb..(src + 1) * bb, dst * bb);
+                self.resident[dst] |= 1 << codec_index(c);
+            }
+            if self.state[src] & BOUNDS != 0 {
+                let bb = self.bounds_block_bytes();
+                if let Some(bd) = &mut self.bounds {
+                    bd.copy_within(src * bb..(src + 1) * bb, dst * bb);
+                }
+            }
         }
     }
+}
+
+fn f16_down(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() > x {
+        f16::from_bits(if h.to_bits() & 0x8000 != 0 {
+            h.to_bits() + 1
+        } else if h.to_bits() == 0 {
+            0x8001
+        } else {
+            h.to_bits() - 1
+        })
+    } else {
+        h
+    }
+}
+
+fn f16_up(x: f32) -> f16 {
+    -f16_down(-x)
 }
 
 /// One layer's K and V as attention reads them.
@@ -163,6 +382,11 @@ pub struct KvView<'a> {
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    layer: usize,
+    layers: usize,
+    state: &'a [u8],
+    sealed: &'a [Option<SealedArena>],
+    bounds: Option<&'a [u8]>,
 }
 
 impl<'a> KvView<'a> {
@@ -170,8 +394,8 @@ impl<'a> KvView<'a> {
         ((block as usize * self.kv_heads + kv_head) * self.block_size + offset) * self.head_dim
     }
 
-    /// Keys of `kv_head` in `block` from `offset` to the block's end, `head_dim` apart.
-    /// Panics on an id out of range: `attention` validates every table before it gets here.
+    /// Keys of `kv_head` in `block` from `offset` to the block's end, `head_dim` apart (the
+    /// exact arena). Panics on an id out of range: `attention` validates every table first.
     pub fn k(&self, block: u32, kv_head: usize, offset: usize) -> &'a [f32] {
         let a = self.at(block, kv_head, offset);
         &self.k[a..self.at(block, kv_head, self.block_size)]
@@ -181,6 +405,63 @@ impl<'a> KvView<'a> {
     pub fn v(&self, block: u32, kv_head: usize, offset: usize) -> &'a [f32] {
         let a = self.at(block, kv_head, offset);
         &self.v[a..self.at(block, kv_head, self.block_size)]
+    }
+
+    /// The codec `block` is sealed in (`None`: read it exact).
+    #[inline]
+    pub fn sealed(&self, block: u32) -> Option<Codec> {
+        match self.state[block as usize] & !BOUNDS {
+            EXACT => None,
+            i => Some(Codec::ALL[i as usize - 1]),
+        }
+    }
+
+    fn sealed_run(&self, c: Codec, block: u32, g: usize) -> (&'a [u8], &'a [u8]) {
+        let a = self.sealed[codec_index(c)]
+            .as_ref()
+            .expect("a sealed block's arena exists");
+        let at = a.run_at(block as usize, self.layer, self.kv_heads, g);
+        (
+            &a.data[at..at + a.k_run],
+            &a.data[at + a.k_run..at + a.k_run + a.v_run],
+        )
+    }
+
+    /// Decodes keys of sealed `block`, head `g`, positions `r0..r1` of the block into `out`.
+    pub fn decode_k(&self, c: Codec, block: u32, g: usize, r0: usize, r1: usize, out: &mut [f32]) {
+        let (k, _) = self.sealed_run(c, block, g);
+        c.decode_k(k, self.block_size, self.head_dim, r0, r1, out);
+    }
+
+    /// Values, as [`Self::decode_k`].
+    pub fn decode_v(&self, c: Codec, block: u32, g: usize, r0: usize, r1: usize, out: &mut [f32]) {
+        let (_, v) = self.sealed_run(c, block, g);
+        c.decode_v(v, self.block_size, self.head_dim, r0, r1, out);
+    }
+
+    /// Per-channel key min (into `lo`) and max (into `hi`) of a sealed block, if it stores them.
+    pub fn key_bounds(&self, block: u32, g: usize, lo: &mut [f32], hi: &mut [f32]) -> bool {
+        if self.state[block as usize] & BOUNDS == 0 {
+            return false;
+        }
+        let Some(bounds) = self.bounds else {
+            return false;
+        };
+        let d = self.head_dim;
+        let bb = self.layers * self.kv_heads * 2 * d * 2;
+        let at = block as usize * bb + (self.layer * self.kv_heads + g) * 2 * d * 2;
+        let f =
+            |i: usize| f16::from_le_bytes([bounds[at + 2 * i], bounds[at + 2 * i + 1]]).to_f32();
+        for c in 0..d {
+            lo[c] = f(c);
+            hi[c] = f(d + c);
+        }
+        true
+    }
+
+    /// The layer this view reads.
+    pub fn layer(&self) -> usize {
+        self.layer
     }
 }
 

@@ -20,8 +20,9 @@ pub mod ops;
 pub mod parallel;
 pub mod simd;
 
-use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams};
+use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
 use crate::error::BackendError;
+use crate::kv::policy::KvPolicy;
 use crate::model::tensor::HostTensor;
 use kv_store::CpuKvStore;
 use matmul::{CpuMatrix, WData};
@@ -182,6 +183,30 @@ impl Backend for CpuBackend {
 
     fn copy_blocks(&self, store: &mut CpuKvStore, copies: &[(u32, u32)]) {
         store.copy_blocks(copies);
+    }
+
+    fn supports_policy(&self, _policy: &KvPolicy) -> bool {
+        true
+    }
+
+    fn kv_sealed_bytes_per_block(
+        &self,
+        layers: usize,
+        block_size: usize,
+        shape: AttnShape,
+        policy: &KvPolicy,
+    ) -> usize {
+        policy
+            .sealed_bytes_per_block(layers, shape.num_kv_heads, block_size, shape.head_dim)
+            .unwrap_or_else(|| CpuKvStore::bytes_per_block(layers, block_size, shape))
+    }
+
+    fn seal(&self, store: &mut CpuKvStore, layer: usize, seals: &[Seal]) {
+        store.seal(layer, seals);
+    }
+
+    fn release_exact(&self, store: &mut CpuKvStore, blocks: &[u32]) {
+        store.release_exact(blocks);
     }
 }
 

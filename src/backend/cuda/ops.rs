@@ -329,6 +329,28 @@ impl Backend for CudaBackend {
         self.attention_impl(qkv, seqs, shape, store, layer, out);
     }
 
+    /// The device store is bf16: `bf16` blocks are stored as they fill (sealing is the
+    /// identity), the other formats, windows and quest reads are CPU-only for now.
+    fn supports_policy(&self, policy: &KvPolicy) -> bool {
+        matches!(policy.codec, None | Some(Codec::Bf16))
+            && policy.window.is_none()
+            && policy.quest.is_none()
+    }
+
+    fn kv_sealed_bytes_per_block(
+        &self,
+        layers: usize,
+        block_size: usize,
+        shape: AttnShape,
+        _policy: &KvPolicy,
+    ) -> usize {
+        self.kv_bytes_per_block(layers, block_size, shape)
+    }
+
+    fn seal(&self, _store: &mut CudaKvStore, _layer: usize, _seals: &[Seal]) {}
+
+    fn release_exact(&self, _store: &mut CudaKvStore, _blocks: &[u32]) {}
+
     fn copy_blocks(&self, store: &mut CudaKvStore, copies: &[(u32, u32)]) {
         let nb = store.num_blocks as u32;
         let valid: Vec<(u32, u32)> = copies

@@ -213,6 +213,7 @@ pub fn attention(gpu: &CudaBackend, rows: &mut Vec<Row>) {
             rows: new,
             start_pos: pre,
             block_table: t,
+            policy: kvserve::kv::policy::KvPolicy::EXACT,
         })
         .collect();
     let (mut oc, mut og) = (
@@ -252,6 +253,7 @@ pub fn attention(gpu: &CudaBackend, rows: &mut Vec<Row>) {
         rows: 1,
         start_pos: 3000,
         block_table: &fresh,
+        policy: kvserve::kv::policy::KvPolicy::EXACT,
     }];
     let (mut oc2, mut og2) = (cpu.alloc(q), gpu.alloc(q));
     let qg1 = gpu.upload(&one_q);
@@ -269,6 +271,7 @@ pub fn attention(gpu: &CudaBackend, rows: &mut Vec<Row>) {
         rows: 1,
         start_pos: 3000,
         block_table: &tables[3],
+        policy: kvserve::kv::policy::KvPolicy::EXACT,
     }];
     let mut og3 = gpu.alloc(q);
     gpu.attention(&qg1, &orig, shape, &kg, layer, &mut og3);

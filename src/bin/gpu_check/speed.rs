@@ -106,6 +106,7 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
                 rows: 1,
                 start_pos: ctx - 1,
                 block_table: t,
+                policy: kvserve::kv::policy::KvPolicy::EXACT,
             })
             .collect();
         let q = gpu.gather_rows(&qkv, &(0..seqs).collect::<Vec<_>>(), shape.qkv_width());
@@ -153,6 +154,7 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
         let mut subs = Vec::new();
         for i in 0..n {
             let req = EngineRequest {
+                kv: kvserve::engine::request::KvChoice::default(),
                 tenant: TenantId(0),
                 cache_salt: None,
                 prompt: (0..prompt)
