@@ -160,6 +160,9 @@ struct GenerateArgs {
     /// Without it the pool is just big enough for this request.
     #[arg(long)]
     kv_cache_bytes: Option<u64>,
+    /// KV policy (`bf16`, `int8`, `kivi4`, `kivi4+window:1024`, …; `exact` = f32, the default).
+    #[arg(long, default_value = "exact")]
+    kv_policy: String,
 }
 
 fn parse_bias(s: &str) -> Result<(u32, f32), String> {
@@ -394,8 +397,13 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
 
+    let kv_policy = if args.kv_policy == "exact" {
+        kvserve::kv::policy::KvPolicy::EXACT
+    } else {
+        kvserve::kv::policy::KvPolicy::parse(&args.kv_policy).map_err(anyhow::Error::msg)?
+    };
     let opts = GenerateOptions {
-        kv_policy: kvserve::kv::policy::KvPolicy::EXACT,
+        kv_policy,
         max_tokens: args.max_tokens,
         stop_ids: files.config.eos_token_ids.clone(),
         ignore_eos: args.ignore_eos,
@@ -449,10 +457,10 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
             };
             let mut kv = PagedKv::new(&model, &kv_cfg, &[TenantConfig::default()])?;
             eprintln!(
-                "KV pool: {} blocks of {} tokens ({} bytes)",
-                kv.pool.num_blocks(),
+                "KV pool: {} blocks of {} tokens ({} bytes; sealed blocks of a compressed policy weigh less)",
+                kv.pool.stats().capacity / model.kv_bytes_per_block(kv_cfg.block_size),
                 kv_cfg.block_size,
-                kv.pool.num_blocks() * model.kv_bytes_per_block(kv_cfg.block_size)
+                kv.pool.stats().capacity
             );
             let scope = kv.pool.scope(TenantId(0), None);
             generate_paged(

@@ -8,8 +8,10 @@ use crate::config::{Config, ConfigError};
 use crate::engine::paged::PagedKv;
 use crate::engine::Engine;
 use crate::error::ModelError;
+use crate::http::kv::KvCatalog;
 use crate::http::{AppState, ModelInfo};
-use crate::kv::policy::KvPolicySpec;
+use crate::kv::codec::Codec;
+use crate::kv::policy::KvPolicy;
 use crate::metrics::Metrics;
 use crate::model::llama::Llama;
 use crate::model::loader;
@@ -46,17 +48,25 @@ impl Server {
         Llama<B>: Send + Sync,
         B::KvStore: Send,
     {
-        for i in 0..tenancy.len() {
-            let t = tenancy
-                .get(crate::types::TenantId(i as u32))
-                .expect("tenant in range");
-            KvPolicySpec::parse(&t.kv_policy)
-                .and_then(KvPolicySpec::check_available)
-                .map_err(|e| ConfigError::Invalid(format!("tenant `{}`: {e}", t.id)))?;
-        }
         let t0 = std::time::Instant::now();
         let files = loader::open(&cfg.model.path)?;
         let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+        let supports = backend_policies(model.backend());
+        for i in 0..tenancy.len() {
+            let id = crate::types::TenantId(i as u32);
+            let (t, kv) = (tenancy.get(id), tenancy.kv(id));
+            if let (Some(t), Some(kv)) = (t, kv) {
+                if !supports(&kv.default) {
+                    return Err(ConfigError::Invalid(format!(
+                        "tenant `{}`: KV policy `{}` is not served by the {} backend",
+                        t.id,
+                        kv.default,
+                        model.backend().name()
+                    ))
+                    .into());
+                }
+            }
+        }
         let tenant_cfgs = tenancy.tenant_configs();
         let kv = PagedKv::new(&model, &cfg.kv, &tenant_cfgs)?;
         tracing::info!(
@@ -83,6 +93,7 @@ impl Server {
             template: files.chat_template,
             created: crate::http::routes::unix_now(),
         };
+        let catalog = KvCatalog::new(kv.classes.clone(), supports);
         let weights = kv.weights();
         let engine = Engine::start(Arc::new(model), kv, &cfg.engine, weights);
         let metrics = Arc::new(Metrics::new(
@@ -94,6 +105,7 @@ impl Server {
             tenancy,
             cfg.server.clone(),
             metrics,
+            catalog,
         ));
         Ok(Self { state, engine })
     }
@@ -102,4 +114,25 @@ impl Server {
     pub fn shutdown(self) {
         self.engine.shutdown();
     }
+}
+
+/// Which policies `backend` serves, as a `'static` predicate (the backend itself moves into the
+/// engine): asked once per combination of format, window and quest.
+fn backend_policies<B: Backend>(backend: &B) -> impl Fn(&KvPolicy) -> bool + Send + Sync + 'static {
+    let mut served = Vec::new();
+    for codec in std::iter::once(None).chain(Codec::ALL.iter().copied().map(Some)) {
+        for window in [None, Some(1)] {
+            for quest in [None, Some(1)] {
+                let p = KvPolicy {
+                    codec,
+                    window,
+                    quest,
+                };
+                if backend.supports_policy(&p) {
+                    served.push((codec, window.is_some(), quest.is_some()));
+                }
+            }
+        }
+    }
+    move |p: &KvPolicy| served.contains(&(p.codec, p.window.is_some(), p.quest.is_some()))
 }

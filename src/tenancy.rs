@@ -9,6 +9,7 @@
 //! Without a tenants file the server has one implicit tenant and no authentication.
 
 use crate::config::{ConfigError, TenantConfig};
+use crate::kv::policy::KvPolicy;
 use crate::types::TenantId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -47,6 +48,13 @@ pub struct TenantEntry {
     /// Default KV policy of the tenant's requests.
     #[serde(default = "bf16")]
     pub kv_policy: String,
+    /// Policies a request's `kv_policy` may name; empty = any the server serves.
+    #[serde(default)]
+    pub kv_policies_allowed: Vec<String>,
+    /// Tried in order when a request does not fit under its policy (it would wait, or never
+    /// fit): it is admitted under the first that fits instead, and its `usage.kv` says so.
+    #[serde(default)]
+    pub kv_policy_fallback: Vec<String>,
     /// Operator-declared groups whose cached prefixes this tenant shares.
     #[serde(default)]
     pub share_groups: Vec<String>,
@@ -58,6 +66,45 @@ fn one() -> f64 {
 
 fn bf16() -> String {
     "bf16".into()
+}
+
+/// A tenant's KV policies, parsed from its entry (a typo is an error at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantKv {
+    /// Used when a request names none.
+    pub default: KvPolicy,
+    /// What a request may name; empty = any policy the server serves.
+    pub allowed: Vec<KvPolicy>,
+    pub fallbacks: Vec<KvPolicy>,
+}
+
+impl Default for TenantKv {
+    fn default() -> Self {
+        Self {
+            default: KvPolicy::format(crate::kv::codec::Codec::Bf16),
+            allowed: Vec::new(),
+            fallbacks: Vec::new(),
+        }
+    }
+}
+
+impl TenantKv {
+    fn parse(t: &TenantEntry) -> Result<Self, String> {
+        let one = |s: &str, what: &str| KvPolicy::parse(s).map_err(|e| format!("{what}: {e}"));
+        let many = |v: &[String], what: &str| -> Result<Vec<KvPolicy>, String> {
+            v.iter().map(|s| one(s, what)).collect()
+        };
+        Ok(Self {
+            default: one(&t.kv_policy, "kv_policy")?,
+            allowed: many(&t.kv_policies_allowed, "kv_policies_allowed")?,
+            fallbacks: many(&t.kv_policy_fallback, "kv_policy_fallback")?,
+        })
+    }
+
+    /// Whether a request of this tenant may name `p`.
+    pub fn allows(&self, p: &KvPolicy) -> bool {
+        self.allowed.is_empty() || self.allowed.contains(p) || *p == self.default
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +131,8 @@ pub struct Tenancy {
     keys: Vec<([u8; 32], TenantId)>,
     /// No tenants file: one implicit tenant, no authentication.
     open: bool,
+    /// Each tenant's KV policies, parsed (same order as `tenants`).
+    kv: Vec<TenantKv>,
 }
 
 /// SHA-256 of `key` as lowercase hex (what a tenants file stores).
@@ -122,8 +171,11 @@ impl Tenancy {
                 tokens_per_minute: 0,
                 max_concurrent: 0,
                 kv_policy: bf16(),
+                kv_policies_allowed: Vec::new(),
+                kv_policy_fallback: Vec::new(),
                 share_groups: t.share_group.into_iter().collect(),
             }],
+            kv: vec![TenantKv::default()],
             keys: Vec::new(),
             open: true,
         }
@@ -143,6 +195,7 @@ impl Tenancy {
             return Err(parse("no [[tenant]] table".into()));
         }
         let mut keys: Vec<([u8; 32], TenantId)> = Vec::new();
+        let mut kv = Vec::new();
         for (i, t) in file.tenant.iter().enumerate() {
             let bad = |why: &str| parse(format!("tenant `{}`: {why}", t.id));
             if t.id.is_empty() || file.tenant[..i].iter().any(|u| u.id == t.id) {
@@ -157,6 +210,7 @@ impl Tenancy {
             if t.share_groups.len() > 1 {
                 return Err(bad("at most one share group per tenant is supported"));
             }
+            kv.push(TenantKv::parse(t).map_err(|e| bad(&e))?);
             if t.api_keys_sha256.is_empty() {
                 return Err(bad(
                     "no api_keys_sha256: the tenant could never authenticate",
@@ -173,6 +227,7 @@ impl Tenancy {
         }
         Ok(Self {
             tenants: file.tenant,
+            kv,
             keys,
             open: false,
         })
@@ -206,6 +261,11 @@ impl Tenancy {
 
     pub fn get(&self, t: TenantId) -> Option<&TenantEntry> {
         self.tenants.get(t.0 as usize)
+    }
+
+    /// The tenant's KV policies, resolved at load.
+    pub fn kv(&self, t: TenantId) -> Option<&TenantKv> {
+        self.kv.get(t.0 as usize)
     }
 
     pub fn len(&self) -> usize {

@@ -42,7 +42,9 @@ pub async fn completions(
     if !req.unknown.is_empty() {
         tracing::debug!(fields = ?req.unknown.keys().collect::<Vec<_>>(), "ignoring unknown fields");
     }
-    let plan = validate::completion(&req, &state.model, &state.limits, state.kv_policy(tenant))?;
+    let plan = validate::completion(&req, &state.model, &state.limits, &|p| {
+        state.kv_choice(tenant, p)
+    })?;
     let guard = admit(&state, tenant, &plan)?;
     let gen = generation::start(&state, &plan, tenant, guard)?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());

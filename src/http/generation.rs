@@ -260,5 +260,15 @@ pub fn total_usage(usages: &[Usage], n: usize) -> super::response::UsageOut {
         u.completion_tokens += group.iter().map(|g| g.completion_tokens).sum::<usize>();
     }
     u.total_tokens = u.prompt_tokens + u.completion_tokens;
+    if let Some(first) = usages.first() {
+        let bytes: usize = usages.iter().map(|g| g.kv_bytes).sum();
+        let bf16: usize = usages.iter().map(|g| g.kv_bytes_bf16).sum();
+        u.kv = Some(super::response::KvUsageOut {
+            policy: first.kv_policy.to_string(),
+            bytes,
+            bytes_saved_vs_bf16: bf16.saturating_sub(bytes),
+            fallback: usages.iter().any(|g| g.kv_fallback),
+        });
+    }
     u
 }

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod generation;
+pub mod kv;
 pub mod limits;
 pub mod logprobs;
 pub mod request;
@@ -36,6 +37,7 @@ use utoipa::OpenApi;
         completions::completions,
         chat::chat_completions,
         routes::models,
+        routes::kv_policies,
         routes::health,
         routes::ready,
         routes::metrics,
@@ -94,6 +96,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/kv_policies", get(routes::kv_policies))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))

@@ -9,12 +9,29 @@ pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, ToSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema, PartialEq, Eq)]
 pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
     pub prompt_tokens_details: PromptTokensDetails,
+    /// The KV cache the request used (kvserve extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv: Option<KvUsageOut>,
+}
+
+/// `usage.kv`: the policy the request's KV was kept under and what it took.
+#[derive(Debug, Clone, Default, Serialize, ToSchema, PartialEq, Eq)]
+pub struct KvUsageOut {
+    pub policy: String,
+    /// KV bytes the choices held at their end (full blocks sealed, the tail exact; a prefix
+    /// shared by `n` choices is counted per choice).
+    pub bytes: usize,
+    /// What the same tokens take under `bf16`, less `bytes` (negative never: 0 at worst).
+    pub bytes_saved_vs_bf16: usize,
+    /// Admitted under one of the tenant's `kv_policy_fallback` policies instead of its own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
 }
 
 /// Completions `logprobs` (the legacy format): parallel lists, one entry per token.

@@ -114,6 +114,16 @@ pub fn admit(
         })
 }
 
+/// Every KV policy this server accepts as `kv_policy`, with bytes per token and the latest
+/// measured quality.
+#[utoipa::path(get, path = "/v1/kv_policies", responses((status = 200, body = super::kv::KvPolicyList), (status = 401, body = super::response::ErrorResponse)), security(("bearer" = [])))]
+pub async fn kv_policies(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authenticate(&state, &headers) {
+        return e.into_response();
+    }
+    Json(state.kv.list().clone()).into_response()
+}
+
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 401, body = super::response::ErrorResponse)), security(("bearer" = [])))]
 pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(e) = authenticate(&state, &headers) {

@@ -31,6 +31,8 @@ pub struct AppState {
     pub limiter: Limiter,
     pub limits: ServerSection,
     pub metrics: Arc<Metrics>,
+    /// The KV policies served and what they cost.
+    pub kv: super::kv::KvCatalog,
     /// Set by SIGTERM: `/ready` turns 503 and new generations are refused.
     draining: AtomicBool,
     /// Set once the model is loaded and the engine runs.
@@ -44,8 +46,10 @@ impl AppState {
         tenancy: Tenancy,
         limits: ServerSection,
         metrics: Arc<Metrics>,
+        kv: super::kv::KvCatalog,
     ) -> Self {
         Self {
+            kv,
             model,
             engine,
             limiter: Limiter::new(&tenancy),
@@ -57,11 +61,16 @@ impl AppState {
         }
     }
 
-    /// The tenant's default KV policy (a request's `kv_policy` overrides it).
-    pub fn kv_policy(&self, tenant: crate::types::TenantId) -> &str {
-        self.tenancy
-            .get(tenant)
-            .map_or("bf16", |t| t.kv_policy.as_str())
+    /// The KV policy a request of `tenant` runs under (its `kv_policy` or the tenant's
+    /// default), checked against what the tenant may use and the backend serves.
+    pub fn kv_choice(
+        &self,
+        tenant: crate::types::TenantId,
+        requested: Option<&str>,
+    ) -> Result<crate::engine::KvChoice, super::error::ApiError> {
+        let default = crate::tenancy::TenantKv::default();
+        let t = self.tenancy.kv(tenant).unwrap_or(&default);
+        self.kv.choose(requested, t)
     }
 
     pub fn start_draining(&self) {

@@ -9,8 +9,8 @@ use super::request::{
 };
 use super::state::ModelInfo;
 use crate::config::ServerSection;
+use crate::engine::KvChoice;
 use crate::engine::{EngineRequest, StopParams};
-use crate::kv::policy::KvPolicySpec;
 use crate::model::chat_template::ChatMessage;
 use crate::types::{SamplingParams, TenantId, TokenId};
 
@@ -42,6 +42,8 @@ pub struct Plan {
     pub include_usage: bool,
     pub priority: i32,
     pub cache_salt: Option<String>,
+    /// The KV policy (and fallbacks) every choice runs under.
+    pub kv: KvChoice,
 }
 
 impl Plan {
@@ -55,7 +57,7 @@ impl Plan {
                 let mut sampling = self.sampling.clone();
                 sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
                 out.push(EngineRequest {
-                    kv: crate::engine::request::KvChoice::default(),
+                    kv: self.kv.clone(),
                     tenant,
                     cache_salt: self.cache_salt.clone(),
                     prompt: p.ids.clone(),
@@ -83,7 +85,7 @@ pub fn completion(
     req: &CompletionRequest,
     model: &ModelInfo,
     limits: &ServerSection,
-    tenant_policy: &str,
+    kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
 ) -> Result<Plan, ApiError> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
@@ -131,7 +133,7 @@ pub fn completion(
         logprobs,
         model,
         limits,
-        tenant_policy,
+        kv,
     )?;
     plan.echo = req.echo.unwrap_or(false);
     Ok(plan)
@@ -141,7 +143,7 @@ pub fn chat(
     req: &ChatRequest,
     model: &ModelInfo,
     limits: &ServerSection,
-    tenant_policy: &str,
+    kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
 ) -> Result<Plan, ApiError> {
     let n = count(req.common.n, 1, limits.max_n, "n")?;
     let text = render_chat(&req.messages, req.add_generation_prompt, model, limits)?;
@@ -184,7 +186,7 @@ pub fn chat(
         logprobs,
         model,
         limits,
-        tenant_policy,
+        kv,
     )
 }
 
@@ -336,7 +338,7 @@ fn common(
     logprobs: Option<usize>,
     model: &ModelInfo,
     limits: &ServerSection,
-    tenant_policy: &str,
+    kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
 ) -> Result<Plan, ApiError> {
     if let Some(m) = &c.model {
         if m != &model.name {
@@ -440,10 +442,7 @@ fn common(
             "too many stop token ids",
         ));
     }
-    let policy = c.kv_policy.as_deref().unwrap_or(tenant_policy);
-    KvPolicySpec::parse(policy)
-        .and_then(|p| p.check_available())
-        .map_err(|e| ApiError::invalid("kv_policy", e))?;
+    let kv = kv(c.kv_policy.as_deref())?;
     let cache_salt = match (&c.cache_salt, &c.prompt_cache_key) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid(
@@ -492,5 +491,6 @@ fn common(
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         priority: c.priority.unwrap_or(0),
         cache_salt,
+        kv,
     })
 }
