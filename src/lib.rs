@@ -6,6 +6,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod http;
 pub mod kv;
 pub mod metrics;

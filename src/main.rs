@@ -8,6 +8,9 @@ use kvserve::backend::Backend;
 use kvserve::config::{Config, KvSection, TenantConfig};
 use kvserve::engine::generate::{generate, generate_paged, GenerateOptions};
 use kvserve::engine::paged::PagedKv;
+use kvserve::eval::runner::RunOptions;
+use kvserve::eval::{report, EvalConfig};
+use kvserve::kv::policy::KvPolicySpec;
 use kvserve::model::chat_template::ChatMessage;
 use kvserve::model::llama::Llama;
 use kvserve::model::tokenizer::IncrementalDecoder;
@@ -41,6 +44,8 @@ enum Command {
     Serve(ServeArgs),
     /// Generate text from a prompt (on the GPU when one is usable), streaming it to stdout.
     Generate(GenerateArgs),
+    /// Measure KV policies against bf16: perplexity, KL, top-1 agreement, KV bytes, passkey.
+    Eval(EvalArgs),
     /// Print the token ids of a text, comma-separated (input for `generate --prompt-ids`).
     Tokenize {
         #[arg(long, default_value = DEFAULT_MODEL)]
@@ -165,6 +170,56 @@ struct GenerateArgs {
     kv_policy: String,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    /// A Hugging Face model directory or a `.gguf` file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// The evaluation text (plain text; tokenized as `generate` tokenizes a prompt).
+    #[arg(long)]
+    text: PathBuf,
+    /// A KV policy to compare with `bf16` (repeatable; `bf16`, the reference, always runs first).
+    #[arg(long = "policy", value_parser = parse_policy)]
+    policies: Vec<KvPolicySpec>,
+    /// Window lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048")]
+    ctx: Vec<usize>,
+    /// Prefill chunk in tokens.
+    #[arg(long, default_value_t = 64)]
+    chunk: usize,
+    /// Trailing tokens of each window fed one per step, as decode.
+    #[arg(long, default_value_t = 64)]
+    decode_tail: usize,
+    /// At most this many windows per context length (default: all that fit in the text).
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Passkey prompt lengths in tokens, comma-separated (depths 10/50/90 % each).
+    #[arg(long, value_delimiter = ',')]
+    passkey: Vec<usize>,
+    /// Seed of the passkey numbers.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Write the full results as JSON.
+    #[arg(long)]
+    out_json: Option<PathBuf>,
+    /// Write the markdown table (it is always printed).
+    #[arg(long)]
+    out_md: Option<PathBuf>,
+    /// Write a PNG chart: memory saved vs Δppl at the largest context.
+    #[arg(long)]
+    out_png: Option<PathBuf>,
+    /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn parse_policy(s: &str) -> Result<KvPolicySpec, String> {
+    KvPolicySpec::parse(s)
+}
+
 fn parse_bias(s: &str) -> Result<(u32, f32), String> {
     let (id, b) = s.split_once(':').ok_or("expected ID:BIAS")?;
     Ok((
@@ -184,6 +239,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),
+        Command::Eval(args) => run_eval(args),
         Command::Tokenize {
             model,
             text,
@@ -493,5 +549,64 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
         n.saturating_sub(1) as f64 / decode_s.max(1e-9),
         result.finish_reason,
     );
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
+    match kvserve::backend::cuda::choose(args.device).map_err(anyhow::Error::msg)? {
+        kvserve::backend::cuda::Choice::Cpu { reason } => {
+            eprintln!("device: cpu ({reason})");
+            eval_on(args, CpuBackend::new())
+        }
+        kvserve::backend::cuda::Choice::Cuda(gpu) => {
+            eprintln!(
+                "device: cuda:{} ({}, sm_{}): a usable GPU was found",
+                gpu.ordinal, gpu.name, gpu.arch
+            );
+            eval_on(args, CudaBackend::new(gpu)?)
+        }
+    }
+}
+
+fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> Result<()> {
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("reading {}", args.text.display()))?;
+    let files = loader::open(&args.model)?;
+    let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+    drop(files.weights);
+    let mut cfg = EvalConfig::new(text, args.policies.clone());
+    cfg.text_path = args.text.display().to_string();
+    cfg.model_id = kvserve::eval::model_identity(&args.model);
+    cfg.command = std::env::args().collect::<Vec<_>>().join(" ");
+    cfg.ctx = args.ctx.clone();
+    cfg.run = RunOptions {
+        chunk: args.chunk,
+        decode_tail: args.decode_tail,
+    };
+    cfg.max_windows = args.max_windows;
+    cfg.passkey = args.passkey.clone();
+    cfg.seed = args.seed;
+    let t0 = Instant::now();
+    let rep = kvserve::eval::evaluate(&model, &files.tokenizer, &cfg)?;
+    eprintln!("eval: {:.1} s", t0.elapsed().as_secs_f64());
+    let md = report::markdown(&rep);
+    print!("{md}");
+    let write = |path: &PathBuf, s: &str| {
+        std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+    };
+    if let Some(p) = &args.out_json {
+        write(p, &rep.to_json())?;
+    }
+    if let Some(p) = &args.out_md {
+        write(p, &md)?;
+    }
+    if let Some(p) = &args.out_png {
+        report::write_png(&rep, p, std::path::Path::new(report::FONT_PATH))?;
+    }
     Ok(())
 }
