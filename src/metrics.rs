@@ -67,13 +67,14 @@ impl Metrics {
             running: gauge("num_requests_running", "Sequences in the running batch."),
             waiting: gauge("num_requests_waiting", "Requests waiting for admission."),
             kv_blocks: gauge_vec(
-                "kv_blocks",
-                "KV pool blocks by state (used, cached, free).",
+                "kv_bytes",
+                "KV pool bytes by state (used, cached, free); blocks of every policy share \
+                 the pool, each weighing its own bytes.",
                 &["state"],
             ),
             kv_tenant_blocks: gauge_vec(
-                "kv_tenant_blocks",
-                "KV blocks per tenant by state (used, cached).",
+                "kv_tenant_bytes",
+                "KV bytes per tenant by state (used, cached).",
                 &["tenant", "state"],
             ),
             prefix_hit_tokens: gauge_vec(

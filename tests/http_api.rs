@@ -545,7 +545,7 @@ async fn errors_have_the_right_status_and_envelope() {
         .await
         .unwrap();
     assert!(metrics.contains("kvserve:http_requests_total"), "{metrics}");
-    assert!(metrics.contains("kvserve:kv_blocks{state=\"free\"}"));
+    assert!(metrics.contains("kvserve:kv_bytes{state=\"free\"}"));
     s.shutdown().await;
 }
 
@@ -677,4 +677,128 @@ async fn while_loading_health_answers_and_ready_is_503() {
     assert_eq!(v["error"]["code"], "loading");
     tx.send(()).unwrap();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_policies_per_tenant_and_per_request() {
+    // alpha: kivi4 by default, may ask for int8 only. beta: bf16, a quota of 6 bf16 blocks,
+    // falls back to kivi2 when a request does not fit.
+    let toml = format!(
+        r#"
+[[tenant]]
+id = "alpha"
+api_keys_sha256 = ["{}"]
+kv_policy = "kivi4"
+kv_policies_allowed = ["kivi4", "int8"]
+[[tenant]]
+id = "beta"
+api_keys_sha256 = ["{}"]
+max_blocks = 6
+kv_policy_fallback = ["kivi2"]
+"#,
+        hash_key(KEY_A),
+        hash_key(KEY_B)
+    );
+    let tenancy = Tenancy::from_toml(&toml, Path::new("tenants.toml")).unwrap();
+    let s = start(Some(tenancy), |_| {}).await;
+
+    // The catalog: every policy with bytes per token, bf16 the heaviest of the formats.
+    let list: Value = reqwest::Client::new()
+        .get(s.url("/v1/kv_policies"))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    let entry = |name: &str| {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {list}"))
+            .clone()
+    };
+    let bf16 = entry("bf16")["bytes_per_token"].as_f64().unwrap();
+    // SmolLM2-135M: 30 layers × 2 × 192 × 2 bytes.
+    assert_eq!(bf16, 23040.0);
+    let kivi4 = entry("kivi4")["bytes_per_token"].as_f64().unwrap();
+    assert!((kivi4 / bf16 - 0.344).abs() < 0.01, "{kivi4}");
+    assert!(entry("int8")["memory_vs_bf16"].as_f64().unwrap() < 0.53);
+    assert_eq!(entry("bf16+window:1024")["prefix_sharing"], false);
+
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(12);
+    let body = |policy: Option<&str>| {
+        let mut b = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0});
+        if let Some(p) = policy {
+            b["kv_policy"] = json!(p);
+        }
+        b
+    };
+    // Tenant default, then an allowed request override: usage.kv reports policy and bytes.
+    let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &body(None)).await;
+    assert_eq!(st, 200, "{v}");
+    let kv = &v["usage"]["kv"];
+    assert_eq!(kv["policy"], "kivi4", "{v}");
+    let (bytes, saved) = (
+        kv["bytes"].as_u64().unwrap(),
+        kv["bytes_saved_vs_bf16"].as_u64().unwrap(),
+    );
+    assert!(bytes > 0 && saved > bytes, "kivi4 saves ~2/3: {kv}");
+    let (st, _, v) = s
+        .post("/v1/completions", Some(KEY_A), &body(Some("int8")))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["kv"]["policy"], "int8");
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "int8 never reads kivi4 blocks of the same prompt: {v}"
+    );
+    // Not allowed for alpha, and unknown: 400 naming the allowed ones.
+    for bad in ["kivi2", "fp4", "mhc:64"] {
+        let (st, _, v) = s
+            .post("/v1/completions", Some(KEY_A), &body(Some(bad)))
+            .await;
+        assert_eq!(st, 400, "{bad}: {v}");
+        assert_eq!(v["error"]["param"], "kv_policy");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("kivi4") && msg.contains("int8"), "{msg}");
+    }
+    // The same prompt under another policy never hits alpha's kivi4 blocks.
+    let (_, _, v) = s.post("/v1/completions", Some(KEY_A), &body(None)).await;
+    assert!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let (_, _, v) = s
+        .post("/v1/completions", Some(KEY_A), &body(Some("int8")))
+        .await;
+    let int8_hit = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let (_, _, v2) = s
+        .post(
+            "/v1/completions",
+            Some(KEY_A),
+            &json!({"prompt": prompt, "max_tokens": 4, "kv_policy": "int8", "cache_salt": "fresh"}),
+        )
+        .await;
+    assert_eq!(
+        v2["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{v2}"
+    );
+    assert!(int8_hit > 0, "int8 hits its own earlier blocks");
+
+    // beta: ~130 tokens cannot fit 6 bf16 blocks, but fit under kivi2: admitted, reported.
+    let (st, _, v) = s.post("/v1/completions", Some(KEY_B), &body(None)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["kv"]["policy"], "kivi2", "{v}");
+    assert_eq!(v["usage"]["kv"]["fallback"], true);
+    s.assert_all_free().await;
+    s.shutdown().await;
 }

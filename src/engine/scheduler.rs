@@ -328,9 +328,13 @@ impl Scheduler {
         budget: &mut usize,
         pool: &mut KvPool,
     ) {
+        // A prefill chunk's blocks all weigh their filling (exact) size until sealed: when a
+        // whole chunk does not fit and nobody can be preempted, a smaller chunk may.
+        let mut cap = usize::MAX;
+        let bs = self.cfg.block_size;
         loop {
             let seq = &self.seqs[&id];
-            let n = seq.uncomputed().min(*budget);
+            let n = seq.uncomputed().min(*budget).min(cap);
             let total = seq.computed + n;
             let blocks = seq.blocks.as_ref().expect("running sequence has blocks");
             let extra = pool.units_needed(blocks, total);
@@ -349,6 +353,7 @@ impl Scheduler {
                 }
                 Alloc::NotNow => match self.victim(id, tenant, extra, pool, false) {
                     Some(v) => self.preempt(v, plan, budget, pool),
+                    None if n > bs => cap = (n / 2).max(bs) / bs * bs,
                     None => {
                         self.preempt(id, plan, budget, pool);
                         return;
@@ -379,16 +384,21 @@ impl Scheduler {
         };
         seq.computed = cached;
         seq.blocks = Some(blocks);
+        // Tokens of the first chunk: shrunk (down to one block) when a whole chunk of blocks
+        // at their filling weight does not fit now but a smaller one does.
+        let mut cap = usize::MAX;
+        let bs = self.cfg.block_size;
         loop {
             let seq = self.seqs.get_mut(&id).unwrap();
-            let n = seq.uncomputed().min(*budget);
+            let n = seq.uncomputed().min(*budget).min(cap);
             let total = seq.computed + n;
             let blocks = seq.blocks.as_mut().unwrap();
             let extra = pool.units_needed(blocks, total);
             match pool.reserve(blocks, total) {
                 Alloc::Granted => break,
                 Alloc::Never => {
-                    if self.admit_fallback(id, budget, pool) {
+                    if let Some(n) = self.admit_fallback(id, *budget, pool) {
+                        cap = n;
                         break;
                     }
                     let seq = self.seqs.get_mut(&id).unwrap();
@@ -398,21 +408,21 @@ impl Scheduler {
                     self.fail(id, EngineError::KvQuota { tokens: total }, pool);
                     return true;
                 }
-                Alloc::NotNow => {
-                    if self.admit_fallback(id, budget, pool) {
-                        break;
-                    }
-                    match self.victim(id, tenant, extra, pool, true) {
-                        Some(v) => self.preempt(v, plan, budget, pool),
-                        None => {
-                            let seq = self.seqs.get_mut(&id).unwrap();
-                            let b = seq.blocks.take().unwrap();
-                            seq.computed = 0;
-                            pool.free(b);
-                            return false;
+                Alloc::NotNow => match self.victim(id, tenant, extra, pool, true) {
+                    Some(v) => self.preempt(v, plan, budget, pool),
+                    None if n > bs => cap = (n / 2).max(bs) / bs * bs,
+                    None => {
+                        if let Some(n) = self.admit_fallback(id, *budget, pool) {
+                            cap = n;
+                            break;
                         }
+                        let seq = self.seqs.get_mut(&id).unwrap();
+                        let b = seq.blocks.take().unwrap();
+                        seq.computed = 0;
+                        pool.free(b);
+                        return false;
                     }
-                }
+                },
             }
         }
         let seq = self.seqs.get_mut(&id).unwrap();
@@ -427,14 +437,16 @@ impl Scheduler {
             self.fair.charge(tenant, prompt_len, PROMPT_PRICE);
         }
         self.running.push(id);
-        let n = self.seqs[&id].uncomputed().min(*budget);
+        let n = self.seqs[&id].uncomputed().min(*budget).min(cap);
         self.push_entry(id, n, plan, budget, pool);
         true
     }
 
     /// The request does not fit under its policy: admits it under the first fallback that
-    /// fits now (without preempting anyone), replacing its blocks. `true` when it did.
-    fn admit_fallback(&mut self, id: RequestId, budget: &usize, pool: &mut KvPool) -> bool {
+    /// fits now (without preempting anyone; its first chunk shrunk down to one block if need
+    /// be), replacing its blocks. Returns the tokens reserved for its first chunk.
+    fn admit_fallback(&mut self, id: RequestId, budget: usize, pool: &mut KvPool) -> Option<usize> {
+        let bs = self.cfg.block_size;
         let seq = self.seqs.get_mut(&id).expect("admitting sequence exists");
         while !seq.kv.fallbacks.is_empty() {
             let policy = seq.kv.fallbacks.remove(0);
@@ -444,20 +456,26 @@ impl Scheduler {
             else {
                 continue;
             };
-            let total = cached + (seq.tokens.len() - cached).min(*budget);
-            if pool.reserve(&mut blocks, total) == Alloc::Granted {
-                if let Some(old) = seq.blocks.replace(blocks) {
-                    pool.free(old);
+            let mut n = (seq.tokens.len() - cached).min(budget);
+            loop {
+                match pool.reserve(&mut blocks, cached + n) {
+                    Alloc::Granted => {
+                        if let Some(old) = seq.blocks.replace(blocks) {
+                            pool.free(old);
+                        }
+                        seq.computed = cached;
+                        seq.kv.policy = policy;
+                        seq.kv.fallbacks.clear();
+                        seq.kv_fallback = true;
+                        return Some(n);
+                    }
+                    Alloc::NotNow if n > bs => n = (n / 2).max(bs) / bs * bs,
+                    _ => break,
                 }
-                seq.computed = cached;
-                seq.kv.policy = policy;
-                seq.kv.fallbacks.clear();
-                seq.kv_fallback = true;
-                return true;
             }
             pool.free(blocks);
         }
-        false
+        None
     }
 
     fn push_entry(

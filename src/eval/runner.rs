@@ -4,7 +4,8 @@
 //! back the logits of all policies for the same positions.
 
 use crate::backend::Backend;
-use crate::kv::policy::KvPolicySpec;
+use crate::engine::paged::KvClasses;
+use crate::kv::policy::{KvPolicy, KvPolicySpec};
 use crate::kv::{Alloc, KvPool, KvPoolConfig, SeqBlocks, TenantQuota};
 use crate::model::llama::{Llama, LogitsFor, SeqStep};
 use crate::types::TenantId;
@@ -22,7 +23,8 @@ pub struct RunOptions {
 /// What one policy's sequence used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PolicyRunStats {
-    /// The most KV bytes the sequence held at once.
+    /// The most KV bytes the sequence held between steps (full blocks sealed in its policy's
+    /// format, the tail block exact; a window's dropped blocks gone).
     pub peak_kv_bytes: usize,
     /// Tokens run.
     pub tokens: usize,
@@ -30,8 +32,8 @@ pub struct PolicyRunStats {
 
 /// Tokens per KV block.
 const BLOCK_SIZE: usize = KvPoolConfig::DEFAULT_BLOCK_SIZE;
-/// Spare blocks beyond the exact need (copy-on-write never happens here, but a pool with no
-/// slack would make a bookkeeping slip look like a capacity error).
+/// Spare blocks beyond the need (copy-on-write never happens here, but a pool with no slack
+/// would make a bookkeeping slip look like a capacity error).
 const SLACK_BLOCKS: usize = 4;
 
 /// Runs `tokens` through the model once per policy, all policies as separate sequences of ONE
@@ -41,9 +43,11 @@ const SLACK_BLOCKS: usize = 4;
 /// per step (LogitsFor::All) for the rest. Calls `on_rows(first_pos, rows)` after each step with,
 /// per policy, the logits of that step's positions (`n × vocab` f32, same n for every policy).
 ///
-/// The pool is private to the call (one tenant, its quota the whole pool) and every sequence
-/// has its own cache scope, so no sequence ever starts from another's cached blocks: every
-/// position is computed, under its own policy. Every sequence is freed on every exit path.
+/// The pool is private to the call: one mixed pool charged in bytes, one tenant per policy (so
+/// each policy's bytes are its tenant's), every sequence in its own cache scope, so no sequence
+/// ever starts from another's cached blocks: every position is computed, under its own policy,
+/// its blocks sealed into that policy's format as they fill. Every sequence is freed on every
+/// exit path.
 pub fn run_lockstep<B: Backend>(
     model: &Llama<B>,
     tokens: &[u32],
@@ -61,31 +65,49 @@ pub fn run_lockstep<B: Backend>(
     if opts.chunk == 0 {
         bail!("the prefill chunk must be at least one token");
     }
+    let resolved: Vec<KvPolicy> = policies
+        .iter()
+        .map(|p| p.resolve().map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    if let Some(p) = resolved
+        .iter()
+        .find(|p| !model.backend().supports_policy(p))
+    {
+        bail!(
+            "the {} backend does not serve KV policy `{p}`",
+            model.backend().name()
+        );
+    }
+    let classes = KvClasses::for_model(model, BLOCK_SIZE);
+    // Room for every block of every sequence at its filling (heaviest) weight.
     let blocks_per_seq = tokens.len().div_ceil(BLOCK_SIZE);
-    let num_blocks = blocks_per_seq * policies.len() + SLACK_BLOCKS;
-    let mut cfg = KvPoolConfig::new(num_blocks, [0; 32]);
+    let per_seq = (blocks_per_seq + SLACK_BLOCKS) * model.kv_bytes_per_block(BLOCK_SIZE);
+    let capacity = per_seq * policies.len();
+    let num_ids = capacity / classes.lightest() + 1;
+    let mut cfg = KvPoolConfig::new(num_ids, [0; 32]);
+    cfg.capacity = capacity;
     cfg.block_size = BLOCK_SIZE;
     let mut pool = KvPool::new(cfg)?;
-    let tenant = TenantId(0);
-    pool.register_tenant(
-        tenant,
-        TenantQuota {
-            reserved_blocks: 0,
-            max_blocks: num_blocks,
-            cached_floor: 0,
-            share_group: None,
-        },
-    )?;
-    let mut store = model.new_kv_store(num_blocks, BLOCK_SIZE);
+    for i in 0..policies.len() {
+        pool.register_tenant(
+            TenantId(i as u32),
+            TenantQuota {
+                reserved_blocks: per_seq,
+                max_blocks: per_seq,
+                cached_floor: 0,
+                share_group: None,
+            },
+        )?;
+    }
+    let mut store = model.new_kv_store(num_ids, BLOCK_SIZE);
 
     let mut seqs: Vec<SeqBlocks> = Vec::with_capacity(policies.len());
     let mut started = Ok(());
-    for (i, _policy) in policies.iter().enumerate() {
+    for (i, policy) in resolved.iter().enumerate() {
+        let tenant = TenantId(i as u32);
         // A scope per sequence: identical tokens under different policies must never share.
         let scope = pool.scope(tenant, Some(&format!("eval-policy-{i}")));
-        // POLICY: the integration passes `_policy` here (KvPool::start / SeqStep), so that this
-        // sequence's blocks are sealed in, and attention reads, that policy's format.
-        match pool.start(tenant, &scope, tokens) {
+        match pool.start_as(tenant, &scope, tokens, classes.class(policy)) {
             Ok((seq, 0)) => seqs.push(seq),
             Ok((seq, cached)) => {
                 seqs.push(seq);
@@ -106,6 +128,7 @@ pub fn run_lockstep<B: Backend>(
             &mut pool,
             &mut store,
             &mut seqs,
+            &resolved,
             tokens,
             opts,
             &mut on_rows,
@@ -117,16 +140,17 @@ pub fn run_lockstep<B: Backend>(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn steps<B: Backend>(
     model: &Llama<B>,
     pool: &mut KvPool,
     store: &mut B::KvStore,
     seqs: &mut [SeqBlocks],
+    policies: &[KvPolicy],
     tokens: &[u32],
     opts: &RunOptions,
     on_rows: &mut impl FnMut(usize, &[&[f32]]),
 ) -> Result<Vec<PolicyRunStats>> {
-    let block_bytes = model.kv_bytes_per_block(BLOCK_SIZE);
     let prefill_end = tokens.len() - opts.decode_tail.min(tokens.len());
     let mut stats = vec![PolicyRunStats::default(); seqs.len()];
     let mut start = 0;
@@ -152,11 +176,13 @@ fn steps<B: Backend>(
         }
         let batch: Vec<SeqStep<'_>> = tables
             .iter()
-            .map(|table| SeqStep {
+            .zip(policies)
+            .map(|(table, &policy)| SeqStep {
                 tokens: &tokens[start..end],
                 start_pos: start,
                 block_table: table,
                 logits: LogitsFor::All,
+                policy,
             })
             .collect();
         let logits = model
@@ -164,8 +190,16 @@ fn steps<B: Backend>(
             .with_context(|| format!("forward of positions {start}..{end}"))?;
         for (seq, st) in seqs.iter_mut().zip(&mut stats) {
             pool.commit(seq, &tokens[..end])?;
-            st.peak_kv_bytes = st.peak_kv_bytes.max(seq.num_blocks() * block_bytes);
             st.tokens = end;
+        }
+        let kv = pool.stats();
+        for (i, st) in stats.iter_mut().enumerate() {
+            let held = kv
+                .tenants
+                .iter()
+                .find(|(t, _)| t.0 as usize == i)
+                .map_or(0, |(_, s)| s.used);
+            st.peak_kv_bytes = st.peak_kv_bytes.max(held);
         }
         let rows: Vec<&[f32]> = logits.iter().map(Vec::as_slice).collect();
         on_rows(start, &rows);
