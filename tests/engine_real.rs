@@ -354,3 +354,39 @@ fn queue_limits_refuse_loudly() {
     assert_eq!(o.finish.unwrap().0, FinishReason::Abort);
     assert_all_free(&h);
 }
+
+#[test]
+fn a_window_keeps_memory_flat_through_a_long_generation() {
+    // bf16+window:64: block 0 + the last ⌈64/16⌉+1 = 5 blocks stay; everything older is freed
+    // as the sequence moves on, so its bytes stop growing while it generates 400 tokens.
+    let eng = engine(400, &tenants(&["a"]), cfg(256, 4));
+    let h = eng.handle();
+    let policy = kvserve::kv::policy::KvPolicy::parse("bf16+window:64").unwrap();
+    let mut req = greedy(0, prompt(0, 40), 400, true);
+    req.kv = kvserve::engine::KvChoice::only(policy);
+    let sub = h.submit(req).expect("submit");
+    let mut samples = Vec::new();
+    let done = collect(sub);
+    while !done.is_finished() {
+        samples.push(h.check_kv().expect("kv invariants").used);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = done.join().unwrap();
+    assert!(out.error.is_none(), "{:?}", out.error);
+    let (_, usage, _) = out.finish.unwrap();
+    assert_eq!(out.tokens.len(), 400);
+    // Bound: 6 sealed bf16 blocks + one exact (f32) tail block, plus one block of slack for a
+    // step caught between reserve and commit.
+    let bf16_block = 30 * 2 * 16 * 192 * 2;
+    let bound = 7 * bf16_block + 2 * (2 * bf16_block);
+    let peak = samples.iter().copied().max().unwrap_or(0);
+    assert!(samples.len() > 10, "too few samples: {}", samples.len());
+    assert!(peak <= bound, "peak {peak} > {bound} bytes: {samples:?}");
+    // Without the window, 440 tokens take 28 blocks: far above the windowed peak.
+    assert!(
+        usage.kv_bytes <= bound && usage.kv_bytes_bf16 > 3 * usage.kv_bytes,
+        "{usage:?}"
+    );
+    assert_all_free(&h);
+    eng.shutdown();
+}

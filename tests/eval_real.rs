@@ -87,8 +87,12 @@ fn cli_eval_writes_json_markdown_and_png() {
         dir.path().join("r.md"),
         dir.path().join("r.png"),
     );
-    // The chart needs the DejaVu font (`fonts-dejavu-core`); without it only JSON and markdown.
-    let with_png = std::path::Path::new(report::FONT_PATH).exists();
+    // The chart needs the DejaVu font (`fonts-dejavu-core`, installed by .ci/run).
+    assert!(
+        std::path::Path::new(report::FONT_PATH).exists(),
+        "{} is missing: apt-get install fonts-dejavu-core",
+        report::FONT_PATH
+    );
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"));
     cmd.args(["eval", "--device", "cpu", "--model"])
         .arg(&model)
@@ -107,9 +111,7 @@ fn cli_eval_writes_json_markdown_and_png() {
         .arg(&json)
         .arg("--out-md")
         .arg(&md);
-    if with_png {
-        cmd.arg("--out-png").arg(&png);
-    }
+    cmd.arg("--out-png").arg(&png);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -121,7 +123,5 @@ fn cli_eval_writes_json_markdown_and_png() {
     assert_eq!(v["policies"][0]["name"], "bf16");
     assert!(v["command"].as_str().unwrap().contains("--ctx 32,64"));
     assert!(v["policies"][1]["by_ctx"]["64"]["kl"].is_number());
-    if with_png {
-        assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
-    }
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
 }
