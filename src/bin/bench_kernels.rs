@@ -315,6 +315,44 @@ fn main() {
                 gb(tc)
             );
         }
+        // The same decode over sealed blocks: each policy's blocks decoded inside the loop.
+        // Bytes read = the policy's sealed bytes (the own, exact block aside).
+        println!("decode over sealed blocks (time, and bytes the cache holds per position):");
+        for name in ["bf16", "int8", "k8v4", "kivi4", "kivi2", "kivi4+quest:512"] {
+            let policy = kvserve::kv::policy::KvPolicy::parse(name).unwrap();
+            let codec = policy.codec.unwrap();
+            let mut sealed = CpuKvStore::new(1, nb, bs, shape);
+            sealed.store(0, &kv, cap, &slots);
+            let seals: Vec<kvserve::backend::Seal> = table
+                .iter()
+                .map(|&block| kvserve::backend::Seal {
+                    block,
+                    codec,
+                    bounds: policy.stores_bounds(),
+                })
+                .collect();
+            sealed.seal(0, &seals);
+            let per_pos = policy
+                .sealed_bytes_per_block(1, shape.num_kv_heads, bs, shape.head_dim)
+                .unwrap() as f64
+                / bs as f64;
+            let mut line = format!("  {name:<16} {per_pos:5.0} B/pos:");
+            for ctx in [1024, 4096] {
+                let q = acts(shape.qkv_width());
+                let mut out = vec![0f32; shape.q_width()];
+                let seqs = [AttnSeq {
+                    rows: 1,
+                    start_pos: ctx - 1,
+                    block_table: &table,
+                    policy,
+                }];
+                let t = time(min / 3, || {
+                    attention(&q, &seqs, shape, &sealed, 0, &mut out, simd::avx2_fma())
+                });
+                line += &format!("  ctx {ctx} {:7.1} us", t * 1e6);
+            }
+            println!("{line}");
+        }
         // 16 decode rows at once (all reading the same table: same bytes as 16 sequences).
         let q = acts(16 * shape.qkv_width());
         let mut out = vec![0f32; 16 * shape.q_width()];

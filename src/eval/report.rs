@@ -255,9 +255,10 @@ pub fn write_png(r: &EvalReport, path: &Path, font: &Path) -> Result<()> {
             .y_desc(format!("Δppl at ctx {ctx} (%)"))
             .label_style(("sans-serif", 14))
             .draw()?;
-        // Labels of points that (nearly) coincide are stacked instead of overprinted.
+        // Labels of points close enough for their labels (~10 % of the x range wide) to
+        // overlap are stacked instead of overprinted.
         let near = |a: &(String, f64, f64), b: &(String, f64, f64)| {
-            (a.1 - b.1).abs() < 0.5 && (a.2 - b.2).abs() < 0.02 * (ymax - ymin + 2.0 * pad)
+            (a.1 - b.1).abs() < 10.0 && (a.2 - b.2).abs() < 0.04 * (ymax - ymin + 2.0 * pad)
         };
         chart.draw_series(points.iter().enumerate().map(|(i, p)| {
             let stacked = points[..i].iter().filter(|q| near(q, p)).count() as i32;
