@@ -4,12 +4,14 @@
 //! Shapes are passed explicitly; buffers are flat, row-major f32 activations living in the
 //! backend's memory (host memory for the CPU backend, device memory for CUDA).
 
+pub mod codec;
 pub mod cpu;
 pub mod cuda;
+pub mod kv_policy;
 
 use crate::error::BackendError;
-use crate::kv::policy::KvPolicy;
 use crate::model::tensor::HostTensor;
+use kv_policy::KvPolicy;
 
 /// Rotary-embedding parameters, computed once by the model from its config (scaling included).
 #[derive(Debug, Clone)]
@@ -62,7 +64,7 @@ pub struct AttnSeq<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seal {
     pub block: u32,
-    pub codec: crate::kv::codec::Codec,
+    pub codec: codec::Codec,
     pub bounds: bool,
 }
 

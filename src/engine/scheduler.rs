@@ -442,42 +442,6 @@ impl Scheduler {
         true
     }
 
-    /// The request does not fit under its policy: admits it under the first fallback that
-    /// fits now (without preempting anyone; its first chunk shrunk down to one block if need
-    /// be), replacing its blocks. Returns the tokens reserved for its first chunk.
-    fn admit_fallback(&mut self, id: RequestId, budget: usize, pool: &mut KvPool) -> Option<usize> {
-        let bs = self.cfg.block_size;
-        let seq = self.seqs.get_mut(&id).expect("admitting sequence exists");
-        while !seq.kv.fallbacks.is_empty() {
-            let policy = seq.kv.fallbacks.remove(0);
-            let class = self.cfg.classes.class(&policy);
-            let Ok((mut blocks, cached)) =
-                pool.start_as(seq.tenant, &seq.scope, seq.cache_lookup(), class)
-            else {
-                continue;
-            };
-            let mut n = (seq.tokens.len() - cached).min(budget);
-            loop {
-                match pool.reserve(&mut blocks, cached + n) {
-                    Alloc::Granted => {
-                        if let Some(old) = seq.blocks.replace(blocks) {
-                            pool.free(old);
-                        }
-                        seq.computed = cached;
-                        seq.kv.policy = policy;
-                        seq.kv.fallbacks.clear();
-                        seq.kv_fallback = true;
-                        return Some(n);
-                    }
-                    Alloc::NotNow if n > bs => n = (n / 2).max(bs) / bs * bs,
-                    _ => break,
-                }
-            }
-            pool.free(blocks);
-        }
-        None
-    }
-
     fn push_entry(
         &mut self,
         id: RequestId,

@@ -1,9 +1,9 @@
-//! The scheduler's two judgement calls, kept apart from its mechanics: which running sequence
-//! to preempt when the pool is short, and when a waiting request should let another compute a
-//! shared prompt prefix first.
+//! The scheduler's judgement calls, kept apart from its mechanics: which running sequence to
+//! preempt when the pool is short, when a waiting request should let another compute a shared
+//! prompt prefix first, and which KV policy fallback admits a request that does not fit.
 
 use super::Scheduler;
-use crate::kv::KvPool;
+use crate::kv::{Alloc, KvPool};
 use crate::types::{RequestId, TenantId};
 
 impl Scheduler {
@@ -70,5 +70,46 @@ impl Scheduler {
             let shareable = common.min(w.tokens.len() - 1);
             shareable >= self.cfg.block_size && s.computed < shareable
         })
+    }
+
+    /// The request does not fit under its policy: admits it under the first fallback that
+    /// fits now (without preempting anyone; its first chunk shrunk down to one block if need
+    /// be), replacing its blocks. Returns the tokens reserved for its first chunk.
+    pub(super) fn admit_fallback(
+        &mut self,
+        id: RequestId,
+        budget: usize,
+        pool: &mut KvPool,
+    ) -> Option<usize> {
+        let bs = self.cfg.block_size;
+        let seq = self.seqs.get_mut(&id).expect("admitting sequence exists");
+        while !seq.kv.fallbacks.is_empty() {
+            let policy = seq.kv.fallbacks.remove(0);
+            let class = self.cfg.classes.class(&policy);
+            let Ok((mut blocks, cached)) =
+                pool.start_as(seq.tenant, &seq.scope, seq.cache_lookup(), class)
+            else {
+                continue;
+            };
+            let mut n = (seq.tokens.len() - cached).min(budget);
+            loop {
+                match pool.reserve(&mut blocks, cached + n) {
+                    Alloc::Granted => {
+                        if let Some(old) = seq.blocks.replace(blocks) {
+                            pool.free(old);
+                        }
+                        seq.computed = cached;
+                        seq.kv.policy = policy;
+                        seq.kv.fallbacks.clear();
+                        seq.kv_fallback = true;
+                        return Some(n);
+                    }
+                    Alloc::NotNow if n > bs => n = (n / 2).max(bs) / bs * bs,
+                    _ => break,
+                }
+            }
+            pool.free(blocks);
+        }
+        None
     }
 }

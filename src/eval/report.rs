@@ -195,22 +195,25 @@ pub fn markdown(r: &EvalReport) -> String {
 
 /// Registers the chart font once (plotters keeps `'static` font bytes).
 fn register_font(font: &Path) -> Result<()> {
-    use std::sync::OnceLock;
-    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let bytes = std::fs::read(font).map_err(|e| {
-            format!(
-                "the chart needs the font {} ({e}); install it with `apt-get install \
-                 fonts-dejavu-core`",
-                font.display()
-            )
-        })?;
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
-            .map_err(|_| format!("{} is not a usable TrueType font", font.display()))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    // Registered once per process; a failed attempt (missing file) is not remembered, so a
+    // later call with a good font still works.
+    static REGISTERED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return Ok(());
+    }
+    let bytes = std::fs::read(font).map_err(|e| {
+        anyhow::anyhow!(
+            "the chart needs the font {} ({e}); install it with `apt-get install \
+             fonts-dejavu-core`",
+            font.display()
+        )
+    })?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
+    *done = true;
+    Ok(())
 }
 
 /// Writes the chart: memory saved (x, %) vs Δppl % at the largest context (y), one labelled

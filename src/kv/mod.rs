@@ -28,7 +28,8 @@
 
 #[cfg(test)]
 mod class_tests;
-pub mod codec;
+/// The block formats live with the backends that store them; re-exported for `kv`'s users.
+pub use crate::backend::codec;
 mod ledger;
 pub mod policy;
 mod pool;

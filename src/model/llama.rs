@@ -9,9 +9,9 @@
 use super::config::ModelConfig;
 use super::tensor::HostTensor;
 use super::TensorSource;
+use crate::backend::kv_policy::KvPolicy;
 use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams, Seal};
 use crate::error::{ModelError, RunError};
-use crate::kv::policy::KvPolicy;
 
 struct Layer<B: Backend> {
     attn_norm: B::Buf,

@@ -6,8 +6,8 @@
 use super::*;
 use crate::backend::cpu::simd;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::kv_policy::KvPolicy;
 use crate::backend::{Backend, KvGeometry, RopeParams};
-use crate::kv::policy::KvPolicy;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -20,9 +20,9 @@ pub mod ops;
 pub mod parallel;
 pub mod simd;
 
+use crate::backend::kv_policy::KvPolicy;
 use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
 use crate::error::BackendError;
-use crate::kv::policy::KvPolicy;
 use crate::model::tensor::HostTensor;
 use kv_store::CpuKvStore;
 use matmul::{CpuMatrix, WData};

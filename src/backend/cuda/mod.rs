@@ -26,10 +26,10 @@ mod kernels;
 pub mod parity;
 pub mod plan;
 
+use crate::backend::codec::Codec;
+use crate::backend::kv_policy::KvPolicy;
 use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams, Seal};
 use crate::error::BackendError;
-use crate::kv::codec::Codec;
-use crate::kv::policy::KvPolicy;
 use crate::model::tensor::HostTensor;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{

@@ -233,7 +233,7 @@ mod tests {
         let model = Llama::load(cfg, &w, CpuBackend::new()).unwrap();
         let mut store = model.new_kv_store(4, 16);
         let step = SeqStep {
-            policy: crate::kv::policy::KvPolicy::EXACT,
+            policy: crate::backend::kv_policy::KvPolicy::EXACT,
             tokens: &[3, 9, 27],
             start_pos: 0,
             block_table: &[0],

@@ -87,19 +87,19 @@ mod tests {
                 rows: 1,
                 start_pos: 40,
                 block_table: &t0,
-                policy: crate::kv::policy::KvPolicy::EXACT,
+                policy: crate::backend::kv_policy::KvPolicy::EXACT,
             },
             AttnSeq {
                 rows: 20,
                 start_pos: 0,
                 block_table: &t1,
-                policy: crate::kv::policy::KvPolicy::EXACT,
+                policy: crate::backend::kv_policy::KvPolicy::EXACT,
             },
             AttnSeq {
                 rows: 9,
                 start_pos: 33,
                 block_table: &t2,
-                policy: crate::kv::policy::KvPolicy::EXACT,
+                policy: crate::backend::kv_policy::KvPolicy::EXACT,
             },
         ];
         // group 4 → 8 rows per tile.
@@ -126,7 +126,7 @@ mod tests {
             rows: 2,
             start_pos: 0,
             block_table: &t,
-            policy: crate::kv::policy::KvPolicy::EXACT,
+            policy: crate::backend::kv_policy::KvPolicy::EXACT,
         }];
         let p = plan(&seqs, 64, 16, 32);
         assert_eq!(p.tiles, vec![0, 1, 0, 0, 1, 1, 1, 0]);
