@@ -277,12 +277,43 @@ fn main() -> Result<()> {
     }
 }
 
-fn run_serve(args: ServeArgs) -> Result<()> {
-    if let Some(n) = args.threads {
+/// The backend a command runs on, as `--device` chose it.
+enum Chosen {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+/// Picks the backend `device` asks for and says which on stderr with its reason (`label` starts
+/// the line); `cuda` without a usable GPU is an error.
+fn choose_backend(device: DeviceArg, label: &str) -> Result<Chosen> {
+    use kvserve::backend::cuda::{choose, Choice};
+    Ok(match choose(device).map_err(anyhow::Error::msg)? {
+        Choice::Cpu { reason } => {
+            eprintln!("{label} cpu ({reason})");
+            Chosen::Cpu(CpuBackend::new())
+        }
+        Choice::Cuda(gpu) => {
+            eprintln!(
+                "{label} cuda:{} ({}, sm_{}): a usable GPU was found",
+                gpu.ordinal, gpu.name, gpu.arch
+            );
+            Chosen::Cuda(Box::new(CudaBackend::new(gpu)?))
+        }
+    })
+}
+
+/// `--threads N`: the CPU backend's worker threads (default: all cores).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()?;
     }
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    set_threads(args.threads)?;
     let mut cfg = match &args.config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
@@ -344,21 +375,10 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         let start_cfg = cfg.clone();
         let device = args.device;
         let server = tokio::task::spawn_blocking(move || -> Result<kvserve::server::Server> {
-            use kvserve::backend::cuda::{choose, Choice};
             use kvserve::server::Server;
-            // Said on stderr with its reason; `cuda` without a usable GPU is an error.
-            Ok(match choose(device).map_err(anyhow::Error::msg)? {
-                Choice::Cpu { reason } => {
-                    eprintln!("kvserve: device cpu ({reason})");
-                    Server::start_on(&start_cfg, tenancy, CpuBackend::new())?
-                }
-                Choice::Cuda(gpu) => {
-                    eprintln!(
-                        "kvserve: device cuda:{} ({}, sm_{}): a usable GPU was found",
-                        gpu.ordinal, gpu.name, gpu.arch
-                    );
-                    Server::start_on(&start_cfg, tenancy, CudaBackend::new(gpu)?)?
-                }
+            Ok(match choose_backend(device, "kvserve: device")? {
+                Chosen::Cpu(b) => Server::start_on(&start_cfg, tenancy, b)?,
+                Chosen::Cuda(b) => Server::start_on(&start_cfg, tenancy, *b)?,
             })
         })
         .await??;
@@ -400,24 +420,10 @@ async fn shutdown_signal() {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()?;
-    }
-    // Device choice (issue 9): said on stderr with its reason; `cuda` without a GPU is an error.
-    match kvserve::backend::cuda::choose(args.device).map_err(anyhow::Error::msg)? {
-        kvserve::backend::cuda::Choice::Cpu { reason } => {
-            eprintln!("device: cpu ({reason})");
-            generate_on(args, CpuBackend::new())
-        }
-        kvserve::backend::cuda::Choice::Cuda(gpu) => {
-            eprintln!(
-                "device: cuda:{} ({}, sm_{}): a usable GPU was found",
-                gpu.ordinal, gpu.name, gpu.arch
-            );
-            generate_on(args, CudaBackend::new(gpu)?)
-        }
+    set_threads(args.threads)?;
+    match choose_backend(args.device, "device:")? {
+        Chosen::Cpu(b) => generate_on(args, b),
+        Chosen::Cuda(b) => generate_on(args, *b),
     }
 }
 
@@ -553,23 +559,10 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
 }
 
 fn run_eval(args: EvalArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()?;
-    }
-    match kvserve::backend::cuda::choose(args.device).map_err(anyhow::Error::msg)? {
-        kvserve::backend::cuda::Choice::Cpu { reason } => {
-            eprintln!("device: cpu ({reason})");
-            eval_on(args, CpuBackend::new())
-        }
-        kvserve::backend::cuda::Choice::Cuda(gpu) => {
-            eprintln!(
-                "device: cuda:{} ({}, sm_{}): a usable GPU was found",
-                gpu.ordinal, gpu.name, gpu.arch
-            );
-            eval_on(args, CudaBackend::new(gpu)?)
-        }
+    set_threads(args.threads)?;
+    match choose_backend(args.device, "device:")? {
+        Chosen::Cpu(b) => eval_on(args, b),
+        Chosen::Cuda(b) => eval_on(args, *b),
     }
 }
 
