@@ -100,6 +100,15 @@ impl TestServer {
         (status, headers, v)
     }
 
+    /// GET `path` (with `key` as bearer token) and its JSON body.
+    async fn get_json(&self, path: &str, key: Option<&str>) -> Value {
+        let mut r = reqwest::Client::new().get(self.url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send().await.unwrap().json().await.unwrap()
+    }
+
     /// A streaming request's `data:` payloads, in order (the last is `[DONE]`).
     async fn stream(&self, path: &str, key: Option<&str>, body: &Value) -> Vec<String> {
         let mut r = reqwest::Client::new().post(self.url(path)).json(body);
@@ -497,15 +506,7 @@ async fn errors_have_the_right_status_and_envelope() {
     let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &b).await;
     assert_eq!(st, 200, "{v}");
     // The small endpoints.
-    let models: Value = reqwest::Client::new()
-        .get(s.url("/v1/models"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = s.get_json("/v1/models", Some(KEY_A)).await;
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");
     let (st, _, v) = s
         .post("/tokenize", Some(KEY_A), &json!({"prompt": "Hello world"}))
@@ -703,15 +704,7 @@ kv_policy_fallback = ["kivi2"]
     let s = start(Some(tenancy), |_| {}).await;
 
     // The catalog: every policy with bytes per token, bf16 the heaviest of the formats.
-    let list: Value = reqwest::Client::new()
-        .get(s.url("/v1/kv_policies"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = s.get_json("/v1/kv_policies", Some(KEY_A)).await;
     assert_eq!(list["object"], "list");
     let entry = |name: &str| {
         list["data"]
