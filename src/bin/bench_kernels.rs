@@ -325,8 +325,10 @@ fn main() {
             sealed.store(0, &kv, cap, &slots);
             let seals: Vec<kvserve::backend::Seal> = table
                 .iter()
-                .map(|&block| kvserve::backend::Seal {
+                .enumerate()
+                .map(|(i, &block)| kvserve::backend::Seal {
                     block,
+                    pos: (i * bs) as u32,
                     codec,
                     bounds: policy.stores_bounds(),
                 })

@@ -229,7 +229,10 @@ pub fn evaluate<B: Backend>(
         .iter()
         .enumerate()
         .map(|(i, p)| PolicyReport {
-            name: p.to_string(),
+            // The canonical name (`mhc:64` → `mhc:64+int8`), as the server's catalog lists it.
+            name: p
+                .resolve()
+                .map_or_else(|_| p.to_string(), |r| r.to_string()),
             bytes_per_token: bytes_per_token[i],
             memory_reduction: 1.0 - bytes_per_token[i] / bytes_per_token[0],
             by_ctx: by_ctx[i]
