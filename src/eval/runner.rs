@@ -31,7 +31,7 @@ pub struct PolicyRunStats {
 }
 
 /// Tokens per KV block.
-const BLOCK_SIZE: usize = KvPoolConfig::DEFAULT_BLOCK_SIZE;
+pub const BLOCK_SIZE: usize = KvPoolConfig::DEFAULT_BLOCK_SIZE;
 /// Spare blocks beyond the need (copy-on-write never happens here, but a pool with no slack
 /// would make a bookkeeping slip look like a capacity error).
 const SLACK_BLOCKS: usize = 4;
