@@ -57,11 +57,13 @@ impl Server {
             let (t, kv) = (tenancy.get(id), tenancy.kv(id));
             if let (Some(t), Some(kv)) = (t, kv) {
                 if !supports(&kv.default) {
+                    let why = match kv.default.codec.and_then(|c| c.latent_rank()) {
+                        Some(r) => format!("no `kv.calibrations` file of rank {r} is loaded"),
+                        None => format!("the {} backend does not serve it", model.backend().name()),
+                    };
                     return Err(ConfigError::Invalid(format!(
-                        "tenant `{}`: KV policy `{}` is not served by the {} backend",
-                        t.id,
-                        kv.default,
-                        model.backend().name()
+                        "tenant `{}`: KV policy `{}` is not served: {why}",
+                        t.id, kv.default
                     ))
                     .into());
                 }
