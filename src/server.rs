@@ -95,10 +95,9 @@ impl Server {
         };
         let catalog = KvCatalog::new(kv.classes.clone(), supports);
         let weights = kv.weights();
-        let engine = Engine::start(Arc::new(model), kv, &cfg.engine, weights);
-        let metrics = Arc::new(Metrics::new(
-            tenant_cfgs.iter().map(|t| t.name.clone()).collect(),
-        ));
+        let metrics = Arc::new(Metrics::new(kv.tenant_names().to_vec()));
+        let engine =
+            Engine::start_with_metrics(Arc::new(model), kv, &cfg.engine, weights, metrics.clone());
         let state = Arc::new(AppState::new(
             info,
             engine.handle(),

@@ -96,6 +96,23 @@ pub struct SchedulerStats {
     pub steps: u64,
     /// Each tenant's virtual token counter.
     pub counters: Vec<(TenantId, f64)>,
+    /// Running and waiting sequences of each tenant that has any.
+    pub tenants: Vec<(TenantId, TenantLoad)>,
+}
+
+/// One tenant's share of the scheduler's queues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantLoad {
+    pub running: usize,
+    pub waiting: usize,
+}
+
+/// A request's first admission (reported once; a preempted request's return is not one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub id: RequestId,
+    /// The fallback policy it was admitted under, if not the one it asked for.
+    pub fallback: Option<KvPolicy>,
 }
 
 pub struct Scheduler {
@@ -105,6 +122,8 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     fair: FairQueue,
     outbox: Vec<Output>,
+    /// First admissions since the last [`Scheduler::take_admissions`].
+    admissions: Vec<Admission>,
     arrivals: u64,
     preemptions: u64,
     steps: u64,
@@ -118,6 +137,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             running: Vec::new(),
             outbox: Vec::new(),
+            admissions: Vec::new(),
             arrivals: 0,
             preemptions: 0,
             steps: 0,
@@ -225,6 +245,11 @@ impl Scheduler {
         std::mem::take(&mut self.outbox)
     }
 
+    /// First admissions since the last call (for metrics: queue time, fallbacks).
+    pub fn take_admissions(&mut self) -> Vec<Admission> {
+        std::mem::take(&mut self.admissions)
+    }
+
     pub fn is_idle(&self) -> bool {
         self.seqs.is_empty()
     }
@@ -235,6 +260,11 @@ impl Scheduler {
 
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Steps planned so far (after `schedule`, the number of the step it planned).
+    pub fn num_steps(&self) -> u64 {
+        self.steps
     }
 
     /// The known tokens of a live request (prompt + generated).
@@ -249,7 +279,30 @@ impl Scheduler {
             preemptions: self.preemptions,
             steps: self.steps,
             counters: self.fair.counters(),
+            tenants: self.tenant_loads(),
         }
+    }
+
+    fn tenant_loads(&self) -> Vec<(TenantId, TenantLoad)> {
+        fn slot(out: &mut Vec<(TenantId, TenantLoad)>, t: TenantId) -> &mut TenantLoad {
+            let i = match out.iter().position(|(x, _)| *x == t) {
+                Some(i) => i,
+                None => {
+                    out.push((t, TenantLoad::default()));
+                    out.len() - 1
+                }
+            };
+            &mut out[i].1
+        }
+        let mut out = Vec::new();
+        for r in &self.running {
+            slot(&mut out, self.seqs[r].tenant).running += 1;
+        }
+        for (t, _) in self.fair.all_waiting() {
+            slot(&mut out, t).waiting += 1;
+        }
+        out.sort_by_key(|(t, _)| *t);
+        out
     }
 
     /// Plans the next forward pass (see the module docs). Reserves every planned chunk's
@@ -429,6 +482,10 @@ impl Scheduler {
         let first = seq.cached_tokens.is_none();
         if first {
             seq.cached_tokens = Some(seq.computed);
+            self.admissions.push(Admission {
+                id,
+                fallback: seq.kv_fallback.then_some(seq.kv.policy),
+            });
         }
         let prompt_len = seq.prompt_len;
         self.fair.remove(tenant, &key);
