@@ -87,34 +87,6 @@ pub struct Output {
     pub event: EngineEvent,
 }
 
-/// Counters and gauges for metrics.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SchedulerStats {
-    pub running: usize,
-    pub waiting: usize,
-    pub preemptions: u64,
-    pub steps: u64,
-    /// Each tenant's virtual token counter.
-    pub counters: Vec<(TenantId, f64)>,
-    /// Running and waiting sequences of each tenant that has any.
-    pub tenants: Vec<(TenantId, TenantLoad)>,
-}
-
-/// One tenant's share of the scheduler's queues.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TenantLoad {
-    pub running: usize,
-    pub waiting: usize,
-}
-
-/// A request's first admission (reported once; a preempted request's return is not one).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Admission {
-    pub id: RequestId,
-    /// The fallback policy it was admitted under, if not the one it asked for.
-    pub fallback: Option<KvPolicy>,
-}
-
 pub struct Scheduler {
     cfg: SchedulerConfig,
     seqs: HashMap<RequestId, Sequence>,
@@ -270,39 +242,6 @@ impl Scheduler {
     /// The known tokens of a live request (prompt + generated).
     pub fn tokens(&self, id: RequestId) -> &[u32] {
         self.seqs.get(&id).map_or(&[], |s| &s.tokens)
-    }
-
-    pub fn stats(&self) -> SchedulerStats {
-        SchedulerStats {
-            running: self.running.len(),
-            waiting: self.fair.num_waiting(),
-            preemptions: self.preemptions,
-            steps: self.steps,
-            counters: self.fair.counters(),
-            tenants: self.tenant_loads(),
-        }
-    }
-
-    fn tenant_loads(&self) -> Vec<(TenantId, TenantLoad)> {
-        fn slot(out: &mut Vec<(TenantId, TenantLoad)>, t: TenantId) -> &mut TenantLoad {
-            let i = match out.iter().position(|(x, _)| *x == t) {
-                Some(i) => i,
-                None => {
-                    out.push((t, TenantLoad::default()));
-                    out.len() - 1
-                }
-            };
-            &mut out[i].1
-        }
-        let mut out = Vec::new();
-        for r in &self.running {
-            slot(&mut out, self.seqs[r].tenant).running += 1;
-        }
-        for (t, _) in self.fair.all_waiting() {
-            slot(&mut out, t).waiting += 1;
-        }
-        out.sort_by_key(|(t, _)| *t);
-        out
     }
 
     /// Plans the next forward pass (see the module docs). Reserves every planned chunk's
@@ -624,6 +563,9 @@ fn score_prompt(seq: &mut Sequence, start: usize, rows: &[f32], vocab: usize) {
 
 #[path = "scheduler_policy.rs"]
 mod policy;
+#[path = "scheduler_stats.rs"]
+mod stats;
+pub use stats::{Admission, SchedulerStats, TenantLoad};
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]
 mod tests;
