@@ -221,10 +221,6 @@ impl Samples {
             .map_or(0.0, |(_, _, v)| *v)
     }
 
-    fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _, _)| n == name)
-    }
-
     /// The `le` edges of a histogram's buckets for `tenant` (without `+Inf`).
     fn edges(&self, name: &str, tenant: &str) -> Vec<f64> {
         let bucket = format!("{name}_bucket");
@@ -490,14 +486,40 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
     assert_eq!(m.get("kvserve_kv_cache_usage_perc", &[]), 0.0);
     assert!(m.get("kvserve_kv_cache_blocks", &[("state", "cached")]) >= (hit / 16) as f64);
     assert!(m.get("kvserve_kv_cache_bytes", &[("state", "free")]) > 0.0);
-    for name in [
-        "kvserve_num_preemptions_total",
+    // Every family (docs/deploy.md lists them) is exported, the unmoved ones too.
+    let mut families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    families.sort();
+    let mut expected = vec![
         "kvserve_computed_tokens_total",
-        "kvserve_kv_cache_tenant_usage_perc",
+        "kvserve_e2e_request_latency_seconds",
+        "kvserve_generation_tokens_total",
+        "kvserve_http_requests_total",
+        "kvserve_inter_token_latency_seconds",
+        "kvserve_kv_cache_blocks",
+        "kvserve_kv_cache_bytes",
+        "kvserve_kv_cache_evictions_total",
         "kvserve_kv_cache_tenant_bytes",
-    ] {
-        assert!(m.has(name), "{name} missing");
-    }
+        "kvserve_kv_cache_tenant_usage_perc",
+        "kvserve_kv_cache_usage_perc",
+        "kvserve_kv_compression_bytes_saved_total",
+        "kvserve_kv_fallback_admissions_total",
+        "kvserve_num_preemptions_total",
+        "kvserve_num_requests_running",
+        "kvserve_num_requests_waiting",
+        "kvserve_prefix_cache_hits_total",
+        "kvserve_prefix_cache_queries_total",
+        "kvserve_prompt_tokens_total",
+        "kvserve_request_queue_time_seconds",
+        "kvserve_request_rejections_total",
+        "kvserve_request_success_total",
+        "kvserve_time_to_first_token_seconds",
+    ];
+    expected.sort();
+    assert_eq!(families, expected);
     assert!(!text.contains("kvserve:"), "colons are for recording rules");
 
     s.shutdown().await;

@@ -30,6 +30,17 @@ pub(super) struct Recorder {
 
 impl Recorder {
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        // Every (tenant, format) series of the per-policy counters starts at zero, so that the
+        // families are exported (and dashboards' rates defined) before the first compressed
+        // request or fallback. Bounded: tenants × formats.
+        let formats =
+            std::iter::once("exact").chain(crate::kv::codec::Codec::ALL.iter().map(|c| c.name()));
+        for f in formats {
+            for t in metrics.tenant_labels() {
+                metrics.kv_bytes_saved.with_label_values(&[t, f]);
+                metrics.kv_fallback_admissions.with_label_values(&[t, f]);
+            }
+        }
         Self {
             metrics,
             live: HashMap::new(),
