@@ -44,6 +44,13 @@ fail() {
     write_result "FAILED: $*"
     exit 1
 }
+# "K of N steps from the layer cache", from a podman build log.
+cached() {
+    local steps hits
+    steps=$(grep -c '^\[[0-9]/[0-9]\] STEP' "$1" || true)
+    hits=$(grep -c '^--> Using cache' "$1" || true)
+    echo "$hits of $steps steps from the layer cache"
+}
 write_result() {
     {
         echo "# docker/smoke.sh: last result"
@@ -133,7 +140,7 @@ user=$(podman image inspect "$IMAGE" --format '{{.Config.User}}')
 health=$(podman image inspect "$IMAGE" --format '{{if .Config.Healthcheck}}{{.Config.Healthcheck.Test}}{{end}}')
 [[ "$user" == "10001:10001" ]] || fail "image user is '$user', expected 10001:10001"
 [[ -n "$health" ]] || fail "image has no HEALTHCHECK"
-ok "podman build from localhost/kvserve-rust + localhost/debian bases: $(($(date +%s) - t)) s, image $((size / 1048576)) MiB, user $user, HEALTHCHECK set"
+ok "podman build from localhost/kvserve-rust + localhost/debian bases: $(($(date +%s) - t)) s ($(cached "$WORK/build.log")), image $((size / 1048576)) MiB, user $user, HEALTHCHECK set"
 
 # ---- 3. the container, configured as docker/k8s configures it ---------------------------------
 say "run the container"
@@ -267,7 +274,7 @@ resp=$(curl -sf "$URL/v1/completions" -H "Authorization: Bearer $KEY" -H 'conten
     || { podman logs "$NAME" | tail -20 >&2; fail "completion from the baked-model image"; }
 python3 -c 'import json,sys; v=json.loads(sys.argv[1]); assert v["usage"]["completion_tokens"] == 4, v' "$resp" \
     || fail "baked-model completion: $resp"
-ok "FETCH_MODEL=1 image (model fetched and converted in the build stage): $(($(date +%s) - t)) s, $((msize / 1048576)) MiB, serves with no volume mounted"
+ok "FETCH_MODEL=1 image (model fetched and converted in the build stage): $(($(date +%s) - t)) s ($(cached "$WORK/build-model.log")), $((msize / 1048576)) MiB, serves with no volume mounted"
 
 write_result "PASSED"
 say "PASSED ($(($(date +%s) - T0)) s); result in $RESULT"
