@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod http;
 pub mod kv;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -34,6 +34,15 @@ struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `kvserve=debug`.
     #[arg(long, global = true, env = "RUST_LOG", default_value = "warn")]
     log: String,
+    /// Log line format: `text` (human-readable) or `json` (one object per line, with the
+    /// request span's `id` and `tenant`).
+    #[arg(
+        long,
+        global = true,
+        env = "KVSERVE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: kvserve::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -277,10 +286,11 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = kvserve::logging::subscriber(&cli.log, cli.log_format, std::io::stderr)
+        .map_err(anyhow::Error::msg)?;
+    // Also routes the `log` crate's records (dependencies) into the subscriber.
+    tracing_subscriber::util::SubscriberInitExt::try_init(logs)
+        .context("installing the log subscriber")?;
     match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),

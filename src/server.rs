@@ -98,10 +98,9 @@ impl Server {
         let ranks: Vec<u16> = model.latent_keys().iter().map(|k| k.rank).collect();
         let catalog = KvCatalog::new(kv.classes.clone(), supports, &ranks);
         let weights = kv.weights();
-        let engine = Engine::start(Arc::new(model), kv, &cfg.engine, weights);
-        let metrics = Arc::new(Metrics::new(
-            tenant_cfgs.iter().map(|t| t.name.clone()).collect(),
-        ));
+        let metrics = Arc::new(Metrics::new(kv.tenant_names().to_vec()));
+        let engine =
+            Engine::start_with_metrics(Arc::new(model), kv, &cfg.engine, weights, metrics.clone());
         let state = Arc::new(AppState::new(
             info,
             engine.handle(),

@@ -545,8 +545,8 @@ async fn errors_have_the_right_status_and_envelope() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("kvserve:http_requests_total"), "{metrics}");
-    assert!(metrics.contains("kvserve:kv_bytes{state=\"free\"}"));
+    assert!(metrics.contains("kvserve_http_requests_total"), "{metrics}");
+    assert!(metrics.contains("kvserve_kv_cache_bytes{state=\"free\"}"));
     s.shutdown().await;
 }
 

@@ -14,6 +14,7 @@ use super::worker::{Command, Worker};
 use crate::backend::Backend;
 use crate::config::EngineSection;
 use crate::kv::KvStats;
+use crate::metrics::Metrics;
 use crate::model::llama::Llama;
 use crate::types::{RequestId, TenantId};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +37,8 @@ pub struct EngineStats {
     /// events) since start: their ratio shows the per-step overhead around the model.
     pub forward_seconds: f64,
     pub step_seconds: f64,
+    /// Bytes of one exact (filling) block: what a "free block" is in the mixed pool.
+    pub block_bytes: usize,
 }
 
 /// State shared by the handles and the loop thread.
@@ -142,12 +145,30 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the loop thread over `model` and `kv`. `weights` are the tenants' fair-share
-    /// weights (see [`PagedKv::weights`]).
+    /// weights (see [`PagedKv::weights`]). Its metrics go to a registry of its own (see
+    /// [`Engine::start_with_metrics`]).
     pub fn start<B>(
         model: Arc<Llama<B>>,
         kv: PagedKv<B>,
         cfg: &EngineSection,
         weights: Vec<(TenantId, f64)>,
+    ) -> Self
+    where
+        B: Backend + 'static,
+        Llama<B>: Send + Sync,
+        B::KvStore: Send,
+    {
+        let metrics = Arc::new(Metrics::new(kv.tenant_names().to_vec()));
+        Self::start_with_metrics(model, kv, cfg, weights, metrics)
+    }
+
+    /// [`Engine::start`], recording into `metrics` (the server's registry).
+    pub fn start_with_metrics<B>(
+        model: Arc<Llama<B>>,
+        kv: PagedKv<B>,
+        cfg: &EngineSection,
+        weights: Vec<(TenantId, f64)>,
+        metrics: Arc<Metrics>,
     ) -> Self
     where
         B: Backend + 'static,
@@ -164,7 +185,7 @@ impl Engine {
             stats: Mutex::new(EngineStats::default()),
         });
         let (tx, rx) = mpsc::sync_channel(cfg.max_waiting + 16);
-        let worker = Worker::new(model, kv, cfg, weights, rx, shared.clone());
+        let worker = Worker::new(model, kv, cfg, weights, rx, shared.clone(), metrics);
         let thread = std::thread::Builder::new()
             .name("kvserve-engine".into())
             .spawn(move || worker.run())

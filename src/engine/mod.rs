@@ -6,6 +6,7 @@
 mod fair;
 pub mod generate;
 mod handle;
+mod observe;
 pub mod paged;
 pub mod request;
 pub mod sampler;

@@ -95,6 +95,11 @@ impl KvClasses {
             .map_or(self.filling, |(_, b)| *b)
     }
 
+    /// Bytes of a filling (exact) block.
+    pub fn filling_bytes(&self) -> usize {
+        self.filling
+    }
+
     /// The lightest block any policy has (sizes the pool's id space).
     pub fn lightest(&self) -> usize {
         self.sealed
@@ -209,6 +214,11 @@ impl<B: Backend> PagedKv<B> {
             .iter()
             .position(|n| n == name)
             .map(|i| TenantId(i as u32))
+    }
+
+    /// Tenant names in `TenantId` order (metrics labels).
+    pub fn tenant_names(&self) -> &[String] {
+        &self.tenant_names
     }
 
     /// Each tenant's fair-share weight, for the scheduler.

@@ -87,17 +87,6 @@ pub struct Output {
     pub event: EngineEvent,
 }
 
-/// Counters and gauges for metrics.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SchedulerStats {
-    pub running: usize,
-    pub waiting: usize,
-    pub preemptions: u64,
-    pub steps: u64,
-    /// Each tenant's virtual token counter.
-    pub counters: Vec<(TenantId, f64)>,
-}
-
 pub struct Scheduler {
     cfg: SchedulerConfig,
     seqs: HashMap<RequestId, Sequence>,
@@ -105,6 +94,8 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     fair: FairQueue,
     outbox: Vec<Output>,
+    /// First admissions since the last [`Scheduler::take_admissions`].
+    admissions: Vec<Admission>,
     arrivals: u64,
     preemptions: u64,
     steps: u64,
@@ -118,6 +109,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             running: Vec::new(),
             outbox: Vec::new(),
+            admissions: Vec::new(),
             arrivals: 0,
             preemptions: 0,
             steps: 0,
@@ -225,6 +217,11 @@ impl Scheduler {
         std::mem::take(&mut self.outbox)
     }
 
+    /// First admissions since the last call (for metrics: queue time, fallbacks).
+    pub fn take_admissions(&mut self) -> Vec<Admission> {
+        std::mem::take(&mut self.admissions)
+    }
+
     pub fn is_idle(&self) -> bool {
         self.seqs.is_empty()
     }
@@ -237,19 +234,14 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Steps planned so far (after `schedule`, the number of the step it planned).
+    pub fn num_steps(&self) -> u64 {
+        self.steps
+    }
+
     /// The known tokens of a live request (prompt + generated).
     pub fn tokens(&self, id: RequestId) -> &[u32] {
         self.seqs.get(&id).map_or(&[], |s| &s.tokens)
-    }
-
-    pub fn stats(&self) -> SchedulerStats {
-        SchedulerStats {
-            running: self.running.len(),
-            waiting: self.fair.num_waiting(),
-            preemptions: self.preemptions,
-            steps: self.steps,
-            counters: self.fair.counters(),
-        }
     }
 
     /// Plans the next forward pass (see the module docs). Reserves every planned chunk's
@@ -429,6 +421,10 @@ impl Scheduler {
         let first = seq.cached_tokens.is_none();
         if first {
             seq.cached_tokens = Some(seq.computed);
+            self.admissions.push(Admission {
+                id,
+                fallback: seq.kv_fallback.then_some(seq.kv.policy),
+            });
         }
         let prompt_len = seq.prompt_len;
         self.fair.remove(tenant, &key);
@@ -567,6 +563,9 @@ fn score_prompt(seq: &mut Sequence, start: usize, rows: &[f32], vocab: usize) {
 
 #[path = "scheduler_policy.rs"]
 mod policy;
+#[path = "scheduler_stats.rs"]
+mod stats;
+pub use stats::{Admission, SchedulerStats, TenantLoad};
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]
 mod tests;

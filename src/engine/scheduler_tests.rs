@@ -271,6 +271,10 @@ fn preemption_by_recompute_gives_the_same_tokens() {
             .unwrap();
         }
         let got = run_all(&mut s, &mut p);
+        // Each request's first admission is reported once, preempted or not.
+        let mut admitted: Vec<RequestId> = s.take_admissions().iter().map(|a| a.id).collect();
+        admitted.sort();
+        assert_eq!(admitted, ids(6).collect::<Vec<_>>());
         (got, s.stats().preemptions)
     };
     let (free_run, pre0) = run(1024);
@@ -515,4 +519,32 @@ fn prompt_logprobs_score_every_prompt_token_once_without_cache_hits() {
         usage.cached_tokens, 0,
         "prompt logprobs need the whole prompt computed"
     );
+}
+
+#[test]
+fn stats_report_each_tenants_load() {
+    let mut p = pool(64, &[(0, quota(0, 64)), (1, quota(0, 64))]);
+    let mut s = sched(64, 2, &[]);
+    let now = Instant::now();
+    for (i, t) in [0u32, 1, 0].into_iter().enumerate() {
+        s.add(RequestId(i as u64), req(t, vec![1, 2, 3, 4, 5], 4), &p, now)
+            .unwrap();
+    }
+    let load = |running, waiting| TenantLoad { running, waiting };
+    assert_eq!(
+        s.stats().tenants,
+        [(TenantId(0), load(0, 2)), (TenantId(1), load(0, 1))]
+    );
+    step(&mut s, &mut p, now);
+    // Two running slots: one request of each tenant runs, alpha's second waits.
+    assert_eq!(
+        s.stats().tenants,
+        [(TenantId(0), load(1, 1)), (TenantId(1), load(1, 0))]
+    );
+    let first: Vec<Admission> = s.take_admissions();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|a| a.fallback.is_none()));
+    run_all(&mut s, &mut p);
+    assert_eq!(s.stats().tenants, []);
+    assert_eq!(s.take_admissions().len(), 1);
 }

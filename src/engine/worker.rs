@@ -3,12 +3,14 @@
 //! thread never waits on a client: events go into per-request channels that cannot fill up.
 
 use super::handle::{EngineStats, Shared};
+use super::observe::Recorder;
 use super::paged::PagedKv;
 use super::request::{EngineError, EngineEvent, EngineRequest};
 use super::scheduler::{Output, Scheduler, SchedulerConfig, Step};
 use crate::backend::Backend;
 use crate::config::EngineSection;
 use crate::kv::KvStats;
+use crate::metrics::Metrics;
 use crate::model::llama::{Llama, LogitsFor, SeqStep};
 use crate::types::{RequestId, TenantId};
 use std::collections::HashMap;
@@ -43,6 +45,7 @@ pub(super) struct Worker<B: Backend> {
     rx: Receiver<Command>,
     shared: Arc<Shared>,
     senders: HashMap<RequestId, UnboundedSender<EngineEvent>>,
+    recorder: Recorder,
     draining: bool,
     tokens_computed: u64,
     tokens_generated: u64,
@@ -58,6 +61,7 @@ impl<B: Backend> Worker<B> {
         weights: Vec<(TenantId, f64)>,
         rx: Receiver<Command>,
         shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let sched = Scheduler::new(SchedulerConfig {
             max_batched_tokens: cfg.max_batched_tokens,
@@ -75,6 +79,7 @@ impl<B: Backend> Worker<B> {
             rx,
             shared,
             senders: HashMap::new(),
+            recorder: Recorder::new(metrics),
             draining: false,
             tokens_computed: 0,
             tokens_generated: 0,
@@ -108,6 +113,10 @@ impl<B: Backend> Worker<B> {
             self.apply_aborts();
             let t_step = Instant::now();
             let step = self.sched.schedule(&mut self.kv.pool, Instant::now());
+            let scheduled_at = Instant::now();
+            for a in self.sched.take_admissions() {
+                self.recorder.admitted(&a, scheduled_at);
+            }
             self.shared
                 .waiting
                 .store(self.sched.num_waiting(), Ordering::Release);
@@ -125,6 +134,7 @@ impl<B: Backend> Worker<B> {
             }
             let _span = tracing::debug_span!(
                 "step",
+                step = self.sched.num_steps(),
                 seqs = step.entries.len(),
                 tokens = step.num_tokens()
             )
@@ -147,14 +157,17 @@ impl<B: Backend> Worker<B> {
                 at,
             } => {
                 self.shared.in_channel.fetch_sub(1, Ordering::AcqRel);
+                let (tenant, prompt_tokens) = (req.tenant, req.prompt.len());
                 match self.sched.add(id, *req, &self.kv.pool, at) {
                     Ok(()) => {
+                        self.recorder.submitted(id, tenant, prompt_tokens, at);
                         // Counted as waiting at once, so `in_channel + waiting` never dips
                         // between taking the command and the next schedule.
                         self.shared.waiting.fetch_add(1, Ordering::AcqRel);
                         self.senders.insert(id, events);
                     }
                     Err(e) => {
+                        tracing::debug!(request = id.0, %e, "refused");
                         let _ = events.send(EngineEvent::Error(e));
                     }
                 }
@@ -248,7 +261,9 @@ impl<B: Backend> Worker<B> {
             if outputs.is_empty() {
                 break;
             }
+            let now = Instant::now();
             for Output { id, event } in outputs {
+                self.recorder.event(id, &event, now);
                 let terminal =
                     matches!(event, EngineEvent::Finished { .. } | EngineEvent::Error(_));
                 if matches!(event, EngineEvent::Token(_)) {
@@ -276,6 +291,7 @@ impl<B: Backend> Worker<B> {
             tokens_generated: self.tokens_generated,
             forward_seconds: self.forward_time.as_secs_f64(),
             step_seconds: self.step_time.as_secs_f64(),
+            block_bytes: self.kv.classes.filling_bytes(),
         };
         *self.shared.stats.lock().expect("stats lock") = stats;
     }

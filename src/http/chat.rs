@@ -10,7 +10,7 @@ use super::request::ChatRequest;
 use super::response::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatResponse, UsageOut,
 };
-use super::routes::{admit, authenticate, data, parse_body, unix_now};
+use super::routes::{admit, authenticate, data, log_refused, parse_body, request_span, unix_now};
 use super::state::AppState;
 use super::stream::{sse_response, ChunkFormat};
 use super::validate::{self, Plan};
@@ -22,6 +22,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
+use tracing::Instrument;
 
 #[utoipa::path(
     post,
@@ -43,6 +44,20 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let span = request_span(&id, "/v1/chat/completions");
+    serve(state, headers, body, id)
+        .instrument(span.clone())
+        .await
+        .inspect_err(|e| span.in_scope(|| log_refused(e)))
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    id: String,
+) -> Result<Response, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     let req: ChatRequest = parse_body(body, &state)?;
     if !req.unknown.is_empty() {
@@ -50,10 +65,10 @@ pub async fn chat_completions(
     }
     let plan = validate::chat(&req, &state.model, &state.limits, &|p| {
         state.kv_choice(tenant, p)
-    })?;
+    })
+    .inspect_err(|e| state.count_rejection(Some(tenant), e))?;
     let guard = admit(&state, tenant, &plan)?;
     let gen = generation::start(&state, &plan, tenant, guard)?;
-    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let model = state.model.name.clone();
     if plan.stream {
         let n = plan.n;

@@ -4,7 +4,7 @@ use super::error::ApiError;
 use super::generation::{self, ChoiceEvent, Generation};
 use super::request::CompletionRequest;
 use super::response::{CompletionChoice, CompletionLogprobs, CompletionResponse, UsageOut};
-use super::routes::{admit, authenticate, data, parse_body, unix_now};
+use super::routes::{admit, authenticate, data, log_refused, parse_body, request_span, unix_now};
 use super::state::AppState;
 use super::stream::{sse_response, ChunkFormat};
 use super::validate::{self, Plan};
@@ -16,6 +16,7 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
+use tracing::Instrument;
 
 #[utoipa::path(
     post,
@@ -37,6 +38,20 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let span = request_span(&id, "/v1/completions");
+    serve(state, headers, body, id)
+        .instrument(span.clone())
+        .await
+        .inspect_err(|e| span.in_scope(|| log_refused(e)))
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    id: String,
+) -> Result<Response, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     let req: CompletionRequest = parse_body(body, &state)?;
     if !req.unknown.is_empty() {
@@ -44,10 +59,10 @@ pub async fn completions(
     }
     let plan = validate::completion(&req, &state.model, &state.limits, &|p| {
         state.kv_choice(tenant, p)
-    })?;
+    })
+    .inspect_err(|e| state.count_rejection(Some(tenant), e))?;
     let guard = admit(&state, tenant, &plan)?;
     let gen = generation::start(&state, &plan, tenant, guard)?;
-    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let model = state.model.name.clone();
     if plan.stream {
         return Ok(stream(state, plan, gen, id, model));

@@ -93,6 +93,32 @@ impl ApiError {
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
     }
 
+    /// The `reason` label this error counts under in `kvserve_request_rejections_total`, if it
+    /// is a refusal (auth, limits, load, context length) rather than a malformed request.
+    pub fn rejection_reason(&self) -> Option<&'static str> {
+        use crate::metrics::reason;
+        match self {
+            Self::Unauthorized(_) => Some(reason::AUTH),
+            Self::RateLimited { .. } => Some(reason::RATE_LIMIT),
+            Self::ContextLength(_) => Some(reason::CONTEXT_LENGTH),
+            Self::Unavailable { code, .. } => Some(match *code {
+                "queue_timeout" => reason::QUEUE_TIMEOUT,
+                "draining" => reason::DRAINING,
+                _ => reason::OVERLOADED,
+            }),
+            _ => None,
+        }
+    }
+
+    /// [`ApiError::rejection_reason`] of the engine error `e` maps to (a KV quota refusal is a
+    /// 400 for the client but counts as its own reason).
+    pub fn engine_rejection_reason(e: &EngineError) -> Option<&'static str> {
+        match e {
+            EngineError::KvQuota { .. } => Some(crate::metrics::reason::KV_QUOTA),
+            other => ApiError::from(other.clone()).rejection_reason(),
+        }
+    }
+
     fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         let mut put = |name: &str, value: &str| {

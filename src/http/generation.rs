@@ -15,6 +15,7 @@ use crate::model::tokenizer::IncrementalDecoder;
 use crate::types::{FinishReason, RequestId, TenantId};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// What the response sees of one choice, in order: at most one `PromptLogprobs`, any number of
 /// `Text`, then exactly one `Done` or `Failed`.
@@ -78,7 +79,9 @@ pub fn start(
                 for &id in &ids {
                     state.engine.abort(id);
                 }
-                return Err(e.into());
+                let e = ApiError::from(e);
+                state.count_rejection(Some(tenant), &e);
+                return Err(e);
             }
         }
     }
@@ -95,16 +98,17 @@ pub fn start(
         } else {
             plan.stop.stop_ids.clone()
         };
-        tokio::spawn(follow(
-            state.clone(),
+        let choice = Choice {
             index,
-            sub.id,
-            sub.events,
-            text,
-            hidden,
-            tx.clone(),
-        ));
+            id: sub.id,
+            tenant,
+        };
+        tokio::spawn(
+            follow(state.clone(), choice, sub.events, text, hidden, tx.clone())
+                .instrument(tracing::Span::current()),
+        );
     }
+    tracing::debug!(requests = ?ids.iter().map(|r| r.0).collect::<Vec<_>>(), "submitted");
     Ok(Generation {
         events: rx,
         choices: ids.len(),
@@ -114,16 +118,23 @@ pub fn start(
     })
 }
 
+/// Which engine request a choice is.
+struct Choice {
+    index: usize,
+    id: RequestId,
+    tenant: TenantId,
+}
+
 /// Follows one choice until it ends or the response is gone.
 async fn follow(
     state: Arc<AppState>,
-    index: usize,
-    id: RequestId,
+    choice: Choice,
     mut events: mpsc::UnboundedReceiver<EngineEvent>,
     mut text: TextStream,
     hidden: Vec<u32>,
     tx: mpsc::UnboundedSender<ChoiceEvent>,
 ) {
+    let Choice { index, id, tenant } = choice;
     let tok = &state.model.tokenizer;
     // Tokens up to and including the one that completed a stop string.
     let mut completion_tokens = 0usize;
@@ -183,6 +194,16 @@ async fn follow(
                     completion_tokens,
                     ..usage
                 };
+                tracing::info!(
+                    choice = index,
+                    request = id.0,
+                    reason,
+                    prompt_tokens = usage.prompt_tokens,
+                    cached_tokens = usage.cached_tokens,
+                    completion_tokens,
+                    kv_policy = %usage.kv_policy,
+                    "choice finished"
+                );
                 let _ = tx.send(ChoiceEvent::Done {
                     index,
                     reason,
@@ -190,10 +211,19 @@ async fn follow(
                 });
                 return;
             }
-            Some(EngineEvent::Error(e)) => ChoiceEvent::Failed {
-                index,
-                error: e.into(),
-            },
+            Some(EngineEvent::Error(e)) => {
+                if let Some(r) = ApiError::engine_rejection_reason(&e) {
+                    state.metrics.reject(Some(tenant), r);
+                }
+                let error = ApiError::from(e);
+                tracing::info!(
+                    choice = index,
+                    request = id.0,
+                    status = error.status().as_u16(),
+                    "choice failed"
+                );
+                ChoiceEvent::Failed { index, error }
+            }
             None => ChoiceEvent::Failed {
                 index,
                 error: ApiError::Internal,

@@ -52,11 +52,31 @@ fn api_key(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The API key's tenant, recorded on the current request span; a refusal counts as a
+/// rejection (reason `auth`, tenant `other`).
 pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
-    state.tenancy.authenticate(api_key(headers)).map_err(|e| {
-        state.metrics.rejections.with_label_values(&["auth"]).inc();
-        ApiError::Unauthorized(e.to_string())
-    })
+    let tenant = state
+        .tenancy
+        .authenticate(api_key(headers))
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+        .inspect_err(|e| state.count_rejection(None, e))?;
+    tracing::Span::current().record("tenant", state.metrics.tenant(tenant));
+    Ok(tenant)
+}
+
+/// The span of one generation request: its response id and, once authenticated, its tenant
+/// (never any prompt text). The engine's per-step spans are separate (debug level).
+pub fn request_span(id: &str, endpoint: &'static str) -> tracing::Span {
+    tracing::info_span!("request", id, endpoint, tenant = tracing::field::Empty)
+}
+
+/// Logs a request that ends with an error before any response was streamed.
+pub fn log_refused(e: &ApiError) {
+    tracing::info!(
+        status = e.status().as_u16(),
+        reason = e.rejection_reason(),
+        "request refused"
+    );
 }
 
 /// JSON body → `T`; a body over the size limit is 413, anything malformed 400 (never 422).
@@ -88,30 +108,18 @@ pub fn admit(
     tenant: TenantId,
     plan: &Plan,
 ) -> Result<ConcurrencyGuard, ApiError> {
-    if state.is_draining() {
-        state
-            .metrics
-            .rejections
-            .with_label_values(&["draining"])
-            .inc();
-        return Err(ApiError::Unavailable {
+    let admitted = if state.is_draining() {
+        Err(ApiError::Unavailable {
             message: "the server is shutting down".into(),
             code: "draining",
             retry_after_secs: 5,
-        });
-    }
-    state
-        .limiter
-        .admit(tenant, plan.token_cost(), Instant::now())
-        .inspect_err(|e| {
-            if matches!(e, ApiError::RateLimited { .. }) {
-                state
-                    .metrics
-                    .rejections
-                    .with_label_values(&["rate_limit"])
-                    .inc();
-            }
         })
+    } else {
+        state
+            .limiter
+            .admit(tenant, plan.token_cost(), Instant::now())
+    };
+    admitted.inspect_err(|e| state.count_rejection(Some(tenant), e))
 }
 
 /// Every KV policy this server accepts as `kv_policy`, with bytes per token and the latest
@@ -171,7 +179,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(&state.engine.stats());
+    let stats = state.engine.stats();
+    let text = state.metrics.render(|m| stats.record(m));
     (
         [(
             header::CONTENT_TYPE,

@@ -73,6 +73,18 @@ impl AppState {
         self.kv.choose(requested, t)
     }
 
+    /// Counts `e` as a rejection of `tenant`'s request if it is one (see
+    /// [`super::error::ApiError::rejection_reason`]).
+    pub fn count_rejection(
+        &self,
+        tenant: Option<crate::types::TenantId>,
+        e: &super::error::ApiError,
+    ) {
+        if let Some(r) = e.rejection_reason() {
+            self.metrics.reject(tenant, r);
+        }
+    }
+
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }

@@ -245,6 +245,8 @@ pub struct KvStats {
     pub free: usize,
     /// Blocks with refcount > 0.
     pub used_blocks: usize,
+    /// Blocks free but still keyed.
+    pub cached_blocks: usize,
     pub evictions: u64,
     pub cow_copies: u64,
     pub tenants: Vec<(TenantId, TenantKvStats)>,

@@ -432,6 +432,7 @@ impl KvPool {
             cached,
             free: self.cfg.capacity - self.occupied,
             used_blocks: self.cfg.num_blocks - self.free.len() - cached_blocks,
+            cached_blocks,
             evictions: self.evictions,
             cow_copies: self.cow_copies,
             tenants: self

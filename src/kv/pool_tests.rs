@@ -392,6 +392,7 @@ fn stats_report_pool_and_tenants() {
         cached: 1,
         free: 4,
         used_blocks: 3,
+        cached_blocks: 1,
         evictions: 0,
         cow_copies: 0,
         tenants: vec![(A, tenant(3, 0, 2, 6, 1, 9)), (B, tenant(0, 1, 0, 4, 1, 4))],
