@@ -117,6 +117,9 @@ pub struct KvSection {
     /// Server secret (64 hex digits) that keys each tenant's cache scope; empty generates one at
     /// start (prefix caches then do not survive a restart, which is the safe default).
     pub secret: String,
+    /// `kvserve calibrate` projection files: each serves `mhc:R` for its rank. A file made for
+    /// another model, or a corrupt one, stops the server at start.
+    pub calibrations: Vec<PathBuf>,
 }
 
 impl Default for KvSection {
@@ -125,6 +128,7 @@ impl Default for KvSection {
             block_size: 16,
             cache_bytes: 0,
             secret: String::new(),
+            calibrations: Vec::new(),
         }
     }
 }
@@ -135,6 +139,7 @@ impl fmt::Debug for KvSection {
             .field("block_size", &self.block_size)
             .field("cache_bytes", &self.cache_bytes)
             .field("secret", &if self.secret.is_empty() { "" } else { "***" })
+            .field("calibrations", &self.calibrations)
             .finish()
     }
 }

@@ -31,6 +31,9 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// A `kvserve calibrate` projection that does not fit the loaded model.
+    #[error("KV calibration: {0}")]
+    Calibration(String),
 }
 
 impl ModelError {

@@ -3,6 +3,7 @@
 //! Layers (imports point down only): `engine` → `model` → `backend` → (`types`, `error`).
 
 pub mod backend;
+pub mod calibrate;
 pub mod config;
 pub mod engine;
 pub mod error;

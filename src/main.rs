@@ -55,6 +55,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure KV policies against bf16: perplexity, KL, top-1 agreement, KV bytes, passkey.
     Eval(EvalArgs),
+    /// Compute the key projection of the experimental `mhc:R` KV policy from a text.
+    Calibrate(CalibrateArgs),
     /// Print the token ids of a text, comma-separated (input for `generate --prompt-ids`).
     Tokenize {
         #[arg(long, default_value = DEFAULT_MODEL)]
@@ -114,6 +116,14 @@ struct ServeArgs {
     /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
     #[arg(long, env = "KVSERVE_DEVICE", default_value = "auto")]
     device: DeviceArg,
+    /// A `kvserve calibrate` projection file serving `mhc:R` (repeatable; adds to the config's
+    /// `kv.calibrations`).
+    #[arg(
+        long = "kv-calibration",
+        env = "KVSERVE_KV_CALIBRATION",
+        value_delimiter = ','
+    )]
+    kv_calibrations: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -177,6 +187,9 @@ struct GenerateArgs {
     /// KV policy (`bf16`, `int8`, `kivi4`, `kivi4+window:1024`, …; `exact` = f32, the default).
     #[arg(long, default_value = "exact")]
     kv_policy: String,
+    /// A `kvserve calibrate` projection file serving `mhc:R` (repeatable).
+    #[arg(long = "kv-calibration")]
+    kv_calibrations: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -223,6 +236,38 @@ struct EvalArgs {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// A `kvserve calibrate` projection file serving `mhc:R` (repeatable).
+    #[arg(long = "kv-calibration")]
+    kv_calibrations: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// A Hugging Face model directory or a `.gguf` file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// The calibration text (use another text than the one you evaluate on).
+    #[arg(long)]
+    text: PathBuf,
+    /// The R of `mhc:R`: latent components per token and layer, on average over layers.
+    #[arg(long)]
+    rank: u16,
+    /// How ranks are spread over layers: `energy` (water-filling on the logit error, at least
+    /// R/4 per layer) or `uniform` (R everywhere).
+    #[arg(long, default_value = "energy")]
+    ranks: kvserve::calibrate::Allocation,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 1024)]
+    ctx: usize,
+    /// Use at most this many tokens of the text.
+    #[arg(long, default_value_t = 16384)]
+    max_tokens: usize,
+    /// Where to write the projection (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn parse_policy(s: &str) -> Result<KvPolicySpec, String> {
@@ -250,6 +295,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => run_serve(args),
         Command::Generate(args) => run_generate(args),
         Command::Eval(args) => run_eval(args),
+        Command::Calibrate(args) => run_calibrate(args),
         Command::Tokenize {
             model,
             text,
@@ -343,6 +389,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(b) = args.kv_cache_bytes {
         cfg.kv.cache_bytes = b;
     }
+    cfg.kv
+        .calibrations
+        .extend(args.kv_calibrations.iter().cloned());
     cfg.validate()?;
     let tenancy = match &args.tenants {
         Some(p) => Tenancy::from_file(p)?,
@@ -440,8 +489,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
     let t_load = Instant::now();
     let files = loader::open(&args.model)?;
-    let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+    let mut model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
     drop(files.weights);
+    kvserve::calibrate::attach_files(&mut model, &args.model, &args.kv_calibrations)?;
     tracing::info!(ms = t_load.elapsed().as_millis() as u64, "model loaded");
     let tok = &files.tokenizer;
 
@@ -580,8 +630,9 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let files = loader::open(&args.model)?;
-    let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+    let mut model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
     drop(files.weights);
+    kvserve::calibrate::attach_files(&mut model, &args.model, &args.kv_calibrations)?;
     let mut cfg = EvalConfig::new(text, args.policies.clone());
     cfg.text_path = args.text.display().to_string();
     cfg.model_id = kvserve::eval::model_identity(&args.model);
@@ -611,5 +662,60 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> Result<()> {
     if let Some(p) = &args.out_png {
         report::write_png(&rep, p, std::path::Path::new(report::FONT_PATH))?;
     }
+    Ok(())
+}
+
+fn run_calibrate(args: CalibrateArgs) -> Result<()> {
+    use kvserve::calibrate::{calibrate, file, CalibrateOptions};
+    use sha2::{Digest, Sha256};
+    set_threads(args.threads)?;
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("reading {}", args.text.display()))?;
+    let files = loader::open(&args.model)?;
+    let model = Llama::load(
+        files.config.clone(),
+        files.weights.as_ref(),
+        CpuBackend::new(),
+    )?;
+    drop(files.weights);
+    let tokens = files.tokenizer.encode(&text, true)?;
+    let opts = CalibrateOptions {
+        rank: args.rank,
+        ctx: args.ctx,
+        max_tokens: args.max_tokens,
+        allocation: args.ranks,
+    };
+    let t0 = Instant::now();
+    let cal = calibrate(&model, &tokens, &opts)?;
+    let fingerprint = file::model_fingerprint(&args.model)?;
+    let name = |p: &PathBuf| {
+        p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    };
+    let sha = format!("{:x}", Sha256::digest(text.as_bytes()));
+    let bytes = file::to_bytes(
+        &cal,
+        &fingerprint,
+        &name(&args.model),
+        (&name(&args.text), &sha),
+    )
+    .map_err(anyhow::Error::msg)?;
+    std::fs::write(&args.out, &bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    let ranks: Vec<String> = cal.keys.layers.iter().map(|l| l.rank.to_string()).collect();
+    let retained = cal.retained.iter().sum::<f64>() / cal.retained.len().max(1) as f64;
+    eprintln!(
+        "calibrated mhc:{} on {} tokens of {} in {:.1} s: ranks [{}], query-weighted key variance \
+         kept {:.1} % (layer mean); wrote {} (id {})",
+        args.rank,
+        cal.tokens,
+        args.text.display(),
+        t0.elapsed().as_secs_f64(),
+        ranks.join(","),
+        100.0 * retained,
+        args.out.display(),
+        &blake3::hash(&bytes).to_hex()[..16]
+    );
     Ok(())
 }

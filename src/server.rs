@@ -10,7 +10,6 @@ use crate::engine::Engine;
 use crate::error::ModelError;
 use crate::http::kv::KvCatalog;
 use crate::http::{AppState, ModelInfo};
-use crate::kv::codec::Codec;
 use crate::kv::policy::KvPolicy;
 use crate::metrics::Metrics;
 use crate::model::llama::Llama;
@@ -50,18 +49,21 @@ impl Server {
     {
         let t0 = std::time::Instant::now();
         let files = loader::open(&cfg.model.path)?;
-        let model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
-        let supports = backend_policies(model.backend());
+        let mut model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+        crate::calibrate::attach_files(&mut model, &cfg.model.path, &cfg.kv.calibrations)?;
+        let supports = served_policies(&model);
         for i in 0..tenancy.len() {
             let id = crate::types::TenantId(i as u32);
             let (t, kv) = (tenancy.get(id), tenancy.kv(id));
             if let (Some(t), Some(kv)) = (t, kv) {
                 if !supports(&kv.default) {
+                    let why = match kv.default.codec.and_then(|c| c.latent_rank()) {
+                        Some(r) => format!("no `kv.calibrations` file of rank {r} is loaded"),
+                        None => format!("the {} backend does not serve it", model.backend().name()),
+                    };
                     return Err(ConfigError::Invalid(format!(
-                        "tenant `{}`: KV policy `{}` is not served by the {} backend",
-                        t.id,
-                        kv.default,
-                        model.backend().name()
+                        "tenant `{}`: KV policy `{}` is not served: {why}",
+                        t.id, kv.default
                     ))
                     .into());
                 }
@@ -93,7 +95,8 @@ impl Server {
             template: files.chat_template,
             created: crate::http::routes::unix_now(),
         };
-        let catalog = KvCatalog::new(kv.classes.clone(), supports);
+        let ranks: Vec<u16> = model.latent_keys().iter().map(|k| k.rank).collect();
+        let catalog = KvCatalog::new(kv.classes.clone(), supports, &ranks);
         let weights = kv.weights();
         let metrics = Arc::new(Metrics::new(kv.tenant_names().to_vec()));
         let engine =
@@ -115,11 +118,13 @@ impl Server {
     }
 }
 
-/// Which policies `backend` serves, as a `'static` predicate (the backend itself moves into the
+/// Which policies `model` serves, as a `'static` predicate (the model itself moves into the
 /// engine): asked once per combination of format, window and quest.
-fn backend_policies<B: Backend>(backend: &B) -> impl Fn(&KvPolicy) -> bool + Send + Sync + 'static {
+fn served_policies<B: Backend>(
+    model: &Llama<B>,
+) -> impl Fn(&KvPolicy) -> bool + Send + Sync + 'static {
     let mut served = Vec::new();
-    for codec in std::iter::once(None).chain(Codec::ALL.iter().copied().map(Some)) {
+    for codec in std::iter::once(None).chain(model.codecs().into_iter().map(Some)) {
         for window in [None, Some(1)] {
             for quest in [None, Some(1)] {
                 let p = KvPolicy {
@@ -127,7 +132,7 @@ fn backend_policies<B: Backend>(backend: &B) -> impl Fn(&KvPolicy) -> bool + Sen
                     window,
                     quest,
                 };
-                if backend.supports_policy(&p) {
+                if model.serves_policy(&p) {
                     served.push((codec, window.is_some(), quest.is_some()));
                 }
             }

@@ -72,6 +72,9 @@ fn eval_on_the_real_model_reports_sane_numbers_for_bf16_and_int8() {
     let int8 = rep.policies[1].by_ctx[0].1;
     assert!(int8.dppl_pct.abs() <= 0.5, "int8 Δppl {} %", int8.dppl_pct);
     assert!(int8.kl < 5e-3, "int8 KL {}", int8.kl);
+    // The format's steady state: int8 codes + an f16 scale per token and head = 0.516 of bf16.
+    let sealed = rep.policies[1].sealed_reduction;
+    assert!((sealed - 0.484).abs() < 1e-3, "int8 sealed saving {sealed}");
 }
 
 #[test]

@@ -795,3 +795,53 @@ kv_policy_fallback = ["kivi2"]
     s.assert_all_free().await;
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mhc_is_served_from_a_calibration_file() {
+    // `kvserve calibrate` on a GFDL excerpt (the CLI end to end), then a server with the file.
+    let dir = tempfile::tempdir().unwrap();
+    let proj = dir.path().join("mhc32.safetensors");
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gfdl-1.3-head.txt");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["calibrate", "--model"])
+        .arg(model_path())
+        .arg("--text")
+        .arg(&text)
+        .args(["--rank", "32", "--ctx", "256", "--out"])
+        .arg(&proj)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("calibrated mhc:32"), "{stderr}");
+    let s = start(None, |c| c.kv.calibrations = vec![proj.clone()]).await;
+
+    let list: Value = s.get_json("/v1/kv_policies", None).await;
+    let entry = |name: &str| {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {list}"))
+            .clone()
+    };
+    // Per layer and block: a 16 × 32 bf16 latent + 3 heads of int8 (or 4-bit) values.
+    let ratio = |name: &str| entry(name)["memory_vs_bf16"].as_f64().unwrap();
+    assert!((ratio("mhc:32+int8") - 4192.0 / 12288.0).abs() < 1e-6);
+    assert!((ratio("mhc:32+kivi4") - 2944.0 / 12288.0).abs() < 1e-6);
+    assert_eq!(entry("mhc:32+int8")["prefix_sharing"], true);
+
+    let body = |p: &str| json!({"prompt": "The quick brown fox jumps over the lazy dog. ".repeat(6), "max_tokens": 4, "temperature": 0, "kv_policy": p});
+    let (st, _, v) = s.post("/v1/completions", None, &body("mhc:32")).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["kv"]["policy"], "mhc:32+int8", "{v}");
+    assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty());
+    // No projection of rank 48: refused, naming what is served.
+    let (st, _, v) = s.post("/v1/completions", None, &body("mhc:48")).await;
+    assert_eq!(st, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("mhc:32+int8"), "{msg}");
+    s.assert_all_free().await;
+    s.shutdown().await;
+}

@@ -4,13 +4,16 @@
 //!   exactly as decode and a prefix-cache hit do);
 //! - compressed policies stay close to exact KV, ordered by how much they keep;
 //! - a window hides old blocks (dropped table entries are never read), quest with a budget
-//!   covering the context equals dense attention and with a small one reads fewer blocks.
+//!   covering the context equals dense attention and with a small one reads fewer blocks;
+//! - `mhc:R` is refused without a projection of rank R, seals like every other format once
+//!   calibrated (`kvserve calibrate` on the model's own tokens), and its error shrinks with R.
 
 mod common;
 
 use common::{write_tiny_model, TinySpec};
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::Backend;
+use kvserve::calibrate::{calibrate, Allocation, CalibrateOptions};
 use kvserve::kv::policy::KvPolicy;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use kvserve::model::loader;
@@ -116,24 +119,26 @@ fn sealed_prefill_equals_chunked_and_token_by_token_decode() {
     }
 }
 
+/// The largest |logit − exact logit| over every position of `toks` under policy `name`. A
+/// random tiny model barely depends on its KV (KL ~1e-17), so logits are compared directly.
+fn deviation(m: &Llama<CpuBackend>, toks: &[u32], exact: &[Vec<f32>], name: &str) -> f32 {
+    let rows = logits_in_chunks(m, toks, 16, KvPolicy::parse(name).unwrap());
+    let mut worst = 0f32;
+    for (a, b) in exact.iter().zip(&rows) {
+        for (x, y) in a.iter().zip(b) {
+            assert!(y.is_finite(), "{name}");
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
+
 #[test]
 fn compressed_policies_stay_close_to_exact_in_order_of_precision() {
     let (_d, m) = model();
     let toks = tokens(48);
     let exact = logits_in_chunks(&m, &toks, 16, KvPolicy::EXACT);
-    // A random tiny model barely depends on its KV (KL ~1e-17), so compare logits directly:
-    // the largest deviation from exact KV over every position.
-    let dev = |name: &str| {
-        let rows = logits_in_chunks(&m, &toks, 16, KvPolicy::parse(name).unwrap());
-        let mut worst = 0f32;
-        for (a, b) in exact.iter().zip(&rows) {
-            for (x, y) in a.iter().zip(b) {
-                assert!(y.is_finite(), "{name}");
-                worst = worst.max((x - y).abs());
-            }
-        }
-        worst
-    };
+    let dev = |name: &str| deviation(&m, &toks, &exact, name);
     let (bf16, int8, kivi4, kivi2) = (dev("bf16"), dev("int8"), dev("kivi4"), dev("kivi2"));
     let k8v4 = dev("k8v4");
     eprintln!("max |Δlogit| vs exact: bf16 {bf16:.2e} int8 {int8:.2e} k8v4 {k8v4:.2e} kivi4 {kivi4:.2e} kivi2 {kivi2:.2e}");
@@ -233,4 +238,72 @@ fn cpu_backend_serves_every_policy_and_weighs_it() {
         "{int8} {kivi4} {kivi2}"
     );
     assert!(bytes("kivi4+quest:8") > kivi4, "key bounds cost bytes");
+}
+
+/// Gives `m` an `mhc` projection of rank `rank`, calibrated on its own token stream.
+fn with_mhc(m: &mut Llama<CpuBackend>, rank: u16) {
+    let opts = CalibrateOptions {
+        rank,
+        ctx: 128,
+        max_tokens: 640,
+        allocation: Allocation::Energy,
+    };
+    let cal = calibrate(m, &tokens(640), &opts).unwrap();
+    m.attach_latent_keys(cal.keys).unwrap();
+}
+
+#[test]
+fn mhc_needs_its_projection_seals_like_every_format_and_improves_with_rank() {
+    let (_d, mut m) = model();
+    let toks = tokens(37);
+    let p16 = KvPolicy::parse("mhc:16").unwrap();
+    assert!(!m.serves_policy(&p16));
+    let t = table(toks.len().div_ceil(BS));
+    let step = SeqStep {
+        tokens: &toks,
+        start_pos: 0,
+        block_table: &t,
+        logits: LogitsFor::Last,
+        policy: p16,
+    };
+    let err = m
+        .forward(&[step], &mut m.new_kv_store(64, BS))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mhc:16+int8"), "{err}");
+
+    for r in [8, 16, 32, 64] {
+        with_mhc(&mut m, r);
+    }
+    assert!(m.serves_policy(&p16));
+    for name in ["mhc:16", "mhc:16+kivi4", "mhc:8+bf16+window:8"] {
+        let p = KvPolicy::parse(name).unwrap();
+        let one = logits_in_chunks(&m, &toks, toks.len(), p);
+        for chunk in [1, 3, 8] {
+            let other = logits_in_chunks(&m, &toks, chunk, p);
+            assert!(one == other, "{name}: chunk {chunk} differs from one chunk");
+        }
+    }
+
+    // Quest over mhc blocks (key bounds from the reconstructed, rotated keys): a budget
+    // covering the context reads exactly what dense attention reads.
+    let dense = logits_in_chunks(&m, &toks, 1, KvPolicy::parse("mhc:32").unwrap());
+    let quest = logits_in_chunks(&m, &toks, 1, KvPolicy::parse("mhc:32+quest:64").unwrap());
+    assert!(dense == quest);
+
+    // 2 KV heads × 32 = 64 channels: rank 64 keeps the whole key space (only the bf16
+    // rounding of the latent remains), lower ranks lose more.
+    let toks = tokens(48);
+    let exact = logits_in_chunks(&m, &toks, 16, KvPolicy::EXACT);
+    let [r8, r16, r32, r64, bf16] = [
+        "mhc:8+bf16",
+        "mhc:16+bf16",
+        "mhc:32+bf16",
+        "mhc:64+bf16",
+        "bf16",
+    ]
+    .map(|name| deviation(&m, &toks, &exact, name));
+    eprintln!("max |Δlogit| vs exact: mhc r8 {r8:.2e} r16 {r16:.2e} r32 {r32:.2e} r64 {r64:.2e}, bf16 {bf16:.2e}");
+    assert!(r64 < r32 && r32 < r16 && r16 < r8, "{r8} {r16} {r32} {r64}");
+    assert!(r64 < 20.0 * bf16, "full rank {r64} vs bf16 {bf16}");
 }

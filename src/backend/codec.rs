@@ -47,6 +47,11 @@ use half::{bf16, f16};
 /// Storage format of a sealed block's K and V runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Codec {
+    /// `mhc:R`: keys as one joint low-rank latent per (block, layer) across all KV heads, of
+    /// rank R on average over layers (bf16 latents; the calibrated projection is
+    /// [`super::latent::LatentKeys`]); values per head in `values`' format. A layer's K runs
+    /// are empty (`k_bytes` is 0): the store keeps the latent beside the V runs.
+    Mhc { rank: u16, values: MhcValues },
     /// K and V as bf16.
     Bf16,
     /// K and V as per-token symmetric int8.
@@ -59,9 +64,36 @@ pub enum Codec {
     K8v4,
 }
 
+/// The value format of `mhc:R` (values are not low-rank: they are quantized instead, research
+/// note §4 — a projection error is the same for every token and attention cannot average it
+/// out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MhcValues {
+    Bf16,
+    /// Per-token int8, as [`Codec::Int8`]'s values.
+    Int8,
+    /// Per-token 4-bit in groups of 32, as [`Codec::Kivi4`]'s values.
+    Kivi4,
+}
+
+impl MhcValues {
+    pub const ALL: [MhcValues; 3] = [MhcValues::Bf16, MhcValues::Int8, MhcValues::Kivi4];
+
+    /// The format's name in a policy (`mhc:64+kivi4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MhcValues::Bf16 => "bf16",
+            MhcValues::Int8 => "int8",
+            MhcValues::Kivi4 => "kivi4",
+        }
+    }
+}
+
 /// One run's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Run {
+    /// No per-head run (the keys of `mhc`, stored as the layer's latent).
+    None,
     Bf16,
     Int8,
     /// Per (token, group of channels) asymmetric, this many bits.
@@ -71,8 +103,8 @@ enum Run {
 }
 
 impl Codec {
-    /// Every codec, in declaration order.
-    pub const ALL: [Codec; 5] = [
+    /// Every codec that needs no calibration, in declaration order.
+    pub const PLAIN: [Codec; 5] = [
         Codec::Bf16,
         Codec::Int8,
         Codec::Kivi4,
@@ -80,20 +112,30 @@ impl Codec {
         Codec::K8v4,
     ];
 
-    /// The policy name: `"bf16"`, `"int8"`, `"kivi4"`, `"kivi2"` or `"k8v4"`.
-    pub fn name(self) -> &'static str {
+    /// The policy name: `"bf16"`, `"int8"`, `"kivi4"`, `"kivi2"`, `"k8v4"` or
+    /// `"mhc:R+<values>"`.
+    pub fn name(self) -> String {
         match self {
-            Codec::Bf16 => "bf16",
-            Codec::Int8 => "int8",
-            Codec::Kivi4 => "kivi4",
-            Codec::Kivi2 => "kivi2",
-            Codec::K8v4 => "k8v4",
+            Codec::Bf16 => "bf16".into(),
+            Codec::Int8 => "int8".into(),
+            Codec::Kivi4 => "kivi4".into(),
+            Codec::Kivi2 => "kivi2".into(),
+            Codec::K8v4 => "k8v4".into(),
+            Codec::Mhc { rank, values } => format!("mhc:{rank}+{}", values.name()),
         }
     }
 
-    /// The codec of a policy name (the inverse of [`Codec::name`]).
+    /// The plain codec of a policy name (the inverse of [`Codec::name`] on [`Codec::PLAIN`]).
     pub fn from_name(name: &str) -> Option<Codec> {
-        Codec::ALL.into_iter().find(|c| c.name() == name)
+        Codec::PLAIN.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The latent rank budget of `mhc:R` (`None` for per-head formats).
+    pub fn latent_rank(self) -> Option<u16> {
+        match self {
+            Codec::Mhc { rank, .. } => Some(rank),
+            _ => None,
+        }
     }
 
     fn k_run(self) -> Run {
@@ -102,14 +144,28 @@ impl Codec {
             Codec::Int8 | Codec::K8v4 => Run::Int8,
             Codec::Kivi4 => Run::Chan(4),
             Codec::Kivi2 => Run::Chan(2),
+            Codec::Mhc { .. } => Run::None,
         }
     }
 
     fn v_run(self) -> Run {
         match self {
-            Codec::Bf16 => Run::Bf16,
-            Codec::Int8 => Run::Int8,
-            Codec::Kivi4 | Codec::K8v4 => Run::Tok(4),
+            Codec::Bf16
+            | Codec::Mhc {
+                values: MhcValues::Bf16,
+                ..
+            } => Run::Bf16,
+            Codec::Int8
+            | Codec::Mhc {
+                values: MhcValues::Int8,
+                ..
+            } => Run::Int8,
+            Codec::Kivi4
+            | Codec::K8v4
+            | Codec::Mhc {
+                values: MhcValues::Kivi4,
+                ..
+            } => Run::Tok(4),
             Codec::Kivi2 => Run::Tok(2),
         }
     }
@@ -125,7 +181,8 @@ impl Codec {
     }
 
     /// Encoded K+V bytes relative to bf16 K+V (`(k_bytes + v_bytes) / (4·bs·d)`): bf16 1.0,
-    /// int8 0.516, kivi4 0.344, kivi2 0.219, k8v4 0.414 at `bs = 16, d = 64`.
+    /// int8 0.516, kivi4 0.344, kivi2 0.219, k8v4 0.414 at `bs = 16, d = 64` (`mhc`'s latent
+    /// not included).
     pub fn bytes_per_token_ratio(self, bs: usize, d: usize) -> f64 {
         (self.k_bytes(bs, d) + self.v_bytes(bs, d)) as f64 / (4 * bs * d) as f64
     }
@@ -169,6 +226,7 @@ impl Run {
     fn bytes(self, bs: usize, d: usize) -> usize {
         debug_assert!(d.is_multiple_of(2) && d > 0, "head_dim must be even");
         match self {
+            Run::None => 0,
             Run::Bf16 => 2 * bs * d,
             Run::Int8 => bs * d + 2 * bs,
             Run::Tok(b) => packed_len(b, bs * d) + 4 * bs * (d / group_size(d)),
@@ -184,6 +242,7 @@ impl Run {
             "encode: dst has the wrong size"
         );
         match self {
+            Run::None => {}
             Run::Bf16 => {
                 for (o, &x) in dst.chunks_exact_mut(2).zip(src) {
                     o.copy_from_slice(&bf16::from_f32(x).to_le_bytes());
@@ -207,6 +266,7 @@ impl Run {
             "decode: src has the wrong size"
         );
         match self {
+            Run::None => debug_assert!(false, "decode of a latent key run"),
             Run::Bf16 => {
                 let bytes = &src[2 * r0 * d..2 * r1 * d];
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -534,7 +594,7 @@ mod tests {
     /// The stored scale of element (t, c), read back from the bytes (None for bf16).
     fn elem_scale(run: Run, b: &[u8], bs: usize, d: usize, t: usize, c: usize) -> Option<f32> {
         match run {
-            Run::Bf16 => None,
+            Run::Bf16 | Run::None => None,
             Run::Int8 => Some(rd_f16(b, bs * d + 2 * t)),
             Run::Tok(bits) => {
                 let g = group_size(d);
@@ -592,9 +652,21 @@ mod tests {
                 "{}",
                 c.name()
             );
-            assert_eq!(Codec::from_name(c.name()), Some(c));
+            assert_eq!(Codec::from_name(&c.name()), Some(c));
         }
         assert_eq!(Codec::from_name("fp8"), None);
+        // mhc: no per-head K run (the latent is per layer), values in their own format.
+        for (values, v) in [
+            (MhcValues::Bf16, 2048),
+            (MhcValues::Int8, 1056),
+            (MhcValues::Kivi4, 640),
+        ] {
+            let c = Codec::Mhc { rank: 64, values };
+            assert_eq!((c.k_bytes(16, 64), c.v_bytes(16, 64)), (0, v));
+            assert_eq!(c.latent_rank(), Some(64));
+            assert_eq!(c.name(), format!("mhc:64+{}", values.name()));
+            assert_eq!(Codec::from_name(&c.name()), None, "not a plain codec");
+        }
         // Unaligned 2-bit: 3·10 codes → 8 bytes.
         assert_eq!(Codec::Kivi2.k_bytes(3, 10), 8 + 40);
         assert_eq!(Codec::Kivi2.v_bytes(3, 10), 8 + 12);
@@ -611,12 +683,12 @@ mod tests {
         for _ in 0..blocks {
             let k = data(&mut rng, bs, d, &[3, 40]);
             let v = data(&mut rng, bs, d, &[]);
-            for (i, c) in Codec::ALL.into_iter().enumerate() {
+            for (i, c) in Codec::PLAIN.into_iter().enumerate() {
                 k_err[i] += check_round_trip(c.k_run(), &k, bs, d) / blocks as f64;
                 v_err[i] += check_round_trip(c.v_run(), &v, bs, d) / blocks as f64;
             }
         }
-        for (i, c) in Codec::ALL.into_iter().enumerate() {
+        for (i, c) in Codec::PLAIN.into_iter().enumerate() {
             eprintln!(
                 "{:>6}: K (outlier channels) {:6.2}%  V {:6.2}%",
                 c.name(),
@@ -638,7 +710,7 @@ mod tests {
         // Generic shapes: groups of `d` (d % 32 != 0), 2-bit rows not byte-aligned, odd bs.
         for (bs, d) in [(16, 10), (3, 10), (5, 6), (16, 96)] {
             let x = data(&mut rng, bs, d, &[1]);
-            for c in Codec::ALL {
+            for c in Codec::PLAIN {
                 check_round_trip(c.k_run(), &x, bs, d);
                 check_round_trip(c.v_run(), &x, bs, d);
             }
@@ -650,7 +722,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for (bs, d) in [(16, 64), (5, 10), (7, 6)] {
             let x = data(&mut rng, bs, d, &[1]);
-            for c in Codec::ALL {
+            for c in Codec::PLAIN {
                 for run in [c.k_run(), c.v_run()] {
                     let b = enc(run, &x, bs, d);
                     let full = dec(run, &b, bs, d, 0, bs);
@@ -697,7 +769,7 @@ mod tests {
         // per block, varying across blocks; f16-representable so asymmetric formats are exact.
         for val in [0.0f32, 1.5, -3.25, 1000.0] {
             let x = vec![val; bs * d];
-            for c in Codec::ALL {
+            for c in Codec::PLAIN {
                 for run in [c.k_run(), c.v_run()] {
                     let y = dec(run, &enc(run, &x, bs, d), bs, d, 0, bs);
                     if run != Run::Int8 || val == 0.0 {
@@ -724,7 +796,7 @@ mod tests {
             let run = Run::Tok(bits);
             assert_eq!(dec(run, &enc(run, &x, bs, d), bs, d, 0, bs), x);
         }
-        for c in Codec::ALL {
+        for c in Codec::PLAIN {
             for run in [c.k_run(), c.v_run()] {
                 assert_eq!(dec(run, &enc(run, &zeros, bs, d), bs, d, 0, bs), zeros);
             }
@@ -744,7 +816,7 @@ mod tests {
             x[i * d + 63] = f32::NAN; // a NaN channel
         }
         x[6 * d..7 * d].fill(f32::NAN); // a NaN token
-        for c in Codec::ALL {
+        for c in Codec::PLAIN {
             for run in [c.k_run(), c.v_run()] {
                 let b = enc(run, &x, bs, d);
                 let y = dec(run, &b, bs, d, 0, bs);
@@ -768,7 +840,7 @@ mod tests {
     fn encode_is_deterministic() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let x = data(&mut rng, 16, 64, &[3, 40]);
-        for c in Codec::ALL {
+        for c in Codec::PLAIN {
             for run in [c.k_run(), c.v_run()] {
                 // Dirty destination buffers: encode must overwrite every byte.
                 let mut a = vec![0xAAu8; run.bytes(16, 64)];

@@ -61,7 +61,8 @@ impl KvPolicy {
     /// Identity of the sealed block content, part of every block key: blocks of different
     /// formats (or with/without key bounds) never alias. `0` for [`Self::EXACT`]. The quest
     /// budget and the window are not part of it: the budget only changes reads, and windowed
-    /// blocks are never keyed.
+    /// blocks are never keyed. `mhc`'s calibration id is mixed in by the engine
+    /// (`KvClasses`), which knows the projection a model serves `mhc:R` with.
     pub fn content_id(&self) -> u32 {
         match self.codec {
             None => 0,
@@ -84,13 +85,15 @@ impl KvPolicy {
     ) -> Option<usize> {
         let c = self.codec?;
         let bounds = if self.stores_bounds() { 2 * d * 2 } else { 0 };
-        Some(layers * kv_heads * (c.k_bytes(bs, d) + c.v_bytes(bs, d) + bounds))
+        // `mhc`: one bf16 latent of R (mean over layers) per token and layer, shared by the heads.
+        let latent = c.latent_rank().map_or(0, |r| 2 * bs * r as usize);
+        Some(layers * (latent + kv_heads * (c.k_bytes(bs, d) + c.v_bytes(bs, d) + bounds)))
     }
 }
 
 impl fmt::Display for KvPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.codec.map_or("exact", |c| c.name()))?;
+        f.write_str(&self.codec.map_or("exact".into(), |c| c.name()))?;
         if let Some(w) = self.window {
             write!(f, "+window:{w}")?;
         }

@@ -8,13 +8,16 @@ pub mod codec;
 pub mod cpu;
 pub mod cuda;
 pub mod kv_policy;
+pub mod latent;
 
 use crate::error::BackendError;
 use crate::model::tensor::HostTensor;
 use kv_policy::KvPolicy;
+use latent::LatentKeys;
+use std::sync::Arc;
 
 /// Rotary-embedding parameters, computed once by the model from its config (scaling included).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RopeParams {
     /// `head_dim / 2` inverse frequencies (after `linear`/`llama3` scaling). Pair `i` rotates
     /// dims `(i, i + head_dim/2)` of each head (the Hugging Face `rotate_half` layout).
@@ -64,6 +67,8 @@ pub struct AttnSeq<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seal {
     pub block: u32,
+    /// Position of the block's first token (`mhc` un-rotates the keys by their positions).
+    pub pos: u32,
     pub codec: codec::Codec,
     pub bounds: bool,
 }
@@ -185,4 +190,7 @@ pub trait Backend: Send + Sync {
     fn seal(&self, store: &mut Self::KvStore, layer: usize, seals: &[Seal]);
     /// After the step: the exact copies of the blocks sealed in it are no longer needed.
     fn release_exact(&self, store: &mut Self::KvStore, blocks: &[u32]);
+    /// Gives `store` the calibrated key projections that `mhc:R` blocks are sealed with (one
+    /// per rank). Backends that do not serve `mhc` ignore them.
+    fn attach_latent_keys(&self, store: &mut Self::KvStore, keys: &[Arc<LatentKeys>]);
 }

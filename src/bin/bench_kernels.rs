@@ -318,15 +318,52 @@ fn main() {
         // The same decode over sealed blocks: each policy's blocks decoded inside the loop.
         // Bytes read = the policy's sealed bytes (the own, exact block aside).
         println!("decode over sealed blocks (time, and bytes the cache holds per position):");
-        for name in ["bf16", "int8", "k8v4", "kivi4", "kivi2", "kivi4+quest:512"] {
+        for name in [
+            "bf16",
+            "int8",
+            "k8v4",
+            "kivi4",
+            "kivi2",
+            "kivi4+quest:512",
+            "mhc:64",
+            "mhc:64+kivi4",
+        ] {
             let policy = kvserve::kv::policy::KvPolicy::parse(name).unwrap();
             let codec = policy.codec.unwrap();
             let mut sealed = CpuKvStore::new(1, nb, bs, shape);
             sealed.store(0, &kv, cap, &slots);
+            if let Some(rank) = codec.latent_rank() {
+                // A random projection: the cost depends on the shapes only.
+                use kvserve::backend::latent::{LatentKeys, LatentLayer};
+                let (w, r) = (shape.kv_width(), rank as usize);
+                let keys = LatentKeys {
+                    id: [0; 32],
+                    rank,
+                    kv_width: w,
+                    head_dim: shape.head_dim,
+                    layers: vec![LatentLayer {
+                        rank: r,
+                        mean: acts(w),
+                        down: acts(r * w),
+                        up_t: acts(r * w),
+                    }],
+                    rope: kvserve::backend::RopeParams {
+                        inv_freq: (0..shape.head_dim / 2)
+                            .map(|i| 1e5f32.powf(-(i as f32) / 32.0))
+                            .collect(),
+                        attention_scaling: 1.0,
+                    },
+                    max_positions: cap,
+                };
+                let table = kvserve::backend::cpu::ops::RopeTable::new(&keys.rope, cap);
+                sealed.attach_latent(std::sync::Arc::new(keys), std::sync::Arc::new(table));
+            }
             let seals: Vec<kvserve::backend::Seal> = table
                 .iter()
-                .map(|&block| kvserve::backend::Seal {
+                .enumerate()
+                .map(|(i, &block)| kvserve::backend::Seal {
                     block,
+                    pos: (i * bs) as u32,
                     codec,
                     bounds: policy.stores_bounds(),
                 })

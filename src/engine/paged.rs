@@ -28,6 +28,8 @@ pub struct KvClasses {
     filling: usize,
     /// Sealed bytes per (codec, key bounds); empty in a uniform pool (every block weighs 1).
     sealed: Vec<((Option<Codec>, bool), usize)>,
+    /// The calibration id `mhc:R` blocks are sealed with, per rank (mixed into their keys).
+    calibrations: Vec<(u16, [u8; 32])>,
 }
 
 impl KvClasses {
@@ -37,6 +39,7 @@ impl KvClasses {
             block_size,
             filling: 1,
             sealed: Vec::new(),
+            calibrations: Vec::new(),
         }
     }
 
@@ -46,7 +49,7 @@ impl KvClasses {
         let shape = model.attn_shape();
         let be = model.backend();
         let mut sealed = Vec::new();
-        for codec in std::iter::once(None).chain(Codec::ALL.iter().copied().map(Some)) {
+        for codec in std::iter::once(None).chain(model.codecs().into_iter().map(Some)) {
             for bounds in [false, true] {
                 let policy = KvPolicy {
                     codec,
@@ -62,7 +65,26 @@ impl KvClasses {
             block_size,
             filling: model.kv_bytes_per_block(block_size),
             sealed,
+            calibrations: model.latent_keys().iter().map(|k| (k.rank, k.id)).collect(),
         }
+    }
+
+    /// The policy's content id, with the calibration id mixed in for `mhc` (blocks sealed
+    /// with different projections never alias).
+    fn content_id(&self, policy: &KvPolicy) -> u32 {
+        let id = policy.content_id();
+        let Some(rank) = policy.codec.and_then(Codec::latent_rank) else {
+            return id;
+        };
+        let calib = self
+            .calibrations
+            .iter()
+            .find(|(r, _)| *r == rank)
+            .map_or([0; 32], |(_, c)| *c);
+        let mut h = blake3::Hasher::new();
+        h.update(&id.to_le_bytes());
+        h.update(&calib);
+        u32::from_le_bytes(h.finalize().as_bytes()[..4].try_into().expect("4 bytes")) | 1
     }
 
     fn sealed(&self, policy: &KvPolicy) -> usize {
@@ -93,7 +115,7 @@ impl KvClasses {
         BlockClass {
             filling: self.filling,
             sealed: self.sealed(policy),
-            content_id: policy.content_id(),
+            content_id: self.content_id(policy),
             shares_prefix: policy.shares_prefix(),
             window_blocks: policy.window_blocks(self.block_size),
         }

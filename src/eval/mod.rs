@@ -225,11 +225,21 @@ pub fn evaluate<B: Backend>(
     let bytes_per_token: Vec<f64> = (0..n_pol)
         .map(|i| totals.kv_bytes[i] as f64 / totals.kv_tokens[i].max(1) as f64)
         .collect();
+    let classes = crate::engine::paged::KvClasses::for_model(model, runner::BLOCK_SIZE);
+    let sealed: Vec<f64> = policies
+        .iter()
+        .map(|p| p.resolve().map_or(0.0, |r| classes.bytes_per_token(&r)))
+        .collect();
     let reports = policies
         .iter()
         .enumerate()
         .map(|(i, p)| PolicyReport {
-            name: p.to_string(),
+            sealed_bytes_per_token: sealed[i],
+            sealed_reduction: 1.0 - sealed[i] / sealed[0].max(f64::MIN_POSITIVE),
+            // The canonical name (`mhc:64` → `mhc:64+int8`), as the server's catalog lists it.
+            name: p
+                .resolve()
+                .map_or_else(|_| p.to_string(), |r| r.to_string()),
             bytes_per_token: bytes_per_token[i],
             memory_reduction: 1.0 - bytes_per_token[i] / bytes_per_token[0],
             by_ctx: by_ctx[i]

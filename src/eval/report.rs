@@ -12,6 +12,8 @@
 //!     { "name": "int8",
 //!       "bytes_per_token": 73728.0,                   peak KV bytes held / tokens, all runs
 //!       "memory_reduction": 0.48,                     1 − bytes_per_token / reference's
+//!       "sealed_bytes_per_token": 11880.0,            the format's bytes once blocks seal
+//!       "sealed_reduction": 0.484,                    1 − sealed / the reference's sealed
 //!       "by_ctx": { "512": { "ppl", "dppl_pct", "kl", "top1", "tokens" }, … },
 //!                                                     kl: mean KL(ref ‖ policy) per position;
 //!                                                     top1: fraction in 0..1; tokens: positions
@@ -51,8 +53,14 @@ pub struct TextInfo {
 pub struct PolicyReport {
     pub name: String,
     pub bytes_per_token: f64,
-    /// `1 − bytes_per_token / reference bytes_per_token`, in 0..1.
+    /// `1 − bytes_per_token / reference bytes_per_token`, in 0..1. Measured at the peak of
+    /// each run: the blocks a prefill chunk fills are exact (f32) until they seal, and the
+    /// tail block stays exact.
     pub memory_reduction: f64,
+    /// Bytes per token of sealed blocks: what a long sequence's memory converges to.
+    pub sealed_bytes_per_token: f64,
+    /// `1 − sealed_bytes_per_token / the reference's`.
+    pub sealed_reduction: f64,
     /// Ascending context length.
     #[serde(serialize_with = "ordered_map")]
     pub by_ctx: Vec<(usize, CtxStats)>,
@@ -129,19 +137,23 @@ pub fn markdown(r: &EvalReport) -> String {
         .first()
         .map(|p| p.by_ctx.iter().map(|&(c, _)| c).collect())
         .unwrap_or_default();
-    let mut header = String::from("| policy | KV bytes/token | memory saved vs bf16 |");
+    let mut header = String::from(
+        "| policy | KV bytes/token (peak) | memory saved vs bf16 (peak) | sealed bytes/token | sealed saved |",
+    );
     for c in &ctxs {
         let _ = write!(header, " Δppl @{c} | KL @{c} | top-1 @{c} |");
     }
     header.push_str(" passkey |");
     let _ = writeln!(out, "{header}");
-    let _ = writeln!(out, "|{}", "---|".repeat(4 + 3 * ctxs.len()));
+    let _ = writeln!(out, "|{}", "---|".repeat(6 + 3 * ctxs.len()));
     for p in &r.policies {
         let mut row = format!(
-            "| {} | {:.0} | {:.1} % |",
+            "| {} | {:.0} | {:.1} % | {:.0} | {:.1} % |",
             p.name,
             p.bytes_per_token,
-            100.0 * p.memory_reduction
+            100.0 * p.memory_reduction,
+            p.sealed_bytes_per_token,
+            100.0 * p.sealed_reduction
         );
         for c in &ctxs {
             match p.by_ctx.iter().find(|(pc, _)| pc == c) {
@@ -335,6 +347,8 @@ mod tests {
                     name: "bf16".into(),
                     bytes_per_token: 1000.0,
                     memory_reduction: 0.0,
+                    sealed_bytes_per_token: 900.0,
+                    sealed_reduction: 0.0,
                     by_ctx: vec![
                         (512, stats(12.0, 0.0, 0.0, 1.0)),
                         (2048, stats(10.0, 0.0, 0.0, 1.0)),
@@ -346,6 +360,8 @@ mod tests {
                     name: "int8".into(),
                     bytes_per_token: 516.0,
                     memory_reduction: 0.484,
+                    sealed_bytes_per_token: 464.4,
+                    sealed_reduction: 0.484,
                     by_ctx: vec![
                         (512, stats(12.1, 0.8333, 0.0004, 0.989)),
                         (2048, stats(10.05, 0.5, 0.0006, 0.99)),
@@ -364,19 +380,20 @@ mod tests {
         assert_eq!(table.len(), 4, "{md}");
         assert_eq!(
             table[0],
-            "| policy | KV bytes/token | memory saved vs bf16 | Δppl @512 | KL @512 | top-1 @512 \
-             | Δppl @2048 | KL @2048 | top-1 @2048 | passkey |"
+            "| policy | KV bytes/token (peak) | memory saved vs bf16 (peak) | sealed bytes/token \
+             | sealed saved | Δppl @512 | KL @512 | top-1 @512 | Δppl @2048 | KL @2048 | top-1 \
+             @2048 | passkey |"
         );
         let cols = |l: &str| l.matches('|').count();
         assert!(table.iter().all(|l| cols(l) == cols(table[0])), "{md}");
         assert_eq!(
             table[2],
-            "| bf16 | 1000 | 0.0 % | +0.00 % (ppl 12.00) | 0.00000 | 100.0 % | +0.00 % (ppl \
+            "| bf16 | 1000 | 0.0 % | 900 | 0.0 % | +0.00 % (ppl 12.00) | 0.00000 | 100.0 % | +0.00 % (ppl \
              10.00) | 0.00000 | 100.0 % | 1024: 3/3 ✓✓✓ |"
         );
         assert_eq!(
             table[3],
-            "| int8 | 516 | 48.4 % | +0.83 % (ppl 12.10) | 0.00040 | 98.9 % | +0.50 % (ppl \
+            "| int8 | 516 | 48.4 % | 464 | 48.4 % | +0.83 % (ppl 12.10) | 0.00040 | 98.9 % | +0.50 % (ppl \
              10.05) | 0.00060 | 99.0 % | 1024: 2/3 ✓✗✓ |"
         );
         assert!(md.contains("- text: GPL-3 (9000 tokens"));
@@ -402,6 +419,7 @@ mod tests {
         let p = &v["policies"][1];
         assert_eq!(p["name"], "int8");
         assert_eq!(p["memory_reduction"], 0.484);
+        assert_eq!(p["sealed_reduction"], 0.484);
         assert_eq!(p["passkey"]["1024"], "2/3");
         assert_eq!(p["passkey_hits"]["1024"][1], false);
         let c = &p["by_ctx"]["2048"];

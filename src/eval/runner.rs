@@ -31,7 +31,7 @@ pub struct PolicyRunStats {
 }
 
 /// Tokens per KV block.
-const BLOCK_SIZE: usize = KvPoolConfig::DEFAULT_BLOCK_SIZE;
+pub const BLOCK_SIZE: usize = KvPoolConfig::DEFAULT_BLOCK_SIZE;
 /// Spare blocks beyond the need (copy-on-write never happens here, but a pool with no slack
 /// would make a bookkeeping slip look like a capacity error).
 const SLACK_BLOCKS: usize = 4;
@@ -69,13 +69,15 @@ pub fn run_lockstep<B: Backend>(
         .iter()
         .map(|p| p.resolve().map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
-    if let Some(p) = resolved
-        .iter()
-        .find(|p| !model.backend().supports_policy(p))
-    {
+    if let Some(p) = resolved.iter().find(|p| !model.serves_policy(p)) {
         bail!(
-            "the {} backend does not serve KV policy `{p}`",
-            model.backend().name()
+            "KV policy `{p}` is not served by this model on the {} backend{}",
+            model.backend().name(),
+            if p.codec.and_then(|c| c.latent_rank()).is_some() {
+                " (`mhc:R` needs `--kv-calibration FILE` of rank R, from `kvserve calibrate`)"
+            } else {
+                ""
+            }
         );
     }
     let classes = KvClasses::for_model(model, BLOCK_SIZE);

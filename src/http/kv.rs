@@ -49,17 +49,24 @@ pub struct KvCatalog {
 }
 
 impl KvCatalog {
-    /// The advertised policies the backend serves (`supports`), weighed by `classes`.
+    /// The advertised policies the model serves (`supports`), weighed by `classes`, plus
+    /// `mhc:R` (int8 and kivi4 values) for each calibrated rank in `mhc_ranks`.
     pub fn new(
         classes: KvClasses,
         supports: impl Fn(&KvPolicy) -> bool + Send + Sync + 'static,
+        mhc_ranks: &[u16],
     ) -> Self {
         let measured: serde_json::Value =
             serde_json::from_str(MEASURED).unwrap_or(serde_json::Value::Null);
         let bf16 = classes.bytes_per_token(&KvPolicy::format(Codec::Bf16));
+        let mhc = mhc_ranks
+            .iter()
+            .flat_map(|r| [format!("mhc:{r}+int8"), format!("mhc:{r}+kivi4")]);
         let data = AVAILABLE
             .iter()
-            .filter_map(|name| KvPolicy::parse(name).ok())
+            .map(|s| s.to_string())
+            .chain(mhc)
+            .filter_map(|name| KvPolicy::parse(&name).ok())
             .filter(|p| supports(p))
             .map(|p| {
                 let bytes = classes.bytes_per_token(&p);

@@ -12,12 +12,14 @@
 //! - `quest:B` — read side only: decode attends to the blocks with the highest upper bound of
 //!   `q·k` (from per-block key min/max stored at seal time) within a budget of B tokens.
 //!
-//! `mhc:R` (calibrated low-rank keys) parses but is refused: it needs `kvserve calibrate`, which
-//! is not built yet.
+//! - `mhc:R` (experimental) — keys as one calibrated low-rank latent per token across the KV
+//!   heads (`kvserve calibrate`, `backend::latent`), values quantized: `int8` by default, or the
+//!   format named with it (`mhc:64+kivi4`, `mhc:64+bf16`). Served only where the model has a
+//!   projection of rank R.
 
 use std::fmt;
 
-use crate::backend::codec::Codec;
+use crate::backend::codec::{Codec, MhcValues};
 
 /// One part of a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +79,11 @@ impl KvPolicySpec {
                 ("kivi4", None) => PolicyPart::Kivi4,
                 ("kivi2", None) => PolicyPart::Kivi2,
                 ("k8v4", None) => PolicyPart::K8v4,
-                ("mhc", _) => PolicyPart::Mhc(num("rank")?),
+                ("mhc", _) => PolicyPart::Mhc(num("rank").and_then(|r| {
+                    (r <= u32::from(u16::MAX))
+                        .then_some(r)
+                        .ok_or_else(|| "`mhc` rank too large".to_string())
+                })?),
                 ("window", _) => PolicyPart::Window(num("token count")?),
                 ("quest", _) => PolicyPart::Quest(num("token budget")?),
                 _ => return Err(format!("unknown KV policy `{p}`")),
@@ -139,14 +145,26 @@ impl KvPolicy {
                 PolicyPart::K8v4 => p.codec = Some(Codec::K8v4),
                 PolicyPart::Window(w) => p.window = Some(w),
                 PolicyPart::Quest(b) => p.quest = Some(b),
-                PolicyPart::Mhc(_) => {
+                PolicyPart::Mhc(_) => {}
+            }
+        }
+        if let Some(rank) = spec.parts.iter().find_map(|p| match p {
+            PolicyPart::Mhc(r) => Some(*r as u16),
+            _ => None,
+        }) {
+            let values = match p.codec {
+                None | Some(Codec::Int8) => MhcValues::Int8,
+                Some(Codec::Kivi4) => MhcValues::Kivi4,
+                Some(Codec::Bf16) => MhcValues::Bf16,
+                Some(other) => {
                     return Err(format!(
-                        "KV policy `{spec}` is not available on this server: `mhc` needs a \
-                         calibrated projection (`kvserve calibrate`), which this build does not \
-                         have"
+                        "`{spec}`: `mhc` stores values as `int8` (default), `kivi4` or `bf16`, \
+                         not `{}`",
+                        other.name()
                     ))
                 }
-            }
+            };
+            p.codec = Some(Codec::Mhc { rank, values });
         }
         p.codec.get_or_insert(Codec::Bf16);
         Ok(p)
@@ -205,14 +223,18 @@ mod tests {
             .unwrap()
             .check_available()
             .is_ok());
-        let e = KvPolicySpec::parse("mhc:64+int8")
-            .unwrap()
-            .check_available()
-            .unwrap_err();
-        assert!(
-            e.contains("not available") && e.contains("calibrate"),
-            "{e}"
-        );
+        // `mhc` takes its value format from the composition (int8 by default).
+        for (s, canonical) in [
+            ("mhc:64", "mhc:64+int8"),
+            ("mhc:64+int8", "mhc:64+int8"),
+            ("kivi4+mhc:32+quest:256", "mhc:32+kivi4+quest:256"),
+            ("mhc:96+bf16", "mhc:96+bf16"),
+        ] {
+            assert_eq!(KvPolicy::parse(s).unwrap().to_string(), canonical);
+        }
+        let e = KvPolicy::parse("mhc:64+kivi2").unwrap_err();
+        assert!(e.contains("int8") && e.contains("kivi4"), "{e}");
+        assert!(KvPolicySpec::parse("mhc:70000").is_err());
     }
 
     #[test]
@@ -228,10 +250,20 @@ mod tests {
             Some(8)
         );
         // Content ids: distinct per format and per bounds, equal across quest budgets.
-        let ids: Vec<u32> = ["bf16", "int8", "kivi4", "kivi2", "k8v4", "kivi4+quest:64"]
-            .iter()
-            .map(|s| KvPolicy::parse(s).unwrap().content_id())
-            .collect();
+        let ids: Vec<u32> = [
+            "bf16",
+            "int8",
+            "kivi4",
+            "kivi2",
+            "k8v4",
+            "kivi4+quest:64",
+            "mhc:64",
+            "mhc:64+kivi4",
+            "mhc:32",
+        ]
+        .iter()
+        .map(|s| KvPolicy::parse(s).unwrap().content_id())
+        .collect();
         for (i, a) in ids.iter().enumerate() {
             assert_ne!(*a, 0);
             assert!(!ids[..i].contains(a), "{ids:?}");
@@ -241,6 +273,13 @@ mod tests {
             KvPolicy::parse("kivi4+quest:1024").unwrap().content_id()
         );
         assert_eq!(KvPolicy::EXACT.content_id(), 0);
+        // mhc:64 on SmolLM2 (30 layers, 3 KV heads × 64): per layer a 16 × 64 bf16 latent and
+        // three int8 value runs.
+        let mhc = KvPolicy::parse("mhc:64").unwrap();
+        assert_eq!(
+            mhc.sealed_bytes_per_block(30, 3, 16, 64),
+            Some(30 * (2048 + 3 * 1056))
+        );
         for s in AVAILABLE {
             assert!(KvPolicy::parse(s).is_ok(), "{s}");
         }

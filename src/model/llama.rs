@@ -9,9 +9,12 @@
 use super::config::ModelConfig;
 use super::tensor::HostTensor;
 use super::TensorSource;
+use crate::backend::codec::{Codec, MhcValues};
 use crate::backend::kv_policy::KvPolicy;
+use crate::backend::latent::LatentKeys;
 use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams, Seal};
 use crate::error::{ModelError, RunError};
+use std::sync::Arc;
 
 struct Layer<B: Backend> {
     attn_norm: B::Buf,
@@ -36,7 +39,13 @@ pub struct Llama<B: Backend> {
     layers: Vec<Layer<B>>,
     rope: RopeParams,
     shape: AttnShape,
+    /// Calibrated key projections for `mhc:R`, one per rank (`kvserve calibrate`).
+    latents: Vec<Arc<LatentKeys>>,
 }
+
+/// Called with each layer's index and its fused `[q | k | v]` rows (see
+/// [`Llama::forward_observed`]).
+pub type LayerObserver<'a> = dyn FnMut(usize, &[f32]) + 'a;
 
 /// Which rows of a sequence's step need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +178,7 @@ impl<B: Backend> Llama<B> {
             layers,
             rope,
             shape,
+            latents: Vec::new(),
         })
     }
 
@@ -178,6 +188,11 @@ impl<B: Backend> Llama<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The rotary embedding the model applies.
+    pub fn rope(&self) -> &RopeParams {
+        &self.rope
     }
 
     /// The attention shape (heads, KV heads, head_dim).
@@ -196,10 +211,70 @@ impl<B: Backend> Llama<B> {
         bytes / self.kv_bytes_per_block(block_size).max(1)
     }
 
-    /// A zeroed KV store of `num_blocks` blocks of `block_size` tokens for this model.
+    /// A zeroed KV store of `num_blocks` blocks of `block_size` tokens for this model (with
+    /// the model's `mhc` projections).
     pub fn new_kv_store(&self, num_blocks: usize, block_size: usize) -> B::KvStore {
-        self.backend
-            .new_kv_store(self.cfg.num_layers, num_blocks, block_size, self.shape)
+        let mut store =
+            self.backend
+                .new_kv_store(self.cfg.num_layers, num_blocks, block_size, self.shape);
+        self.backend.attach_latent_keys(&mut store, &self.latents);
+        store
+    }
+
+    /// Serves `mhc:R` for `keys.rank` from now on (stores created later seal with it). The
+    /// projection must have this model's shape; the model's RoPE is what reconstructions are
+    /// rotated with. One projection per rank: a second one of the same rank is an error.
+    pub fn attach_latent_keys(&mut self, mut keys: LatentKeys) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Calibration(m));
+        if keys.layers.len() != self.cfg.num_layers
+            || keys.kv_width != self.shape.kv_width()
+            || keys.head_dim != self.shape.head_dim
+        {
+            return bad(format!(
+                "made for {} layers × {} KV channels (head_dim {}), this model has {} × {} ({})",
+                keys.layers.len(),
+                keys.kv_width,
+                keys.head_dim,
+                self.cfg.num_layers,
+                self.shape.kv_width(),
+                self.shape.head_dim
+            ));
+        }
+        keys.validate().or_else(bad)?;
+        if self.latents.iter().any(|k| k.rank == keys.rank) {
+            return bad(format!("two projections of rank {}", keys.rank));
+        }
+        keys.rope = self.rope.clone();
+        keys.max_positions = self.cfg.max_position_embeddings;
+        self.latents.push(Arc::new(keys));
+        Ok(())
+    }
+
+    /// The attached `mhc` projections.
+    pub fn latent_keys(&self) -> &[Arc<LatentKeys>] {
+        &self.latents
+    }
+
+    /// Every sealed format this model can store: the plain codecs, and `mhc:R` with each value
+    /// format for each attached projection.
+    pub fn codecs(&self) -> Vec<Codec> {
+        let mut out = Codec::PLAIN.to_vec();
+        for k in &self.latents {
+            out.extend(MhcValues::ALL.map(|values| Codec::Mhc {
+                rank: k.rank,
+                values,
+            }));
+        }
+        out
+    }
+
+    /// Whether this model on its backend serves `policy` (`mhc:R` needs a projection of rank R).
+    pub fn serves_policy(&self, policy: &KvPolicy) -> bool {
+        let calibrated = match policy.codec.and_then(Codec::latent_rank) {
+            None => true,
+            Some(r) => self.latents.iter().any(|k| k.rank == r),
+        };
+        calibrated && self.backend.supports_policy(policy)
     }
 
     /// Checks one step against the model and the store; returns its slots (where each token's
@@ -228,9 +303,9 @@ impl<B: Backend> Llama<B> {
                 table.len()
             )));
         }
-        if !self.backend.supports_policy(&step.policy) {
+        if !self.serves_policy(&step.policy) {
             return Err(RunError::Invalid(format!(
-                "KV policy `{}` is not supported by the {} backend",
+                "KV policy `{}` is not served by this model on the {} backend",
                 step.policy,
                 self.backend.name()
             )));
@@ -268,6 +343,17 @@ impl<B: Backend> Llama<B> {
         batch: &[SeqStep<'_>],
         store: &mut B::KvStore,
     ) -> Result<Vec<Vec<f32>>, RunError> {
+        self.forward_observed(batch, store, None)
+    }
+
+    /// [`Self::forward`], handing `observe` each layer's fused `[q | k | v]` rows (host copy,
+    /// `[rows][qkv_width]`, q and k already rotated) — what `kvserve calibrate` measures.
+    pub fn forward_observed(
+        &self,
+        batch: &[SeqStep<'_>],
+        store: &mut B::KvStore,
+        mut observe: Option<&mut LayerObserver<'_>>,
+    ) -> Result<Vec<Vec<f32>>, RunError> {
         if store.num_layers() != self.cfg.num_layers {
             return Err(RunError::Invalid(format!(
                 "KV store has {} layers, model {}",
@@ -304,6 +390,7 @@ impl<B: Backend> Llama<B> {
                 let bounds = s.policy.stores_bounds();
                 (s.start_pos / bs..(s.start_pos + s.tokens.len()) / bs).map(move |bi| Seal {
                     block: s.block_table[bi],
+                    pos: (bi * bs) as u32,
                     codec,
                     bounds,
                 })
@@ -334,6 +421,11 @@ impl<B: Backend> Llama<B> {
             }
             let (shape, rope) = (self.shape, &self.rope);
             be.rope_and_store(&mut qkv, t, &positions, &slots, shape, rope, store, li);
+            if let Some(observe) = observe.as_mut() {
+                let mut host = vec![0f32; t * shape.qkv_width()];
+                be.read(&qkv, 0, &mut host);
+                observe(li, &host);
+            }
             if !seals.is_empty() {
                 be.seal(store, li, &seals);
             }

@@ -4,7 +4,6 @@
 
 use super::super::kv_store::KvView;
 use super::{runs, Query};
-use crate::backend::codec::Codec;
 use crate::backend::kv_policy::QUEST_DENSE_LAYERS;
 use std::cell::RefCell;
 
@@ -53,12 +52,12 @@ pub(super) fn task_tile(
             kv.k(b, g, off)
         }
         .as_ptr();
-        let decoded = kv.sealed(b).map(|c: Codec| {
+        let decoded = kv.sealed(b).map(|_| {
             let dst = &mut scratch[(p0 - t0) * d..(p1 - t0) * d];
             if values {
-                kv.decode_v(c, b, g, off, off + p1 - p0, dst);
+                kv.decode_v(b, g, off, off + p1 - p0, dst);
             } else {
-                kv.decode_k(c, b, g, off, off + p1 - p0, dst);
+                kv.decode_k(b, g, off, off + p1 - p0, bi * bs, dst);
             }
             dst.as_ptr()
         });

@@ -8,9 +8,10 @@
 //!   [head_dim]`. One (block, KV head) is `block_size × head_dim` contiguous floats, so attention
 //!   reads a block of one head as one sequential run. Blocks are written here while they fill;
 //!   the block being filled is always exact.
-//! - one *sealed* arena per [`Codec`], block-major (`[num_blocks][layers][kv_heads][K run | V
-//!   run]`, runs as `kv::codec` encodes them), plus optional per-(block, layer, head) key
-//!   min/max (`quest`). [`CpuKvStore::seal`] encodes a full block's runs here, layer by layer,
+//! - one *sealed* arena per [`Codec`] in use, block-major (`[num_blocks][layers][latent |
+//!   kv_heads × (K run | V run)]`, runs as `backend::codec` encodes them; the latent only for
+//!   `mhc`, whose keys are one projection across heads, see `backend::latent`), plus optional
+//!   per-(block, layer, head) key min/max (`quest`). [`CpuKvStore::seal`] encodes a full block's runs here, layer by layer,
 //!   inside the forward that fills it; [`CpuKvStore::release_exact`] then gives the block's
 //!   exact pages back to the OS, so the memory a sequence holds is its sealed bytes plus one
 //!   exact tail block. Block-major layout makes one block of one format a contiguous range, so
@@ -20,9 +21,12 @@
 //! into an L1 tile inside its loop (`KvView::decode_k`/`decode_v`), never in a separate pass.
 
 use super::arena::{ZeroedBuf, ZeroedBytes};
+use super::ops::RopeTable;
 use crate::backend::codec::Codec;
+use crate::backend::latent::LatentKeys;
 use crate::backend::{AttnShape, KvGeometry, Seal};
 use half::f16;
+use std::sync::Arc;
 
 /// Bytes per stored element of the exact arena (f32).
 pub const ELEM_BYTES: usize = 4;
@@ -34,26 +38,120 @@ pub struct LayerKv {
     pub v: ZeroedBuf,
 }
 
-/// The sealed blocks of one codec, block-major.
+/// The sealed blocks of one codec, block-major: per block, per layer `[latent | per KV head:
+/// K run, V run]` (the latent only for `mhc`, whose K runs are empty).
 #[derive(Debug)]
 struct SealedArena {
+    codec: Codec,
+    /// Offset of each layer's part within a block.
+    layer_at: Vec<usize>,
+    /// Bytes of each layer's latent (0 unless `mhc`).
+    latent: Vec<usize>,
     k_run: usize,
     v_run: usize,
-    /// Bytes of one block over all layers and heads (K and V runs, then key bounds if any).
+    /// Bytes of one block over all layers and heads.
     block_bytes: usize,
     data: ZeroedBytes,
+    /// `mhc`: the projection and the rope table its keys are rotated with.
+    keys: Option<(Arc<LatentKeys>, Arc<RopeTable>)>,
 }
 
 impl SealedArena {
-    fn run_at(&self, block: usize, layer: usize, kv_heads: usize, g: usize) -> usize {
-        block * self.block_bytes + (layer * kv_heads + g) * (self.k_run + self.v_run)
+    fn new(
+        codec: Codec,
+        layers: usize,
+        heads: usize,
+        bs: usize,
+        d: usize,
+        num_blocks: usize,
+        keys: Option<(Arc<LatentKeys>, Arc<RopeTable>)>,
+    ) -> Self {
+        let (k_run, v_run) = (codec.k_bytes(bs, d), codec.v_bytes(bs, d));
+        let latent: Vec<usize> = (0..layers)
+            .map(|l| keys.as_ref().map_or(0, |(lk, _)| lk.latent_bytes(l, bs)))
+            .collect();
+        let mut layer_at = Vec::with_capacity(layers);
+        let mut at = 0;
+        for lat in &latent {
+            layer_at.push(at);
+            at += lat + heads * (k_run + v_run);
+        }
+        SealedArena {
+            codec,
+            layer_at,
+            latent,
+            k_run,
+            v_run,
+            block_bytes: at,
+            data: ZeroedBytes::new(num_blocks * at),
+            keys,
+        }
+    }
+
+    fn run_at(&self, block: usize, layer: usize, g: usize) -> usize {
+        block * self.block_bytes
+            + self.layer_at[layer]
+            + self.latent[layer]
+            + g * (self.k_run + self.v_run)
+    }
+
+    fn latent_range(&self, block: usize, layer: usize) -> std::ops::Range<usize> {
+        let at = block * self.block_bytes + self.layer_at[layer];
+        at..at + self.latent[layer]
+    }
+
+    /// Keys of head `g`, rows `r0..r1` of `block` (whose first token is at `pos`) into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_k(
+        &self,
+        block: usize,
+        layer: usize,
+        g: usize,
+        (bs, d): (usize, usize),
+        (r0, r1): (usize, usize),
+        pos: usize,
+        out: &mut [f32],
+    ) {
+        if let Some((lk, rope)) = &self.keys {
+            lk.decode_head(
+                layer,
+                &self.data[self.latent_range(block, layer)],
+                g,
+                r0,
+                r1,
+                out,
+            );
+            for (t, head) in (r0..r1).zip(out.chunks_exact_mut(d)) {
+                rope.rotate_head(head, pos + t);
+            }
+        } else {
+            let at = self.run_at(block, layer, g);
+            self.codec
+                .decode_k(&self.data[at..at + self.k_run], bs, d, r0, r1, out);
+        }
+    }
+
+    fn decode_v(
+        &self,
+        block: usize,
+        layer: usize,
+        g: usize,
+        (bs, d): (usize, usize),
+        (r0, r1): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let at = self.run_at(block, layer, g) + self.k_run;
+        self.codec
+            .decode_v(&self.data[at..at + self.v_run], bs, d, r0, r1, out);
     }
 }
 
-/// Where block `b`'s current data is: `EXACT`, or `1 + codec index` (sealed), `| BOUNDS` when
-/// its key bounds are stored.
+/// Where block `b`'s current data is: `EXACT`, or `1 + index` of its sealed arena, `| BOUNDS`
+/// when its key bounds are stored.
 const EXACT: u8 = 0;
 const BOUNDS: u8 = 0x80;
+/// Sealed arenas a store can have (one bit each in `resident`).
+const MAX_ARENAS: usize = 64;
 
 /// The block pool's storage: every layer's K and V for `num_blocks` blocks.
 #[derive(Debug)]
@@ -62,14 +160,16 @@ pub struct CpuKvStore {
     num_blocks: usize,
     block_size: usize,
     shape: AttnShape,
-    /// Indexed by codec position in `Codec::ALL`; created on first use.
-    sealed: Vec<Option<SealedArena>>,
+    /// One per codec in use, created on first seal; `state` indexes it.
+    sealed: Vec<SealedArena>,
+    /// The `mhc` projections (one per rank) with their rope table.
+    latents: Vec<(Arc<LatentKeys>, Arc<RopeTable>)>,
     /// Key min/max per (block, layer, KV head): `[num_blocks][layers][kv_heads][2][head_dim]`
     /// f16 (min row then max row); created on first use.
     bounds: Option<ZeroedBytes>,
     state: Vec<u8>,
     /// Bit `i` set: block's pages in sealed arena `i` may be committed.
-    resident: Vec<u8>,
+    resident: Vec<u64>,
 }
 
 impl KvGeometry for CpuKvStore {
@@ -82,13 +182,6 @@ impl KvGeometry for CpuKvStore {
     fn block_size(&self) -> usize {
         self.block_size
     }
-}
-
-fn codec_index(c: Codec) -> usize {
-    Codec::ALL
-        .iter()
-        .position(|&x| x == c)
-        .expect("codec in Codec::ALL")
 }
 
 impl CpuKvStore {
@@ -105,7 +198,8 @@ impl CpuKvStore {
             num_blocks,
             block_size,
             shape,
-            sealed: Codec::ALL.iter().map(|_| None).collect(),
+            sealed: Vec::new(),
+            latents: Vec::new(),
             bounds: None,
             state: vec![EXACT; num_blocks],
             resident: vec![0; num_blocks],
@@ -133,8 +227,40 @@ impl CpuKvStore {
     pub fn sealed_codec(&self, block: u32) -> Option<Codec> {
         match self.state.get(block as usize).map(|s| s & !BOUNDS) {
             None | Some(EXACT) => None,
-            Some(i) => Some(Codec::ALL[i as usize - 1]),
+            Some(i) => Some(self.sealed[i as usize - 1].codec),
         }
+    }
+
+    /// Adds the projection `mhc:R` blocks of its rank are sealed with (replacing one of the
+    /// same rank that no block uses yet).
+    pub fn attach_latent(&mut self, keys: Arc<LatentKeys>, rope: Arc<RopeTable>) {
+        self.latents.retain(|(k, _)| k.rank != keys.rank);
+        self.latents.push((keys, rope));
+    }
+
+    /// The index of `codec`'s arena, created on first use; `None` for an `mhc` rank without a
+    /// projection (or past [`MAX_ARENAS`]).
+    fn arena_index(&mut self, codec: Codec) -> Option<usize> {
+        if let Some(i) = self.sealed.iter().position(|a| a.codec == codec) {
+            return Some(i);
+        }
+        let keys = match codec.latent_rank() {
+            None => None,
+            Some(r) => Some(self.latents.iter().find(|(k, _)| k.rank == r)?.clone()),
+        };
+        if self.sealed.len() >= MAX_ARENAS {
+            return None;
+        }
+        self.sealed.push(SealedArena::new(
+            codec,
+            self.layers.len(),
+            self.shape.num_kv_heads,
+            self.block_size,
+            self.shape.head_dim,
+            self.num_blocks,
+            keys,
+        ));
+        Some(self.sealed.len() - 1)
     }
 
     /// Elements of one block of one layer (K or V alone).
@@ -198,26 +324,6 @@ impl CpuKvStore {
         }
     }
 
-    fn arena(&mut self, codec: Codec) -> &mut SealedArena {
-        let (layers, heads, bs, d) = (
-            self.layers.len(),
-            self.shape.num_kv_heads,
-            self.block_size,
-            self.shape.head_dim,
-        );
-        let n = self.num_blocks;
-        self.sealed[codec_index(codec)].get_or_insert_with(|| {
-            let (k_run, v_run) = (codec.k_bytes(bs, d), codec.v_bytes(bs, d));
-            let block_bytes = layers * heads * (k_run + v_run);
-            SealedArena {
-                k_run,
-                v_run,
-                block_bytes,
-                data: ZeroedBytes::new(n * block_bytes),
-            }
-        })
-    }
-
     fn bounds_block_bytes(&self) -> usize {
         self.layers.len() * self.shape.num_kv_heads * 2 * self.shape.head_dim * 2
     }
@@ -225,62 +331,72 @@ impl CpuKvStore {
     /// Encodes layer `layer` of each full block in `seals` into its codec (and key bounds).
     /// Called once per layer, after `store` and before attention reads the layer, so a sealed
     /// block is read sealed by every later query of the same forward. Layer 0 also switches
-    /// the block's state (and releases its pages in another codec's arena).
+    /// the block's state (and releases its pages in another codec's arena). A block whose
+    /// codec cannot be served (an `mhc` rank without projection: the model refuses such steps
+    /// first) stays exact.
     pub fn seal(&mut self, layer: usize, seals: &[Seal]) {
         let (bs, d, heads) = (
             self.block_size,
             self.shape.head_dim,
             self.shape.num_kv_heads,
         );
-        let run = bs * d;
+        let (run, w) = (bs * d, heads * d);
         let mut keys = vec![0f32; run];
+        let mut pre = vec![0f32; bs * w];
         for s in seals {
             let b = s.block as usize;
             if b >= self.num_blocks {
                 debug_assert!(false, "seal of block {b} ≥ {}", self.num_blocks);
                 continue;
             }
-            let ci = codec_index(s.codec);
+            let Some(ai) = self.arena_index(s.codec) else {
+                debug_assert!(false, "no arena for {}", s.codec.name());
+                continue;
+            };
             if layer == 0 {
-                self.state[b] = (ci as u8 + 1) | if s.bounds { BOUNDS } else { 0 };
+                self.state[b] = (ai as u8 + 1) | if s.bounds { BOUNDS } else { 0 };
                 for (j, other) in self.sealed.iter_mut().enumerate() {
-                    if j != ci && self.resident[b] & (1 << j) != 0 {
-                        if let Some(a) = other {
-                            let r = b * a.block_bytes..(b + 1) * a.block_bytes;
-                            a.data.release(r);
-                        }
+                    if j != ai && self.resident[b] & (1 << j) != 0 {
+                        let r = b * other.block_bytes..(b + 1) * other.block_bytes;
+                        other.data.release(r);
                     }
                 }
-                self.resident[b] = 1 << ci;
+                self.resident[b] = 1 << ai;
+            } else if self.state[b] & !BOUNDS != ai as u8 + 1 {
+                continue; // layer 0 did not seal it
             }
             let starts: Vec<usize> = (0..heads).map(|g| self.index(b, g, 0)).collect();
             let lkv = &self.layers[layer];
-            let (kx, vx): (Vec<&[f32]>, Vec<&[f32]>) = starts
-                .iter()
-                .map(|&a| (&lkv.k[a..a + run], &lkv.v[a..a + run]))
-                .unzip();
-            // Borrow juggling: copy the exact runs out before taking the arena mutably.
-            let kx: Vec<Vec<f32>> = kx.into_iter().map(<[f32]>::to_vec).collect();
-            let vx: Vec<Vec<f32>> = vx.into_iter().map(<[f32]>::to_vec).collect();
-            let arena = self.arena(s.codec);
+            let kx: Vec<&[f32]> = starts.iter().map(|&a| &lkv.k[a..a + run]).collect();
+            let vx: Vec<&[f32]> = starts.iter().map(|&a| &lkv.v[a..a + run]).collect();
+            let arena = &mut self.sealed[ai];
+            if let Some((lk, rope)) = &arena.keys {
+                // Pre-RoPE keys, token-major across heads: the latent is joint over heads.
+                for (g, k) in kx.iter().enumerate() {
+                    for t in 0..bs {
+                        let head = &mut pre[t * w + g * d..t * w + (g + 1) * d];
+                        head.copy_from_slice(&k[t * d..(t + 1) * d]);
+                        rope.unrotate_head(head, s.pos as usize + t);
+                    }
+                }
+                let r = arena.latent_range(b, layer);
+                lk.encode(layer, &pre, bs, &mut arena.data[r]);
+            }
             for g in 0..heads {
-                let at = arena.run_at(b, layer, heads, g);
+                let at = arena.run_at(b, layer, g);
                 let (k_run, v_run) = (arena.k_run, arena.v_run);
                 let (kd, rest) = arena.data[at..at + k_run + v_run].split_at_mut(k_run);
-                s.codec.encode_k(&kx[g], bs, d, kd);
-                s.codec.encode_v(&vx[g], bs, d, &mut rest[..v_run]);
+                s.codec.encode_k(kx[g], bs, d, kd);
+                s.codec.encode_v(vx[g], bs, d, &mut rest[..v_run]);
             }
             if s.bounds {
                 let bb = self.bounds_block_bytes();
                 let nb = self.num_blocks;
-                let layers = self.layers.len();
-                let arena = self.sealed[ci].as_ref().expect("arena just created");
+                let arena = &self.sealed[ai];
                 let mut mins = vec![0u16; heads * 2 * d];
                 for g in 0..heads {
                     // Bounds of the keys attention will read: the decoded ones.
-                    let at = arena.run_at(b, layer, heads, g);
-                    s.codec
-                        .decode_k(&arena.data[at..at + arena.k_run], bs, d, 0, bs, &mut keys);
+                    arena.decode_k(b, layer, g, (bs, d), (0, bs), s.pos as usize, &mut keys);
                     for c in 0..d {
                         let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
                         for t in 0..bs {
@@ -294,7 +410,6 @@ impl CpuKvStore {
                 }
                 let bounds = self.bounds.get_or_insert_with(|| ZeroedBytes::new(nb * bb));
                 let at = b * bb + layer * heads * 2 * d * 2;
-                let _ = layers;
                 for (i, m) in mins.iter().enumerate() {
                     bounds[at + 2 * i..at + 2 * i + 2].copy_from_slice(&m.to_le_bytes());
                 }
@@ -338,11 +453,12 @@ impl CpuKvStore {
                 l.v.copy_within(src * n..(src + 1) * n, dst * n);
             }
             self.state[dst] = self.state[src];
-            if let Some(c) = self.sealed_codec(src as u32) {
-                let a = self.arena(c);
+            let ai = (self.state[src] & !BOUNDS) as usize;
+            if ai != EXACT as usize {
+                let a = &mut self.sealed[ai - 1];
                 let bb = a.block_bytes;
                 a.data.copy_within(src * bb..(src + 1) * bb, dst * bb);
-                self.resident[dst] |= 1 << codec_index(c);
+                self.resident[dst] |= 1 << (ai - 1);
             }
             if self.state[src] & BOUNDS != 0 {
                 let bb = self.bounds_block_bytes();
@@ -385,7 +501,7 @@ pub struct KvView<'a> {
     layer: usize,
     layers: usize,
     state: &'a [u8],
-    sealed: &'a [Option<SealedArena>],
+    sealed: &'a [SealedArena],
     bounds: Option<&'a [u8]>,
 }
 
@@ -410,33 +526,38 @@ impl<'a> KvView<'a> {
     /// The codec `block` is sealed in (`None`: read it exact).
     #[inline]
     pub fn sealed(&self, block: u32) -> Option<Codec> {
+        self.arena(block).map(|a| a.codec)
+    }
+
+    #[inline]
+    fn arena(&self, block: u32) -> Option<&'a SealedArena> {
         match self.state[block as usize] & !BOUNDS {
             EXACT => None,
-            i => Some(Codec::ALL[i as usize - 1]),
+            i => Some(&self.sealed[i as usize - 1]),
         }
     }
 
-    fn sealed_run(&self, c: Codec, block: u32, g: usize) -> (&'a [u8], &'a [u8]) {
-        let a = self.sealed[codec_index(c)]
-            .as_ref()
-            .expect("a sealed block's arena exists");
-        let at = a.run_at(block as usize, self.layer, self.kv_heads, g);
-        (
-            &a.data[at..at + a.k_run],
-            &a.data[at + a.k_run..at + a.k_run + a.v_run],
-        )
-    }
-
-    /// Decodes keys of sealed `block`, head `g`, positions `r0..r1` of the block into `out`.
-    pub fn decode_k(&self, c: Codec, block: u32, g: usize, r0: usize, r1: usize, out: &mut [f32]) {
-        let (k, _) = self.sealed_run(c, block, g);
-        c.decode_k(k, self.block_size, self.head_dim, r0, r1, out);
+    /// Decodes keys of sealed `block`, head `g`, rows `r0..r1` of the block into `out`; the
+    /// block's first token is at position `pos` (`mhc` rotates its reconstructions).
+    pub fn decode_k(
+        &self,
+        block: u32,
+        g: usize,
+        r0: usize,
+        r1: usize,
+        pos: usize,
+        out: &mut [f32],
+    ) {
+        let a = self.arena(block).expect("decode_k of a sealed block");
+        let geo = (self.block_size, self.head_dim);
+        a.decode_k(block as usize, self.layer, g, geo, (r0, r1), pos, out);
     }
 
     /// Values, as [`Self::decode_k`].
-    pub fn decode_v(&self, c: Codec, block: u32, g: usize, r0: usize, r1: usize, out: &mut [f32]) {
-        let (_, v) = self.sealed_run(c, block, g);
-        c.decode_v(v, self.block_size, self.head_dim, r0, r1, out);
+    pub fn decode_v(&self, block: u32, g: usize, r0: usize, r1: usize, out: &mut [f32]) {
+        let a = self.arena(block).expect("decode_v of a sealed block");
+        let geo = (self.block_size, self.head_dim);
+        a.decode_v(block as usize, self.layer, g, geo, (r0, r1), out);
     }
 
     /// Per-channel key min (into `lo`) and max (into `hi`) of a sealed block, if it stores them.

@@ -21,6 +21,7 @@ pub mod parallel;
 pub mod simd;
 
 use crate::backend::kv_policy::KvPolicy;
+use crate::backend::latent::LatentKeys;
 use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
 use crate::error::BackendError;
 use crate::model::tensor::HostTensor;
@@ -207,6 +208,13 @@ impl Backend for CpuBackend {
 
     fn release_exact(&self, store: &mut CpuKvStore, blocks: &[u32]) {
         store.release_exact(blocks);
+    }
+
+    fn attach_latent_keys(&self, store: &mut CpuKvStore, keys: &[Arc<LatentKeys>]) {
+        for k in keys {
+            let table = self.rope_table(&k.rope, k.max_positions);
+            store.attach_latent(k.clone(), table);
+        }
     }
 }
 

@@ -203,6 +203,42 @@ impl RopeTable {
         });
     }
 
+    /// Rotates one head (`head_dim` floats) to position `pos`, exactly as [`Self::apply`] does.
+    pub fn rotate_head(&self, head: &mut [f32], pos: usize) {
+        let half = head.len() / 2;
+        debug_assert!(pos < self.len && half == self.inv_freq.len());
+        if pos >= self.len || half != self.inv_freq.len() {
+            return;
+        }
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let (lo, hi) = head.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (lo[i], hi[i]);
+            lo[i] = a * cos[i] + -b * sin[i];
+            hi[i] = b * cos[i] + a * sin[i];
+        }
+    }
+
+    /// The inverse of [`Self::rotate_head`] (up to f32 rounding): rotates back by `−angle` and
+    /// undoes `attention_scaling`.
+    pub fn unrotate_head(&self, head: &mut [f32], pos: usize) {
+        let half = head.len() / 2;
+        debug_assert!(pos < self.len && half == self.inv_freq.len());
+        if pos >= self.len || half != self.inv_freq.len() {
+            return;
+        }
+        let s2 = self.scaling * self.scaling;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let (lo, hi) = head.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (lo[i], hi[i]);
+            lo[i] = (a * cos[i] + b * sin[i]) / s2;
+            hi[i] = (b * cos[i] - a * sin[i]) / s2;
+        }
+    }
+
     fn apply_row(&self, row: &mut [f32], pos: usize, shape: AttnShape) {
         let (d, half) = (shape.head_dim, shape.head_dim / 2);
         debug_assert!(pos < self.len && half == self.inv_freq.len());
@@ -399,5 +435,13 @@ mod tests {
             }
         }
         assert_eq!(&row[24..], &orow[24..], "v is untouched");
+        // One head rotated alone matches the fused rows; un-rotation inverts it.
+        let mut head = orow[8..16].to_vec();
+        table.rotate_head(&mut head, 11);
+        assert_eq!(&head[..], &row[8..16]);
+        table.unrotate_head(&mut head, 11);
+        for (a, b) in head.iter().zip(&orow[8..16]) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
     }
 }

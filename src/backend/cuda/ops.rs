@@ -351,6 +351,14 @@ impl Backend for CudaBackend {
 
     fn release_exact(&self, _store: &mut CudaKvStore, _blocks: &[u32]) {}
 
+    /// `mhc` is not served on the GPU (`supports_policy`): nothing to attach.
+    fn attach_latent_keys(
+        &self,
+        _store: &mut CudaKvStore,
+        _keys: &[std::sync::Arc<crate::backend::latent::LatentKeys>],
+    ) {
+    }
+
     fn copy_blocks(&self, store: &mut CudaKvStore, copies: &[(u32, u32)]) {
         let nb = store.num_blocks as u32;
         let valid: Vec<(u32, u32)> = copies
