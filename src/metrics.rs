@@ -12,8 +12,8 @@
 //!
 //! The `tenant` label is bounded: its values are the tenant names from configuration, plus
 //! `other` for anything else (e.g. a request whose API key was not recognised). Per-policy
-//! labels carry the storage format only (`bf16`, `int8`, `kivi4`, …), never window or quest
-//! parameters, which a client may vary freely.
+//! labels carry the storage format only (`bf16`, `int8`, `kivi4`, `mhc+int8`, …), never window
+//! or quest sizes or the `mhc` rank, which a client may vary freely.
 
 use crate::types::TenantId;
 use prometheus::{

@@ -33,15 +33,10 @@ impl Recorder {
         // Every (tenant, format) series of the per-policy counters starts at zero, so that the
         // families are exported (and dashboards' rates defined) before the first compressed
         // request or fallback. Bounded: tenants × formats.
-        // (`mhc:R` formats, one per loaded calibration, appear on first use.)
-        let formats = std::iter::once("exact".to_string())
-            .chain(crate::kv::codec::Codec::PLAIN.iter().map(|c| c.name()));
-        for f in formats {
+        for f in FORMATS {
             for t in metrics.tenant_labels() {
-                metrics.kv_bytes_saved.with_label_values(&[t, f.as_str()]);
-                metrics
-                    .kv_fallback_admissions
-                    .with_label_values(&[t, f.as_str()]);
+                metrics.kv_bytes_saved.with_label_values(&[t, f]);
+                metrics.kv_fallback_admissions.with_label_values(&[t, f]);
             }
         }
         Self {
@@ -85,7 +80,7 @@ impl Recorder {
             .inc_by(t.prompt_tokens as u64);
         if let Some(p) = a.fallback {
             m.kv_fallback_admissions
-                .with_label_values(&[tenant, format_name(&p).as_str()])
+                .with_label_values(&[tenant, format_name(&p)])
                 .inc();
         }
         tracing::debug!(
@@ -142,7 +137,7 @@ impl Recorder {
                 let saved = usage.kv_bytes_bf16.saturating_sub(usage.kv_bytes);
                 if saved > 0 {
                     m.kv_bytes_saved
-                        .with_label_values(&[tenant, format_name(&usage.kv_policy).as_str()])
+                        .with_label_values(&[tenant, format_name(&usage.kv_policy)])
                         .inc_by(saved as u64);
                 }
                 tracing::debug!(
@@ -167,10 +162,36 @@ impl Recorder {
     }
 }
 
-/// A policy's storage format: the bounded part of its name (window and quest sizes are not;
-/// `mhc:R` ranks are bounded by the calibration files the operator loads).
-fn format_name(p: &crate::kv::policy::KvPolicy) -> String {
-    p.codec.map_or_else(|| "exact".to_string(), |c| c.name())
+/// Every value of the `policy` label: the storage formats, `mhc` by its value format only.
+const FORMATS: [&str; 9] = [
+    "exact",
+    "bf16",
+    "int8",
+    "kivi4",
+    "kivi2",
+    "k8v4",
+    "mhc+bf16",
+    "mhc+int8",
+    "mhc+kivi4",
+];
+
+/// A policy's storage format: the bounded part of its name (window and quest sizes and the
+/// `mhc` rank are not bounded: a client may vary them).
+fn format_name(p: &crate::kv::policy::KvPolicy) -> &'static str {
+    use crate::kv::codec::{Codec, MhcValues};
+    match p.codec {
+        None => "exact",
+        Some(Codec::Bf16) => "bf16",
+        Some(Codec::Int8) => "int8",
+        Some(Codec::Kivi4) => "kivi4",
+        Some(Codec::Kivi2) => "kivi2",
+        Some(Codec::K8v4) => "k8v4",
+        Some(Codec::Mhc { values, .. }) => match values {
+            MhcValues::Bf16 => "mhc+bf16",
+            MhcValues::Int8 => "mhc+int8",
+            MhcValues::Kivi4 => "mhc+kivi4",
+        },
+    }
 }
 
 impl EngineStats {
@@ -226,6 +247,30 @@ impl EngineStats {
                 &m.prefix_hits.with_label_values(&[name]),
                 t.prefix_hit_tokens,
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::codec::{Codec, MhcValues};
+    use crate::kv::policy::KvPolicy;
+
+    #[test]
+    fn every_format_label_is_declared() {
+        let codecs = Codec::PLAIN.into_iter().chain(
+            MhcValues::ALL
+                .into_iter()
+                .map(|values| Codec::Mhc { rank: 64, values }),
+        );
+        for c in std::iter::once(None).chain(codecs.map(Some)) {
+            let p = KvPolicy {
+                codec: c,
+                window: Some(512),
+                quest: None,
+            };
+            assert!(FORMATS.contains(&format_name(&p)), "{p}");
         }
     }
 }
