@@ -32,6 +32,8 @@ NAME=kvserve-smoke
 KEY=sk-acme-example # config/tenants.example.toml's example key for tenant `acme`
 RESULT=docs/smoke-result.md
 T0=$(date +%s)
+# The tree under test, taken before anything is written (the result file is tracked).
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
 mkdir -p "$WORK"
 results=()
 say() { printf '== %s\n' "$*" >&2; }
@@ -56,7 +58,7 @@ write_result() {
         echo "# docker/smoke.sh: last result"
         echo
         echo "Written by \`docker/smoke.sh\` ($(date -u '+%Y-%m-%d %H:%M UTC'), $(($(date +%s) - T0)) s,"
-        echo "commit \`$(git rev-parse --short HEAD 2>/dev/null || echo '?')\`$(git diff --quiet 2>/dev/null || echo ' + uncommitted changes'))."
+        echo "commit \`$COMMIT\`)."
         echo
         echo "**$1**"
         echo
