@@ -68,6 +68,14 @@ pub struct ServerSection {
     pub max_messages: usize,
     /// Prompts per completions request (a list of prompts is a batch).
     pub max_prompts: usize,
+    /// Seconds a connection may take to send a request's headers (also closes idle keep-alive
+    /// connections); a slower client is disconnected without a response.
+    pub header_read_timeout_secs: u64,
+    /// Seconds after the headers within which the whole body must arrive (408 otherwise).
+    pub body_read_timeout_secs: u64,
+    /// Seconds a response write may make no progress (the client stopped reading) before the
+    /// connection is closed and its requests are aborted.
+    pub write_stall_timeout_secs: u64,
 }
 
 impl Default for ServerSection {
@@ -87,6 +95,9 @@ impl Default for ServerSection {
             max_top_logprobs: 20,
             max_messages: 1024,
             max_prompts: 64,
+            header_read_timeout_secs: 30,
+            body_read_timeout_secs: 60,
+            write_stall_timeout_secs: 60,
         }
     }
 }
@@ -276,6 +287,17 @@ impl Config {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid("tenant names must be unique".into()));
         }
+        let s = &self.server;
+        if s.header_read_timeout_secs == 0
+            || s.body_read_timeout_secs == 0
+            || s.write_stall_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid(
+                "server.header_read_timeout_secs, body_read_timeout_secs and \
+                 write_stall_timeout_secs must be > 0"
+                    .into(),
+            ));
+        }
         let e = &self.engine;
         if e.max_batched_tokens == 0 || e.max_running == 0 || e.max_waiting == 0 {
             return Err(ConfigError::Invalid(
@@ -326,6 +348,8 @@ mod tests {
         let weight = "[[tenants]]\nname = \"a\"\nweight = 0.0\n";
         assert!(Config::from_toml(weight, p).is_err());
         assert!(Config::from_toml("[engine]\nmax_running = 0\n", p).is_err());
+        let stall = "[server]\nwrite_stall_timeout_secs = 0\n";
+        assert!(Config::from_toml(stall, p).is_err());
     }
 
     #[test]

@@ -83,4 +83,8 @@ pub enum RunError {
     KvNeverFits { tokens: usize },
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A backend op panicked (e.g. a CUDA call failed inside an infallible trait op); the
+    /// engine caught it, so only the requests in that forward pass fail.
+    #[error("the forward pass panicked: {0}")]
+    Panicked(String),
 }

@@ -195,9 +195,9 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// One batched forward pass. If it fails, each sequence is retried alone so that only the
-    /// request that causes the failure fails (rewriting a slot's KV with the same values is
-    /// harmless).
+    /// One batched forward pass. If it fails (an error or a caught panic), each sequence is
+    /// retried alone so that only the request that causes the failure fails (rewriting a
+    /// slot's KV with the same values is harmless).
     fn execute(&mut self, step: &Step) {
         let t = step.num_tokens() as u64;
         let t0 = Instant::now();
@@ -250,7 +250,22 @@ impl<B: Backend> Worker<B> {
                 policy: e.policy,
             })
             .collect();
-        self.model.forward(&steps, &mut self.kv.store)
+        // Backend ops are infallible by signature and panic on device errors: a panic here
+        // must fail this step's requests, not kill the loop (which would leave every other
+        // request without an answer). The store may hold partial writes of this step; the
+        // retry in `execute` rewrites them and a failed sequence's blocks are freed.
+        let (model, store) = (&self.model, &mut self.kv.store);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.forward(&steps, store)
+        }))
+        .unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into());
+            Err(crate::error::RunError::Panicked(msg))
+        })
     }
 
     /// Sends the scheduler's events. A closed receiver aborts its request (and the abort's own

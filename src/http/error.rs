@@ -28,6 +28,9 @@ pub enum ApiError {
     /// 405 (a known route, another method).
     #[error("method not allowed for this route")]
     MethodNotAllowed,
+    /// 408: the body did not arrive within `server.body_read_timeout_secs`.
+    #[error("the request body was not received within {secs} s")]
+    RequestTimeout { secs: u64 },
     /// 413.
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
@@ -66,6 +69,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -85,6 +89,7 @@ impl ApiError {
             Self::Unauthorized(_) => ("invalid_request_error", None, "invalid_api_key"),
             Self::NotFound { code, .. } => ("invalid_request_error", None, code),
             Self::MethodNotAllowed => ("invalid_request_error", None, "method_not_allowed"),
+            Self::RequestTimeout { .. } => ("invalid_request_error", None, "request_timeout"),
             Self::TooLarge { .. } => ("invalid_request_error", None, "request_too_large"),
             Self::RateLimited { kind, .. } => (kind, None, "rate_limit_exceeded"),
             Self::Unavailable { code, .. } => ("server_error", None, code),
@@ -211,9 +216,10 @@ mod tests {
             },
             ApiError::from(EngineError::Overloaded("full".into())),
             ApiError::from(EngineError::Internal),
+            ApiError::RequestTimeout { secs: 1 },
         ];
         let statuses: Vec<u16> = all.iter().map(|e| e.status().as_u16()).collect();
-        assert_eq!(statuses, [400, 400, 401, 404, 413, 429, 503, 500]);
+        assert_eq!(statuses, [400, 400, 401, 404, 413, 429, 503, 500, 408]);
         for e in &all {
             let b = e.body();
             let err = &b["error"];

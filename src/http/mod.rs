@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod conn;
 pub mod error;
 pub mod generation;
 pub mod kv;
@@ -91,6 +92,24 @@ async fn count_responses(State(state): State<Arc<AppState>>, req: Request, next:
     resp
 }
 
+/// Reads the whole request body within `server.body_read_timeout_secs` of the headers (408
+/// otherwise): a client trickling its body cannot hold a connection and a task forever. Bodies
+/// are small JSON documents the handlers buffer anyway, so nothing streams past this.
+async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    use axum::extract::FromRequest;
+    let secs = state.limits.body_read_timeout_secs;
+    let (parts, body) = req.into_parts();
+    let read = axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), &());
+    match tokio::time::timeout(Duration::from_secs(secs), read).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(rejection)) => routes::body_error(rejection, &state).into_response(),
+        Err(_) => {
+            tracing::info!(secs, "request body not received in time");
+            ApiError::RequestTimeout { secs }.into_response()
+        }
+    }
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
@@ -105,6 +124,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), body_deadline))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_responses,
@@ -141,9 +161,9 @@ pub async fn serve_loading(
             }),
         )
         .fallback(loading);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(loaded)
-        .await
+    let timeouts = conn::ConnTimeouts::from_config(&crate::config::ServerSection::default());
+    conn::serve(listener, app, timeouts, loaded).await;
+    Ok(())
 }
 
 /// Serves until `shutdown` resolves, then drains: `/ready` turns 503, new generations get 503,
@@ -158,7 +178,8 @@ pub async fn serve(
     let drain = Duration::from_secs(state.limits.drain_timeout_secs);
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let st = state.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let timeouts = conn::ConnTimeouts::from_config(&state.limits);
+    let server = conn::serve(listener, app, timeouts, async move {
         shutdown.await;
         st.start_draining();
         tracing::info!("draining: finishing in-flight requests");
@@ -172,7 +193,7 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        r = server => r,
+        () = server => Ok(()),
         () = deadline => {
             tracing::warn!(secs = drain.as_secs(), "drain timeout: exiting with requests in flight");
             Ok(())

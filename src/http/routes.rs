@@ -79,23 +79,26 @@ pub fn log_refused(e: &ApiError) {
     );
 }
 
+/// A body that could not be read: over the size limit is 413, anything else 400.
+pub fn body_error(e: BytesRejection, state: &AppState) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge {
+            limit: state.limits.max_body_bytes,
+        }
+    } else {
+        ApiError::Invalid {
+            message: format!("could not read the request body: {e}"),
+            param: None,
+        }
+    }
+}
+
 /// JSON body → `T`; a body over the size limit is 413, anything malformed 400 (never 422).
 pub fn parse_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     state: &AppState,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                limit: state.limits.max_body_bytes,
-            }
-        } else {
-            ApiError::Invalid {
-                message: format!("could not read the request body: {e}"),
-                param: None,
-            }
-        }
-    })?;
+    let body = body.map_err(|e| body_error(e, state))?;
     serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
         message: format!("invalid JSON body: {e}"),
         param: None,
