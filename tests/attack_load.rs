@@ -347,7 +347,7 @@ enum Outcome {
 }
 
 async fn load_request(url: String, i: usize) -> Outcome {
-    let (key, stream) = (KEYS[i % 3], (i / 3) % 2 == 0);
+    let (key, stream) = (KEYS[i % 3], (i / 3).is_multiple_of(2));
     let body = json!({"prompt": format!("Request {i}: say something about the number {i}."),
         "max_tokens": 6, "ignore_eos": true, "temperature": 0, "stream": stream});
     let t0 = Instant::now();
