@@ -96,10 +96,7 @@ pub fn parse_body<T: DeserializeOwned>(
             }
         }
     })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
-        message: format!("invalid JSON body: {e}"),
-        param: None,
-    })
+    super::validate::json_body(&body)
 }
 
 /// Refuses work while draining, then charges the tenant's limits for the whole request.

@@ -55,6 +55,18 @@ impl Tokenizer {
 
     /// Parses tokenizer.json content; `origin` names the file in errors.
     pub fn from_json_str(json: &str, origin: &Path) -> Result<Self, ModelError> {
+        // Checked as plain JSON first: `tokenizers` panics instead of failing on some malformed
+        // files (a syntax error inside `decoder` hits an `expect`; so does a `Precompiled`
+        // normalizer whose charsmap does not parse), and a panic must not be how a bad model
+        // file is reported.
+        let v: Value = serde_json::from_str(json)
+            .map_err(|e| ModelError::format(origin, format!("cannot load tokenizer: {e}")))?;
+        if v.get("normalizer").is_some_and(|n| has_type(n, "Precompiled")) {
+            return Err(ModelError::unsupported(
+                origin,
+                "the `Precompiled` (SentencePiece charsmap) normalizer",
+            ));
+        }
         let inner = tokenizers::Tokenizer::from_str(json)
             .map_err(|e| ModelError::format(origin, format!("cannot load tokenizer: {e}")))?;
         Ok(Self {
@@ -122,6 +134,17 @@ impl Tokenizer {
     /// The underlying `tokenizers` object, for what this wrapper does not expose.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// Whether `v` or anything inside it is an object of `"type": ty`.
+fn has_type(v: &Value, ty: &str) -> bool {
+    match v {
+        Value::Object(o) => {
+            o.get("type").and_then(Value::as_str) == Some(ty) || o.values().any(|x| has_type(x, ty))
+        }
+        Value::Array(a) => a.iter().any(|x| has_type(x, ty)),
+        _ => false,
     }
 }
 
