@@ -113,8 +113,7 @@ pub fn safetensors(data: &[u8]) -> Result<(), ModelError> {
 /// tokens, chat template) and its template, if any, compiled and rendered.
 pub fn tokenizer(data: &[u8]) -> Result<(), ModelError> {
     let origin = Path::new("<fuzz>/tokenizer.json");
-    let text =
-        std::str::from_utf8(data).map_err(|e| ModelError::format(origin, e.to_string()))?;
+    let text = std::str::from_utf8(data).map_err(|e| ModelError::format(origin, e.to_string()))?;
     let mut errs = FirstError::default();
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
         let origin = Path::new("<fuzz>/tokenizer_config.json");
@@ -139,7 +138,14 @@ fn exercise_tokenizer(tok: &Tokenizer) -> Result<(), ModelError> {
     dec.finish(tok)?;
     let vocab = tok.vocab_size() as u32;
     // Ids around the ends of the vocabulary, and past it.
-    for id in [0, 1, vocab.saturating_sub(1), vocab, vocab.saturating_add(7), u32::MAX] {
+    for id in [
+        0,
+        1,
+        vocab.saturating_sub(1),
+        vocab,
+        vocab.saturating_add(7),
+        u32::MAX,
+    ] {
         tok.token_bytes(id);
         tok.id_to_token(id);
     }
@@ -219,7 +225,9 @@ impl RequestFixture {
 /// Any policy the parser accepts (the served set depends on the backend, not on the body).
 fn kv_choice(requested: Option<&str>) -> Result<KvChoice, ApiError> {
     match requested {
-        None => Ok(KvChoice::only(KvPolicy::parse("bf16").expect("bf16 parses"))),
+        None => Ok(KvChoice::only(
+            KvPolicy::parse("bf16").expect("bf16 parses"),
+        )),
         Some(name) => KvPolicy::parse(name)
             .map(KvChoice::only)
             .map_err(|m| ApiError::invalid("kv_policy", m)),

@@ -9,7 +9,10 @@ use std::sync::OnceLock;
 fn fixture() -> &'static RequestFixture {
     static F: OnceLock<RequestFixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/SmolLM2-135M-Instruct");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/SmolLM2-135M-Instruct"
+        );
         RequestFixture::from_model_dir(std::path::Path::new(dir)).expect("model text files")
     })
 }

@@ -23,9 +23,9 @@ use reader::{read_tensor_info, Reader};
 
 use super::config::{Arch, ModelConfig, RopeScaling};
 use super::tensor::{HostData, HostTensor};
+use super::FileBytes;
 use super::TensorSource;
 use crate::error::ModelError;
-use super::FileBytes;
 use memmap2::Mmap;
 use std::borrow::Cow;
 use std::collections::HashMap;
