@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzzing;
 pub mod http;
 pub mod kv;
 pub mod logging;

@@ -99,10 +99,7 @@ pub fn parse_body<T: DeserializeOwned>(
     state: &AppState,
 ) -> Result<T, ApiError> {
     let body = body.map_err(|e| body_error(e, state))?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::Invalid {
-        message: format!("invalid JSON body: {e}"),
-        param: None,
-    })
+    super::validate::json_body(&body)
 }
 
 /// Refuses work while draining, then charges the tenant's limits for the whole request.

@@ -81,6 +81,36 @@ impl Plan {
     }
 }
 
+/// A request body parsed as JSON into `T` (400 on anything else): what every handler does with
+/// the bytes before validating them.
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Invalid {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
+}
+
+/// A `/v1/chat/completions` body → its plan, exactly as the handler gets there (minus
+/// authentication and admission): the pure entry point for the parser fuzz targets and tests.
+pub fn chat_body(
+    body: &[u8],
+    model: &ModelInfo,
+    limits: &ServerSection,
+    kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
+) -> Result<Plan, ApiError> {
+    chat(&json_body(body)?, model, limits, kv)
+}
+
+/// A `/v1/completions` body → its plan (see [`chat_body`]).
+pub fn completion_body(
+    body: &[u8],
+    model: &ModelInfo,
+    limits: &ServerSection,
+    kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
+) -> Result<Plan, ApiError> {
+    completion(&json_body(body)?, model, limits, kv)
+}
+
 pub fn completion(
     req: &CompletionRequest,
     model: &ModelInfo,

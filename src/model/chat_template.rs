@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 << 20;
 
 const NAME: &str = "chat_template";
 
+/// Longest `strftime_now` format accepted.
+const MAX_STRFTIME_FORMAT: usize = 1024;
+
 /// One chat message as the template sees it (`message['role']`, `message.content`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ChatMessage {
@@ -78,10 +81,18 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", |format: &str| {
+            // Each directive expands to at most 9 bytes; a hostile megabyte-long format would
+            // build its (uncapped) result before the output cap sees it.
+            if format.len() > MAX_STRFTIME_FORMAT {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: format longer than {MAX_STRFTIME_FORMAT} bytes"),
+                ));
+            }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            strftime(format, now)
+            Ok(strftime(format, now))
         });
         env.add_template_owned(NAME, rewrite_generation_tags(source))
             .map_err(template_error)?;
@@ -185,7 +196,10 @@ fn rewrite_generation_tags(src: &str) -> String {
     while let Some(i) = rest.find("{%") {
         out.push_str(&rest[..i]);
         let tag = &rest[i..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
+            // No closing tag: the rest goes through as it is (minijinja reports the error).
+            rest = tag;
             break;
         };
         let inner = &tag[2..end];
@@ -230,10 +244,21 @@ fn tojson(
     let indent = match indent {
         None => None,
         Some(v) if v.is_none() => None,
-        Some(v) => Some(match v.as_str() {
-            Some(s) => s.to_string(),
-            None => " ".repeat(i64::try_from(v)?.max(0) as usize),
-        }),
+        Some(v) => {
+            let ind = match v.as_str() {
+                Some(s) => s.to_string(),
+                // Python accepts any width; a hostile template asking for 10^12 spaces must
+                // fail here, not allocate them.
+                None => " ".repeat(i64::try_from(v)?.clamp(0, MAX_TOJSON_INDENT + 1) as usize),
+            };
+            if ind.len() > MAX_TOJSON_INDENT as usize {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: indent wider than {MAX_TOJSON_INDENT}"),
+                ));
+            }
+            Some(ind)
+        }
     };
     let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
@@ -260,6 +285,9 @@ fn tojson(
     Ok(Value::from(j.out))
 }
 
+/// Widest `tojson` indent accepted.
+const MAX_TOJSON_INDENT: i64 = 256;
+
 struct PyJson {
     out: String,
     ensure_ascii: bool,
@@ -280,6 +308,14 @@ impl PyJson {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
                 "tojson: nesting too deep",
+            ));
+        }
+        // Indentation and separators multiply the size of what is serialized (outside the
+        // engine's fuel): stop at the size of the largest prompt.
+        if self.out.len() > DEFAULT_MAX_OUTPUT_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: output exceeds {DEFAULT_MAX_OUTPUT_BYTES} bytes"),
             ));
         }
         match v.kind() {

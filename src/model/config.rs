@@ -187,6 +187,16 @@ impl ModelConfig {
             ));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+        if raw.head_dim.is_none() && !raw.hidden_size.is_multiple_of(num_heads) {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {num_heads} (and no \
+                     head_dim is given)",
+                    raw.hidden_size
+                ),
+            ));
+        }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_heads);
         let (rope_theta, rope_scaling) = parse_rope(&raw, path)?;
         let cfg = ModelConfig {
@@ -235,6 +245,48 @@ impl ModelConfig {
         // Guard against absurd configs before anything is allocated from them.
         if self.hidden_size > 1 << 16 || self.vocab_size > 1 << 22 || self.num_layers > 1024 {
             return bad("implausibly large dimensions".into());
+        }
+        if self.num_heads > 1 << 10
+            || self.head_dim > 1 << 12
+            || self.num_heads * self.head_dim > 1 << 16
+            || self.intermediate_size > 1 << 20
+        {
+            return bad(format!(
+                "implausibly large dimensions: {} heads of {} dims, intermediate size {}",
+                self.num_heads, self.head_dim, self.intermediate_size
+            ));
+        }
+        if self.max_position_embeddings == 0 || self.max_position_embeddings > 1 << 24 {
+            return bad(format!(
+                "max_position_embeddings {} must be between 1 and {}",
+                self.max_position_embeddings,
+                1 << 24
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "rms_norm_eps {} must be finite and non-negative",
+                self.rms_norm_eps
+            ));
+        }
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        match self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) if positive(factor) => {}
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) if positive(factor)
+                && positive(low_freq_factor)
+                && positive(high_freq_factor)
+                && high_freq_factor > low_freq_factor
+                && original_max_position_embeddings > 0 => {}
+            Some(ref s) => return bad(format!("invalid rope scaling parameters {s:?}")),
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use reader::{read_tensor_info, Reader};
 
 use super::config::{Arch, ModelConfig, RopeScaling};
 use super::tensor::{HostData, HostTensor};
+use super::FileBytes;
 use super::TensorSource;
 use crate::error::ModelError;
 use memmap2::Mmap;
@@ -60,7 +61,7 @@ impl GgufTensorInfo {
 /// An open GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileBytes,
     version: u32,
     metadata: Vec<(String, GgufValue)>,
     meta_index: HashMap<String, usize>,
@@ -83,6 +84,23 @@ impl GgufFile {
         // SAFETY: read-only mapping of a model file the server never writes; a concurrent writer
         // truncating it is outside what any mmap loader can defend against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        Self::parse(path, FileBytes::Mapped(mmap))
+    }
+
+    /// Parses a whole GGUF file held in memory, exactly as [`GgufFile::open`] parses a mapped
+    /// one; `origin` names it in errors. (The fuzz targets and parser tests enter here.)
+    pub fn from_bytes(bytes: Vec<u8>, origin: &Path) -> Result<GgufFile, ModelError> {
+        Self::parse(origin, FileBytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, mmap: FileBytes) -> Result<GgufFile, ModelError> {
+        let len = mmap.len();
+        if len < 24 {
+            return Err(ModelError::format(
+                path,
+                format!("truncated header: file is {len} bytes, a GGUF header needs 24"),
+            ));
+        }
         let mut r = Reader {
             buf: &mmap,
             pos: 0,
@@ -333,9 +351,19 @@ impl GgufFile {
         let num_kv_heads = self
             .arch_u64(a, "attention.head_count_kv")?
             .unwrap_or(num_heads);
-        let head_dim = self
-            .arch_u64(a, "attention.key_length")?
-            .unwrap_or(hidden_size / num_heads);
+        let head_dim = match self.arch_u64(a, "attention.key_length")? {
+            Some(d) => d,
+            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+            None => {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!(
+                        "`{a}.embedding_length` {hidden_size} is not a multiple of \
+                         `{a}.attention.head_count` {num_heads}"
+                    ),
+                ))
+            }
+        };
         if let Some(v) = self.arch_u64(a, "attention.value_length")? {
             if v != head_dim {
                 return Err(ModelError::unsupported(

@@ -25,3 +25,20 @@ pub trait TensorSource: Send + Sync {
     fn has(&self, hf_name: &str) -> bool;
     fn tensor(&self, hf_name: &str) -> Result<HostTensor<'_>, ModelError>;
 }
+
+/// A model file's bytes: memory-mapped from disk, or owned (parsed from memory by the fuzz
+/// targets and parser tests, through the same code as a mapped file).
+pub(crate) enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
+}

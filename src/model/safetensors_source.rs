@@ -4,7 +4,7 @@
 //! so a truncated or corrupt file is an error naming the file, never a panic or a huge read.
 
 use super::tensor::{HostData, HostTensor};
-use super::TensorSource;
+use super::{FileBytes, TensorSource};
 use crate::error::ModelError;
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileBytes,
     /// Byte offset of the data section (8-byte length prefix + JSON header).
     data_start: usize,
 }
@@ -34,38 +34,55 @@ impl SafetensorsSource {
     /// Opens `dir/model.safetensors.index.json` if present, else every `*.safetensors` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let files = shard_files(dir)?;
-        let mut shards = Vec::with_capacity(files.len());
-        let mut index = HashMap::new();
+        let mut source = Self {
+            dir: dir.to_path_buf(),
+            shards: Vec::with_capacity(files.len()),
+            index: HashMap::new(),
+        };
         for path in files {
             let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
             // SAFETY: the mapping is read-only and the loader never writes model files; a
             // concurrent writer truncating the file is outside what any mmap loader can defend.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| ModelError::format(&path, format!("safetensors header: {e}")))?;
-            let shard_idx = shards.len();
-            for (name, info) in metadata.tensors() {
-                if index
-                    .insert(name.clone(), (shard_idx, info.clone()))
-                    .is_some()
-                {
-                    return Err(ModelError::format(
-                        &path,
-                        format!("tensor `{name}` appears in more than one shard"),
-                    ));
-                }
-            }
-            shards.push(Shard {
-                path,
-                mmap,
-                data_start: 8 + header_len,
-            });
+            source.add_shard(path, FileBytes::Mapped(mmap))?;
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            shards,
-            index,
-        })
+        Ok(source)
+    }
+
+    /// One `.safetensors` file held in memory, validated exactly like a mapped shard; `origin`
+    /// names it in errors. (The fuzz targets and parser tests enter here.)
+    pub fn from_bytes(bytes: Vec<u8>, origin: &Path) -> Result<Self, ModelError> {
+        let mut source = Self {
+            dir: origin.to_path_buf(),
+            shards: Vec::with_capacity(1),
+            index: HashMap::new(),
+        };
+        source.add_shard(origin.to_path_buf(), FileBytes::Owned(bytes))?;
+        Ok(source)
+    }
+
+    fn add_shard(&mut self, path: PathBuf, mmap: FileBytes) -> Result<(), ModelError> {
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| ModelError::format(&path, format!("safetensors header: {e}")))?;
+        let shard_idx = self.shards.len();
+        for (name, info) in metadata.tensors() {
+            if self
+                .index
+                .insert(name.clone(), (shard_idx, info.clone()))
+                .is_some()
+            {
+                return Err(ModelError::format(
+                    &path,
+                    format!("tensor `{name}` appears in more than one shard"),
+                ));
+            }
+        }
+        self.shards.push(Shard {
+            path,
+            mmap,
+            data_start: 8 + header_len,
+        });
+        Ok(())
     }
 
     /// Names of all tensors, sorted.

@@ -55,6 +55,29 @@ impl Tokenizer {
 
     /// Parses tokenizer.json content; `origin` names the file in errors.
     pub fn from_json_str(json: &str, origin: &Path) -> Result<Self, ModelError> {
+        // Checked as plain JSON first: `tokenizers` panics instead of failing on some malformed
+        // files (a syntax error inside `decoder` hits an `expect`; so does a `Precompiled`
+        // normalizer whose charsmap does not parse), and a panic must not be how a bad model
+        // file is reported.
+        let v: Value = serde_json::from_str(json)
+            .map_err(|e| ModelError::format(origin, format!("cannot load tokenizer: {e}")))?;
+        if v.get("normalizer")
+            .is_some_and(|n| has_type(n, "Precompiled"))
+        {
+            return Err(ModelError::unsupported(
+                origin,
+                "the `Precompiled` (SentencePiece charsmap) normalizer",
+            ));
+        }
+        if let Some(id) = v.get("post_processor").and_then(missing_special_token) {
+            return Err(ModelError::format(
+                origin,
+                format!(
+                    "cannot load tokenizer: the post-processor template uses special token \
+                     `{id}`, which its `special_tokens` does not define"
+                ),
+            ));
+        }
         let inner = tokenizers::Tokenizer::from_str(json)
             .map_err(|e| ModelError::format(origin, format!("cannot load tokenizer: {e}")))?;
         Ok(Self {
@@ -122,6 +145,54 @@ impl Tokenizer {
     /// The underlying `tokenizers` object, for what this wrapper does not expose.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// Whether `v` or anything inside it is an object of `"type": ty`.
+fn has_type(v: &Value, ty: &str) -> bool {
+    match v {
+        Value::Object(o) => {
+            o.get("type").and_then(Value::as_str) == Some(ty) || o.values().any(|x| has_type(x, ty))
+        }
+        Value::Array(a) => a.iter().any(|x| has_type(x, ty)),
+        _ => false,
+    }
+}
+
+/// A special token that a `TemplateProcessing` post-processor (anywhere inside `v`) puts in its
+/// `single`/`pair` templates without defining it in `special_tokens`: `tokenizers` accepts
+/// such a file and then panics on the first encode.
+fn missing_special_token(v: &Value) -> Option<String> {
+    match v {
+        Value::Object(o) => {
+            if o.get("type").and_then(Value::as_str) == Some("TemplateProcessing") {
+                let defined = o.get("special_tokens").and_then(Value::as_object);
+                let is_defined = |id: &str| defined.is_some_and(|d| d.contains_key(id));
+                for field in ["single", "pair"] {
+                    let ids: Vec<String> = match o.get(field) {
+                        // `[{"SpecialToken": {"id": "<s>", ...}}, {"Sequence": ...}]`
+                        Some(Value::Array(pieces)) => pieces
+                            .iter()
+                            .filter_map(|p| p.get("SpecialToken")?.get("id")?.as_str())
+                            .map(str::to_string)
+                            .collect(),
+                        // `"<s> $A:0 </s>:1"`
+                        Some(Value::String(t)) => t
+                            .split_whitespace()
+                            .filter(|p| !p.starts_with('$'))
+                            .map(|p| p.rsplit_once(':').map_or(p, |(id, _)| id).to_string())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    if let Some(id) = ids.into_iter().find(|id| !is_defined(id)) {
+                        return Some(id);
+                    }
+                }
+            }
+            o.values().find_map(missing_special_token)
+        }
+        Value::Array(a) => a.iter().find_map(missing_special_token),
+        _ => None,
     }
 }
 
