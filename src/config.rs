@@ -68,6 +68,8 @@ pub struct ServerSection {
     pub max_messages: usize,
     /// Prompts per completions request (a list of prompts is a batch).
     pub max_prompts: usize,
+    /// Largest prompt the chat template may render, in bytes (400 above it).
+    pub max_template_bytes: usize,
 }
 
 impl Default for ServerSection {
@@ -87,6 +89,7 @@ impl Default for ServerSection {
             max_top_logprobs: 20,
             max_messages: 1024,
             max_prompts: 64,
+            max_template_bytes: 16 << 20,
         }
     }
 }
