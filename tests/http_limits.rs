@@ -105,7 +105,14 @@ impl TestServer {
     }
 
     /// Asserts `body` at `path` is refused with `status`, OpenAI's envelope, `param` and `code`.
-    async fn refused(&self, path: &str, body: &Value, status: u16, param: Option<&str>, code: &str) {
+    async fn refused(
+        &self,
+        path: &str,
+        body: &Value,
+        status: u16,
+        param: Option<&str>,
+        code: &str,
+    ) {
         let (st, v) = self.post(path, body).await;
         assert_error(st, &v, status, param, code, &format!("{path} {body:.200}"));
     }
@@ -190,7 +197,8 @@ async fn every_request_bound_has_its_status_param_and_code() {
         assert_error(st, &v, 413, None, "request_too_large", path);
     }
     let big_prompt = with(&cmpl, json!({"prompt": "a ".repeat(MAX_BODY / 2)}));
-    s.refused(C, &big_prompt, 413, None, "request_too_large").await;
+    s.refused(C, &big_prompt, 413, None, "request_too_large")
+        .await;
 
     // Prompt length: prompt + max_tokens must fit the model's context (8192 for SmolLM2).
     let long_ids = vec![28; 8192 - MAX_TOKENS + 1];
@@ -231,18 +239,30 @@ async fn every_request_bound_has_its_status_param_and_code() {
     }
     let chat_max = with(&chat, json!({"max_completion_tokens": MAX_TOKENS + 1}));
     s.refused(CH, &chat_max, 400, Some("max_tokens"), INV).await;
-    let top = with(&chat, json!({"logprobs": true, "top_logprobs": MAX_TOP + 1}));
+    let top = with(
+        &chat,
+        json!({"logprobs": true, "top_logprobs": MAX_TOP + 1}),
+    );
     s.refused(CH, &top, 400, Some("top_logprobs"), INV).await;
     let top = with(&cmpl, json!({"logprobs": MAX_TOP + 1}));
     s.refused(C, &top, 400, Some("logprobs"), INV).await;
 
     // Messages: count, and the size of what the template renders (on /tokenize too).
-    let msgs = with(&chat, json!({"messages": vec![user("Hi"); MAX_MESSAGES + 1]}));
+    let msgs = with(
+        &chat,
+        json!({"messages": vec![user("Hi"); MAX_MESSAGES + 1]}),
+    );
     s.refused(CH, &msgs, 400, Some("messages"), INV).await;
-    let huge = with(&chat, json!({"messages": [user(&"x".repeat(MAX_TEMPLATE))]}));
+    let huge = with(
+        &chat,
+        json!({"messages": [user(&"x".repeat(MAX_TEMPLATE))]}),
+    );
     s.refused(CH, &huge, 400, Some("messages"), INV).await;
     let (st, v) = s
-        .post("/tokenize", &json!({"messages": [user(&"x".repeat(MAX_TEMPLATE))]}))
+        .post(
+            "/tokenize",
+            &json!({"messages": [user(&"x".repeat(MAX_TEMPLATE))]}),
+        )
         .await;
     assert_error(st, &v, 400, Some("messages"), INV, "/tokenize template");
     assert!(
@@ -256,7 +276,10 @@ async fn every_request_bound_has_its_status_param_and_code() {
     // Regression (fuzzer): a completion without `max_tokens` took the legacy default of 16
     // even when `server.max_tokens` is lower; the default is now capped by the bound.
     let v = s
-        .ok(C, &json!({"prompt": "Once upon a time", "ignore_eos": true}))
+        .ok(
+            C,
+            &json!({"prompt": "Once upon a time", "ignore_eos": true}),
+        )
         .await;
     assert_eq!(v["usage"]["completion_tokens"], MAX_TOKENS, "{v}");
 
@@ -308,7 +331,10 @@ async fn openapi_documents_bounds_and_statuses(s: &TestServer) {
         assert!(ok.get("application/json").is_some(), "{path}: {ok}");
     }
     let sch = &doc["components"]["schemas"];
-    assert!(sch.get("ChatChunk").is_some(), "the chat stream's chunk schema");
+    assert!(
+        sch.get("ChatChunk").is_some(),
+        "the chat stream's chunk schema"
+    );
     let common = &sch["CommonFields"]["properties"];
     assert_eq!(common["n"]["maximum"], MAX_N);
     assert_eq!(common["max_tokens"]["maximum"], MAX_TOKENS);

@@ -95,7 +95,15 @@ pub fn document(limits: &ServerSection, model_name: &str, vocab_size: usize) -> 
     let top = json!({"minimum": 0, "maximum": limits.max_top_logprobs});
     let messages = json!({"minItems": 1, "maxItems": limits.max_messages});
     let req = |name: &'static str, field: &'static str| {
-        vec!["components", "schemas", name, "allOf", "1", "properties", field]
+        vec![
+            "components",
+            "schemas",
+            name,
+            "allOf",
+            "1",
+            "properties",
+            field,
+        ]
     };
     for (path, patch) in [
         (req("CompletionRequest", "logprobs"), top.clone()),
@@ -110,12 +118,24 @@ pub fn document(limits: &ServerSection, model_name: &str, vocab_size: usize) -> 
     }
     merge(
         &mut doc,
-        &["components", "schemas", "ChatMessageIn", "properties", "role"],
+        &[
+            "components",
+            "schemas",
+            "ChatMessageIn",
+            "properties",
+            "role",
+        ],
         json!({"enum": ["system", "developer", "user", "assistant", "tool"]}),
     );
     merge(
         &mut doc,
-        &["components", "schemas", "DetokenizeRequest", "properties", "tokens"],
+        &[
+            "components",
+            "schemas",
+            "DetokenizeRequest",
+            "properties",
+            "tokens",
+        ],
         json!({"items": token}),
     );
     // Streaming answers 200 with server-sent events instead of JSON: `schema` describes one
