@@ -76,6 +76,8 @@ pub struct ServerSection {
     /// Seconds a response write may make no progress (the client stopped reading) before the
     /// connection is closed and its requests are aborted.
     pub write_stall_timeout_secs: u64,
+    /// Largest prompt the chat template may render, in bytes (400 above it).
+    pub max_template_bytes: usize,
 }
 
 impl Default for ServerSection {
@@ -98,6 +100,7 @@ impl Default for ServerSection {
             header_read_timeout_secs: 30,
             body_read_timeout_secs: 60,
             write_stall_timeout_secs: 60,
+            max_template_bytes: 16 << 20,
         }
     }
 }

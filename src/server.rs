@@ -92,7 +92,12 @@ impl Server {
             max_context: files.config.max_position_embeddings,
             eos_token_ids: files.config.eos_token_ids.clone(),
             tokenizer: files.tokenizer,
-            template: files.chat_template,
+            template: files.chat_template.map(|t| {
+                t.with_limits(
+                    Some(crate::model::chat_template::DEFAULT_FUEL),
+                    cfg.server.max_template_bytes,
+                )
+            }),
             created: crate::http::routes::unix_now(),
         };
         let ranks: Vec<u16> = model.latent_keys().iter().map(|k| k.rank).collect();

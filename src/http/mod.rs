@@ -9,6 +9,7 @@ pub mod generation;
 pub mod kv;
 pub mod limits;
 pub mod logprobs;
+pub mod openapi;
 pub mod request;
 pub mod response;
 pub mod routes;
@@ -45,6 +46,7 @@ use utoipa::OpenApi;
         routes::tokenize,
         routes::detokenize,
     ),
+    components(schemas(response::ChatChunk)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -62,8 +64,13 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-async fn openapi_json() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
+    Json(openapi::document(
+        &state.limits,
+        &state.model.name,
+        state.model.vocab_size,
+    ))
+    .into_response()
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -191,7 +191,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = super::response::ErrorResponse)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses((status = 200, body = TokenizeResponse), (status = 400, body = super::response::ErrorResponse), (status = 401, body = super::response::ErrorResponse), (status = 404, body = super::response::ErrorResponse), (status = 413, body = super::response::ErrorResponse)), security(("bearer" = [])))]
 pub async fn tokenize(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -234,7 +234,7 @@ pub async fn tokenize(
     }))
 }
 
-#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = super::response::ErrorResponse)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses((status = 200, body = DetokenizeResponse), (status = 400, body = super::response::ErrorResponse), (status = 401, body = super::response::ErrorResponse), (status = 404, body = super::response::ErrorResponse), (status = 413, body = super::response::ErrorResponse)), security(("bearer" = [])))]
 pub async fn detokenize(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

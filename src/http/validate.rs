@@ -157,7 +157,8 @@ pub fn completion(
     let mut plan = common(
         &req.common,
         max_tokens,
-        COMPLETIONS_DEFAULT_MAX_TOKENS,
+        // The default never exceeds the server's bound (which may be set below it).
+        COMPLETIONS_DEFAULT_MAX_TOKENS.min(limits.max_tokens),
         prompts,
         n,
         logprobs,
