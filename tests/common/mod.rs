@@ -366,3 +366,4 @@ pub fn load_real_model() -> (
     .unwrap();
     (files, model)
 }
+pub mod server;
