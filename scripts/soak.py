@@ -176,8 +176,12 @@ class Client:
                     for line in r:
                         if not line.startswith(b"data: "):
                             continue
-                        if first is None and b'"content"' in line:
-                            first = time.monotonic() - t0
+                        if first is None and b'"delta"' in line:
+                            # The first frame is the role delta with empty content: time to
+                            # first token is the first frame with generated text.
+                            ch = json.loads(line[6:]).get("choices") or [{}]
+                            if ch[0].get("delta", {}).get("content"):
+                                first = time.monotonic() - t0
                         frames += 1
                         if kind == "disconnect" and frames >= 4:
                             outcome = "200 (dropped)"
