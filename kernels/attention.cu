@@ -1,17 +1,27 @@
-// Causal GQA attention over the paged KV store, f32 math on bf16 K/V blocks laid out per layer as
-// [num_blocks][kv_heads][block_size][dim]. Position p of a sequence is at block
-// tables[table_off + p / block_size], slot p % block_size.
+// Causal GQA attention over the paged KV store, f32 math on K/V read from each block's current
+// representation: the exact bf16 copy, or the sealed copy in the launch's format (int8, 4- or
+// 2-bit KIVI, k8v4, or mhc's latent keys), see kv_formats.cuh. Position p of a sequence is in
+// logical block p / block_size, slot p % block_size; the table gives each logical block's
+// (exact slot, sealed slot), NO_SLOT where absent.
 //
-// - paged_decode_g<G>_*: one query row per sequence (decode), for query groups of up to G heads. A CTA owns one KV head of one sequence
-//   and one split of its context, so each K/V byte is read once for the whole query group
-//   (G = heads / kv_heads query heads). TPK = dim / 8 threads read one key as 16-byte vectors.
-//   Each split writes its unnormalised output with its max and sum; decode_reduce_f32 merges the
-//   splits (the split count is chosen on the host so that the grid fills the GPU).
-// - prefill_*: prompt chunks. A CTA owns one KV head and a tile of up to NQ = rows * G queries of
-//   one sequence, walks the keys in tiles of 32 through shared memory with an online softmax
-//   (one warp per query, one lane per key; outputs accumulate in shared memory), and masks keys
-//   past each query's position.
+// Which copy a query reads (the CPU backend's rule): its own block (the one its position is in)
+// exact; any other block sealed when it has a sealed copy, else exact. Under a window a query
+// sees the sink block 0, its own block and the `window_blocks` blocks up to its own; the others
+// score -inf and are never read (they may be dropped: both slots NO_SLOT).
+//
+// - paged_decode_g<G>_<fmt>: one query row per sequence (decode), for query groups of up to G
+//   heads. A CTA owns one KV head of one sequence and one split of its context, so each K/V
+//   byte is read once for the whole query group (G = heads / kv_heads query heads). TPK = dim / 8
+//   threads read 8 channels of one key each. Each split writes its unnormalised output with its
+//   max and sum; decode_reduce_f32 merges the splits (the split count is chosen on the host so
+//   that the grid fills the GPU).
+// - prefill_<fmt>: prompt chunks. A CTA owns one KV head and a tile of up to NQ = rows * G
+//   queries of one sequence, walks the keys in tiles of 32 through shared memory with an online
+//   softmax (one warp per query, one lane per key; outputs accumulate in shared memory), and
+//   masks keys past each query's position. A block sealed in this very step has both copies:
+//   the queries whose own block it is read it exact in a second pass over that tile.
 #include "common.cuh"
+#include "kv_formats.cuh"
 
 #ifndef DECODE_UNROLL
 #define DECODE_UNROLL 4  // keys (or values) each decode thread loads before using any
@@ -20,15 +30,6 @@
 #define THREADS 128
 #define KTILE 32      // keys per prefill tile (one per lane)
 #define PREFILL_Q 32  // queries per prefill CTA (rows * G)
-
-__device__ __forceinline__ void unpack8(uint4 raw, float* f) {
-    unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        f[2 * j] = __uint_as_float(w[j] << 16);
-        f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-    }
-}
 
 // Sums v[0..G_MAX) (one partial dot product per query head) over the tpk lanes of a thread
 // group (tpk >= G_MAX) with a transposing butterfly: each of the first log2(G_MAX) steps sends
@@ -60,44 +61,71 @@ __device__ __forceinline__ int group_head(int ln, int tpk) {
     return head;
 }
 
-// Address of 8 elements (this thread's dims) of position p of KV head kvh. `bs_shift` is
-// log2(block_size) when that is a power of two (shift and mask instead of a division), else -1.
-template <typename KV>
-__device__ __forceinline__ const KV* kv_at(const KV* cache, const unsigned int* table, int p,
-                                           int block_size, int bs_shift, int kv_heads, int kvh,
-                                           int dim, int ln) {
-    const unsigned int blk = bs_shift >= 0 ? table[p >> bs_shift] : table[p / block_size];
-    const int off = bs_shift >= 0 ? (p & (block_size - 1)) : p % block_size;
-    return cache + (((size_t)blk * kv_heads + kvh) * block_size + off) * dim + ln * 8;
+
+// Whether a query whose own block is `own` sees logical block `bi` (window_blocks 0: all).
+__device__ __forceinline__ bool sees(int bi, int own, int window_blocks) {
+    return window_blocks == 0 || bi == own || bi == 0 || bi + window_blocks > own;
+}
+
+// Where a decode thread group reads K (v = 0) or V (v = 1) at position p: `kind` 0 (nothing:
+// not visible or not stored), 1 (exact: `base` is the head's exact run) or 2 (sealed: `base` is
+// the head's run, or the layer's latent for mhc keys); `off` is p's slot in its block.
+struct Where {
+    const unsigned char* base;
+    int off, kind;
+};
+
+template <bool SEALED, bool LATENT>
+__device__ __forceinline__ Where where(const KvArgs& a, const unsigned int* table, int p, int own,
+                                       int block_size, int bs_shift, int v, int kvh, int dim) {
+    const int bi = bs_shift >= 0 ? p >> bs_shift : p / block_size;
+    Where w;
+    w.off = bs_shift >= 0 ? (p & (block_size - 1)) : p % block_size;
+    w.kind = 0;
+    w.base = nullptr;
+    if (!sees(bi, own, a.window_blocks)) return w;
+    const uint2 e = reinterpret_cast<const uint2*>(table)[bi];
+    if (SEALED && e.y != NO_SLOT && bi != own) {
+        w.kind = 2;
+        w.base = LATENT ? sealed_layer(a, e.y) : sealed_run(a, e.y, v, kvh);
+    } else if (e.x != NO_SLOT) {
+        w.kind = 1;
+        w.base = (const unsigned char*)exact_run(a, e.x, v, kvh, block_size, dim);
+    }
+    return w;
 }
 
 // G_MAX bounds the group at compile time (register arrays); the runtime group G is <= G_MAX.
 // A thread group of tpk = dim / 8 threads handles UNROLL consecutive positions per step (one
 // block-table lookup for all of them when block_size is a multiple of UNROLL), each thread
-// loading 16 bytes of each before using any.
-template <typename KV, int G_MAX>
+// loading its 8 channels of each before using any. KF / VF: the sealed formats of K and V
+// (FMT_BF16 for both: exact reads only).
+template <int KF, int VF, int G_MAX>
 __device__ void paged_decode(const float* qkv, const unsigned int* meta, const unsigned int* tables,
-                             const KV* k_cache, const KV* v_cache, float* part_o, float* part_ml,
-                             int heads, int kv_heads, int dim, int block_size, int bs_shift,
-                             int split_len, int max_splits, float scale) {
+                             const KvArgs& a, float* part_o, float* part_ml, int heads,
+                             int kv_heads, int dim, int block_size, int bs_shift, int split_len,
+                             int max_splits, float scale) {
+    constexpr bool SEALED = !(KF == FMT_BF16 && VF == FMT_BF16);
+    constexpr bool LATENT = KF == FMT_LAT;
     extern __shared__ float smem[];
     __shared__ float m_s[G_MAX], l_s[G_MAX];
     const int kvh = blockIdx.x, e = blockIdx.y, split = blockIdx.z;
     const int G = heads / kv_heads, tpk = dim / 8, kpp = THREADS / tpk;
     const unsigned int row = meta[3 * e], ctx = meta[3 * e + 1];
-    const unsigned int* table = tables + meta[3 * e + 2];
+    const unsigned int* table = tables + 2 * meta[3 * e + 2];
     const int t0 = split * split_len;
     if (t0 >= (int)ctx) return;
     const int n = min((int)ctx - t0, split_len);
+    const int own = bs_shift >= 0 ? ((int)ctx - 1) >> bs_shift : ((int)ctx - 1) / block_size;
     const bool grouped = block_size % UNROLL == 0;  // t0 and every step start are multiples of UNROLL
     float* sc = smem;   // [G, split_len] scores, then probabilities
     float* red = smem;  // reused after the probabilities: [kpp, G, dim]
     const int width = (heads + 2 * kv_heads) * dim;
-    const int grp = threadIdx.x / tpk, ln = threadIdx.x % tpk;
-    // This thread only ever touches dims ln*8 .. ln*8+8: its slice of each query, pre-scaled,
+    const int grp = threadIdx.x / tpk, ln = threadIdx.x % tpk, c0 = ln * 8;
+    // This thread only ever touches dims c0 .. c0 + 8: its slice of each query, pre-scaled,
     // lives in registers.
     float qr[G_MAX][8];
-    const float* q = qkv + (size_t)row * width + (size_t)kvh * G * dim + ln * 8;
+    const float* q = qkv + (size_t)row * width + (size_t)kvh * G * dim + c0;
 #pragma unroll
     for (int g = 0; g < G_MAX; ++g)
 #pragma unroll
@@ -109,33 +137,105 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     const bool writer = (ln & (tpk / G_MAX - 1)) == 0 && my_head < G;
     for (int tb = 0; tb < n; tb += kpp * UNROLL) {
         const int tg = tb + grp * UNROLL;
-        uint4 raw[UNROLL];
-        const KV* base = tg < n ? kv_at(k_cache, table, t0 + tg, block_size, bs_shift, kv_heads, kvh, dim, ln)
-                                : k_cache;
+        if constexpr (!SEALED) {
+            // Exact reads only: keep the loads as raw 16-byte vectors until used (fewer
+            // registers than floats: more CTAs per SM for this bandwidth-bound path).
+            uint4 raw[UNROLL];
+            int kind[UNROLL];
+            Where w0 = {nullptr, 0, 0};
+            if (grouped && tg < n)
+                w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                raw[u] = make_uint4(0u, 0u, 0u, 0u);
+                kind[u] = 0;
+                if (tg + u < n) {
+                    Where w = w0;
+                    if (grouped) w.off += u;
+                    else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim);
+                    kind[u] = w.kind;
+                    if (w.kind) raw[u] = *(const uint4*)(w.base + 2 * (w.off * dim + c0));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                float kf[8];
+                unpack_bf16x8(raw[u], kf);
+                float v[G_MAX];
+#pragma unroll
+                for (int g = 0; g < G_MAX; ++g) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
+                    v[g] = d;
+                }
+                group_reduce<G_MAX>(v, ln, tpk);
+                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = kind[u] ? v[0] : NEG_INF;
+            }
+            continue;
+        }
+        float kf[UNROLL][8];
+        int kind[UNROLL];
+        Where w0 = {nullptr, 0, 0};
+        if (grouped && tg < n)
+            w0 = where<SEALED, LATENT>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            raw[u] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) kf[u][j] = 0.0f;
+            kind[u] = 0;
             if (tg + u < n) {
-                const KV* at = grouped ? base + u * dim
-                                       : kv_at(k_cache, table, t0 + tg + u, block_size, bs_shift,
-                                               kv_heads, kvh, dim, ln);
-                raw[u] = *reinterpret_cast<const uint4*>(at);
+                Where w = w0;
+                if (grouped) w.off += u;
+                else w = where<SEALED, LATENT>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim);
+                kind[u] = w.kind;
+                if (w.kind == 1) {
+                    run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, kf[u]);
+                } else if (w.kind == 2) {
+                    if constexpr (LATENT) {
+#pragma unroll
+                        for (int j = 0; j < 8; ++j)
+                            kf[u][j] = latent_elem(a, w.base, kv_heads * dim, w.off, kvh * dim + c0 + j);
+                    } else {
+                        run_8<KF>(w.base, block_size, dim, w.off, c0, kf[u]);
+                    }
+                }
+            }
+        }
+        if constexpr (LATENT) {
+            // Rotate the reconstructions to their positions: pair i is (i, i + dim / 2), whose
+            // other half lives in lane ln ^ (tpk / 2) of the same thread group.
+            const int half = dim / 2;
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                float other[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) other[j] = __shfl_xor_sync(0xffffffffu, kf[u][j], tpk / 2);
+                if (kind[u] == 2) {
+                    const int pos = t0 + tg + u;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        float cs, sn;
+                        const int c = c0 + j;
+                        rope_cs(a, c % half, pos, &cs, &sn);
+                        kf[u][j] = c < half ? __fadd_rn(__fmul_rn(kf[u][j], cs), __fmul_rn(-other[j], sn))
+                                            : __fadd_rn(__fmul_rn(kf[u][j], cs), __fmul_rn(other[j], sn));
+                    }
+                }
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            float kf[8];
-            unpack8(raw[u], kf);
             float v[G_MAX];
 #pragma unroll
             for (int g = 0; g < G_MAX; ++g) {
                 float d = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
+                for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[u][j];
                 v[g] = d;
             }
             group_reduce<G_MAX>(v, ln, tpk);
-            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = v[0];
+            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = kind[u] ? v[0] : NEG_INF;
         }
     }
     __syncthreads();
@@ -146,7 +246,8 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         m = warp_max(m);
         float l = 0.0f;
         for (int t = lane; t < n; t += 32) {
-            float p = expf(sc[g * split_len + t] - m);
+            // A split the window hides entirely has m = -inf: probabilities 0, sum 0.
+            float p = m == NEG_INF ? 0.0f : expf(sc[g * split_len + t] - m);
             sc[g * split_len + t] = p;
             l += p;
         }
@@ -164,29 +265,62 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     for (int tb = 0; tb < n; tb += kpp * UNROLL) {
         const int tg = tb + grp * UNROLL;
         if (tg >= n) continue;  // no shuffles below: threads may leave the step independently
-        uint4 raw[UNROLL];
-        const KV* base = kv_at(v_cache, table, t0 + tg, block_size, bs_shift, kv_heads, kvh, dim, ln);
+        if constexpr (!SEALED) {
+            uint4 raw[UNROLL];
+            Where w0 = {nullptr, 0, 0};
+            if (grouped) w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                raw[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (tg + u < n) {
+                    Where w = w0;
+                    if (grouped) w.off += u;
+                    else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim);
+                    if (w.kind) raw[u] = *(const uint4*)(w.base + 2 * (w.off * dim + c0));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                if (tg + u < n) {  // invisible positions have probability 0 and zero values
+                    float vf[8];
+                    unpack_bf16x8(raw[u], vf);
+#pragma unroll
+                    for (int g = 0; g < G_MAX; ++g) {
+                        if (g < G) {
+                            float pg = sc[g * split_len + tg + u];
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[j];
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        float vf[UNROLL][8];
+        int kind[UNROLL];
+        Where w0 = {nullptr, 0, 0};
+        if (grouped) w0 = where<SEALED, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            raw[u] = make_uint4(0u, 0u, 0u, 0u);
+            kind[u] = 0;
             if (tg + u < n) {
-                const KV* at = grouped ? base + u * dim
-                                       : kv_at(v_cache, table, t0 + tg + u, block_size, bs_shift,
-                                               kv_heads, kvh, dim, ln);
-                raw[u] = *reinterpret_cast<const uint4*>(at);
+                Where w = w0;
+                if (grouped) w.off += u;
+                else w = where<SEALED, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim);
+                kind[u] = w.kind;
+                if (w.kind == 1) run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, vf[u]);
+                else if (w.kind == 2) run_8<VF == FMT_LAT ? FMT_BF16 : VF>(w.base, block_size, dim, w.off, c0, vf[u]);
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            if (tg + u < n) {
-                float vf[8];
-                unpack8(raw[u], vf);
+            if (kind[u]) {
 #pragma unroll
                 for (int g = 0; g < G_MAX; ++g) {
                     if (g < G) {
                         float pg = sc[g * split_len + tg + u];
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[j];
+                        for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[u][j];
                     }
                 }
             }
@@ -197,7 +331,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     for (int g = 0; g < G_MAX; ++g)
         if (g < G)
 #pragma unroll
-            for (int j = 0; j < 8; ++j) red[(grp * G + g) * dim + ln * 8 + j] = acc[g][j];
+            for (int j = 0; j < 8; ++j) red[(grp * G + g) * dim + c0 + j] = acc[g][j];
     __syncthreads();
     for (int i = threadIdx.x; i < G * dim; i += THREADS) {
         float s = 0.0f;
@@ -212,61 +346,32 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g1_bf16(
-    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
-    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
-    const unsigned int* tables,  // [sum of table lengths]
-    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
-    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
-    float* part_o,               // [n, heads, max_splits, dim]
-    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
-    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
-    float scale) {
-    paged_decode<bf16_t, 1>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
-                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
-}
+// Launch bounds: the exact path asks for 6 CTAs per SM (3 at G = 8), the register budget of the
+// tuned bf16-only kernel; the sealed formats for one, which lets ptxas use the registers their
+// decoding needs instead of spilling.
+#define DECODE_BOUNDS(G, KF, VF) \
+    __launch_bounds__(THREADS, (KF == FMT_BF16 && VF == FMT_BF16) ? (G == 8 ? 3 : 6) : 1)
 
-extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g2_bf16(
-    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
-    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
-    const unsigned int* tables,  // [sum of table lengths]
-    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
-    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
-    float* part_o,               // [n, heads, max_splits, dim]
-    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
-    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
-    float scale) {
-    paged_decode<bf16_t, 2>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
-                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g4_bf16(
-    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
-    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
-    const unsigned int* tables,  // [sum of table lengths]
-    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
-    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
-    float* part_o,               // [n, heads, max_splits, dim]
-    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
-    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
-    float scale) {
-    paged_decode<bf16_t, 4>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
-                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_g8_bf16(
-    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
-    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
-    const unsigned int* tables,  // [sum of table lengths]
-    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
-    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
-    float* part_o,               // [n, heads, max_splits, dim]
-    float* part_ml,              // [n, heads, max_splits, 2]: (max, sum)
-    int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len, int max_splits,
-    float scale) {
-    paged_decode<bf16_t, 8>(qkv, meta, tables, k_cache, v_cache, part_o, part_ml, heads,
-                              kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale);
-}
+// One extern "C" entry per (query group bound, format): paged_decode_g<G>_<fmt>. The comments
+// are /* */ because a // comment would swallow the macro's line continuation.
+#define DECODE_ENTRY(G, NAME, KF, VF)                                                              \
+    extern "C" __global__ void DECODE_BOUNDS(G, KF, VF) paged_decode_g##G##_##NAME(                   \
+        const float* qkv,           /* [rows, (heads + 2 * kv_heads) * dim] */                      \
+        const unsigned int* meta,   /* [n, 3]: (qkv row, context length, offset in tables) */       \
+        const unsigned int* tables, /* [sum of table lengths, 2]: (exact slot, sealed slot) */      \
+        KvArgs kv,                                                                                  \
+        float* part_o,              /* [n, heads, max_splits, dim] */                               \
+        float* part_ml,             /* [n, heads, max_splits, 2]: (max, sum) */                     \
+        int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len,              \
+        int max_splits, float scale) {                                                              \
+        paged_decode<KF, VF, G>(qkv, meta, tables, kv, part_o, part_ml, heads, kv_heads, dim,       \
+                                block_size, bs_shift, split_len, max_splits, scale);                \
+    }
+#define DECODE_ENTRIES(NAME, KF, VF)  \
+    DECODE_ENTRY(1, NAME, KF, VF)     \
+    DECODE_ENTRY(2, NAME, KF, VF)     \
+    DECODE_ENTRY(4, NAME, KF, VF)     \
+    DECODE_ENTRY(8, NAME, KF, VF)
 
 // Merges the splits of one (sequence, head): grid (n, heads), one thread per dim.
 extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, heads, max_splits, dim]
@@ -283,26 +388,29 @@ extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, he
     for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[2 * (base + s)]);
     float l = 0.0f, o = 0.0f;
     for (int s = 0; s < splits; ++s) {
-        float w = expf(part_ml[2 * (base + s)] - m);
+        const float ms = part_ml[2 * (base + s)];
+        const float w = ms == NEG_INF ? 0.0f : expf(ms - m);  // a split with nothing visible
         l += w * part_ml[2 * (base + s) + 1];
         o += w * part_o[(base + s) * dim + d];
     }
     out[(size_t)row * heads * dim + h * dim + d] = o / l;
 }
 
-template <typename KV>
+template <int KF, int VF>
 __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsigned int* tables,
-                        const KV* k_cache, const KV* v_cache, float* out, int heads, int kv_heads,
-                        int dim, int block_size, float scale) {
+                        const KvArgs& a, float* out, int heads, int kv_heads, int dim,
+                        int block_size, float scale) {
+    constexpr bool SEALED = !(KF == FMT_BF16 && VF == FMT_BF16);
     extern __shared__ float smem[];
     __shared__ float m_s[PREFILL_Q], l_s[PREFILL_Q];  // running max and sum per query
     const int kvh = blockIdx.x, tile = blockIdx.y;
     const int G = heads / kv_heads;
     const unsigned int row0 = tiles[4 * tile], nrows = tiles[4 * tile + 1];
     const unsigned int pos0 = tiles[4 * tile + 2];
-    const unsigned int* table = tables + tiles[4 * tile + 3];
+    const uint2* table = reinterpret_cast<const uint2*>(tables + 2 * tiles[4 * tile + 3]);
     const int nq = nrows * G;
     const int last = pos0 + nrows - 1;
+    const int wb = a.window_blocks;
     float* q_s = smem;                           // [PREFILL_Q, dim], pre-scaled
     float* o_s = q_s + PREFILL_Q * dim;          // [PREFILL_Q, dim] unnormalised outputs
     float* k_s = o_s + PREFILL_Q * dim;          // [KTILE, dim + 1] (padded: lane j reads row j)
@@ -317,51 +425,80 @@ __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsig
         m_s[threadIdx.x] = NEG_INF;
         l_s[threadIdx.x] = 0.0f;
     }
+    // Blocks with both copies (sealed in this step) that are some query's own block need a
+    // second, exact pass over their tile.
+    const int first_own = pos0 / block_size, last_own = last / block_size;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int kt = 0; kt <= last; kt += KTILE) {
-        __syncthreads();  // q_s/o_s/m_s ready, or the previous tile consumed
-        for (int i = threadIdx.x; i < KTILE * dim; i += THREADS) {
-            int j = i / dim, d = i % dim, p = kt + j;
-            float kv = 0.0f, vv = 0.0f;
-            if (p <= last) {
-                size_t at = (((size_t)table[p / block_size] * kv_heads + kvh) * block_size +
-                             p % block_size) * dim + d;
-                kv = to_f32(k_cache[at]);
-                vv = to_f32(v_cache[at]);
-            }
-            k_s[j * (dim + 1) + d] = kv;
-            v_s[j * dim + d] = vv;
+        int passes = 1;
+        if (SEALED) {
+            const int b1 = min(kt + KTILE - 1, last) / block_size;
+            for (int bi = max(kt / block_size, first_own); bi <= min(b1, last_own); ++bi)
+                if (table[bi].x != NO_SLOT && table[bi].y != NO_SLOT) passes = 2;
         }
-        __syncthreads();
-        // One warp per query (warp-uniform loop), one lane per key of the tile.
-        for (int qi = warp; qi < nq; qi += THREADS / 32) {
-            int qpos = pos0 + qi / G, p = kt + lane;
-            if (kt > qpos) continue;  // the whole tile is in this query's future
-            float s = 0.0f;
-            for (int d = 0; d < dim; ++d) s += q_s[qi * dim + d] * k_s[lane * (dim + 1) + d];
-            bool valid = p <= qpos;
-            s = valid ? s : NEG_INF;
-            float m_old = m_s[qi];
-            float m_new = fmaxf(m_old, warp_max(s));
-            float pe = valid ? expf(s - m_new) : 0.0f;
-            float alpha = expf(m_old - m_new);
-            float psum = warp_sum(pe);
-            for (int d0 = 0; d0 < dim; d0 += 32) {
-                int d = d0 + lane;
-                float acc = 0.0f;
-#pragma unroll 8
-                for (int j = 0; j < KTILE; ++j) {
-                    float pj = __shfl_sync(0xffffffffu, pe, j);
-                    if (d < dim) acc += pj * v_s[j * dim + d];
+        for (int pass = 0; pass < passes; ++pass) {
+            __syncthreads();  // q_s/o_s/m_s ready, or the previous tile consumed
+            for (int i = threadIdx.x; i < KTILE * dim; i += THREADS) {
+                int j = i / dim, d = i % dim, p = kt + j;
+                float kv = 0.0f, vv = 0.0f;
+                if (p <= last) {
+                    const int bi = p / block_size, off = p % block_size;
+                    const uint2 e = table[bi];
+                    if (SEALED && pass == 0 && e.y != NO_SLOT) {
+                        if constexpr (KF == FMT_LAT)
+                            kv = latent_key(a, sealed_layer(a, e.y), kv_heads, dim, kvh, off, d, bi * block_size);
+                        else
+                            kv = run_elem<KF == FMT_LAT ? FMT_BF16 : KF>(sealed_run(a, e.y, 0, kvh), block_size, dim, off, d);
+                        vv = run_elem<VF>(sealed_run(a, e.y, 1, kvh), block_size, dim, off, d);
+                    } else if (e.x != NO_SLOT && (pass == 0 || e.y != NO_SLOT)) {
+                        kv = to_f32(exact_run(a, e.x, 0, kvh, block_size, dim)[off * dim + d]);
+                        vv = to_f32(exact_run(a, e.x, 1, kvh, block_size, dim)[off * dim + d]);
+                    }
                 }
-                if (d < dim) o_s[qi * dim + d] = o_s[qi * dim + d] * alpha + acc;
+                k_s[j * (dim + 1) + d] = kv;
+                v_s[j * dim + d] = vv;
             }
-            __syncwarp();  // every lane has read m_s[qi] before lane 0 replaces it
-            if (lane == 0) {
-                m_s[qi] = m_new;
-                l_s[qi] = l_s[qi] * alpha + psum;
+            __syncthreads();
+            // One warp per query (warp-uniform loop), one lane per key of the tile.
+            for (int qi = warp; qi < nq; qi += THREADS / 32) {
+                int qpos = pos0 + qi / G, p = kt + lane;
+                if (kt > qpos) continue;  // the whole tile is in this query's future
+                const int own = qpos / block_size, bi = p / block_size;
+                bool valid = p <= qpos && sees(bi, own, wb);
+                if (valid) {
+                    const uint2 e = table[bi];
+                    const bool dual = e.x != NO_SLOT && e.y != NO_SLOT;
+                    // Pass 0: each key's preferred copy, except the query's own block when it has
+                    // both; pass 1: exactly those.
+                    const bool exact_own = SEALED && dual && bi == own;
+                    valid = (pass == 0 ? !exact_own : exact_own) && (e.x != NO_SLOT || e.y != NO_SLOT);
+                }
+                float s = 0.0f;
+                for (int d = 0; d < dim; ++d) s += q_s[qi * dim + d] * k_s[lane * (dim + 1) + d];
+                s = valid ? s : NEG_INF;
+                float m_old = m_s[qi];
+                float m_new = fmaxf(m_old, warp_max(s));
+                if (m_new == NEG_INF) continue;  // nothing seen yet (warp-uniform)
+                float pe = valid ? expf(s - m_new) : 0.0f;
+                float alpha = m_old == NEG_INF ? 0.0f : expf(m_old - m_new);
+                float psum = warp_sum(pe);
+                for (int d0 = 0; d0 < dim; d0 += 32) {
+                    int d = d0 + lane;
+                    float acc = 0.0f;
+#pragma unroll 8
+                    for (int j = 0; j < KTILE; ++j) {
+                        float pj = __shfl_sync(0xffffffffu, pe, j);
+                        if (d < dim) acc += pj * v_s[j * dim + d];
+                    }
+                    if (d < dim) o_s[qi * dim + d] = o_s[qi * dim + d] * alpha + acc;
+                }
+                __syncwarp();  // every lane has read m_s[qi] before lane 0 replaces it
+                if (lane == 0) {
+                    m_s[qi] = m_new;
+                    l_s[qi] = l_s[qi] * alpha + psum;
+                }
+                __syncwarp();
             }
-            __syncwarp();
         }
     }
     __syncthreads();
@@ -371,14 +508,16 @@ __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsig
     }
 }
 
-extern "C" __global__ void prefill_bf16(
-    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
-    const unsigned int* tiles,   // [tiles, 4]: (first qkv row, rows <= 32 / G, its position, table offset)
-    const unsigned int* tables,  // [sum of table lengths]
-    const bf16_t* k_cache,       // [num_blocks, kv_heads, block_size, dim]
-    const bf16_t* v_cache,       // [num_blocks, kv_heads, block_size, dim]
-    float* out,                  // [rows, heads * dim]
-    int heads, int kv_heads, int dim, int block_size, float scale) {
-    prefill<bf16_t>(qkv, tiles, tables, k_cache, v_cache, out, heads, kv_heads, dim, block_size,
-                    scale);
-}
+#define PREFILL_ENTRY(NAME, KF, VF)                                                                \
+    extern "C" __global__ void prefill_##NAME(                                                     \
+        const float* qkv,           /* [rows, (heads + 2 * kv_heads) * dim] */                      \
+        const unsigned int* tiles,  /* [tiles, 4]: (first qkv row, rows <= 32 / G, its position, table offset) */ \
+        const unsigned int* tables, /* [sum of table lengths, 2]: (exact slot, sealed slot) */      \
+        KvArgs kv,                                                                                  \
+        float* out,                 /* [rows, heads * dim] */                                       \
+        int heads, int kv_heads, int dim, int block_size, float scale) {                            \
+        prefill<KF, VF>(qkv, tiles, tables, kv, out, heads, kv_heads, dim, block_size, scale);      \
+    }
+
+KV_FORMATS(DECODE_ENTRIES)
+KV_FORMATS(PREFILL_ENTRY)

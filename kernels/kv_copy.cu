@@ -1,22 +1,14 @@
-// Copy-on-write block copies in the paged KV store. The store is one allocation laid out as
-// [layer][k|v][block][kv_head][slot][dim]; one block of one layer's K (or V) is `block_elems`
-// contiguous elements. Grid: (pairs, layers * 2); the host launches one grid per dependent run
-// so that copies keep their order.
+// Copy-on-write block copies within one slab of the paged KV store (kv_formats.cuh): every byte
+// of a block, all layers, from slot src to slot dst. Grid: (pairs); the host launches one grid
+// per dependent run so that copies keep their order. Block sizes are multiples of 16 bytes.
 #include "common.cuh"
+#include "kv_formats.cuh"
 
-template <typename KV>
-__device__ void copy_blocks(KV* store, const unsigned int* pairs, size_t block_elems,
-                            unsigned int num_blocks) {
-    unsigned int src = pairs[2 * blockIdx.x], dst = pairs[2 * blockIdx.x + 1];
-    if (src >= num_blocks || dst >= num_blocks) return;
-    size_t plane = (size_t)blockIdx.y * num_blocks * block_elems;  // one layer's K or V
-    const KV* s = store + plane + (size_t)src * block_elems;
-    KV* d = store + plane + (size_t)dst * block_elems;
-    for (size_t i = threadIdx.x; i < block_elems; i += blockDim.x) d[i] = s[i];
-}
-
-extern "C" __global__ void copy_blocks_bf16(bf16_t* store,              // [layers, 2, num_blocks, block_elems]
-                                            const unsigned int* pairs,  // [pairs, 2]: (src, dst)
-                                            size_t block_elems, unsigned int num_blocks) {
-    copy_blocks<bf16_t>(store, pairs, block_elems, num_blocks);
+extern "C" __global__ void copy_blocks_u8(const unsigned long long* chunks,  // [chunks]: address of each chunk of the slab
+                                          const unsigned int* pairs,         // [pairs, 2]: (src slot, dst slot)
+                                          unsigned int shift, unsigned long long block_bytes) {
+    const unsigned int src = pairs[2 * blockIdx.x], dst = pairs[2 * blockIdx.x + 1];
+    const uint4* s = (const uint4*)slot_addr(chunks, shift, block_bytes, src);
+    uint4* d = (uint4*)slot_addr(chunks, shift, block_bytes, dst);
+    for (size_t i = threadIdx.x; i < block_bytes / 16; i += blockDim.x) d[i] = s[i];
 }

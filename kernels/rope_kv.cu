@@ -1,13 +1,14 @@
 // RoPE on the q and k heads of fused [q | k | v] rows (Hugging Face rotate_half: pair i is
-// (x[i], x[i + D/2])), then the rotated k and the v written into their paged KV slots.
+// (x[i], x[i + D/2])), then the rotated k and the v written into their blocks' exact (bf16)
+// copies in the exact slab (kv_formats.cuh).
 // One block per row. cos/sin are taken in double of the f32 angle `inv_freq[i] * pos`, as the CPU
 // backend's table does, then rounded to f32 and scaled.
 #include "common.cuh"
+#include "kv_formats.cuh"
 
-template <typename KV>
 __device__ void rope_store(float* qkv, const unsigned int* positions, const unsigned int* slots,
-                           const float* inv_freq, float scaling, KV* k_cache, KV* v_cache,
-                           int heads, int kv_heads, int dim, int block_size) {
+                           const float* inv_freq, float scaling, const KvArgs& kv, int heads,
+                           int kv_heads, int dim, int block_size) {
     const int row = blockIdx.x, half = dim / 2;
     const int width = (heads + 2 * kv_heads) * dim;
     float* x = qkv + (size_t)row * width;
@@ -29,20 +30,17 @@ __device__ void rope_store(float* qkv, const unsigned int* positions, const unsi
     const float* v = k + kv_heads * dim;
     for (int idx = threadIdx.x; idx < kv_heads * dim; idx += blockDim.x) {
         int kh = idx / dim, d = idx % dim;
-        size_t at = (((size_t)block * kv_heads + kh) * block_size + off) * dim + d;
-        k_cache[at] = from_f32<KV>(k[idx]);
-        v_cache[at] = from_f32<KV>(v[idx]);
+        const size_t at = (size_t)off * dim + d;
+        ((bf16_t*)exact_run(kv, block, 0, kh, block_size, dim))[at] = from_f32<bf16_t>(k[idx]);
+        ((bf16_t*)exact_run(kv, block, 1, kh, block_size, dim))[at] = from_f32<bf16_t>(v[idx]);
     }
 }
 
 extern "C" __global__ void rope_store_bf16(float* qkv,                     // [rows, (heads + 2 * kv_heads) * dim]
                                            const unsigned int* positions,  // [rows]
-                                           const unsigned int* slots,      // [rows]: block * block_size + offset
+                                           const unsigned int* slots,      // [rows]: exact slot * block_size + offset
                                            const float* inv_freq,          // [dim / 2]
-                                           float scaling,
-                                           bf16_t* k_cache,                // [num_blocks, kv_heads, block_size, dim]
-                                           bf16_t* v_cache,                // [num_blocks, kv_heads, block_size, dim]
-                                           int heads, int kv_heads, int dim, int block_size) {
-    rope_store<bf16_t>(qkv, positions, slots, inv_freq, scaling, k_cache, v_cache, heads, kv_heads,
-                       dim, block_size);
+                                           float scaling, KvArgs kv, int heads, int kv_heads,
+                                           int dim, int block_size) {
+    rope_store(qkv, positions, slots, inv_freq, scaling, kv, heads, kv_heads, dim, block_size);
 }

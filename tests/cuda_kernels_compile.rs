@@ -5,6 +5,8 @@
 
 use kvserve::backend::cuda::compile::{compile_file, nvrtc_version, KERNEL_FILES};
 use kvserve::backend::cuda::device::nvrtc_present;
+use kvserve::backend::cuda::kernels::kernel_names;
+use kvserve::backend::cuda::store::FORMATS;
 
 fn nvrtc_or_fail() -> bool {
     if nvrtc_present() {
@@ -43,6 +45,19 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
                         c.log.contains("registers"),
                         "{file} sm_{arch}: no ptxas report"
                     );
+                    // Every entry point the backend loads is in the CUBIN, and every kernel in
+                    // it is named `<op>_<dtype>`.
+                    let names = global_functions(&c.cubin);
+                    for (f, name) in kernel_names().iter().filter(|(f, _)| *f == file) {
+                        assert!(names.contains(name), "{f} sm_{arch}: no kernel `{name}`");
+                    }
+                    for name in &names {
+                        let dtype = name.rsplit('_').next().unwrap();
+                        assert!(
+                            DTYPES.contains(&dtype) || FORMATS.contains(&dtype),
+                            "{file}: kernel {name} has no dtype suffix"
+                        );
+                    }
                     // No kernel spills registers to local memory.
                     for line in c.log.lines().filter(|l| l.contains("bytes spill stores")) {
                         assert!(
@@ -58,6 +73,37 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Element types of the non-KV kernels (the KV ones are suffixed with their format).
+const DTYPES: [&str; 3] = ["f32", "bf16", "u8"];
+
+/// Names of the global function symbols of an ELF64 little-endian image (a CUBIN's kernels).
+fn global_functions(elf: &[u8]) -> Vec<String> {
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+    let (shoff, shentsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
+    let section = |i: usize| shoff + i * shentsize;
+    let mut out = Vec::new();
+    for i in 0..shnum {
+        let sh = section(i);
+        if u32_at(sh + 4) != 2 {
+            continue; // not SHT_SYMTAB
+        }
+        let (off, size, link) = (u64_at(sh + 0x18), u64_at(sh + 0x20), u32_at(sh + 0x28));
+        let strtab = u64_at(section(link) + 0x18);
+        for sym in (off..off + size).step_by(24) {
+            let info = elf[sym + 4];
+            // STB_GLOBAL, STT_FUNC.
+            if info >> 4 == 1 && info & 0xf == 2 {
+                let name = &elf[strtab + u32_at(sym)..];
+                let end = name.iter().position(|&b| b == 0).unwrap();
+                out.push(String::from_utf8_lossy(&name[..end]).into_owned());
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn every_extern_c_entry_point_is_named_op_dtype() {
     // `<op>_<dtype>` names, and a shape comment on every pointer argument.
@@ -65,15 +111,18 @@ fn every_extern_c_entry_point_is_named_op_dtype() {
         let mut in_sig = false;
         for line in src.lines() {
             if let Some(rest) = line.split("extern \"C\" __global__ void ").nth(1) {
-                // Skip `__launch_bounds__(...)` before the name.
+                // Skip `__launch_bounds__(...)` (or a macro producing it) before the name.
                 let rest = match rest.strip_prefix("__launch_bounds__(") {
                     Some(r) => r.split_once(") ").unwrap().1,
+                    None if rest.starts_with("DECODE_BOUNDS(") => rest.split_once(") ").unwrap().1,
                     None => rest,
                 };
                 let name = rest.split('(').next().unwrap();
                 let dtype = name.rsplit('_').next().unwrap();
+                // Entries stamped out by a macro (`paged_decode_g##G##_##NAME`) are checked
+                // by name in the compiled CUBIN instead.
                 assert!(
-                    ["f32", "bf16"].contains(&dtype),
+                    name.contains("##") || DTYPES.contains(&dtype),
                     "{file}: {name} has no dtype suffix"
                 );
                 in_sig = true;
@@ -83,7 +132,7 @@ fn every_extern_c_entry_point_is_named_op_dtype() {
                     || line.contains('*') && line.contains(')')
                 {
                     assert!(
-                        line.contains("// ["),
+                        line.contains("// [") || line.contains("/* ["),
                         "{file}: pointer argument without a shape: {line}"
                     );
                 }

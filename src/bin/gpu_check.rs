@@ -8,6 +8,8 @@
 
 #[path = "gpu_check/ops.rs"]
 mod ops;
+#[path = "gpu_check/policies.rs"]
+mod policies;
 #[path = "gpu_check/speed.rs"]
 mod speed;
 
@@ -253,6 +255,11 @@ fn main() -> Result<()> {
     section("op parity", &mut rows, |rows| ops::run(&gpu, rows));
     section("attention parity", &mut rows, |rows| {
         ops::attention(&gpu, rows);
+        Ok(())
+    });
+    section("KV policy parity", &mut rows, |rows| {
+        policies::run(&gpu, rows, true);
+        policies::run(&gpu, rows, false);
         Ok(())
     });
     println!("\n== speed: decode attention bandwidth");

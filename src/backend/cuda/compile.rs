@@ -3,8 +3,8 @@
 //! driver can only JIT PTX from an NVRTC no newer than itself), and cached on disk keyed by the
 //! source hash, the architecture, the NVRTC version and the driver version.
 //!
-//! `common.cuh` is pasted in place of each file's `#include "common.cuh"` line, so NVRTC needs no
-//! include path and no CUDA headers (bf16 is handled as raw bits in `common.cuh`).
+//! `common.cuh` and `kv_formats.cuh` are pasted in place of each file's `#include` lines, so NVRTC
+//! needs no include path and no CUDA headers (bf16 and f16 are handled as raw bits).
 
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use std::ffi::CString;
@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 /// `kernels/common.cuh`, shared by every file.
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// `kernels/kv_formats.cuh`: the KV formats and slab addressing (after `common.cuh`).
+const KV_FORMATS: &str = include_str!("../../../kernels/kv_formats.cuh");
 
 /// Every kernel file: (file name, source).
 pub const KERNEL_FILES: &[(&str, &str)] = &[
@@ -26,11 +28,14 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         include_str!("../../../kernels/attention.cu"),
     ),
     ("kv_copy.cu", include_str!("../../../kernels/kv_copy.cu")),
+    ("kv_seal.cu", include_str!("../../../kernels/kv_seal.cu")),
 ];
 
-/// The source NVRTC sees for `src`: `common.cuh` pasted in place of its include line.
+/// The source NVRTC sees for `src`: `common.cuh` and `kv_formats.cuh` pasted in place of their
+/// include lines.
 pub fn expand(src: &str) -> String {
     src.replace("#include \"common.cuh\"", COMMON)
+        .replace("#include \"kv_formats.cuh\"", KV_FORMATS)
 }
 
 /// One compiled file.

@@ -4,6 +4,7 @@
 //! stream order alone orders every read after the writes before it.
 
 use super::compile::Compiled;
+use super::store::FORMATS;
 use cudarc::driver::{
     sys::CUfunction_attribute_enum, CudaContext, CudaFunction, DriverError, LaunchConfig,
 };
@@ -42,12 +43,52 @@ pub struct Kernels {
     pub sum_halves: CudaFunction,
     pub convert: CudaFunction,
     pub rope_store: CudaFunction,
-    /// `paged_decode_g{1,2,4,8}_bf16`: register arrays sized for the group (see `decode_fn`).
-    pub paged_decode: [CudaFunction; 4],
+    /// `paged_decode_g{1,2,4,8}_<fmt>` per format of [`FORMATS`]: register arrays sized for the
+    /// group (see `decode_fn`).
+    pub paged_decode: Vec<[CudaFunction; 4]>,
     pub decode_reduce: CudaFunction,
-    pub prefill: CudaFunction,
+    /// `prefill_<fmt>` per format.
+    pub prefill: Vec<CudaFunction>,
+    /// `seal_<fmt>` per format (index 0, bf16, is never launched: bf16 blocks stay exact).
+    pub seal: Vec<CudaFunction>,
+    pub latent_encode: CudaFunction,
     pub copy_blocks: CudaFunction,
 }
+
+/// Every entry point the backend loads, as `(file, name)`: the compile test checks that each is
+/// in its file's CUBIN.
+pub fn kernel_names() -> Vec<(&'static str, String)> {
+    let mut v: Vec<(&'static str, String)> = [
+        ("norm.cu", "rms_norm_f32"),
+        ("elementwise.cu", "add_f32"),
+        ("elementwise.cu", "add_bias_f32"),
+        ("elementwise.cu", "silu_mul_f32"),
+        ("elementwise.cu", "gather_rows_f32"),
+        ("elementwise.cu", "embed_bf16"),
+        ("elementwise.cu", "split_bf16"),
+        ("elementwise.cu", "sum_halves_f32"),
+        ("elementwise.cu", "convert_bf16"),
+        ("rope_kv.cu", "rope_store_bf16"),
+        ("attention.cu", "decode_reduce_f32"),
+        ("kv_seal.cu", "latent_encode_bf16"),
+        ("kv_copy.cu", "copy_blocks_u8"),
+    ]
+    .iter()
+    .map(|&(f, n)| (f, n.to_string()))
+    .collect();
+    for fmt in FORMATS {
+        for g in [1, 2, 4, 8] {
+            v.push(("attention.cu", format!("paged_decode_g{g}_{fmt}")));
+        }
+        v.push(("attention.cu", format!("prefill_{fmt}")));
+        v.push(("kv_seal.cu", format!("seal_{fmt}")));
+    }
+    v
+}
+
+/// Dynamic shared memory the latent encoder may use: `[block_size, kv_heads * head_dim]` f32
+/// (sm_80 allows 163 KiB per CTA, sm_86/89 99 KiB, sm_90 227 KiB).
+pub const LATENT_MAX_SMEM: usize = 96 << 10;
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>, modules: Vec<Compiled>) -> Result<Self, DriverError> {
@@ -65,6 +106,19 @@ impl Kernels {
                 .expect("every kernel file is compiled");
             module.load_function(name)
         };
+        let per_format = |file: &str, op: &str| -> Result<Vec<CudaFunction>, DriverError> {
+            FORMATS
+                .iter()
+                .map(|fmt| f(file, &format!("{op}_{fmt}")))
+                .collect()
+        };
+        let decode = FORMATS
+            .iter()
+            .map(|fmt| -> Result<[CudaFunction; 4], DriverError> {
+                let g = |n: u32| f("attention.cu", &format!("paged_decode_g{n}_{fmt}"));
+                Ok([g(1)?, g(2)?, g(4)?, g(8)?])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let k = Kernels {
             rms_norm: f("norm.cu", "rms_norm_f32")?,
             add: f("elementwise.cu", "add_f32")?,
@@ -76,21 +130,24 @@ impl Kernels {
             sum_halves: f("elementwise.cu", "sum_halves_f32")?,
             convert: f("elementwise.cu", "convert_bf16")?,
             rope_store: f("rope_kv.cu", "rope_store_bf16")?,
-            paged_decode: [
-                f("attention.cu", "paged_decode_g1_bf16")?,
-                f("attention.cu", "paged_decode_g2_bf16")?,
-                f("attention.cu", "paged_decode_g4_bf16")?,
-                f("attention.cu", "paged_decode_g8_bf16")?,
-            ],
+            paged_decode: decode,
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
-            prefill: f("attention.cu", "prefill_bf16")?,
-            copy_blocks: f("kv_copy.cu", "copy_blocks_bf16")?,
+            prefill: per_format("attention.cu", "prefill")?,
+            seal: per_format("kv_seal.cu", "seal")?,
+            latent_encode: f("kv_seal.cu", "latent_encode_bf16")?,
+            copy_blocks: f("kv_copy.cu", "copy_blocks_u8")?,
         };
         // The prefill CTA's shared memory passes 48 KiB from head_dim 96 up (132 KiB at 256;
         // sm_80 allows 163 KiB per CTA, sm_90 227 KiB).
-        k.prefill.set_attribute(
+        for p in &k.prefill {
+            p.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem(PREFILL_MAX_DIM) as i32,
+            )?;
+        }
+        k.latent_encode.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            prefill_smem(PREFILL_MAX_DIM) as i32,
+            LATENT_MAX_SMEM as i32,
         )?;
         Ok(k)
     }
@@ -110,16 +167,16 @@ pub fn decode_smem(group: usize, dim: usize, split_len: usize) -> u32 {
 }
 
 impl Kernels {
-    /// The smallest decode variant whose compile-time group bound `G_MAX` holds `group` (≤ 8),
-    /// with that bound (the kernel needs `dim / 8 >= G_MAX` lanes per key).
-    pub fn decode_fn(&self, group: usize) -> (&CudaFunction, usize) {
+    /// The smallest decode variant of format `fmt` whose compile-time group bound `G_MAX` holds
+    /// `group` (≤ 8), with that bound (the kernel needs `dim / 8 >= G_MAX` lanes per key).
+    pub fn decode_fn(&self, fmt: usize, group: usize) -> (&CudaFunction, usize) {
         let i = match group {
             0 | 1 => 0,
             2 => 1,
             3 | 4 => 2,
             _ => 3,
         };
-        (&self.paged_decode[i], 1 << i)
+        (&self.paged_decode[fmt][i], 1 << i)
     }
 }
 

@@ -9,8 +9,10 @@
 //!   the result matches an f32-activation product (the CPU oracle) to ~1e-5 instead of the
 //!   ~3e-3 of a plain bf16 cast; weights are still read once. [`CudaBackend::set_split_matmul`]
 //!   turns this off (plain bf16 activations, half the arithmetic).
-//! - KV: bf16, one allocation `[layer][k|v][block][kv_head][slot][dim]` (`CudaKvStore`); the
-//!   quantized KV policies (int8/int4/latent) are a later issue.
+//! - KV: `store::CudaKvStore`: blocks fill as exact bf16 copies and are sealed into their
+//!   policy's format (int8, KIVI 4/2-bit, k8v4, mhc latent keys) by `kernels/kv_seal.cu`;
+//!   attention reads each block in its current form (`kernels/attention.cu`), windows included.
+//!   Quest reads are CPU-only.
 //! - Kernels: `kernels/*.cu`, compiled at start by NVRTC for the device's arch (`compile`).
 //!
 //! Everything runs in order on one stream with cudarc's event tracking off. The trait's ops are
@@ -22,13 +24,16 @@
 mod attention;
 pub mod compile;
 pub mod device;
-mod kernels;
+pub mod kernels;
+mod kv_write;
 pub mod parity;
 pub mod plan;
+pub mod slots;
+pub mod store;
 
 use crate::backend::codec::Codec;
 use crate::backend::kv_policy::KvPolicy;
-use crate::backend::{AttnSeq, AttnShape, Backend, KvGeometry, RopeParams, Seal};
+use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
 use crate::error::BackendError;
 use crate::model::tensor::HostTensor;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -40,6 +45,7 @@ pub use device::{choose, probe, Choice, DeviceArg, GpuInfo};
 use half::bf16;
 use kernels::{args, grid_1d, Kernels};
 use std::sync::{Arc, Mutex};
+pub use store::CudaKvStore;
 
 /// A weight matrix `[rows, cols]` in bf16 on the device.
 #[derive(Debug)]
@@ -47,39 +53,6 @@ pub struct CudaMatrix {
     pub data: CudaSlice<bf16>,
     pub rows: usize,
     pub cols: usize,
-}
-
-/// The paged KV pool on the device: bf16, `[layer][k|v][block][kv_head][slot][dim]`.
-#[derive(Debug)]
-pub struct CudaKvStore {
-    data: CudaSlice<bf16>,
-    layers: usize,
-    num_blocks: usize,
-    block_size: usize,
-    shape: AttnShape,
-}
-
-impl KvGeometry for CudaKvStore {
-    fn num_layers(&self) -> usize {
-        self.layers
-    }
-    fn num_blocks(&self) -> usize {
-        self.num_blocks
-    }
-    fn block_size(&self) -> usize {
-        self.block_size
-    }
-}
-
-impl CudaKvStore {
-    /// Elements of one block of one layer's K (or V).
-    fn block_elems(&self) -> usize {
-        self.block_size * self.shape.kv_width()
-    }
-    /// Elements of one layer's K (or V).
-    fn plane(&self) -> usize {
-        self.num_blocks * self.block_elems()
-    }
 }
 
 /// One cached index array: its purpose, its host copy and its device copy.

@@ -224,7 +224,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_bytes_per_block(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize {
-        layers * 2 * block_size * shape.kv_width() * std::mem::size_of::<bf16>()
+        store::exact_block_bytes(layers, block_size, shape)
     }
 
     fn new_kv_store(
@@ -234,15 +234,7 @@ impl Backend for CudaBackend {
         block_size: usize,
         shape: AttnShape,
     ) -> CudaKvStore {
-        assert!(block_size > 0, "block_size must be positive");
-        let len = layers * 2 * num_blocks * block_size * shape.kv_width();
-        CudaKvStore {
-            data: ok(self.stream.alloc_zeros(len.max(1)), "KV store alloc"),
-            layers,
-            num_blocks,
-            block_size,
-            shape,
-        }
+        CudaKvStore::new(&self.stream, layers, num_blocks, block_size, shape)
     }
 
     fn rope_and_store(
@@ -256,65 +248,7 @@ impl Backend for CudaBackend {
         store: &mut CudaKvStore,
         layer: usize,
     ) {
-        assert!(
-            qkv.len() >= rows * shape.qkv_width(),
-            "rope_and_store: qkv too small"
-        );
-        assert_eq!(
-            rope.inv_freq.len() * 2,
-            shape.head_dim,
-            "rope: inv_freq is head_dim / 2"
-        );
-        assert_eq!(store.shape, shape, "rope_and_store: store of another shape");
-        let cap = store.num_blocks * store.block_size;
-        assert!(
-            slots[..rows].iter().all(|&s| (s as usize) < cap),
-            "rope_and_store: slot out of range"
-        );
-        if rows == 0 {
-            return;
-        }
-        let pp = self.indices("positions", &positions[..rows]);
-        let sp = self.indices("slots", &slots[..rows]);
-        let freq = self.inv_freq(rope);
-        let base = self.ptr(&store.data);
-        let kp = base + ((2 * layer) * store.plane() * 2) as u64;
-        let vp = base + ((2 * layer + 1) * store.plane() * 2) as u64;
-        let (qp, scale) = (self.ptr(qkv), rope.attention_scaling);
-        let (h, kvh, d, bs) = (
-            shape.num_heads as i32,
-            shape.num_kv_heads as i32,
-            shape.head_dim as i32,
-            store.block_size as i32,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: one CTA per row of `qkv` (asserted size); every slot is inside the store
-        // (asserted); `kp`/`vp` point at layer `layer`'s K and V planes of `store`.
-        ok(
-            unsafe {
-                args!(
-                    self.stream,
-                    &self.k.rope_store,
-                    &qp,
-                    &pp,
-                    &sp,
-                    &freq,
-                    &scale,
-                    &kp,
-                    &vp,
-                    &h,
-                    &kvh,
-                    &d,
-                    &bs
-                )
-                .launch(cfg)
-            },
-            "rope_store",
-        );
+        self.rope_and_store_impl(qkv, rows, positions, slots, shape, rope, store, layer);
     }
 
     fn attention(
@@ -329,12 +263,10 @@ impl Backend for CudaBackend {
         self.attention_impl(qkv, seqs, shape, store, layer, out);
     }
 
-    /// The device store is bf16: `bf16` blocks are stored as they fill (sealing is the
-    /// identity), the other formats, windows and quest reads are CPU-only for now.
+    /// Every format and window the CPU serves; `quest` reads are CPU-only (the block selection
+    /// is not built on the GPU).
     fn supports_policy(&self, policy: &KvPolicy) -> bool {
-        matches!(policy.codec, None | Some(Codec::Bf16))
-            && policy.window.is_none()
-            && policy.quest.is_none()
+        policy.quest.is_none()
     }
 
     fn kv_sealed_bytes_per_block(
@@ -342,59 +274,31 @@ impl Backend for CudaBackend {
         layers: usize,
         block_size: usize,
         shape: AttnShape,
-        _policy: &KvPolicy,
+        policy: &KvPolicy,
     ) -> usize {
-        self.kv_bytes_per_block(layers, block_size, shape)
+        match policy.codec {
+            None | Some(Codec::Bf16) => self.kv_bytes_per_block(layers, block_size, shape),
+            Some(c) => store::SealedLayout::uniform(c, layers, block_size, shape).block_bytes,
+        }
     }
 
-    fn seal(&self, _store: &mut CudaKvStore, _layer: usize, _seals: &[Seal]) {}
+    fn seal(&self, store: &mut CudaKvStore, layer: usize, seals: &[Seal]) {
+        self.seal_impl(store, layer, seals);
+    }
 
-    fn release_exact(&self, _store: &mut CudaKvStore, _blocks: &[u32]) {}
+    fn release_exact(&self, store: &mut CudaKvStore, blocks: &[u32]) {
+        self.release_exact_impl(store, blocks);
+    }
 
-    /// `mhc` is not served on the GPU (`supports_policy`): nothing to attach.
     fn attach_latent_keys(
         &self,
-        _store: &mut CudaKvStore,
-        _keys: &[std::sync::Arc<crate::backend::latent::LatentKeys>],
+        store: &mut CudaKvStore,
+        keys: &[std::sync::Arc<crate::backend::latent::LatentKeys>],
     ) {
+        self.attach_latent_impl(store, keys);
     }
 
     fn copy_blocks(&self, store: &mut CudaKvStore, copies: &[(u32, u32)]) {
-        let nb = store.num_blocks as u32;
-        let valid: Vec<(u32, u32)> = copies
-            .iter()
-            .copied()
-            .filter(|&(s, d)| s < nb && d < nb)
-            .collect();
-        // Copies run in order: a pair that reads or writes a block an earlier pair of the
-        // current launch writes (or reads, for a write) starts a new launch.
-        let mut runs: Vec<Vec<u32>> = Vec::new();
-        let (mut reads, mut writes) = (Vec::new(), Vec::new());
-        for (s, d) in valid {
-            if runs.is_empty() || writes.contains(&s) || writes.contains(&d) || reads.contains(&d) {
-                runs.push(Vec::new());
-                reads.clear();
-                writes.clear();
-            }
-            runs.last_mut().expect("pushed above").extend([s, d]);
-            reads.push(s);
-            writes.push(d);
-        }
-        let (sp, be) = (self.ptr(&store.data), store.block_elems());
-        for run in runs {
-            let pairs = self.to_device(&run);
-            let pp = self.ptr(&pairs);
-            let cfg = LaunchConfig {
-                grid_dim: ((run.len() / 2) as u32, (store.layers * 2) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: every id in `pairs` is < num_blocks (filtered; re-checked in the kernel);
-            // the grid covers layers × {K, V} planes of the store.
-            ok(
-                unsafe { args!(self.stream, &self.k.copy_blocks, &sp, &pp, &be, &nb).launch(cfg) },
-                "copy_blocks",
-            );
-        }
+        self.copy_blocks_impl(store, copies);
     }
 }

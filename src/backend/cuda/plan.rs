@@ -30,18 +30,24 @@ impl AttnPlan {
     }
 }
 
-/// Plans `seqs` for query groups of `group` heads: sequences of one row are decode rows, the
-/// others are cut into tiles of `max(1, tile_queries / group)` rows.
+/// Plans the sequences of `seqs` that `include` accepts (rows still count every sequence: row
+/// numbers index the whole batch) for query groups of `group` heads: sequences of one row are
+/// decode rows, the others are cut into tiles of `max(1, tile_queries / group)` rows.
 pub fn plan(
     seqs: &[AttnSeq<'_>],
     group: usize,
     block_size: usize,
     tile_queries: usize,
+    include: impl Fn(&AttnSeq<'_>) -> bool,
 ) -> AttnPlan {
     let mut p = AttnPlan::default();
     let tile_rows = (tile_queries / group.max(1)).max(1);
     let mut row = 0usize;
     for s in seqs {
+        if !include(s) {
+            row += s.rows;
+            continue;
+        }
         let end = s.start_pos + s.rows;
         let needed = end.div_ceil(block_size).min(s.block_table.len());
         let off = p.tables.len() as u32;
@@ -103,7 +109,7 @@ mod tests {
             },
         ];
         // group 4 → 8 rows per tile.
-        let p = plan(&seqs, 4, 16, 32);
+        let p = plan(&seqs, 4, 16, 32, |_| true);
         assert_eq!(p.decode, vec![0, 41, 0]);
         assert_eq!(p.max_ctx, 41);
         // 41 positions need 3 blocks; 20 need 2 but the table has 1 (the caller checks
@@ -117,6 +123,11 @@ mod tests {
             ]
         );
         assert_eq!((p.decode_rows(), p.num_tiles()), (1, 5));
+        // Only the last sequence: its rows keep their batch numbers (21..30).
+        let p = plan(&seqs, 4, 16, 32, |s| s.start_pos == 33);
+        assert_eq!(p.decode, Vec::<u32>::new());
+        assert_eq!(p.tables, vec![4, 5, 6]);
+        assert_eq!(p.tiles, vec![21, 8, 33, 0, 29, 1, 41, 0]);
     }
 
     #[test]
@@ -128,7 +139,7 @@ mod tests {
             block_table: &t,
             policy: crate::backend::kv_policy::KvPolicy::EXACT,
         }];
-        let p = plan(&seqs, 64, 16, 32);
+        let p = plan(&seqs, 64, 16, 32, |_| true);
         assert_eq!(p.tiles, vec![0, 1, 0, 0, 1, 1, 1, 0]);
     }
 

@@ -1,0 +1,234 @@
+// The sealed KV formats on the device: reading and writing the runs `src/backend/codec.rs`
+// defines, byte for byte (that file's doc is the format reference), plus where a block's data
+// lives in device memory. Pasted by the Rust loader in place of `#include "kv_formats.cuh"`
+// (after `common.cuh`).
+//
+// Memory (see src/backend/cuda/store.rs): every representation of a block lives in a *slab*,
+// in fixed-size slots grouped in chunks of 2^shift slots; `chunks[slot >> shift]` is the device
+// address of a chunk. The exact slab holds bf16 blocks laid out [layer][k|v][kv_head][slot][dim];
+// a sealed slab holds blocks laid out [layer][latent | kv_head x (K run | V run)], every part
+// padded to 16 bytes, runs as codec.rs encodes them.
+//
+// Decoding is exact arithmetic on the stored numbers: products and sums are written with
+// __fmul_rn / __fadd_rn so that the compiler does not contract them into FMAs, and the results
+// equal the CPU codec's f32 decode bit for bit.
+#pragma once
+
+// Formats of one run (codec.rs `Run`).
+#define FMT_BF16 0
+#define FMT_I8 1    // per token symmetric int8, f16 scale per token
+#define FMT_TOK4 2  // per (token, group of 32 channels) 4-bit, f16 scale + zero
+#define FMT_TOK2 3
+#define FMT_CH4 4   // per channel over the block 4-bit, f16 scales then zeros
+#define FMT_CH2 5
+#define FMT_LAT 6   // keys as the layer's joint latent (mhc), no per-head run
+
+#define NO_SLOT 0xffffffffu
+
+// Every KV format (codec.rs `Codec`): exact / bf16, int8, kivi4, kivi2, k8v4, and mhc's latent
+// keys with bf16, int8 or 4-bit values.
+#define KV_FORMATS(X)                 \
+    X(bf16, FMT_BF16, FMT_BF16)       \
+    X(int8, FMT_I8, FMT_I8)           \
+    X(kivi4, FMT_CH4, FMT_TOK4)       \
+    X(kivi2, FMT_CH2, FMT_TOK2)       \
+    X(k8v4, FMT_I8, FMT_TOK4)         \
+    X(mhcbf16, FMT_LAT, FMT_BF16)     \
+    X(mhcint8, FMT_LAT, FMT_I8)       \
+    X(mhckivi4, FMT_LAT, FMT_TOK4)
+
+// Where one layer's KV lives, for one launch. Passed by value; the Rust twin is `KvArgs` in
+// src/backend/cuda/store.rs (same field order, 8-byte aligned).
+struct KvArgs {
+    const unsigned long long* ex_chunks;  // [chunks]: address of each exact chunk (0: not allocated)
+    const unsigned long long* se_chunks;  // [chunks]: same for the sealed slab of this launch's format
+    const float* lat_mean;                // [kv_heads * dim]: this layer's key mean (mhc)
+    const float* lat_up;                  // [rank, kv_heads * dim]: this layer's up-projection Bᵀ (mhc)
+    const float* inv_freq;                // [dim / 2]: RoPE inverse frequencies (mhc)
+    unsigned long long ex_block_bytes;    // bytes of one exact block over all layers
+    unsigned long long ex_k;              // offset of this layer's K in an exact block
+    unsigned long long ex_kv;             // bytes of one layer's K (its V follows)
+    unsigned long long se_block_bytes;    // bytes of one sealed block over all layers
+    unsigned long long se_layer;          // offset of this layer (its latent first) in a sealed block
+    unsigned int ex_shift;                // log2 slots per exact chunk
+    unsigned int se_shift;                // log2 slots per sealed chunk
+    unsigned int k_run;                   // bytes of one head's K run (padded; 0 for mhc)
+    unsigned int v_run;                   // bytes of one head's V run (padded)
+    unsigned int lat_bytes;               // bytes of this layer's latent (padded; 0 unless mhc)
+    int rank;                             // this layer's latent rank (mhc)
+    float rope_scaling;                   // RoPE attention_scaling (mhc)
+    int window_blocks;                    // 0: no window; else blocks seen besides the sink block
+};
+
+__device__ __forceinline__ const unsigned char* slot_addr(const unsigned long long* chunks,
+                                                          unsigned int shift,
+                                                          unsigned long long block_bytes,
+                                                          unsigned int slot) {
+    return (const unsigned char*)chunks[slot >> shift] +
+           (size_t)(slot & ((1u << shift) - 1u)) * block_bytes;
+}
+
+// Exact K (v = 0) or V (v = 1) of head h at offset 0 of exact slot `slot`, this layer.
+__device__ __forceinline__ const bf16_t* exact_run(const KvArgs& a, unsigned int slot, int v,
+                                                   int h, int block_size, int dim) {
+    const unsigned char* b = slot_addr(a.ex_chunks, a.ex_shift, a.ex_block_bytes, slot);
+    return (const bf16_t*)(b + a.ex_k + (v ? a.ex_kv : 0)) + (size_t)h * block_size * dim;
+}
+
+// This layer's part of sealed slot `slot`: its latent, then the heads' runs.
+__device__ __forceinline__ const unsigned char* sealed_layer(const KvArgs& a, unsigned int slot) {
+    return slot_addr(a.se_chunks, a.se_shift, a.se_block_bytes, slot) + a.se_layer;
+}
+
+// K (v = 0) or V (v = 1) run of head h of sealed slot `slot`, this layer.
+__device__ __forceinline__ const unsigned char* sealed_run(const KvArgs& a, unsigned int slot,
+                                                           int v, int h) {
+    return sealed_layer(a, slot) + a.lat_bytes + (size_t)h * (a.k_run + a.v_run) +
+           (v ? a.k_run : 0);
+}
+
+// ---- f16 as raw bits (no cuda_fp16.h under NVRTC) ----
+
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// The least f16 >= x, clamped to +-65504 (NaN -> 0): codec.rs `f16_up`.
+__device__ __forceinline__ unsigned short f16_up(float x) {
+    if (x != x) return 0;
+    if (x >= 65504.0f) return 0x7bff;
+    if (x <= -65504.0f) return 0xfbff;
+    unsigned short h;
+    asm("cvt.rp.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+
+// codec.rs `f16_down(x) = -f16_up(-x)`.
+__device__ __forceinline__ unsigned short f16_down(float x) { return f16_up(-x) ^ 0x8000u; }
+
+__device__ __forceinline__ float ld_f16(const unsigned char* p) {
+    return f16_to_f32(*(const unsigned short*)p);
+}
+
+__device__ __forceinline__ void st_f16(unsigned char* p, unsigned short h) {
+    *(unsigned short*)p = h;
+}
+
+// ---- geometry of a run (codec.rs `Run::bytes`) ----
+
+__device__ __forceinline__ int fmt_bits(int f) {
+    return (f == FMT_TOK4 || f == FMT_CH4) ? 4 : (f == FMT_TOK2 || f == FMT_CH2) ? 2 : 8;
+}
+__device__ __forceinline__ int group_of(int dim) { return dim % 32 == 0 ? 32 : dim; }
+__device__ __forceinline__ int packed_len(int bits, int n) { return (n * bits + 7) / 8; }
+
+__device__ __forceinline__ unsigned int get_code(const unsigned char* codes, int bits, int e) {
+    const int per = 8 / bits;
+    return (codes[e / per] >> ((e % per) * bits)) & ((1u << bits) - 1u);
+}
+
+// ---- decode ----
+
+__device__ __forceinline__ void unpack_bf16x8(uint4 raw, float* f) {
+    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        f[2 * j] = __uint_as_float(w[j] << 16);
+        f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+}
+
+// Element (t, c) of a run of format F (not FMT_LAT).
+template <int F>
+__device__ __forceinline__ float run_elem(const unsigned char* run, int bs, int dim, int t, int c) {
+    const int e = t * dim + c;
+    if (F == FMT_BF16) return to_f32(((const bf16_t*)run)[e]);
+    if (F == FMT_I8) return __fmul_rn((float)(signed char)run[e], ld_f16(run + bs * dim + 2 * t));
+    const int bits = fmt_bits(F);
+    const float code = (float)get_code(run, bits, e);
+    const unsigned char* params = run + packed_len(bits, bs * dim);
+    float s, z;
+    if (F == FMT_TOK4 || F == FMT_TOK2) {
+        const int g = group_of(dim), ng = dim / g;
+        const unsigned char* p = params + 4 * (t * ng + c / g);
+        s = ld_f16(p);
+        z = ld_f16(p + 2);
+    } else {
+        s = ld_f16(params + 2 * c);
+        z = ld_f16(params + 2 * (dim + c));
+    }
+    return __fadd_rn(z, __fmul_rn(code, s));
+}
+
+// Elements (t, c0 .. c0 + 8) of a run of format F (not FMT_LAT); c0 a multiple of 8, dim a
+// multiple of 8 and runs 16-byte aligned, so the code loads are aligned vector loads.
+template <int F>
+__device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim, int t, int c0,
+                                      float* out) {
+    const int e0 = t * dim + c0;
+    if (F == FMT_BF16) {
+        unpack_bf16x8(*(const uint4*)(run + 2 * e0), out);
+    } else if (F == FMT_I8) {
+        const uint2 raw = *(const uint2*)(run + e0);
+        const float s = ld_f16(run + bs * dim + 2 * t);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const unsigned int w = j < 4 ? raw.x : raw.y;
+            out[j] = __fmul_rn((float)(signed char)((w >> (8 * (j & 3))) & 0xffu), s);
+        }
+    } else {
+        const int bits = fmt_bits(F);
+        const unsigned int codes = bits == 4 ? *(const unsigned int*)(run + e0 / 2)
+                                             : (unsigned int)*(const unsigned short*)(run + e0 / 4);
+        const unsigned char* params = run + packed_len(bits, bs * dim);
+        if (F == FMT_TOK4 || F == FMT_TOK2) {
+            const int g = group_of(dim), ng = dim / g;
+            const unsigned char* p = params + 4 * (t * ng + c0 / g);
+            const float s = ld_f16(p), z = ld_f16(p + 2);
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                out[j] = __fadd_rn(z, __fmul_rn((float)((codes >> (j * bits)) & ((1u << bits) - 1u)), s));
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float s = ld_f16(params + 2 * (c0 + j));
+                const float z = ld_f16(params + 2 * (dim + c0 + j));
+                out[j] = __fadd_rn(z, __fmul_rn((float)((codes >> (j * bits)) & ((1u << bits) - 1u)), s));
+            }
+        }
+    }
+}
+
+// mhc: the pre-RoPE reconstruction of key channel `w` (of all kv_heads * dim) of token t from
+// the layer's latent `lat` ([bs, rank] bf16): mean[w] + sum_j c_j up[j][w], in the CPU's order.
+__device__ __forceinline__ float latent_elem(const KvArgs& a, const unsigned char* lat, int width,
+                                             int t, int w) {
+    const bf16_t* c = (const bf16_t*)lat + (size_t)t * a.rank;
+    float x = a.lat_mean[w];
+    for (int j = 0; j < a.rank; ++j)
+        x = __fadd_rn(x, __fmul_rn(to_f32(c[j]), a.lat_up[(size_t)j * width + w]));
+    return x;
+}
+
+// RoPE cos and sin of pair i at position pos, as the CPU's table computes them (the angle in
+// f32, cos/sin in double, then f32, times attention_scaling).
+__device__ __forceinline__ void rope_cs(const KvArgs& a, int i, int pos, float* c, float* s) {
+    const float angle = __fmul_rn(a.inv_freq[i], (float)pos);
+    *c = __fmul_rn((float)cos((double)angle), a.rope_scaling);
+    *s = __fmul_rn((float)sin((double)angle), a.rope_scaling);
+}
+
+// mhc: rotated key channel c of head h, token t of a block whose first token is at `pos0`.
+__device__ __forceinline__ float latent_key(const KvArgs& a, const unsigned char* lat, int kv_heads,
+                                            int dim, int h, int t, int c, int pos0) {
+    const int half = dim / 2, width = kv_heads * dim, i = c % half;
+    const float lo = latent_elem(a, lat, width, t, h * dim + i);
+    const float hi = latent_elem(a, lat, width, t, h * dim + i + half);
+    float cs, sn;
+    rope_cs(a, i, pos0 + t, &cs, &sn);
+    // CPU rotate_head: lo' = lo*cos + (-hi)*sin, hi' = hi*cos + lo*sin.
+    return c < half ? __fadd_rn(__fmul_rn(lo, cs), __fmul_rn(-hi, sn))
+                    : __fadd_rn(__fmul_rn(hi, cs), __fmul_rn(lo, sn));
+}
