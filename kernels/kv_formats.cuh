@@ -89,10 +89,16 @@ __device__ __forceinline__ const unsigned char* sealed_run(const KvArgs& a, unsi
 
 // ---- f16 as raw bits (no cuda_fp16.h under NVRTC) ----
 
+// The two conversions are PTX instructions; a host build (tests/cuda_formats_host.rs compiles
+// the format code with g++ to check it against the Rust codec) takes them from its shim.
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#else
+    return host_f16_to_f32(h);
+#endif
 }
 
 // The least f16 >= x, clamped to +-65504 (NaN -> 0): codec.rs `f16_up`.
@@ -100,9 +106,13 @@ __device__ __forceinline__ unsigned short f16_up(float x) {
     if (x != x) return 0;
     if (x >= 65504.0f) return 0x7bff;
     if (x <= -65504.0f) return 0xfbff;
+#ifdef __CUDA_ARCH__
     unsigned short h;
     asm("cvt.rp.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
+#else
+    return host_f16_round_up(x);
+#endif
 }
 
 // codec.rs `f16_down(x) = -f16_up(-x)`.
