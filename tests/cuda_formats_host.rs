@@ -1,71 +1,89 @@
-//! The device KV format code (kernels/kv_formats.cuh, kernels/kv_seal.cu) compiled for the host
-//! with g++ (tests/cuda_host/shim.h stands in for the CUDA built-ins, one thread per CTA) and run
-//! against the CPU backend's codec and latent projection: every sealed format must encode to the
-//! very same bytes and decode to the very same f32 bits, and mhc's latent encoder and key
-//! reconstruction (un-RoPE, project, rebuild, RoPE) must match the CPU's. This executes the
-//! format logic (bit packing, f16 rounding directions, parameter layout, operation order) without
-//! a GPU; the PTX f16 conversions and everything warp-level are not covered here (they run in
-//! `scripts/gpu-check.sh` on a GPU).
+//! The device kernels run on the host: g++ compiles kernels/kv_seal.cu and kernels/attention.cu
+//! as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
+//! CTA by CTA with one OS thread per CUDA thread, real barriers and warp shuffles), and the
+//! results are checked against the CPU backend:
+//! - every sealed format encodes to the very same bytes and decodes to the very same f32 bits as
+//!   the CPU codec; mhc's latent encoder and key rebuild equal the CPU's bit for bit;
+//! - decode (split-K + reduction) and prefill attention over a device-layout image of the KV
+//!   (exact and sealed slabs, slot-pair tables) equal the CPU's attention within 1e-4 for every
+//!   policy: sealed history, a block sealed within the step (read exact by its own queries),
+//!   prompt chunks after sealed prefixes, windows with dropped blocks.
+//!
+//! Not covered without a GPU: the PTX f16 conversions (the shim uses `_Float16`), the GPU's
+//! memory model and real concurrency, speed (`scripts/gpu-check.sh` does those on a GPU).
+//! `KV_ONLY=<codec>` runs one attention policy, `KV_DEBUG=1` prints the rows that differ.
 
 use half::bf16;
-use kvserve::backend::codec::Codec;
+use kvserve::backend::codec::{Codec, MhcValues};
+use kvserve::backend::cpu::kv_store::CpuKvStore;
 use kvserve::backend::cpu::ops::RopeTable;
+use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::cuda::compile::expand;
+use kvserve::backend::cuda::parity::max_rel_err;
+use kvserve::backend::cuda::plan::{decode_split, plan};
+use kvserve::backend::cuda::store::{exact_block_bytes, format_index, SealedLayout};
+use kvserve::backend::kv_policy::KvPolicy;
 use kvserve::backend::latent::{LatentKeys, LatentLayer};
-use kvserve::backend::RopeParams;
+use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-/// Builds the harness once per test process.
-fn harness() -> &'static Path {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = std::env::temp_dir().join(format!("kvserve-host-kernels-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let seal = std::fs::read_to_string(root.join("kernels/kv_seal.cu")).unwrap();
-        std::fs::write(dir.join("kv_seal_expanded.cu"), expand(&seal)).unwrap();
-        let bin = dir.join("harness");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-        let out = Command::new(&cxx)
-            .args([
-                "-std=c++17",
-                "-O1",
-                "-ffp-contract=off",
-                "-fno-strict-aliasing",
-                "-I",
-            ])
-            .arg(&dir)
-            .arg("-o")
-            .arg(&bin)
-            .arg(root.join("tests/cuda_host/harness.cpp"))
-            .output()
-            .unwrap_or_else(|e| panic!("{cxx} (a C++17 compiler with _Float16) is needed: {e}"));
-        assert!(
-            out.status.success(),
-            "harness build failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        bin
-    })
+/// Builds a harness (`tests/cuda_host/<cpp>`, including the kernel file `cu` expanded as
+/// `<stem>_expanded.cu`) once per test process.
+fn build(cpp: &str, cu: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("kvserve-host-kernels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = std::fs::read_to_string(root.join("kernels").join(cu)).unwrap();
+    // Dynamic shared memory becomes a global array of the harness (see shim.h).
+    let host = expand(&src).replace("extern __shared__", "extern");
+    let stem = cu.trim_end_matches(".cu");
+    std::fs::write(dir.join(format!("{stem}_expanded.cu")), host).unwrap();
+    let bin = dir.join(cpp.trim_end_matches(".cpp"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let out = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-ffp-contract=off",
+            "-fno-strict-aliasing",
+            "-pthread",
+        ])
+        .arg("-I")
+        .arg(&dir)
+        .arg("-o")
+        .arg(&bin)
+        .arg(root.join("tests/cuda_host").join(cpp))
+        .output()
+        .unwrap_or_else(|e| panic!("{cxx} (C++20 with _Float16) is needed: {e}"));
+    assert!(
+        out.status.success(),
+        "{cpp}: build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
 }
 
 fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
-    let dir = harness().parent().unwrap();
+    static SEAL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static ATTN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let bin = if cmd == "attention" {
+        ATTN.get_or_init(|| build("attention.cpp", "attention.cu"))
+    } else {
+        SEAL.get_or_init(|| build("harness.cpp", "kv_seal.cu"))
+    };
+    let dir = bin.parent().unwrap();
     let tag = format!("{cmd}-{:?}", std::thread::current().id()).replace(['(', ')'], "");
     let (i, o) = (
         dir.join(format!("{tag}.in")),
         dir.join(format!("{tag}.out")),
     );
     std::fs::write(&i, input).unwrap();
-    let st = Command::new(harness())
-        .arg(cmd)
-        .arg(&i)
-        .arg(&o)
-        .status()
-        .unwrap();
+    let st = Command::new(bin).arg(cmd).arg(&i).arg(&o).status().unwrap();
     assert!(st.success(), "harness {cmd}: {st}");
     std::fs::read(&o).unwrap()
 }
@@ -274,4 +292,351 @@ fn mhc_latent_encode_and_key_rebuild_match_the_cpu() {
         })
         .sum();
     assert!(err > 1.0, "rebuilt keys equal the stored ones: {err}");
+}
+
+// ---- attention kernels (decode split-K + reduction, prefill) on the host ----
+
+const NO: u32 = u32::MAX;
+
+/// Little-endian byte writer for the harness input.
+#[derive(Default)]
+struct Bytes(Vec<u8>);
+impl Bytes {
+    fn u32(&mut self, v: u32) {
+        self.0.extend(v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend(v.to_le_bytes());
+    }
+    fn f32s(&mut self, v: &[f32]) {
+        for x in v {
+            self.0.extend(x.to_le_bytes());
+        }
+    }
+    fn u32s(&mut self, v: &[u32]) {
+        for x in v {
+            self.0.extend(x.to_le_bytes());
+        }
+    }
+}
+
+/// One policy through the CPU backend (the oracle) and through the device attention kernels
+/// run on the host over a device-layout image of the same KV: a long decode row (many splits,
+/// sealed history), a decode row whose block fills in this step (sealed and exact at once), a
+/// prompt chunk after a sealed prefix (blocks sealed within the chunk: the two-pass tiles) and a
+/// fresh prompt. Under a window, blocks the first row cannot see are dropped. Returns the max
+/// relative error of the device output.
+fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopeParams) -> f64 {
+    let shape = AttnShape {
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+    };
+    let (layers, layer, bs, group) = (2usize, 1usize, 16usize, 4usize);
+    let (kvh, d, w, width) = (2usize, 64usize, shape.kv_width(), shape.qkv_width());
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    // (start, rows) per sequence.
+    let spec = [(600usize, 1usize), (47, 1), (200, 20), (0, 45)];
+    let wb = policy.window_blocks(bs);
+    let nb = 256;
+    let mut ids: Vec<u32> = (0..nb as u32).collect();
+    ids.shuffle(&mut rng);
+    let mut next = 0;
+    let mut tables: Vec<Vec<u32>> = Vec::new();
+    for &(start, rows) in &spec {
+        let n = (start + rows).div_ceil(bs);
+        let first_own = start / bs;
+        let t: Vec<u32> = (0..n)
+            .map(|bi| {
+                let dropped = wb.is_some_and(|w| bi != 0 && bi + w <= first_own);
+                next += 1;
+                if dropped {
+                    NO
+                } else {
+                    ids[next - 1]
+                }
+            })
+            .collect();
+        tables.push(t);
+    }
+    // K/V per (layer, block, token, channel of all heads), bf16-representable.
+    let mut kv: std::collections::HashMap<(usize, u32), (Vec<f32>, Vec<f32>)> = Default::default();
+    let mut cpu_store = CpuKvStore::new(layers, nb, bs, shape);
+    let table = Arc::new(RopeTable::new(rope, 4096));
+    if let Some(l) = &lat {
+        cpu_store.attach_latent(l.clone(), table.clone());
+    }
+    let codec = policy.codec;
+    let sealed_on_gpu = codec.is_some_and(|c| c != Codec::Bf16);
+    // (block, first position, sealed before this step?) of every full block.
+    let mut full: Vec<(u32, usize, bool)> = Vec::new();
+    for (s, &(start, rows)) in spec.iter().enumerate() {
+        let end = start + rows;
+        for (bi, &b) in tables[s].iter().enumerate() {
+            if b == NO {
+                continue;
+            }
+            let p0 = bi * bs;
+            let n = bs.min(end - p0);
+            for l in 0..layers {
+                let k = values(&mut rng, n * w, w, &[7]);
+                let v = values(&mut rng, n * w, w, &[]);
+                let mut rows_buf = vec![0f32; n * width];
+                for t in 0..n {
+                    let r = &mut rows_buf[t * width..(t + 1) * width];
+                    r[shape.q_width()..shape.q_width() + w].copy_from_slice(&k[t * w..(t + 1) * w]);
+                    r[shape.q_width() + w..].copy_from_slice(&v[t * w..(t + 1) * w]);
+                }
+                let slots: Vec<u32> = (0..n).map(|t| b * bs as u32 + t as u32).collect();
+                cpu_store.store(l, &rows_buf, n, &slots);
+                kv.insert((l, b), (k, v));
+            }
+            if n == bs {
+                full.push((b, p0, p0 + bs <= start));
+            }
+        }
+    }
+    if let Some(c) = codec {
+        let seals: Vec<Seal> = full
+            .iter()
+            .map(|&(block, p0, _)| Seal {
+                block,
+                pos: p0 as u32,
+                codec: c,
+                bounds: false,
+            })
+            .collect();
+        for l in 0..layers {
+            cpu_store.seal(l, &seals);
+        }
+        let earlier: Vec<u32> = full.iter().filter(|f| f.2).map(|f| f.0).collect();
+        cpu_store.release_exact(&earlier);
+    }
+    // The step: q rows (k/v parts unused by attention).
+    let rows: usize = spec.iter().map(|s| s.1).sum();
+    let qkv = values(&mut rng, rows * width, width, &[]);
+    let seqs: Vec<AttnSeq<'_>> = spec
+        .iter()
+        .zip(&tables)
+        .map(|(&(start, rows), t)| AttnSeq {
+            rows,
+            start_pos: start,
+            block_table: t,
+            policy,
+        })
+        .collect();
+    let cpu = CpuBackend::new();
+    let mut want = vec![0f32; rows * shape.q_width()];
+    cpu.attention(&qkv, &seqs, shape, &cpu_store, layer, &mut want);
+
+    // The device image: exact slab (slot = block id) and sealed slab, as the GPU store lays
+    // them out.
+    let exb = exact_block_bytes(layers, bs, shape);
+    let plane = bs * w * 2;
+    let mut ex = vec![0u8; nb * exb];
+    let ranks: Vec<usize> = lat.as_ref().map_or(vec![0; layers], |l| {
+        l.layers.iter().map(|x| x.rank).collect()
+    });
+    let layout = codec
+        .filter(|_| sealed_on_gpu)
+        .map(|c| SealedLayout::new(c, &ranks, layers, bs, shape));
+    let mut se = vec![0u8; layout.as_ref().map_or(16, |l| nb * l.block_bytes)];
+    let mut exact_present = vec![false; nb];
+    let mut sealed_present = vec![false; nb];
+    for (&(l, b), (k, v)) in &kv {
+        let n = k.len() / w;
+        let earlier = full.iter().any(|f| f.0 == b && f.2);
+        let sealed = sealed_on_gpu && full.iter().any(|f| f.0 == b);
+        if !(sealed && earlier) {
+            exact_present[b as usize] = true;
+            for (part, src) in [(0usize, k), (1, v)] {
+                for h in 0..kvh {
+                    for t in 0..n {
+                        for c in 0..d {
+                            let e = ((l * 2 + part) * kvh + h) * bs * d + t * d + c;
+                            let at = b as usize * exb + 2 * e;
+                            ex[at..at + 2].copy_from_slice(
+                                &bf16::from_f32(src[t * w + h * d + c]).to_le_bytes(),
+                            );
+                        }
+                    }
+                }
+            }
+            let _ = plane;
+        }
+        if let (true, Some(lay)) = (sealed, &layout) {
+            sealed_present[b as usize] = true;
+            let c = lay.codec;
+            let base = b as usize * lay.block_bytes + lay.layer_at[l];
+            if let Some(lk) = &lat {
+                let p0 = full.iter().find(|f| f.0 == b).unwrap().1;
+                let mut pre = k.clone();
+                for t in 0..bs {
+                    for h in 0..kvh {
+                        table.unrotate_head(&mut pre[t * w + h * d..t * w + (h + 1) * d], p0 + t);
+                    }
+                }
+                let n = lk.latent_bytes(l, bs);
+                lk.encode(l, &pre, bs, &mut se[base..base + n]);
+            }
+            for h in 0..kvh {
+                let run = |x: &Vec<f32>| -> Vec<f32> {
+                    (0..bs)
+                        .flat_map(|t| x[t * w + h * d..t * w + (h + 1) * d].to_vec())
+                        .collect()
+                };
+                let at = base + lay.latent[l] + h * (lay.k_run + lay.v_run);
+                let (kb, vb) = (c.k_bytes(bs, d), c.v_bytes(bs, d));
+                c.encode_k(&run(k), bs, d, &mut se[at..at + kb]);
+                let at = at + lay.k_run;
+                c.encode_v(&run(v), bs, d, &mut se[at..at + vb]);
+            }
+        }
+    }
+    let p = plan(&seqs, group, bs, 32, |_| true);
+    let pairs: Vec<u32> = p
+        .tables
+        .iter()
+        .flat_map(|&b| {
+            let ok = |present: &Vec<bool>| b != NO && present[b as usize];
+            [
+                if ok(&exact_present) { b } else { NO },
+                if ok(&sealed_present) { b } else { NO },
+            ]
+        })
+        .collect();
+    let n = p.decode_rows();
+    let (split, max_splits) = decode_split(p.max_ctx, n, kvh, 16);
+    let mut inb = Bytes::default();
+    for v in [
+        format_index(codec) as u32,
+        8,
+        kvh as u32,
+        d as u32,
+        bs as u32,
+        bs.trailing_zeros(),
+        split as u32,
+        max_splits as u32,
+        n as u32,
+        p.num_tiles() as u32,
+        rows as u32,
+        wb.unwrap_or(0) as u32,
+        ranks[layer] as u32,
+    ] {
+        inb.u32(v);
+    }
+    inb.f32s(&[rope.attention_scaling]);
+    let (seb, sel, kr, vr, lb) = layout.as_ref().map_or((0, 0, 0, 0, 0), |l| {
+        (
+            l.block_bytes,
+            l.layer_at[layer],
+            l.k_run,
+            l.v_run,
+            l.latent[layer],
+        )
+    });
+    for v in [exb, layer * 2 * plane, plane, seb, sel] {
+        inb.u64(v as u64);
+    }
+    for v in [kr, vr, lb] {
+        inb.u32(v as u32);
+    }
+    for v in [pairs.len(), ex.len(), se.len()] {
+        inb.u64(v as u64);
+    }
+    inb.f32s(&qkv);
+    inb.u32s(&p.decode);
+    inb.u32s(&p.tiles);
+    inb.u32s(&pairs);
+    inb.f32s(&rope.inv_freq);
+    match &lat {
+        Some(lk) => {
+            inb.f32s(&lk.layers[layer].mean);
+            inb.f32s(&lk.layers[layer].up_t);
+        }
+        None => inb.f32s(&vec![0.0; w]),
+    }
+    inb.0.extend(&ex);
+    inb.0.extend(&se);
+    let got = f32s(&call("attention", &inb.0));
+    assert_eq!(got.len(), want.len());
+    if std::env::var("KV_DEBUG").is_ok() {
+        let q = shape.q_width();
+        for r in 0..rows {
+            let e = max_rel_err(&got[r * q..(r + 1) * q], &want[r * q..(r + 1) * q]);
+            if e > 1e-4 || e.is_nan() {
+                eprintln!(
+                    "  row {r}: {e:.2e} got {:?} want {:?}",
+                    &got[r * q..r * q + 4],
+                    &want[r * q..r * q + 4]
+                );
+            }
+        }
+    }
+    max_rel_err(&got, &want)
+}
+
+#[test]
+fn attention_kernels_match_the_cpu_for_every_policy() {
+    let rope = RopeParams {
+        inv_freq: (0..32)
+            .map(|i| 10_000f32.powf(-((2 * i) as f32) / 64.0))
+            .collect(),
+        attention_scaling: 1.0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (w, ranks) = (128usize, [20usize, 28]);
+    let small = |rng: &mut ChaCha8Rng, n: usize, s: f32| -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-s..s)).collect()
+    };
+    let lat = Arc::new(LatentKeys {
+        id: [2; 32],
+        rank: 24,
+        kv_width: w,
+        head_dim: 64,
+        layers: ranks
+            .iter()
+            .map(|&r| LatentLayer {
+                rank: r,
+                mean: small(&mut rng, w, 0.5),
+                down: small(&mut rng, r * w, 0.2),
+                up_t: small(&mut rng, r * w, 0.3),
+            })
+            .collect(),
+        rope: rope.clone(),
+        max_positions: 4096,
+    });
+    lat.validate().unwrap();
+    let mut cases: Vec<KvPolicy> = vec![KvPolicy::EXACT];
+    if let Ok(only) = std::env::var("KV_ONLY") {
+        cases.clear();
+        cases.push(KvPolicy::format(Codec::from_name(&only).unwrap()));
+    }
+    if std::env::var("KV_ONLY").is_err() {
+        cases.extend(Codec::PLAIN.map(KvPolicy::format));
+        cases
+            .extend(MhcValues::ALL.map(|values| KvPolicy::format(Codec::Mhc { rank: 24, values })));
+        for (codec, window) in [(Codec::Int8, 64), (Codec::Bf16, 100), (Codec::Kivi4, 48)] {
+            cases.push(KvPolicy {
+                window: Some(window),
+                ..KvPolicy::format(codec)
+            });
+        }
+    }
+    let mut failures = Vec::new();
+    for policy in cases {
+        let l = policy
+            .codec
+            .and_then(Codec::latent_rank)
+            .map(|_| lat.clone());
+        let e = attention_case(policy, l, &rope);
+        eprintln!("{policy}: max rel err {e:.2e}");
+        if e > 1e-4 || e.is_nan() {
+            failures.push(format!("{policy}: {e:.2e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "device attention differs from the CPU: {failures:?}"
+    );
 }

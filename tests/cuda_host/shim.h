@@ -1,30 +1,87 @@
-// Host stand-ins for the CUDA built-ins the KV format code uses, so that g++ can compile
-// kernels/kv_formats.cuh and kernels/kv_seal.cu as plain C++ (tests/cuda_formats_host.rs).
-// One thread per "CTA": every kernel loop is strided by blockDim.x = 1, __syncthreads is a
-// no-op. Warp shuffles are never reached by the code under test.
+// Host stand-ins for the CUDA built-ins the kernels use, so that g++ can compile kernels/*.cu
+// as plain C++ and run them (tests/cuda_formats_host.rs). A kernel called directly runs as one
+// thread (blockDim.x = 1: every loop strided by it covers everything, barriers are no-ops);
+// `launch` runs a grid CTA by CTA, each CTA as real threads with a barrier for __syncthreads and
+// per-warp barriers and exchange slots for __syncwarp and the shuffles (which the kernels only
+// call with every lane of the warp, as CUDA requires). The test rewrites `extern __shared__` to
+// `extern` (the dynamic shared memory is a global array) and `__shared__` is `static`: CTAs run
+// one at a time.
 #pragma once
+#include <algorithm>
+#include <barrier>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
 
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
 
 struct uint2 { unsigned int x, y; };
 struct uint4 { unsigned int x, y, z, w; };
 struct dim3h { unsigned int x = 0, y = 0, z = 0; };
-inline dim3h threadIdx, blockIdx, blockDim{1, 1, 1};
+inline thread_local dim3h threadIdx;
+inline dim3h blockIdx, blockDim{1, 1, 1};
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
-inline void __syncthreads() {}
-inline void __syncwarp() {}
+
+struct CtaSync {
+    std::unique_ptr<std::barrier<>> cta;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    float xchg[32][32];
+};
+inline CtaSync* g_cta = nullptr;
+
+inline void __syncthreads() {
+    if (g_cta) g_cta->cta->arrive_and_wait();
+}
+inline void __syncwarp() {
+    if (g_cta) g_cta->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+inline float shfl_from(float v, int src) {
+    if (!g_cta) return v;
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    g_cta->xchg[w][lane] = v;
+    g_cta->warps[w]->arrive_and_wait();
+    const float r = g_cta->xchg[w][src & 31];
+    g_cta->warps[w]->arrive_and_wait();
+    return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) { return shfl_from(v, (threadIdx.x % 32) ^ o); }
+inline float __shfl_sync(unsigned, float v, int src) { return shfl_from(v, src); }
+
+// Runs `f` for every CTA of `grid`, `threads` threads each.
+template <typename F>
+void launch(dim3h grid, unsigned threads, F f) {
+    blockDim = dim3h{threads, 1, 1};
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = dim3h{x, y, z};
+                CtaSync s;
+                s.cta = std::make_unique<std::barrier<>>(threads);
+                for (unsigned w = 0; w * 32 < threads; ++w)
+                    s.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+                g_cta = &s;
+                std::vector<std::thread> ts;
+                for (unsigned t = 0; t < threads; ++t)
+                    ts.emplace_back([t, &f] {
+                        threadIdx = dim3h{t, 0, 0};
+                        f();
+                    });
+                for (auto& t : ts) t.join();
+                g_cta = nullptr;
+            }
+    blockDim = dim3h{1, 1, 1};
+}
 
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __int_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
-inline float __shfl_sync(unsigned, float v, int) { return v; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

@@ -1,0 +1,123 @@
+// Runs kernels/attention.cu's decode (split-K, then the reduction) and prefill kernels on the
+// host (tests/cuda_formats_host.rs), CTA by CTA with real threads (shim.h `launch`):
+//   attention <in> <out>
+// in (little-endian): u32 fmt, heads, kv_heads, dim, block_size; i32 bs_shift; u32 split_len,
+// max_splits, n_decode, n_tiles, rows, window_blocks, rank; f32 rope_scaling; u64 ex_block_bytes,
+// ex_k, ex_kv, se_block_bytes, se_layer; u32 k_run, v_run, lat_bytes; u64 table_len, ex_bytes,
+// se_bytes; then f32 qkv[rows * width], u32 meta[n_decode * 3], u32 tiles[n_tiles * 4],
+// u32 tables[table_len], f32 inv_freq[dim / 2], f32 lat_mean[kv_heads * dim],
+// f32 lat_up[rank * kv_heads * dim], the exact slab (one chunk), the sealed slab (one chunk).
+// out: f32 [rows, heads * dim]. Query groups of 4 (the g4 kernels).
+#include "shim.h"
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+#include "attention_expanded.cu"
+
+float smem[1 << 20];  // the kernels' `extern __shared__` memory
+
+static std::vector<unsigned char> slurp(const char* path) {
+    std::vector<unsigned char> v;
+    FILE* f = std::fopen(path, "rb");
+    if (!f) return v;
+    int c;
+    while ((c = std::fgetc(f)) != EOF) v.push_back((unsigned char)c);
+    std::fclose(f);
+    return v;
+}
+
+struct Reader {
+    const unsigned char* p;
+    template <typename T> T get() { T v; std::memcpy(&v, p, sizeof v); p += sizeof v; return v; }
+    template <typename T> std::vector<T> vec(size_t n) {
+        std::vector<T> v(n + 1);  // never empty: .data() is a valid pointer
+        std::memcpy(v.data(), p, n * sizeof(T));
+        p += n * sizeof(T);
+        return v;
+    }
+};
+
+#define CASE(I, NAME)                  \
+    case I:                            \
+        decode = &paged_decode_g4_##NAME; \
+        prefill = &prefill_##NAME;     \
+        break;
+
+int main(int argc, char** argv) {
+    if (argc != 4 || std::strcmp(argv[1], "attention") != 0) return 2;
+    std::vector<unsigned char> in = slurp(argv[2]);
+    if (in.empty()) return 3;
+    Reader r{in.data()};
+    const int fmt = r.get<uint32_t>(), heads = r.get<uint32_t>(), kvh = r.get<uint32_t>();
+    const int dim = r.get<uint32_t>(), bs = r.get<uint32_t>(), bs_shift = r.get<int32_t>();
+    const int split_len = r.get<uint32_t>(), max_splits = r.get<uint32_t>();
+    const int n = r.get<uint32_t>(), tiles_n = r.get<uint32_t>(), rows = r.get<uint32_t>();
+    KvArgs a{};
+    a.window_blocks = r.get<uint32_t>();
+    a.rank = r.get<uint32_t>();
+    a.rope_scaling = r.get<float>();
+    a.ex_block_bytes = r.get<uint64_t>();
+    a.ex_k = r.get<uint64_t>();
+    a.ex_kv = r.get<uint64_t>();
+    a.se_block_bytes = r.get<uint64_t>();
+    a.se_layer = r.get<uint64_t>();
+    a.k_run = r.get<uint32_t>();
+    a.v_run = r.get<uint32_t>();
+    a.lat_bytes = r.get<uint32_t>();
+    const uint64_t table_len = r.get<uint64_t>(), ex_bytes = r.get<uint64_t>(), se_bytes = r.get<uint64_t>();
+    const int width = (heads + 2 * kvh) * dim;
+    std::vector<float> qkv = r.vec<float>((size_t)rows * width);
+    std::vector<unsigned int> meta = r.vec<unsigned int>((size_t)n * 3);
+    std::vector<unsigned int> tiles = r.vec<unsigned int>((size_t)tiles_n * 4);
+    std::vector<unsigned int> tables = r.vec<unsigned int>(table_len);
+    std::vector<float> inv_freq = r.vec<float>(dim / 2), mean = r.vec<float>((size_t)kvh * dim);
+    std::vector<float> up = r.vec<float>((size_t)a.rank * kvh * dim);
+    std::vector<unsigned char> ex = r.vec<unsigned char>(ex_bytes), se = r.vec<unsigned char>(se_bytes);
+    // One chunk per slab holding every slot (shift 24).
+    unsigned long long ex_chunks[1] = {(unsigned long long)(uintptr_t)ex.data()};
+    unsigned long long se_chunks[1] = {(unsigned long long)(uintptr_t)se.data()};
+    a.ex_chunks = ex_chunks;
+    a.se_chunks = se_chunks;
+    a.ex_shift = a.se_shift = 24;
+    a.inv_freq = inv_freq.data();
+    a.lat_mean = mean.data();
+    a.lat_up = up.data();
+
+    decltype(&paged_decode_g4_bf16) decode = nullptr;
+    decltype(&prefill_bf16) prefill = nullptr;
+    switch (fmt) {
+        CASE(0, bf16)
+        CASE(1, int8)
+        CASE(2, kivi4)
+        CASE(3, kivi2)
+        CASE(4, k8v4)
+        CASE(5, mhcbf16)
+        CASE(6, mhcint8)
+        CASE(7, mhckivi4)
+        default: return 5;
+    }
+    const float scale = 1.0f / std::sqrt((float)dim);
+    std::vector<float> out((size_t)rows * heads * dim, NAN);
+    if (n > 0) {
+        std::vector<float> part_o((size_t)n * heads * max_splits * dim, NAN);
+        std::vector<float> part_ml((size_t)n * heads * max_splits * 2, NAN);
+        launch(dim3h{(unsigned)kvh, (unsigned)n, (unsigned)max_splits}, THREADS, [&] {
+            decode(qkv.data(), meta.data(), tables.data(), a, part_o.data(), part_ml.data(), heads,
+                   kvh, dim, bs, bs_shift, split_len, max_splits, scale);
+        });
+        launch(dim3h{(unsigned)n, (unsigned)heads, 1}, (unsigned)((dim + 31) / 32 * 32), [&] {
+            decode_reduce_f32(part_o.data(), part_ml.data(), meta.data(), out.data(), heads, dim,
+                              split_len, max_splits);
+        });
+    }
+    if (tiles_n > 0) {
+        launch(dim3h{(unsigned)kvh, (unsigned)tiles_n, 1}, THREADS, [&] {
+            prefill(qkv.data(), tiles.data(), tables.data(), a, out.data(), heads, kvh, dim, bs, scale);
+        });
+    }
+    FILE* f = std::fopen(argv[3], "wb");
+    if (!f) return 4;
+    std::fwrite(out.data(), 4, out.size(), f);
+    std::fclose(f);
+    return 0;
+}
