@@ -9,33 +9,13 @@
 // f32 lat_up[rank * kv_heads * dim], the exact slab (one chunk), the sealed slab (one chunk).
 // out: f32 [rows, heads * dim]. Query groups of 4 (the g4 kernels).
 #include "shim.h"
+#include "io.h"
 #include <cstdint>
 #include <cstdio>
 #include <vector>
 #include "attention_expanded.cu"
 
 float smem[1 << 20];  // the kernels' `extern __shared__` memory
-
-static std::vector<unsigned char> slurp(const char* path) {
-    std::vector<unsigned char> v;
-    FILE* f = std::fopen(path, "rb");
-    if (!f) return v;
-    int c;
-    while ((c = std::fgetc(f)) != EOF) v.push_back((unsigned char)c);
-    std::fclose(f);
-    return v;
-}
-
-struct Reader {
-    const unsigned char* p;
-    template <typename T> T get() { T v; std::memcpy(&v, p, sizeof v); p += sizeof v; return v; }
-    template <typename T> std::vector<T> vec(size_t n) {
-        std::vector<T> v(n + 1);  // never empty: .data() is a valid pointer
-        std::memcpy(v.data(), p, n * sizeof(T));
-        p += n * sizeof(T);
-        return v;
-    }
-};
 
 #define CASE(I, NAME)                  \
     case I:                            \

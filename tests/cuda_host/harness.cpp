@@ -9,33 +9,13 @@
 //                                   kv_heads*bs*dim f32 keys rebuilt by latent_key ([head][t][dim])
 // The kernel sources are included already expanded (common.cuh and kv_formats.cuh pasted in).
 #include "shim.h"
+#include "io.h"
 #include <cstdint>
 #include <cstdio>
 #include <vector>
 #include "kv_seal_expanded.cu"
 
 float pre[1 << 20];  // latent_encode_bf16's `extern __shared__` scratch
-
-static std::vector<unsigned char> slurp(const char* path) {
-    std::vector<unsigned char> v;
-    FILE* f = std::fopen(path, "rb");
-    if (!f) return v;
-    int c;
-    while ((c = std::fgetc(f)) != EOF) v.push_back((unsigned char)c);
-    std::fclose(f);
-    return v;
-}
-
-struct Reader {
-    const unsigned char* p;
-    template <typename T> T get() { T v; std::memcpy(&v, p, sizeof v); p += sizeof v; return v; }
-    template <typename T> std::vector<T> vec(size_t n) {
-        std::vector<T> v(n);
-        std::memcpy(v.data(), p, n * sizeof(T));
-        p += n * sizeof(T);
-        return v;
-    }
-};
 
 template <int F>
 static void run(const bf16_t* src, int bs, int dim, FILE* out) {
