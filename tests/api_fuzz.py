@@ -29,28 +29,21 @@ import argparse
 import hashlib
 import json
 import os
-import queue
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(os.environ.get("KVSERVE_BIN", ROOT / "target" / "release" / "kvserve"))
-MODEL_PATH = Path(os.environ.get("KVSERVE_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct"))
-START_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 30
+# tests/kvserve_launch.py, found next to this script.
+from kvserve_launch import Server, missing_inputs, wait_ready
+
 # The whole schemathesis run is killed after this long (it normally takes ~1 min on 2 cores).
 FUZZ_TIMEOUT_S = 300
 
 KEY = "sk-kvserve-fuzz-3b9e17"
-LISTENING = re.compile(r"kvserve: listening on http://(\S+?)/?\s*$")
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance,ignored_auth"
 
 # Small bounds: every generated request finishes in well under a second on CPU. Each bound is
@@ -93,97 +86,6 @@ def write_files(workdir: Path) -> tuple[Path, Path]:
     return config, tenants
 
 
-class Server:
-    """`kvserve serve` as a subprocess: stdout watched for the listening line, stderr to a file."""
-
-    def __init__(self, config: Path, tenants: Path, workdir: Path):
-        self.stderr_path = workdir / "server.stderr"
-        self.stderr_file = open(self.stderr_path, "wb")
-        cmd = [
-            str(BIN), "serve",
-            "--config", str(config),
-            "--model", str(MODEL_PATH),
-            "--host", "127.0.0.1",
-            "--port", "0",
-            "--tenants", str(tenants),
-        ]
-        print("starting:", " ".join(cmd), flush=True)
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=self.stderr_file,
-        )
-        self.stdout_lines: list[str] = []
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.addr = self._wait_listening()
-
-    def _pump(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.stdout_lines.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_listening(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                self.die(f"not listening within {START_TIMEOUT_S} s")
-            try:
-                line = self._lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                self.proc.wait()
-                self.die(f"server exited with code {self.proc.returncode} before listening")
-            m = LISTENING.search(line)
-            if m:
-                return m.group(1)
-
-    def stderr_text(self) -> str:
-        self.stderr_file.flush()
-        return self.stderr_path.read_text("utf-8", "replace")
-
-    def die(self, why: str) -> None:
-        print(f"FATAL: {why}\n---- server stderr ----\n{self.stderr_text()[-20000:]}",
-              file=sys.stderr)
-        sys.exit(2)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-
-    def terminate(self) -> int | None:
-        if not self.alive():
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-
-def wait_ready(addr: str) -> None:
-    """`/ready` answers 200 (the listening line comes while the model may still load)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{addr}/ready", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"FATAL: /ready not 200 within {START_TIMEOUT_S} s")
-
-
 def still_serving(addr: str) -> str | None:
     """None if a normal completion succeeds, else why not."""
     body = json.dumps({"prompt": "Hello", "max_tokens": 2, "temperature": 0}).encode()
@@ -211,18 +113,14 @@ def main() -> int:
 
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which(
         "schemathesis")
-    for p, what in ((BIN, "server binary (cargo build --release --bin kvserve)"),
-                    (MODEL_PATH, "model (scripts/fetch-model.sh)"),
-                    (Path(st or "/nonexistent"), "schemathesis (pip install, see .ci/run)")):
-        if not p.exists():
-            print(f"FATAL: {p} missing: {what}", file=sys.stderr)
-            return 2
+    if missing_inputs((Path(st or "/nonexistent"), "schemathesis (pip install, see .ci/run)")):
+        return 2
 
     tmp = tempfile.TemporaryDirectory(prefix="kvserve-fuzz-")
     work = Path(tmp.name)
     config, tenants = write_files(work)
     t_all = time.monotonic()
-    server = Server(config, tenants, work)
+    server = Server(tenants, work, config)
     wait_ready(server.addr)
     print(f"server ready on {server.addr} after {time.monotonic() - t_all:.1f} s", flush=True)
 

@@ -14,6 +14,9 @@
 //!
 //! Fails (does not skip) when the model is missing: run scripts/fetch-model.sh.
 
+mod common;
+
+use common::server::{self, model_path, TestServer};
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::kv_policy::KvPolicy;
 use kvserve::backend::latent::LatentKeys;
@@ -26,67 +29,18 @@ use kvserve::tenancy::{hash_key, Tenancy};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-fn model_path() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        p.display()
-    );
-    p
-}
-
 // ---------------------------------------------------------------------------------------------
-// Helpers: an in-process server, the real binary, /metrics, SSE.
+// Helpers: the shared in-process server (tests/common/server.rs), the real binary, /metrics, SSE.
 
-struct TestServer {
-    addr: SocketAddr,
-    state: Arc<kvserve::http::AppState>,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
-    server: Option<Server>,
-}
-
-fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
-    let mut cfg = Config::default();
-    cfg.model.path = model_path();
+/// This file's in-process servers use 96 MiB of KV rather than the shared 64 MiB.
+fn more_kv(cfg: &mut Config) {
     cfg.kv.cache_bytes = 96 << 20;
-    tweak(&mut cfg);
-    cfg
-}
-
-async fn start_with(server: Server) -> TestServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    serve_on(server, listener)
-}
-
-fn serve_on(server: Server, listener: tokio::net::TcpListener) -> TestServer {
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let state = server.state.clone();
-    let done = tokio::spawn(kvserve::http::serve(listener, state.clone(), async move {
-        let _ = rx.await;
-    }));
-    TestServer {
-        addr,
-        state,
-        stop: Some(tx),
-        done,
-        server: Some(server),
-    }
-}
-
-async fn start(tweak: impl FnOnce(&mut Config)) -> TestServer {
-    let cfg = test_config(tweak);
-    let tenancy = Tenancy::open(&cfg.tenants);
-    start_with(tokio::task::block_in_place(|| Server::start(&cfg, tenancy)).unwrap()).await
 }
 
 /// A client that opens a fresh connection per request (servers here may close idle ones fast).
@@ -97,12 +51,10 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// This file's requests, each on a fresh connection ([`client`]).
 impl TestServer {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn post(&self, body: &Value) -> (u16, Value) {
+    /// POST `body` to `/v1/completions`: status and JSON body.
+    async fn complete(&self, body: &Value) -> (u16, Value) {
         let resp = client()
             .post(self.url("/v1/completions"))
             .json(body)
@@ -120,7 +72,7 @@ impl TestServer {
 
     /// Waits (≤ 30 s) until nothing runs or waits and no block is in use, checked both by the
     /// pool's invariant check on the engine thread and through `/metrics`.
-    async fn assert_all_free(&self) {
+    async fn assert_all_free_everywhere(&self) {
         let t0 = Instant::now();
         loop {
             let st = self.state.engine.stats();
@@ -142,17 +94,6 @@ impl TestServer {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(60), &mut self.done)
-            .await
-            .expect("server drained")
-            .unwrap()
-            .unwrap();
-        let server = self.server.take().unwrap();
-        tokio::task::block_in_place(|| server.shutdown());
     }
 }
 
@@ -574,7 +515,7 @@ async fn overload_at_ten_times_capacity_is_refused_fast_and_leaks_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_clients_hanging_up_mid_stream_free_every_block() {
-    let s = start(|_| {}).await;
+    let s = server::start(None, more_kv).await;
     let before = s.state.engine.stats().tokens_generated;
     let tasks: Vec<_> = (0..100)
         .map(|i| {
@@ -603,7 +544,7 @@ async fn hundred_clients_hanging_up_mid_stream_free_every_block() {
     })
     .await
     .expect("all 100 clients got their frames");
-    s.assert_all_free().await;
+    s.assert_all_free_everywhere().await;
     let generated = s.state.engine.stats().tokens_generated - before;
     eprintln!("disconnects: 100 streams aborted after {generated} generated tokens in all");
     assert!(
@@ -612,11 +553,11 @@ async fn hundred_clients_hanging_up_mid_stream_free_every_block() {
     );
     // The engine keeps serving.
     let (st, v) = s
-        .post(&json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}))
+        .complete(&json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}))
         .await;
     assert_eq!(st, 200, "{v}");
     assert!(v["choices"][0]["finish_reason"].is_string());
-    s.assert_all_free().await;
+    s.assert_all_free_everywhere().await;
     s.shutdown().await;
 }
 
@@ -774,10 +715,10 @@ async fn a_failing_forward_pass_fails_only_its_own_request() {
         hits: hits.clone(),
         mixed: mixed.clone(),
     };
-    let cfg = test_config(|_| {});
+    let cfg = server::config(more_kv);
     let tenancy = Tenancy::open(&cfg.tenants);
     let server = tokio::task::block_in_place(|| Server::start_on(&cfg, tenancy, backend)).unwrap();
-    let s = start_with(server).await;
+    let s = server::serve(server).await;
     let prompts = [
         "The quick brown fox",
         "In the beginning there was",
@@ -837,10 +778,10 @@ async fn a_failing_forward_pass_fails_only_its_own_request() {
     );
     // The engine loop survived and keeps serving; nothing leaked.
     let (st, v) = s
-        .post(&json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}))
+        .complete(&json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}))
         .await;
     assert_eq!(st, 200, "{v}");
-    s.assert_all_free().await;
+    s.assert_all_free_everywhere().await;
     s.shutdown().await;
 }
 
@@ -987,7 +928,8 @@ fn raw_post(body: &Value) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_and_hold_no_kv_blocks() {
-    let cfg = test_config(|c| {
+    let cfg = server::config(|c| {
+        more_kv(c);
         c.server.header_read_timeout_secs = 1;
         c.server.body_read_timeout_secs = 1;
         c.server.write_stall_timeout_secs = 1;
@@ -1002,7 +944,7 @@ async fn slow_clients_are_cut_off_and_hold_no_kv_blocks() {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_send_buffer_size(16 << 10).unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let s = serve_on(server, sock.listen(1024).unwrap());
+    let s = server::serve_on(server, sock.listen(1024).unwrap());
     let addr = s.addr;
 
     // (i) Slowloris: ten connections send a header byte every 200 ms and never finish.
@@ -1017,7 +959,7 @@ async fn slow_clients_are_cut_off_and_hold_no_kv_blocks() {
         .collect();
     // The server keeps serving meanwhile.
     let (st, v) = s
-        .post(&json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}))
+        .complete(&json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}))
         .await;
     assert_eq!(st, 200, "{v}");
     let mut worst: f64 = 0.0;
@@ -1071,7 +1013,7 @@ async fn slow_clients_are_cut_off_and_hold_no_kv_blocks() {
         assert!(t0.elapsed() < Duration::from_secs(30), "never admitted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    s.assert_all_free().await;
+    s.assert_all_free_everywhere().await;
     let cut_secs = t0.elapsed().as_secs_f64();
     let generated = s.state.engine.stats().tokens_generated - before;
     let (got, closed) =
@@ -1105,7 +1047,7 @@ async fn slow_clients_are_cut_off_and_hold_no_kv_blocks() {
         assert!(t0.elapsed() < Duration::from_secs(30), "never finished");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    s.assert_all_free().await;
+    s.assert_all_free_everywhere().await;
     let (got, _) =
         tokio::task::block_in_place(|| read_until_closed(&mut conn, Duration::from_millis(1500)));
     let text = String::from_utf8_lossy(&got);
@@ -1115,9 +1057,9 @@ async fn slow_clients_are_cut_off_and_hold_no_kv_blocks() {
 
     // The server still serves, and nothing leaked.
     let (st, v) = s
-        .post(&json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}))
+        .complete(&json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}))
         .await;
     assert_eq!(st, 200, "{v}");
-    s.assert_all_free().await;
+    s.assert_all_free_everywhere().await;
     s.shutdown().await;
 }

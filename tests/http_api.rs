@@ -5,35 +5,18 @@
 //!
 //! Fails (does not skip) when the model is missing: run scripts/fetch-model.sh.
 
+mod common;
+
+use common::server::{self, TestServer};
 use kvserve::config::Config;
-use kvserve::server::Server;
 use kvserve::tenancy::{hash_key, Tenancy};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 const KEY_A: &str = "sk-test-alpha";
 const KEY_B: &str = "sk-test-beta";
-
-struct TestServer {
-    addr: SocketAddr,
-    state: std::sync::Arc<kvserve::http::AppState>,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
-    server: Option<Server>,
-}
-
-fn model_path() -> std::path::PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        p.display()
-    );
-    p
-}
 
 fn tenants(rpm_a: u32) -> Tenancy {
     let toml = format!(
@@ -53,36 +36,19 @@ api_keys_sha256 = ["{}"]
     Tenancy::from_toml(&toml, Path::new("tenants.toml")).unwrap()
 }
 
+/// The shared test server with a 64 KiB body limit, so the 413 test crosses it cheaply.
 async fn start(tenancy: Option<Tenancy>, tweak: impl FnOnce(&mut Config)) -> TestServer {
-    let mut cfg = Config::default();
-    cfg.model.path = model_path();
-    cfg.kv.cache_bytes = 64 << 20;
-    cfg.server.max_body_bytes = 64 << 10;
-    tweak(&mut cfg);
-    let tenancy = tenancy.unwrap_or_else(|| Tenancy::open(&cfg.tenants));
-    let server = tokio::task::block_in_place(|| Server::start(&cfg, tenancy)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let state = server.state.clone();
-    let done = tokio::spawn(kvserve::http::serve(listener, state.clone(), async move {
-        let _ = rx.await;
-    }));
-    TestServer {
-        addr,
-        state,
-        stop: Some(tx),
-        done,
-        server: Some(server),
-    }
+    server::start(tenancy, |cfg| {
+        cfg.server.max_body_bytes = 64 << 10;
+        tweak(cfg)
+    })
+    .await
 }
 
+/// This file's requests, each on a fresh connection (`TestServer::post` reuses one client).
 impl TestServer {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn post(
+    /// POST `body` as JSON: status, headers and JSON body (a non-JSON body as a string).
+    async fn call(
         &self,
         path: &str,
         key: Option<&str>,
@@ -121,46 +87,7 @@ impl TestServer {
             .to_str()
             .unwrap()
             .starts_with("text/event-stream"));
-        let text = resp.text().await.unwrap();
-        let mut out = Vec::new();
-        for frame in text.split("\n\n").filter(|f| !f.trim().is_empty()) {
-            if frame.starts_with(':') {
-                continue; // keep-alive comment
-            }
-            let payload = frame
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("bad frame {frame:?}"));
-            out.push(payload.to_string());
-        }
-        out
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(60), &mut self.done)
-            .await
-            .expect("server drained")
-            .unwrap()
-            .unwrap();
-        let server = self.server.take().unwrap();
-        tokio::task::block_in_place(|| server.shutdown());
-    }
-
-    /// Waits until the engine is idle and checks every KV block is free (none leaked).
-    async fn assert_all_free(&self) {
-        let t0 = Instant::now();
-        loop {
-            let st = self.state.engine.stats();
-            let kv = tokio::task::block_in_place(|| self.state.engine.check_kv()).unwrap();
-            if st.scheduler.running == 0 && st.scheduler.waiting == 0 && kv.used == 0 {
-                return;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "blocks still in use: {kv:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        server::sse_payloads(&resp.text().await.unwrap())
     }
 }
 
@@ -180,7 +107,7 @@ fn chunks(frames: &[String]) -> Vec<Value> {
 async fn completions_plain_and_streaming_agree() {
     let s = start(None, |_| {}).await;
     let body = json!({"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
-    let (status, _, v) = s.post("/v1/completions", None, &body).await;
+    let (status, _, v) = s.call("/v1/completions", None, &body).await;
     assert_eq!(status, 200, "{v}");
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
     assert_eq!(v["object"], "text_completion");
@@ -232,7 +159,7 @@ async fn completions_plain_and_streaming_agree() {
 async fn chat_streaming_with_two_choices() {
     let s = start(None, |_| {}).await;
     let body = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}], "max_tokens": 10, "temperature": 0, "n": 2});
-    let (status, _, v) = s.post("/v1/chat/completions", None, &body).await;
+    let (status, _, v) = s.call("/v1/chat/completions", None, &body).await;
     assert_eq!(status, 200, "{v}");
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(v["object"], "chat.completion");
@@ -252,7 +179,7 @@ async fn chat_streaming_with_two_choices() {
         .unwrap()
         .to_string();
     let (_, _, one) = s
-        .post(
+        .call(
             "/v1/chat/completions",
             None,
             &json!({"messages": body["messages"], "max_tokens": 10, "temperature": 0}),
@@ -297,7 +224,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
     let s = start(None, |_| {}).await;
     let prompt = "Once upon a time, there was a little";
     let base = json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": true});
-    let (_, _, v) = s.post("/v1/completions", None, &base).await;
+    let (_, _, v) = s.call("/v1/completions", None, &base).await;
     let full = v["choices"][0]["text"].as_str().unwrap().to_string();
     // A stop string that the greedy text contains, starting mid-text.
     let words: Vec<&str> = full.split_whitespace().collect();
@@ -306,7 +233,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
     let cut = full.find(stop_word).unwrap();
     let mut body = base.clone();
     body["stop"] = json!(["NEVER-APPEARS", stop_word]);
-    let (_, _, v) = s.post("/v1/completions", None, &body).await;
+    let (_, _, v) = s.call("/v1/completions", None, &body).await;
     assert_eq!(v["choices"][0]["text"], json!(full[..cut]));
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     body["stream"] = json!(true);
@@ -320,7 +247,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
     // logprobs with echo: prompt tokens first (the first has no logprob), then 2 generated.
     let body =
         json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 2, "echo": true});
-    let (status, _, v) = s.post("/v1/completions", None, &body).await;
+    let (status, _, v) = s.call("/v1/completions", None, &body).await;
     assert_eq!(status, 200, "{v}");
     let c = &v["choices"][0];
     assert!(c["text"].as_str().unwrap().starts_with(prompt));
@@ -347,7 +274,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
 
     // A prompt logprob is the same number as the sampled logprob of that token when it was
     // generated: score prompt + first generated token with echo.
-    let (_, _, ids) = s.post("/tokenize", None, &json!({"prompt": prompt})).await;
+    let (_, _, ids) = s.call("/tokenize", None, &json!({"prompt": prompt})).await;
     let mut ids: Vec<u64> = ids["tokens"]
         .as_array()
         .unwrap()
@@ -355,7 +282,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
         .map(|t| t.as_u64().unwrap())
         .collect();
     let (_, _, gen) = s
-        .post(
+        .call(
             "/v1/completions",
             None,
             &json!({"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 1}),
@@ -365,7 +292,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
         .as_f64()
         .unwrap();
     let (_, _, t) = s
-        .post(
+        .call(
             "/tokenize",
             None,
             &json!({"prompt": gen["choices"][0]["text"], "add_special_tokens": false}),
@@ -374,7 +301,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
     assert_eq!(t["count"], 1, "{t}");
     ids.push(t["tokens"][0].as_u64().unwrap());
     let (_, _, echo) = s
-        .post(
+        .call(
             "/v1/completions",
             None,
             &json!({"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 0, "echo": true}),
@@ -391,7 +318,7 @@ async fn stop_strings_logprobs_echo_and_seeds() {
 
     // Chat logprobs: one entry per generated token, with raw bytes and alternatives.
     let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 3, "ignore_eos": true});
-    let (_, _, v) = s.post("/v1/chat/completions", None, &body).await;
+    let (_, _, v) = s.call("/v1/chat/completions", None, &body).await;
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 4);
     let joined: Vec<u8> = content
@@ -414,8 +341,8 @@ async fn stop_strings_logprobs_echo_and_seeds() {
 
     // Seeds: the same seed gives the same text at temperature 1.
     let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 1234});
-    let (_, _, a) = s.post("/v1/completions", None, &body).await;
-    let (_, _, b) = s.post("/v1/completions", None, &body).await;
+    let (_, _, a) = s.call("/v1/completions", None, &body).await;
+    let (_, _, b) = s.call("/v1/completions", None, &body).await;
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
     s.assert_all_free().await;
     s.shutdown().await;
@@ -433,9 +360,9 @@ async fn errors_have_the_right_status_and_envelope() {
         assert_eq!(e["code"], code, "{v}");
     };
     // 401: no key, wrong key; x-api-key works like Bearer.
-    let (st, _, v) = s.post("/v1/completions", None, &ok).await;
+    let (st, _, v) = s.call("/v1/completions", None, &ok).await;
     check(st, &v, 401, "invalid_api_key");
-    let (st, _, v) = s.post("/v1/completions", Some("sk-wrong"), &ok).await;
+    let (st, _, v) = s.call("/v1/completions", Some("sk-wrong"), &ok).await;
     check(st, &v, 401, "invalid_api_key");
     let r = reqwest::Client::new()
         .post(s.url("/v1/completions"))
@@ -459,12 +386,12 @@ async fn errors_have_the_right_status_and_envelope() {
         b.as_object_mut()
             .unwrap()
             .extend(patch.as_object().unwrap().clone());
-        let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &b).await;
+        let (st, _, v) = s.call("/v1/completions", Some(KEY_A), &b).await;
         check(st, &v, 400, "invalid_value");
         assert_eq!(v["error"]["param"], param);
     }
     let (st, _, v) = s
-        .post(
+        .call(
             "/v1/completions",
             Some(KEY_A),
             &json!({"prompt": "Hello", "max_tokens": 8192}),
@@ -472,7 +399,7 @@ async fn errors_have_the_right_status_and_envelope() {
         .await;
     check(st, &v, 400, "context_length_exceeded");
     let (st, _, v) = s
-        .post("/v1/completions", Some(KEY_A), &json!({"prompt": 5}))
+        .call("/v1/completions", Some(KEY_A), &json!({"prompt": 5}))
         .await;
     check(st, &v, 400, "invalid_value");
     // Malformed JSON is 400, never 422.
@@ -487,35 +414,35 @@ async fn errors_have_the_right_status_and_envelope() {
     assert_eq!(r.status(), 400);
     // 404: unknown model, unknown route.
     let (st, _, v) = s
-        .post(
+        .call(
             "/v1/completions",
             Some(KEY_A),
             &json!({"model": "gpt-9", "prompt": "x"}),
         )
         .await;
     check(st, &v, 404, "model_not_found");
-    let (st, _, v) = s.post("/v1/nothing", Some(KEY_A), &ok).await;
+    let (st, _, v) = s.call("/v1/nothing", Some(KEY_A), &ok).await;
     check(st, &v, 404, "not_found");
     // 413: a body over the limit.
     let big = json!({"prompt": "a ".repeat(40_000)});
-    let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &big).await;
+    let (st, _, v) = s.call("/v1/completions", Some(KEY_A), &big).await;
     check(st, &v, 413, "request_too_large");
     // Unknown fields are ignored; the server still answers after every error.
     let mut b = ok.clone();
     b["some_future_field"] = json!({"x": 1});
-    let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &b).await;
+    let (st, _, v) = s.call("/v1/completions", Some(KEY_A), &b).await;
     assert_eq!(st, 200, "{v}");
     // The small endpoints.
     let models: Value = s.get_json("/v1/models", Some(KEY_A)).await;
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");
     let (st, _, v) = s
-        .post("/tokenize", Some(KEY_A), &json!({"prompt": "Hello world"}))
+        .call("/tokenize", Some(KEY_A), &json!({"prompt": "Hello world"}))
         .await;
     assert_eq!(st, 200);
     let ids = v["tokens"].clone();
     assert_eq!(v["count"], ids.as_array().unwrap().len());
     let (_, _, v) = s
-        .post("/detokenize", Some(KEY_A), &json!({"tokens": ids}))
+        .call("/detokenize", Some(KEY_A), &json!({"tokens": ids}))
         .await;
     assert_eq!(v["prompt"], "Hello world");
     let health = reqwest::get(s.url("/health")).await.unwrap();
@@ -556,10 +483,10 @@ async fn tenants_are_rate_limited_and_cache_isolated_separately() {
     // A ~100-token prompt sent by alpha twice hits alpha's prefix cache the second time.
     let prompt = "The history of the city begins with a small settlement on the river bank, where fishermen and traders met every spring to exchange salt, grain, wool and news from the distant mountain villages, and over the centuries the settlement grew into a market town with stone walls, a cathedral, a university and a harbour full of ships from every country of the known world.";
     let body = json!({"prompt": prompt, "max_tokens": 1});
-    let (st, _, a1) = s.post("/v1/completions", Some(KEY_A), &body).await;
+    let (st, _, a1) = s.call("/v1/completions", Some(KEY_A), &body).await;
     assert_eq!(st, 200, "{a1}");
     assert!(a1["usage"]["prompt_tokens"].as_u64().unwrap() >= 64);
-    let (_, _, a2) = s.post("/v1/completions", Some(KEY_A), &body).await;
+    let (_, _, a2) = s.call("/v1/completions", Some(KEY_A), &body).await;
     assert!(
         a2["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
@@ -568,20 +495,20 @@ async fn tenants_are_rate_limited_and_cache_isolated_separately() {
         "{a2}"
     );
     // beta sends the same prompt: no hit on alpha's blocks.
-    let (_, _, b1) = s.post("/v1/completions", Some(KEY_B), &body).await;
+    let (_, _, b1) = s.call("/v1/completions", Some(KEY_B), &body).await;
     assert_eq!(
         b1["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
         "{b1}"
     );
     // alpha is over its 2 requests/minute: 429 with Retry-After and x-ratelimit headers.
-    let (st, h, v) = s.post("/v1/completions", Some(KEY_A), &body).await;
+    let (st, h, v) = s.call("/v1/completions", Some(KEY_A), &body).await;
     assert_eq!(st, 429, "{v}");
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(h["x-ratelimit-limit-requests"], "2");
     assert_eq!(h["x-ratelimit-remaining-requests"], "0");
     // beta is served normally meanwhile.
-    let (st, _, _) = s.post("/v1/completions", Some(KEY_B), &body).await;
+    let (st, _, _) = s.call("/v1/completions", Some(KEY_B), &body).await;
     assert_eq!(st, 200);
     // A client salt only subdivides alpha's own scope: a new salt misses.
     s.shutdown().await;
@@ -609,7 +536,7 @@ async fn disconnected_streams_free_their_blocks() {
     s.assert_all_free().await;
     // The engine keeps serving.
     let (st, _, _) = s
-        .post(
+        .call(
             "/v1/completions",
             None,
             &json!({"prompt": "Hi", "max_tokens": 2}),
@@ -732,7 +659,7 @@ kv_policy_fallback = ["kivi2"]
         b
     };
     // Tenant default, then an allowed request override: usage.kv reports policy and bytes.
-    let (st, _, v) = s.post("/v1/completions", Some(KEY_A), &body(None)).await;
+    let (st, _, v) = s.call("/v1/completions", Some(KEY_A), &body(None)).await;
     assert_eq!(st, 200, "{v}");
     let kv = &v["usage"]["kv"];
     assert_eq!(kv["policy"], "kivi4", "{v}");
@@ -742,7 +669,7 @@ kv_policy_fallback = ["kivi2"]
     );
     assert!(bytes > 0 && saved > bytes, "kivi4 saves ~2/3: {kv}");
     let (st, _, v) = s
-        .post("/v1/completions", Some(KEY_A), &body(Some("int8")))
+        .call("/v1/completions", Some(KEY_A), &body(Some("int8")))
         .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["kv"]["policy"], "int8");
@@ -753,7 +680,7 @@ kv_policy_fallback = ["kivi2"]
     // Not allowed for alpha, and unknown: 400 naming the allowed ones.
     for bad in ["kivi2", "fp4", "mhc:64"] {
         let (st, _, v) = s
-            .post("/v1/completions", Some(KEY_A), &body(Some(bad)))
+            .call("/v1/completions", Some(KEY_A), &body(Some(bad)))
             .await;
         assert_eq!(st, 400, "{bad}: {v}");
         assert_eq!(v["error"]["param"], "kv_policy");
@@ -761,7 +688,7 @@ kv_policy_fallback = ["kivi2"]
         assert!(msg.contains("kivi4") && msg.contains("int8"), "{msg}");
     }
     // The same prompt under another policy never hits alpha's kivi4 blocks.
-    let (_, _, v) = s.post("/v1/completions", Some(KEY_A), &body(None)).await;
+    let (_, _, v) = s.call("/v1/completions", Some(KEY_A), &body(None)).await;
     assert!(
         v["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
@@ -769,13 +696,13 @@ kv_policy_fallback = ["kivi2"]
             > 0
     );
     let (_, _, v) = s
-        .post("/v1/completions", Some(KEY_A), &body(Some("int8")))
+        .call("/v1/completions", Some(KEY_A), &body(Some("int8")))
         .await;
     let int8_hit = v["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .unwrap();
     let (_, _, v2) = s
-        .post(
+        .call(
             "/v1/completions",
             Some(KEY_A),
             &json!({"prompt": prompt, "max_tokens": 4, "kv_policy": "int8", "cache_salt": "fresh"}),
@@ -788,7 +715,7 @@ kv_policy_fallback = ["kivi2"]
     assert!(int8_hit > 0, "int8 hits its own earlier blocks");
 
     // beta: ~130 tokens cannot fit 6 bf16 blocks, but fit under kivi2: admitted, reported.
-    let (st, _, v) = s.post("/v1/completions", Some(KEY_B), &body(None)).await;
+    let (st, _, v) = s.call("/v1/completions", Some(KEY_B), &body(None)).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["kv"]["policy"], "kivi2", "{v}");
     assert_eq!(v["usage"]["kv"]["fallback"], true);
@@ -804,7 +731,7 @@ async fn mhc_is_served_from_a_calibration_file() {
     let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gfdl-1.3-head.txt");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
         .args(["calibrate", "--model"])
-        .arg(model_path())
+        .arg(server::model_path())
         .arg("--text")
         .arg(&text)
         .args(["--rank", "32", "--ctx", "256", "--out"])
@@ -833,12 +760,12 @@ async fn mhc_is_served_from_a_calibration_file() {
     assert_eq!(entry("mhc:32+int8")["prefix_sharing"], true);
 
     let body = |p: &str| json!({"prompt": "The quick brown fox jumps over the lazy dog. ".repeat(6), "max_tokens": 4, "temperature": 0, "kv_policy": p});
-    let (st, _, v) = s.post("/v1/completions", None, &body("mhc:32")).await;
+    let (st, _, v) = s.call("/v1/completions", None, &body("mhc:32")).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["usage"]["kv"]["policy"], "mhc:32+int8", "{v}");
     assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty());
     // No projection of rank 48: refused, naming what is served.
-    let (st, _, v) = s.post("/v1/completions", None, &body("mhc:48")).await;
+    let (st, _, v) = s.call("/v1/completions", None, &body("mhc:48")).await;
     assert_eq!(st, 400, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("mhc:32+int8"), "{msg}");

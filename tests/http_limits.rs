@@ -5,14 +5,12 @@
 //!
 //! Fails (does not skip) when the model is missing: run scripts/fetch-model.sh.
 
-use kvserve::config::Config;
-use kvserve::server::Server;
+mod common;
+
+use common::server::{self, TestServer};
 use kvserve::tenancy::{hash_key, Tenancy};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
-use tokio::sync::oneshot;
 
 const KEY: &str = "sk-test-limits";
 
@@ -28,60 +26,30 @@ const MAX_MESSAGES: usize = 4;
 const MAX_PROMPTS: usize = 2;
 const MAX_TEMPLATE: usize = 2048;
 
-struct TestServer {
-    addr: SocketAddr,
-    client: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
-    server: Option<Server>,
-}
-
+/// The shared test server with every request bound set small, and one tenant (`KEY`).
 async fn start() -> TestServer {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
-    assert!(
-        model.exists(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        model.display()
-    );
-    let mut cfg = Config::default();
-    cfg.model.path = model;
-    cfg.kv.cache_bytes = 64 << 20;
-    let s = &mut cfg.server;
-    s.max_body_bytes = MAX_BODY;
-    s.max_n = MAX_N;
-    s.max_tokens = MAX_TOKENS;
-    s.max_stop_sequences = MAX_STOPS;
-    s.max_stop_bytes = MAX_STOP_BYTES;
-    s.max_logit_bias = MAX_BIAS;
-    s.max_top_logprobs = MAX_TOP;
-    s.max_messages = MAX_MESSAGES;
-    s.max_prompts = MAX_PROMPTS;
-    s.max_template_bytes = MAX_TEMPLATE;
     let toml = format!(
         "[[tenant]]\nid = \"limits\"\napi_keys_sha256 = [\"{}\"]\n",
         hash_key(KEY)
     );
     let tenancy = Tenancy::from_toml(&toml, Path::new("tenants.toml")).unwrap();
-    let server = tokio::task::block_in_place(|| Server::start(&cfg, tenancy)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(kvserve::http::serve(
-        listener,
-        server.state.clone(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    TestServer {
-        addr,
-        client: reqwest::Client::new(),
-        stop: Some(tx),
-        done,
-        server: Some(server),
-    }
+    server::start(Some(tenancy), |cfg| {
+        let s = &mut cfg.server;
+        s.max_body_bytes = MAX_BODY;
+        s.max_n = MAX_N;
+        s.max_tokens = MAX_TOKENS;
+        s.max_stop_sequences = MAX_STOPS;
+        s.max_stop_bytes = MAX_STOP_BYTES;
+        s.max_logit_bias = MAX_BIAS;
+        s.max_top_logprobs = MAX_TOP;
+        s.max_messages = MAX_MESSAGES;
+        s.max_prompts = MAX_PROMPTS;
+        s.max_template_bytes = MAX_TEMPLATE;
+    })
+    .await
 }
 
+/// This file's requests, all with `KEY`.
 impl TestServer {
     /// POSTs raw bytes as JSON with the key; status and body (JSON, or the text as a string).
     async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
@@ -100,10 +68,6 @@ impl TestServer {
         (status, v)
     }
 
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, serde_json::to_vec(body).unwrap()).await
-    }
-
     /// Asserts `body` at `path` is refused with `status`, OpenAI's envelope, `param` and `code`.
     async fn refused(
         &self,
@@ -113,25 +77,14 @@ impl TestServer {
         param: Option<&str>,
         code: &str,
     ) {
-        let (st, v) = self.post(path, body).await;
+        let (st, v) = self.post(path, Some(KEY), body).await;
         assert_error(st, &v, status, param, code, &format!("{path} {body:.200}"));
     }
 
     async fn ok(&self, path: &str, body: &Value) -> Value {
-        let (st, v) = self.post(path, body).await;
+        let (st, v) = self.post(path, Some(KEY), body).await;
         assert_eq!(st, 200, "{path} {body}: {v}");
         v
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(60), &mut self.done)
-            .await
-            .expect("server drained")
-            .unwrap()
-            .unwrap();
-        let server = self.server.take().unwrap();
-        tokio::task::block_in_place(|| server.shutdown());
     }
 }
 
@@ -261,6 +214,7 @@ async fn every_request_bound_has_its_status_param_and_code() {
     let (st, v) = s
         .post(
             "/tokenize",
+            Some(KEY),
             &json!({"messages": [user(&"x".repeat(MAX_TEMPLATE))]}),
         )
         .await;

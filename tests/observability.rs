@@ -7,18 +7,17 @@
 //! Fails (does not skip) when the model or `promtool` is missing: run scripts/fetch-model.sh,
 //! and install the `prometheus` Debian package (or point KVSERVE_PROMTOOL at a promtool).
 
-use kvserve::config::Config;
-use kvserve::server::Server;
+mod common;
+
+use common::server::{self, TestServer};
 use kvserve::tenancy::{hash_key, Tenancy};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
 const KEY_A: &str = "sk-obs-alpha";
 const KEY_B: &str = "sk-obs-beta";
@@ -70,47 +69,10 @@ fn promtool() -> String {
     p
 }
 
-struct TestServer {
-    addr: SocketAddr,
-    state: Arc<kvserve::http::AppState>,
-    stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
-    server: Option<Server>,
-}
-
-async fn start(tenancy: Tenancy) -> TestServer {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
-    assert!(
-        model.exists(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        model.display()
-    );
-    let mut cfg = Config::default();
-    cfg.model.path = model;
-    cfg.kv.cache_bytes = 64 << 20;
-    let server = tokio::task::block_in_place(|| Server::start(&cfg, tenancy)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let state = server.state.clone();
-    let done = tokio::spawn(kvserve::http::serve(listener, state.clone(), async move {
-        let _ = rx.await;
-    }));
-    TestServer {
-        addr,
-        state,
-        stop: Some(tx),
-        done,
-        server: Some(server),
-    }
-}
-
+/// This file's requests, each on a fresh connection (`TestServer::post` reuses one client).
 impl TestServer {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn post(&self, path: &str, key: &str, body: &Value) -> (u16, Value) {
+    /// POST `body` as JSON with `key`: status and JSON body (a non-JSON body as a string).
+    async fn call(&self, path: &str, key: &str, body: &Value) -> (u16, Value) {
         let resp = reqwest::Client::new()
             .post(self.url(path))
             .bearer_auth(key)
@@ -159,17 +121,6 @@ impl TestServer {
             assert!(t0.elapsed() < Duration::from_secs(30), "engine never idled");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(60), &mut self.done)
-            .await
-            .expect("server drained")
-            .unwrap()
-            .unwrap();
-        let server = self.server.take().unwrap();
-        tokio::task::block_in_place(|| server.shutdown());
     }
 }
 
@@ -265,7 +216,7 @@ fn usage_u64(v: &Value, path: &[&str]) -> u64 {
 async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
     let logs = logs();
     let promtool = promtool();
-    let s = start(tenancy()).await;
+    let s = server::start(Some(tenancy()), |_| {}).await;
 
     // ~140 tokens: a prefix hit of whole blocks on the repeat; too big for beta under bf16.
     let prompt = format!(
@@ -275,9 +226,9 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
     let body = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": true});
 
     // alpha: the same prompt twice (the second hits the prefix cache).
-    let (st, a1) = s.post("/v1/completions", KEY_A, &body).await;
+    let (st, a1) = s.call("/v1/completions", KEY_A, &body).await;
     assert_eq!(st, 200, "{a1}");
-    let (st, a2) = s.post("/v1/completions", KEY_A, &body).await;
+    let (st, a2) = s.call("/v1/completions", KEY_A, &body).await;
     assert_eq!(st, 200, "{a2}");
     assert_eq!(
         usage_u64(&a1, &["prompt_tokens_details", "cached_tokens"]),
@@ -298,20 +249,20 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
         .await;
     let b1 = chunks.last().unwrap().clone();
     assert_eq!(usage_u64(&b1, &["completion_tokens"]), 3, "{b1}");
-    let (st, b2) = s.post("/v1/completions", KEY_B, &body).await;
+    let (st, b2) = s.call("/v1/completions", KEY_B, &body).await;
     assert_eq!(st, 200, "{b2}");
     assert_eq!(b2["usage"]["kv"]["policy"], "kivi2", "{b2}");
     let saved = usage_u64(&b2, &["kv", "bytes_saved_vs_bf16"]);
     assert!(saved > 0);
 
     // Refusals: a bad key, a prompt longer than the context, alpha's third request a minute.
-    let (st, _) = s.post("/v1/completions", "sk-wrong", &body).await;
+    let (st, _) = s.call("/v1/completions", "sk-wrong", &body).await;
     assert_eq!(st, 401);
     let too_long = json!({"prompt": vec![28; 8192], "max_tokens": 1});
-    let (st, v) = s.post("/v1/completions", KEY_A, &too_long).await;
+    let (st, v) = s.call("/v1/completions", KEY_A, &too_long).await;
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
-    let (st, v) = s.post("/v1/completions", KEY_A, &body).await;
+    let (st, v) = s.call("/v1/completions", KEY_A, &body).await;
     assert_eq!(st, 429, "{v}");
 
     s.wait_idle().await;

@@ -20,13 +20,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import queue
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -34,21 +30,17 @@ from pathlib import Path
 
 import openai
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(os.environ.get("KVSERVE_BIN", ROOT / "target" / "release" / "kvserve"))
-MODEL_PATH = Path(os.environ.get("KVSERVE_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct"))
+# tests/kvserve_launch.py, found next to this script.
+from kvserve_launch import MODEL_PATH, STOP_TIMEOUT_S, Server, missing_inputs
+
 # The served model id: the model directory's name (config `server.served_model_name` empty).
 MODEL = MODEL_PATH.name
-START_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 30
 
 KEYS = {
     "alpha": "sk-kvserve-conformance-alpha-7f3a91",
     "beta": "sk-kvserve-conformance-beta-c20e5d",
 }
 WRONG_KEY = "sk-kvserve-conformance-not-a-key"
-
-LISTENING = re.compile(r"kvserve: listening on http://(\S+?)/?\s*$")
 
 PROMPT = "The capital of France is"
 STORY_PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -82,91 +74,6 @@ def write_tenants(path: Path) -> None:
             "",
         ]
     path.write_text("\n".join(lines))
-
-
-class Server:
-    """`kvserve serve` as a subprocess: stdout watched for the listening line, stderr to a file."""
-
-    def __init__(self, tenants: Path, workdir: Path):
-        self.stderr_path = workdir / "server.stderr"
-        self.stderr_file = open(self.stderr_path, "wb")
-        cmd = [
-            str(BIN), "serve",
-            "--model", str(MODEL_PATH),
-            "--host", "127.0.0.1",
-            "--port", "0",
-            "--tenants", str(tenants),
-        ]
-        print("starting:", " ".join(cmd), flush=True)
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=self.stderr_file,
-        )
-        self.stdout_lines: list[str] = []
-        self._lines: queue.Queue = queue.Queue()
-        # Keep draining stdout for the server's whole life, so it never blocks on a full pipe.
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.addr = self._wait_listening()
-
-    def _pump(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.stdout_lines.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_listening(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        t0 = time.monotonic()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                self.die(f"no `kvserve: listening on http://HOST:PORT` line on stdout within "
-                         f"{START_TIMEOUT_S} s")
-            try:
-                line = self._lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                self.proc.wait()
-                self.die(f"server exited with code {self.proc.returncode} before listening")
-            m = LISTENING.search(line)
-            if m:
-                print(f"server listening on {m.group(1)} after {time.monotonic() - t0:.1f} s",
-                      flush=True)
-                return m.group(1)
-
-    def stderr_text(self) -> str:
-        self.stderr_file.flush()
-        return self.stderr_path.read_text("utf-8", "replace")
-
-    def die(self, why: str) -> None:
-        print(f"FATAL: {why}", file=sys.stderr)
-        print("---- server stdout ----", file=sys.stderr)
-        print("\n".join(self.stdout_lines), file=sys.stderr)
-        print("---- server stderr ----", file=sys.stderr)
-        print(self.stderr_text(), file=sys.stderr)
-        sys.exit(2)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-
-    def terminate(self) -> int | None:
-        """SIGTERM, then wait; the exit code, or None if it did not exit in time (then killed)."""
-        if not self.alive():
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,11 +621,8 @@ def main() -> int:
     if os.environ.get("KVSERVE_ADDR"):
         ADDR = os.environ["KVSERVE_ADDR"]
     else:
-        for p, what in ((BIN, "server binary (cargo build --release --bin kvserve)"),
-                        (MODEL_PATH, "model (scripts/fetch-model.sh)")):
-            if not p.exists():
-                print(f"FATAL: {p} missing: {what}", file=sys.stderr)
-                return 2
+        if missing_inputs():
+            return 2
         tenants = Path(tmp.name) / "tenants.toml"
         write_tenants(tenants)
         server = Server(tenants, Path(tmp.name))

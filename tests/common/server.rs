@@ -22,6 +22,8 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// A served test server; [`TestServer::shutdown`] drains and stops it. A test file with requests
+/// of its own adds them in its own `impl TestServer` block (each test file is its own crate).
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: Arc<kvserve::http::AppState>,
@@ -31,16 +33,35 @@ pub struct TestServer {
     server: Option<Server>,
 }
 
-/// Starts the server on the real model with a 64 MiB KV pool; `tweak` edits the config first.
-/// `tenancy` `None`: one open tenant.
-pub async fn start(tenancy: Option<Tenancy>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+/// The config every test server starts from: the real model and a 64 MiB KV pool, then
+/// `tweak`. Public for tests that build their `Server` themselves (a custom backend, their own
+/// listener).
+pub fn config(tweak: impl FnOnce(&mut Config)) -> Config {
     let mut cfg = Config::default();
     cfg.model.path = model_path();
     cfg.kv.cache_bytes = 64 << 20;
     tweak(&mut cfg);
+    cfg
+}
+
+/// Starts the server on [`config`]`(tweak)` and serves it on 127.0.0.1:0.
+/// `tenancy` `None`: one open tenant.
+pub async fn start(tenancy: Option<Tenancy>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let cfg = config(tweak);
     let tenancy = tenancy.unwrap_or_else(|| Tenancy::open(&cfg.tenants));
     let server = tokio::task::block_in_place(|| Server::start(&cfg, tenancy)).unwrap();
+    serve(server).await
+}
+
+/// Serves an already started `Server` on 127.0.0.1:0: for one the test built itself (e.g.
+/// `Server::start_on` with a fault-injecting backend).
+pub async fn serve(server: Server) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(server, listener)
+}
+
+/// Serves `server` on a listener the test set up itself (e.g. with small socket buffers).
+pub fn serve_on(server: Server, listener: tokio::net::TcpListener) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let state = server.state.clone();
