@@ -75,15 +75,18 @@ struct Where {
     int off, kind;
 };
 
+// `sel`: the blocks quest lets this (row, head) read (one bit per logical block), or null.
 template <bool SEALED, bool LATENT>
 __device__ __forceinline__ Where where(const KvArgs& a, const unsigned int* table, int p, int own,
-                                       int block_size, int bs_shift, int v, int kvh, int dim) {
+                                       int block_size, int bs_shift, int v, int kvh, int dim,
+                                       const unsigned int* sel) {
     const int bi = bs_shift >= 0 ? p >> bs_shift : p / block_size;
     Where w;
     w.off = bs_shift >= 0 ? (p & (block_size - 1)) : p % block_size;
     w.kind = 0;
     w.base = nullptr;
     if (!sees(bi, own, a.window_blocks)) return w;
+    if (SEALED && sel && !((sel[bi >> 5] >> (bi & 31)) & 1u)) return w;
     const uint2 e = reinterpret_cast<const uint2*>(table)[bi];
     if (SEALED && e.y != NO_SLOT && bi != own) {
         w.kind = 2;
@@ -113,6 +116,8 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     const int G = heads / kv_heads, tpk = dim / 8, kpp = THREADS / tpk;
     const unsigned int row = meta[3 * e], ctx = meta[3 * e + 1];
     const unsigned int* table = tables + 2 * meta[3 * e + 2];
+    const unsigned int* sel =
+        a.quest_sel ? a.quest_sel + ((size_t)e * kv_heads + kvh) * a.quest_words : nullptr;
     const int t0 = split * split_len;
     if (t0 >= (int)ctx) return;
     const int n = min((int)ctx - t0, split_len);
@@ -144,7 +149,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             int kind[UNROLL];
             Where w0 = {nullptr, 0, 0};
             if (grouped && tg < n)
-                w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim);
+                w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, nullptr);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 raw[u] = make_uint4(0u, 0u, 0u, 0u);
@@ -152,7 +157,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                 if (tg + u < n) {
                     Where w = w0;
                     if (grouped) w.off += u;
-                    else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim);
+                    else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim, nullptr);
                     kind[u] = w.kind;
                     if (w.kind) raw[u] = *(const uint4*)(w.base + 2 * (w.off * dim + c0));
                 }
@@ -178,7 +183,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         int kind[UNROLL];
         Where w0 = {nullptr, 0, 0};
         if (grouped && tg < n)
-            w0 = where<SEALED, LATENT>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim);
+            w0 = where<SEALED, LATENT>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, sel);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
@@ -187,7 +192,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             if (tg + u < n) {
                 Where w = w0;
                 if (grouped) w.off += u;
-                else w = where<SEALED, LATENT>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim);
+                else w = where<SEALED, LATENT>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim, sel);
                 kind[u] = w.kind;
                 if (w.kind == 1) {
                     run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, kf[u]);
@@ -268,14 +273,14 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         if constexpr (!SEALED) {
             uint4 raw[UNROLL];
             Where w0 = {nullptr, 0, 0};
-            if (grouped) w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim);
+            if (grouped) w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim, nullptr);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 raw[u] = make_uint4(0u, 0u, 0u, 0u);
                 if (tg + u < n) {
                     Where w = w0;
                     if (grouped) w.off += u;
-                    else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim);
+                    else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim, nullptr);
                     if (w.kind) raw[u] = *(const uint4*)(w.base + 2 * (w.off * dim + c0));
                 }
             }
@@ -299,14 +304,14 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         float vf[UNROLL][8];
         int kind[UNROLL];
         Where w0 = {nullptr, 0, 0};
-        if (grouped) w0 = where<SEALED, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim);
+        if (grouped) w0 = where<SEALED, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim, sel);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             kind[u] = 0;
             if (tg + u < n) {
                 Where w = w0;
                 if (grouped) w.off += u;
-                else w = where<SEALED, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim);
+                else w = where<SEALED, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim, sel);
                 kind[u] = w.kind;
                 if (w.kind == 1) run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, vf[u]);
                 else if (w.kind == 2) run_8<VF == FMT_LAT ? FMT_BF16 : VF>(w.base, block_size, dim, w.off, c0, vf[u]);
@@ -394,6 +399,141 @@ extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, he
         o += w * part_o[(base + s) * dim + d];
     }
     out[(size_t)row * heads * dim + h * dim + d] = o / l;
+}
+
+// ---- quest: which blocks a decode row reads ----
+
+#define QUEST_THREADS 256
+
+// Rust's `f32::total_cmp` order as an unsigned key (a larger key is later in that order).
+__device__ __forceinline__ unsigned int total_order(float x) {
+    const unsigned int b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Whether quest ranks block bi of a row whose own block is `own`: visible, not the own block,
+// with bounds (a sealed copy).
+__device__ __forceinline__ bool quest_ranked(const uint2* table, int bi, int own, int wb) {
+    return bi < own && sees(bi, own, wb) && table[bi].y != NO_SLOT;
+}
+
+// Quest's block selection for decode rows, the CPU's rule (attention_reads.rs
+// `quest_selection`): grid (kv_heads, n), QUEST_THREADS threads; one CTA picks the logical blocks
+// decode row e reads for KV head h. Read: the row's own block, every visible block without key
+// bounds (no sealed copy: it cannot be ranked), and the budget / block_size - 1 visible sealed
+// blocks with the highest upper bound of q.k, max over the head's query group of
+// sum_c max(q_c lo_c, q_c hi_c) (summed in channel order, as the CPU does), ties to the lower
+// block. When every visible block fits in the budget, every block is read. The launch's KvArgs
+// locate the sealed slab (and its window); its quest_sel is not read here.
+extern "C" __global__ void __launch_bounds__(QUEST_THREADS, 1) quest_select_f32(
+    const float* qkv,            // [rows, (heads + 2 * kv_heads) * dim]
+    const unsigned int* meta,    // [n, 3]: (qkv row, context length, offset in tables)
+    const unsigned int* tables,  // [sum of table lengths, 2]: (exact slot, sealed slot)
+    KvArgs kv,
+    unsigned int* keys,          // [n, kv_heads, quest_words * 32]: scratch, a rank key per block
+    unsigned int* sel,           // [n, kv_heads, quest_words]: out, bit b = block b is read
+    int heads, int kv_heads, int dim, int block_size, int budget) {
+    __shared__ float q_s[8 * 256];  // the group's queries (G <= 8, dim <= 256)
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int s_cands, s_pick, s_need, s_ties, s_tie_last;
+    const int h = blockIdx.x, e = blockIdx.y, tid = threadIdx.x;
+    const int G = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, wb = kv.window_blocks;
+    const unsigned int row = meta[3 * e], ctx = meta[3 * e + 1];
+    const uint2* table = reinterpret_cast<const uint2*>(tables + 2 * meta[3 * e + 2]);
+    const int own = ((int)ctx - 1) / block_size;
+    const size_t cta = (size_t)e * kv_heads + h;
+    unsigned int* key = keys + cta * kv.quest_words * 32;
+    unsigned int* out = sel + cta * kv.quest_words;
+    // Visible: every block up to the own one, or the sink block and the last wb up to it.
+    const int first = wb == 0 ? 0 : max(0, own - wb + 1);
+    const int visible = own - first + 1 + (first > 0 ? 1 : 0);
+    const int k = budget / block_size - 1;  // ranked blocks that fit besides the own one
+    if ((long long)visible * block_size <= budget) {
+        for (int w = tid; w < (int)kv.quest_words; w += blockDim.x) out[w] = 0xffffffffu;
+        return;
+    }
+    const float* q = qkv + (size_t)row * width + (size_t)h * G * dim;
+    for (int i = tid; i < G * dim; i += blockDim.x) q_s[i] = q[i];
+    if (tid == 0) s_cands = 0;
+    __syncthreads();
+    for (int bi = tid; bi < own; bi += blockDim.x) {
+        if (!quest_ranked(table, bi, own, wb)) continue;
+        const unsigned char* b = key_bounds(kv, table[bi].y, h);
+        float best = NEG_INF;
+        for (int g = 0; g < G; ++g) {
+            float ub = -0.0f;  // Rust's f32 `sum` starts at -0.0
+            for (int c = 0; c < dim; ++c) {
+                const float qc = q_s[g * dim + c];
+                ub = __fadd_rn(ub, fmaxf(__fmul_rn(qc, ld_f16(b + 2 * c)),
+                                         __fmul_rn(qc, ld_f16(b + 2 * (dim + c)))));
+            }
+            best = fmaxf(best, ub);
+        }
+        key[bi] = total_order(best);
+        atomicAdd(&s_cands, 1u);
+    }
+    __syncthreads();
+    // The k-th largest key T by radix selection (8 bits at a time from the top), and how many
+    // of the keys equal to T are taken (the lowest blocks first).
+    const bool take_all = (int)s_cands <= k;
+    unsigned int pick = 0, need = k > 0 ? (unsigned int)k : 0u, tie_last = 0xffffffffu;
+    if (!take_all && need > 0) {
+        unsigned int mask = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+            __syncthreads();
+            for (int bi = tid; bi < own; bi += blockDim.x)
+                if (quest_ranked(table, bi, own, wb) && (key[bi] & mask) == pick)
+                    atomicAdd(&hist[(key[bi] >> shift) & 255u], 1u);
+            __syncthreads();
+            if (tid == 0) {
+                unsigned int above = 0;
+                int d = 255;
+                for (; d > 0; --d) {
+                    if (above + hist[d] >= need) break;
+                    above += hist[d];
+                }
+                s_pick = pick | ((unsigned int)d << shift);
+                s_need = need - above;
+                s_ties = hist[d];
+            }
+            __syncthreads();
+            pick = s_pick;
+            need = s_need;
+            mask |= 0xffu << shift;
+        }
+        // Ties at T beyond those taken: keep the lowest blocks (one thread; ties are rare).
+        if (tid == 0) {
+            unsigned int last = 0xffffffffu;
+            if (s_ties > need) {
+                unsigned int seen = 0;
+                for (int bi = 0; bi < own && seen < need; ++bi)
+                    if (quest_ranked(table, bi, own, wb) && key[bi] == pick) {
+                        ++seen;
+                        last = (unsigned int)bi;
+                    }
+            }
+            s_tie_last = last;
+        }
+        __syncthreads();
+        tie_last = s_tie_last;
+    }
+    for (int w = tid; w < (int)kv.quest_words; w += blockDim.x) {
+        unsigned int bits = 0;
+        for (int j = 0; j < 32; ++j) {
+            const int bi = w * 32 + j;
+            bool read = bi == own || (bi < own && sees(bi, own, wb) && table[bi].y == NO_SLOT);
+            if (!read && quest_ranked(table, bi, own, wb)) {
+                if (take_all) read = true;
+                else if (k > 0) {
+                    const unsigned int kb = key[bi];
+                    read = kb > pick || (kb == pick && (unsigned int)bi <= tie_last);
+                }
+            }
+            if (read) bits |= 1u << j;
+        }
+        out[w] = bits;
+    }
 }
 
 template <int KF, int VF>

@@ -6,8 +6,9 @@
 // Memory (see src/backend/cuda/store.rs): every representation of a block lives in a *slab*,
 // in fixed-size slots grouped in chunks of 2^shift slots; `chunks[slot >> shift]` is the device
 // address of a chunk. The exact slab holds bf16 blocks laid out [layer][k|v][kv_head][slot][dim];
-// a sealed slab holds blocks laid out [layer][latent | kv_head x (K run | V run)], every part
-// padded to 16 bytes, runs as codec.rs encodes them.
+// a sealed slab holds blocks laid out [layer][latent | kv_head x (K run | V run | key bounds)],
+// every part padded to 16 bytes, runs as codec.rs encodes them; the key bounds (quest only) are
+// per channel f16 minima then maxima of the keys attention reads (kv_store.rs `seal`).
 //
 // Decoding is exact arithmetic on the stored numbers: products and sums are written with
 // __fmul_rn / __fadd_rn so that the compiler does not contract them into FMAs, and the results
@@ -22,11 +23,13 @@
 #define FMT_CH4 4   // per channel over the block 4-bit, f16 scales then zeros
 #define FMT_CH2 5
 #define FMT_LAT 6   // keys as the layer's joint latent (mhc), no per-head run
+#define FMT_BF16S 7 // a bf16 run in a sealed slab (bf16 + quest: kept beside its key bounds)
 
 #define NO_SLOT 0xffffffffu
 
-// Every KV format (codec.rs `Codec`): exact / bf16, int8, kivi4, kivi2, k8v4, and mhc's latent
-// keys with bf16, int8 or 4-bit values.
+// Every KV format (codec.rs `Codec`): exact / bf16, int8, kivi4, kivi2, k8v4, mhc's latent
+// keys with bf16, int8 or 4-bit values, and bf16 sealed (bf16s: bf16 blocks that carry key
+// bounds for quest leave the exact slab like every other sealed block).
 #define KV_FORMATS(X)                 \
     X(bf16, FMT_BF16, FMT_BF16)       \
     X(int8, FMT_I8, FMT_I8)           \
@@ -35,7 +38,8 @@
     X(k8v4, FMT_I8, FMT_TOK4)         \
     X(mhcbf16, FMT_LAT, FMT_BF16)     \
     X(mhcint8, FMT_LAT, FMT_I8)       \
-    X(mhckivi4, FMT_LAT, FMT_TOK4)
+    X(mhckivi4, FMT_LAT, FMT_TOK4)    \
+    X(bf16s, FMT_BF16S, FMT_BF16S)
 
 // Where one layer's KV lives, for one launch. Passed by value; the Rust twin is `KvArgs` in
 // src/backend/cuda/store.rs (same field order, 8-byte aligned).
@@ -45,6 +49,9 @@ struct KvArgs {
     const float* lat_mean;                // [kv_heads * dim]: this layer's key mean (mhc)
     const float* lat_up;                  // [rank, kv_heads * dim]: this layer's up-projection Bᵀ (mhc)
     const float* inv_freq;                // [dim / 2]: RoPE inverse frequencies (mhc)
+    const unsigned int* quest_sel;        // [decode rows, kv_heads, quest_words]: bit b of a
+                                          // (row, head)'s words = logical block b is read
+                                          // (quest_select_f32); null: every block
     unsigned long long ex_block_bytes;    // bytes of one exact block over all layers
     unsigned long long ex_k;              // offset of this layer's K in an exact block
     unsigned long long ex_kv;             // bytes of one layer's K (its V follows)
@@ -54,10 +61,12 @@ struct KvArgs {
     unsigned int se_shift;                // log2 slots per sealed chunk
     unsigned int k_run;                   // bytes of one head's K run (padded; 0 for mhc)
     unsigned int v_run;                   // bytes of one head's V run (padded)
+    unsigned int b_run;                   // bytes of one head's key bounds (4 * dim; 0: none)
     unsigned int lat_bytes;               // bytes of this layer's latent (padded; 0 unless mhc)
     int rank;                             // this layer's latent rank (mhc)
     float rope_scaling;                   // RoPE attention_scaling (mhc)
     int window_blocks;                    // 0: no window; else blocks seen besides the sink block
+    unsigned int quest_words;             // u32 words per (row, head) in quest_sel
 };
 
 __device__ __forceinline__ const unsigned char* slot_addr(const unsigned long long* chunks,
@@ -83,8 +92,14 @@ __device__ __forceinline__ const unsigned char* sealed_layer(const KvArgs& a, un
 // K (v = 0) or V (v = 1) run of head h of sealed slot `slot`, this layer.
 __device__ __forceinline__ const unsigned char* sealed_run(const KvArgs& a, unsigned int slot,
                                                            int v, int h) {
-    return sealed_layer(a, slot) + a.lat_bytes + (size_t)h * (a.k_run + a.v_run) +
+    return sealed_layer(a, slot) + a.lat_bytes + (size_t)h * (a.k_run + a.v_run + a.b_run) +
            (v ? a.k_run : 0);
+}
+
+// Key bounds of head h of sealed slot `slot`, this layer: dim f16 minima, then dim f16 maxima.
+__device__ __forceinline__ const unsigned char* key_bounds(const KvArgs& a, unsigned int slot,
+                                                           int h) {
+    return sealed_run(a, slot, 0, h) + a.k_run + a.v_run;
 }
 
 // ---- f16 as raw bits (no cuda_fp16.h under NVRTC) ----
@@ -117,6 +132,26 @@ __device__ __forceinline__ unsigned short f16_up(float x) {
 
 // codec.rs `f16_down(x) = -f16_up(-x)`.
 __device__ __forceinline__ unsigned short f16_down(float x) { return f16_up(-x) ^ 0x8000u; }
+
+// x rounded to the nearest f16, ties to even (half's `f16::from_f32`; inf beyond the range).
+__device__ __forceinline__ unsigned short f16_nearest(float x) {
+#ifdef __CUDA_ARCH__
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+#else
+    return host_f16_nearest(x);
+#endif
+}
+
+// Key bounds rounded outward, as kv_store.rs `f16_down` / `f16_up` (unlike the codec's, no
+// clamping: beyond +-65504 they become +-inf, NaN stays NaN).
+__device__ __forceinline__ unsigned short bound_down(float x) {
+    const unsigned short h = f16_nearest(x);
+    if (!(f16_to_f32(h) > x)) return h;
+    return (h & 0x8000u) ? (unsigned short)(h + 1) : h == 0 ? (unsigned short)0x8001 : (unsigned short)(h - 1);
+}
+__device__ __forceinline__ unsigned short bound_up(float x) { return bound_down(-x) ^ 0x8000u; }
 
 __device__ __forceinline__ float ld_f16(const unsigned char* p) {
     return f16_to_f32(*(const unsigned short*)p);
@@ -154,7 +189,7 @@ __device__ __forceinline__ void unpack_bf16x8(uint4 raw, float* f) {
 template <int F>
 __device__ __forceinline__ float run_elem(const unsigned char* run, int bs, int dim, int t, int c) {
     const int e = t * dim + c;
-    if (F == FMT_BF16) return to_f32(((const bf16_t*)run)[e]);
+    if (F == FMT_BF16 || F == FMT_BF16S) return to_f32(((const bf16_t*)run)[e]);
     if (F == FMT_I8) return __fmul_rn((float)(signed char)run[e], ld_f16(run + bs * dim + 2 * t));
     const int bits = fmt_bits(F);
     const float code = (float)get_code(run, bits, e);
@@ -178,7 +213,7 @@ template <int F>
 __device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim, int t, int c0,
                                       float* out) {
     const int e0 = t * dim + c0;
-    if (F == FMT_BF16) {
+    if (F == FMT_BF16 || F == FMT_BF16S) {
         unpack_bf16x8(*(const uint4*)(run + 2 * e0), out);
     } else if (F == FMT_I8) {
         const uint2 raw = *(const uint2*)(run + e0);

@@ -6,6 +6,9 @@
 // - seal_<fmt>: grid (seals, kv_heads, 2): one CTA encodes one head's K (z = 0) or V (z = 1) run.
 // - latent_encode_bf16: grid (seals): mhc's joint latent of one block: the keys of every head
 //   un-rotated to pre-RoPE, centred, projected, rounded to bf16.
+// - seal_bounds_<fmt>: grid (seals, kv_heads): quest's per-channel key bounds of one head, taken
+//   from the keys as attention reads them (decoded from the sealed copy written just before,
+//   mhc keys rebuilt and rotated), rounded outward to f16.
 // Speed is secondary: a block is sealed once per block_size tokens.
 #include "common.cuh"
 #include "kv_formats.cuh"
@@ -31,7 +34,7 @@ __device__ __forceinline__ void affine_params(float lo, float hi, float levels, 
 template <int F>
 __device__ void encode_run(const bf16_t* src, unsigned char* dst, int bs, int dim) {
     const int n = bs * dim;
-    if constexpr (F == FMT_BF16) {
+    if constexpr (F == FMT_BF16 || F == FMT_BF16S) {
         for (int e = threadIdx.x; e < n; e += blockDim.x) ((bf16_t*)dst)[e] = src[e];
     } else if constexpr (F == FMT_I8) {
         for (int t = threadIdx.x; t < bs; t += blockDim.x) {
@@ -117,6 +120,39 @@ __device__ void seal(const unsigned int* seals, const KvArgs& a, int dim, int bl
     }
 
 KV_FORMATS(SEAL_ENTRY)
+
+// Bounds of head blockIdx.y of one sealed block: thread c's channel min and max over the block's
+// decoded keys (f32 min/max ignore NaN, as the CPU's), rounded down / up (kv_store.rs `seal`).
+template <int KF>
+__device__ void seal_bounds(const unsigned int* seals, const KvArgs& a, int kv_heads, int dim,
+                            int block_size) {
+    const int s = blockIdx.x, h = blockIdx.y;
+    const unsigned int se = seals[3 * s + 1], pos0 = seals[3 * s + 2];
+    unsigned char* out = (unsigned char*)key_bounds(a, se, h);
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        float lo = __int_as_float(0x7f800000), hi = NEG_INF;
+        for (int t = 0; t < block_size; ++t) {
+            float x;
+            if constexpr (KF == FMT_LAT)
+                x = latent_key(a, sealed_layer(a, se), kv_heads, dim, h, t, c, pos0);
+            else
+                x = run_elem<KF>(sealed_run(a, se, 0, h), block_size, dim, t, c);
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
+        }
+        st_f16(out + 2 * c, bound_down(lo));
+        st_f16(out + 2 * (dim + c), bound_up(hi));
+    }
+}
+
+#define BOUNDS_ENTRY(NAME, KF, VF)                                                               \
+    extern "C" __global__ void seal_bounds_##NAME(                                               \
+        const unsigned int* seals, /* [seals, 3]: (exact slot, sealed slot, first position) */    \
+        KvArgs kv, int kv_heads, int dim, int block_size) {                                       \
+        seal_bounds<KF>(seals, kv, kv_heads, dim, block_size);                                    \
+    }
+
+KV_FORMATS(BOUNDS_ENTRY)
 
 // mhc: the latent of one block and layer, c_t = A (k_t - mean), from the exact keys of every
 // head un-rotated to their pre-RoPE values (latent.rs `encode`, kv_store.rs `seal`). Dynamic

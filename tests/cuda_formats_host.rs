@@ -4,14 +4,16 @@
 //! results are checked against the CPU backend:
 //! - every sealed format encodes to the very same bytes and decodes to the very same f32 bits as
 //!   the CPU codec; mhc's latent encoder and key rebuild equal the CPU's bit for bit;
+//! - quest's key bounds (`seal_bounds_<fmt>`) equal the CPU's for every format;
 //! - decode (split-K + reduction) and prefill attention over a device-layout image of the KV
 //!   (exact and sealed slabs, slot-pair tables) equal the CPU's attention within 1e-4 for every
 //!   policy: sealed history, a block sealed within the step (read exact by its own queries),
-//!   prompt chunks after sealed prefixes, windows with dropped blocks.
+//!   prompt chunks after sealed prefixes, windows with dropped blocks, quest's block selection
+//!   (ties included).
 //!
 //! Not covered without a GPU: the PTX f16 conversions (the shim uses `_Float16`), the GPU's
 //! memory model and real concurrency, speed (`scripts/gpu-check.sh` does those on a GPU).
-//! `KV_ONLY=<codec>` runs one attention policy, `KV_DEBUG=1` prints the rows that differ.
+//! `KV_ONLY=<policy>` (e.g. `kivi4+quest:128`) runs one attention policy, `KV_DEBUG=1` prints the rows that differ.
 
 use half::bf16;
 use kvserve::backend::codec::{Codec, MhcValues};
@@ -109,6 +111,38 @@ fn values(rng: &mut ChaCha8Rng, n: usize, d: usize, outliers: &[usize]) -> Vec<f
             bf16::from_f32(x).to_f32()
         })
         .collect()
+}
+
+/// A random `mhc` projection of nominal rank `rank` over keys of `kv_width` channels (heads of
+/// `head_dim`), one layer per entry of `ranks`, rotating with `rope`.
+fn random_latent(
+    rng: &mut ChaCha8Rng,
+    (kv_width, head_dim): (usize, usize),
+    rank: u16,
+    ranks: &[usize],
+    rope: &RopeParams,
+) -> LatentKeys {
+    let mut small =
+        |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-s..s)).collect() };
+    let lk = LatentKeys {
+        id: [1; 32],
+        rank,
+        kv_width,
+        head_dim,
+        layers: ranks
+            .iter()
+            .map(|&r| LatentLayer {
+                rank: r,
+                mean: small(kv_width, 0.5),
+                down: small(r * kv_width, 0.2),
+                up_t: small(r * kv_width, 0.3),
+            })
+            .collect(),
+        rope: rope.clone(),
+        max_positions: 4096,
+    };
+    lk.validate().unwrap();
+    lk
 }
 
 /// The device format id of each run of a codec (kv_formats.cuh `FMT_*`) with the CPU codec
@@ -213,24 +247,7 @@ fn mhc_latent_encode_and_key_rebuild_match_the_cpu() {
             .collect(),
         attention_scaling: 1.0,
     };
-    let small = |rng: &mut ChaCha8Rng, n: usize, s: f32| -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-s..s)).collect()
-    };
-    let lk = LatentKeys {
-        id: [1; 32],
-        rank: rank as u16,
-        kv_width: w,
-        head_dim: d,
-        layers: vec![LatentLayer {
-            rank,
-            mean: small(&mut rng, w, 0.5),
-            down: small(&mut rng, rank * w, 0.2),
-            up_t: small(&mut rng, rank * w, 0.3),
-        }],
-        rope: rope.clone(),
-        max_positions: 4096,
-    };
-    lk.validate().unwrap();
+    let lk = random_latent(&mut rng, (w, d), rank as u16, &[rank], &rope);
     // Rotated keys as the exact store holds them (bf16).
     let keys = values(&mut rng, bs * w, w, &[5]);
     let table = RopeTable::new(&rope, 4096);
@@ -294,6 +311,194 @@ fn mhc_latent_encode_and_key_rebuild_match_the_cpu() {
     assert!(err > 1.0, "rebuilt keys equal the stored ones: {err}");
 }
 
+/// Writes layer `l` of one block's sealed form into `block` (a whole sealed block of `lay`)
+/// with the CPU codec: `k`, `v` are `[bs, kv_heads * d]` (rotated keys), `p0` the block's first
+/// position (mhc un-rotates the keys to encode the latent). Key bounds are left as they are.
+#[allow(clippy::too_many_arguments)]
+fn write_sealed(
+    block: &mut [u8],
+    lay: &SealedLayout,
+    l: usize,
+    k: &[f32],
+    v: &[f32],
+    p0: usize,
+    lat: Option<&LatentKeys>,
+    rope: &RopeTable,
+    (kvh, d, bs): (usize, usize, usize),
+) {
+    let (c, w) = (lay.codec, kvh * d);
+    let base = lay.layer_at[l];
+    if let Some(lk) = lat {
+        let mut pre = k.to_vec();
+        for t in 0..bs {
+            for h in 0..kvh {
+                rope.unrotate_head(&mut pre[t * w + h * d..t * w + (h + 1) * d], p0 + t);
+            }
+        }
+        let n = lk.latent_bytes(l, bs);
+        lk.encode(l, &pre, bs, &mut block[base..base + n]);
+    }
+    for h in 0..kvh {
+        let run = |x: &[f32]| -> Vec<f32> {
+            (0..bs)
+                .flat_map(|t| x[t * w + h * d..t * w + (h + 1) * d].to_vec())
+                .collect()
+        };
+        let at = base + lay.latent[l] + h * (lay.k_run + lay.v_run + lay.b_run);
+        let (kb, vb) = (c.k_bytes(bs, d), c.v_bytes(bs, d));
+        c.encode_k(&run(k), bs, d, &mut block[at..at + kb]);
+        let at = at + lay.k_run;
+        c.encode_v(&run(v), bs, d, &mut block[at..at + vb]);
+    }
+}
+
+/// Writes the CPU store's key bounds of `block`, layer `l`, into the device image `dst` (one
+/// sealed block of `lay`); false when the CPU keeps none for it.
+fn write_bounds(
+    dst: &mut [u8],
+    lay: &SealedLayout,
+    cpu: &CpuKvStore,
+    block: u32,
+    l: usize,
+) -> bool {
+    let (kvh, d) = (cpu.shape().num_kv_heads, cpu.shape().head_dim);
+    let view = cpu.view(l);
+    let (mut lo, mut hi) = (vec![0f32; d], vec![0f32; d]);
+    for h in 0..kvh {
+        if !view.key_bounds(block, h, &mut lo, &mut hi) {
+            return false;
+        }
+        let at = lay.layer_at[l]
+            + lay.latent[l]
+            + h * (lay.k_run + lay.v_run + lay.b_run)
+            + lay.k_run
+            + lay.v_run;
+        for (i, x) in lo.iter().chain(&hi).enumerate() {
+            dst[at + 2 * i..at + 2 * i + 2].copy_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+        }
+    }
+    true
+}
+
+#[test]
+fn quest_key_bounds_match_the_cpu_for_every_format() {
+    let shape = AttnShape {
+        num_heads: 6,
+        num_kv_heads: 3,
+        head_dim: 64,
+    };
+    let (kvh, d, bs, w, pos0) = (3usize, 64usize, 16usize, 192usize, 1232usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let rope = RopeParams {
+        inv_freq: (0..d / 2)
+            .map(|i| 10_000f32.powf(-((2 * i) as f32) / d as f32))
+            .collect(),
+        attention_scaling: 1.0,
+    };
+    let table = Arc::new(RopeTable::new(&rope, 4096));
+    let rank = 24;
+    let lat = Arc::new(random_latent(&mut rng, (w, d), 24, &[rank], &rope));
+    let mut codecs: Vec<Codec> = Codec::PLAIN.to_vec();
+    codecs.extend(MhcValues::ALL.map(|values| Codec::Mhc { rank: 24, values }));
+    for (case, codec) in codecs.into_iter().enumerate() {
+        let mhc = codec.latent_rank().is_some();
+        // Outlier channels; one case with NaN, ±inf and beyond-f16 keys.
+        let mut k = values(&mut rng, bs * w, w, &[3, 70]);
+        if case == 1 {
+            k[5] = f32::NAN;
+            k[w + 9] = f32::INFINITY;
+            k[2 * w + 11] = f32::NEG_INFINITY;
+            k[3 * w + 13] = bf16::from_f32(1e30).to_f32();
+            k[4 * w + 13] = bf16::from_f32(-1e30).to_f32();
+            for t in 0..bs {
+                k[t * w + 100] = f32::NAN;
+            }
+        }
+        let v = values(&mut rng, bs * w, w, &[]);
+        let mut cpu = CpuKvStore::new(1, 4, bs, shape);
+        if mhc {
+            cpu.attach_latent(lat.clone(), table.clone());
+        }
+        let mut rows = vec![0f32; bs * shape.qkv_width()];
+        for t in 0..bs {
+            let r = &mut rows[t * shape.qkv_width()..(t + 1) * shape.qkv_width()];
+            r[shape.q_width()..shape.q_width() + w].copy_from_slice(&k[t * w..(t + 1) * w]);
+            r[shape.q_width() + w..].copy_from_slice(&v[t * w..(t + 1) * w]);
+        }
+        let block = 2u32;
+        let slots: Vec<u32> = (0..bs as u32).map(|t| block * bs as u32 + t).collect();
+        cpu.store(0, &rows, bs, &slots);
+        let seal = Seal {
+            block,
+            pos: pos0 as u32,
+            codec,
+            bounds: true,
+        };
+        cpu.seal(0, &[seal]);
+        let ranks = [rank];
+        let lay = SealedLayout::new(codec, true, &ranks, 1, bs, shape);
+        let mut image = vec![0u8; lay.block_bytes];
+        let l = mhc.then_some(&*lat);
+        write_sealed(&mut image, &lay, 0, &k, &v, pos0, l, &table, (kvh, d, bs));
+        let mut want = image.clone();
+        assert!(
+            write_bounds(&mut want, &lay, &cpu, block, 0),
+            "{}: no CPU bounds",
+            codec.name()
+        );
+        let mut input = Bytes::default();
+        for x in [
+            format_index(Some(codec), true),
+            kvh,
+            d,
+            bs,
+            rank,
+            pos0,
+            lay.k_run,
+            lay.v_run,
+            lay.b_run,
+            lay.latent[0],
+        ] {
+            input.u32(x as u32);
+        }
+        input.f32s(&[rope.attention_scaling]);
+        input.f32s(&rope.inv_freq);
+        input.f32s(&lat.layers[0].mean);
+        input.f32s(&lat.layers[0].up_t);
+        input.u64(image.len() as u64);
+        input.0.extend(&image);
+        let got = call("bounds", &input.0);
+        assert_eq!(got.len(), want.len());
+        // Compared as f16 values (NaN equal to NaN, -0 to +0); every byte outside the bounds
+        // must be untouched.
+        let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let mut checked = 0;
+        for h in 0..kvh {
+            let at =
+                lay.latent[0] + h * (lay.k_run + lay.v_run + lay.b_run) + lay.k_run + lay.v_run;
+            for i in 0..2 * d {
+                let (g, x) = (f16_at(&got, at + 2 * i), f16_at(&want, at + 2 * i));
+                assert!(
+                    g == x || (g.is_nan() && x.is_nan()),
+                    "{} head {h} {} channel {}: device {g}, CPU {x}",
+                    codec.name(),
+                    if i < d { "min" } else { "max" },
+                    i % d
+                );
+                checked += 1;
+            }
+            want[at..at + 4 * d].copy_from_slice(&got[at..at + 4 * d]);
+        }
+        assert_eq!(
+            got,
+            want,
+            "{}: bytes outside the bounds changed",
+            codec.name()
+        );
+        assert_eq!(checked, kvh * 2 * d);
+    }
+}
+
 // ---- attention kernels (decode split-K + reduction, prefill) on the host ----
 
 const NO: u32 = u32::MAX;
@@ -324,15 +529,17 @@ impl Bytes {
 /// run on the host over a device-layout image of the same KV: a long decode row (many splits,
 /// sealed history), a decode row whose block fills in this step (sealed and exact at once), a
 /// prompt chunk after a sealed prefix (blocks sealed within the chunk: the two-pass tiles) and a
-/// fresh prompt. Under a window, blocks the first row cannot see are dropped. Returns the max
-/// relative error of the device output.
+/// fresh prompt. Under a window, blocks the first row cannot see are dropped. Under quest (read
+/// at layer 2, past the dense layers), 20 blocks of the long row hold the same, larger keys: they
+/// rank first with equal bounds, so the budget cuts through ties. Returns the max relative
+/// error of the device output.
 fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopeParams) -> f64 {
     let shape = AttnShape {
         num_heads: 8,
         num_kv_heads: 2,
         head_dim: 64,
     };
-    let (layers, layer, bs, group) = (2usize, 1usize, 16usize, 4usize);
+    let (layers, layer, bs, group) = (3usize, 2usize, 16usize, 4usize);
     let (kvh, d, w, width) = (2usize, 64usize, shape.kv_width(), shape.qkv_width());
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     // (start, rows) per sequence.
@@ -367,7 +574,17 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
         cpu_store.attach_latent(l.clone(), table.clone());
     }
     let codec = policy.codec;
-    let sealed_on_gpu = codec.is_some_and(|c| c != Codec::Bf16);
+    let bounds = policy.stores_bounds();
+    let sealed_on_gpu = codec.is_some_and(|c| c != Codec::Bf16 || bounds);
+    let ties = bounds && codec.is_none_or(|c| c.latent_rank().is_none());
+    let tie_keys: Vec<Vec<f32>> = (0..layers)
+        .map(|_| {
+            values(&mut rng, bs * w, w, &[7])
+                .iter()
+                .map(|x| bf16::from_f32(2.0 * x).to_f32())
+                .collect()
+        })
+        .collect();
     // (block, first position, sealed before this step?) of every full block.
     let mut full: Vec<(u32, usize, bool)> = Vec::new();
     for (s, &(start, rows)) in spec.iter().enumerate() {
@@ -378,8 +595,11 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
             }
             let p0 = bi * bs;
             let n = bs.min(end - p0);
-            for l in 0..layers {
-                let k = values(&mut rng, n * w, w, &[7]);
+            for (l, tie) in tie_keys.iter().enumerate() {
+                let mut k = values(&mut rng, n * w, w, &[7]);
+                if ties && s == 0 && (8..28).contains(&bi) {
+                    k.copy_from_slice(tie);
+                }
                 let v = values(&mut rng, n * w, w, &[]);
                 let mut rows_buf = vec![0f32; n * width];
                 for t in 0..n {
@@ -403,7 +623,7 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
                 block,
                 pos: p0 as u32,
                 codec: c,
-                bounds: false,
+                bounds,
             })
             .collect();
         for l in 0..layers {
@@ -439,7 +659,7 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
     });
     let layout = codec
         .filter(|_| sealed_on_gpu)
-        .map(|c| SealedLayout::new(c, &ranks, layers, bs, shape));
+        .map(|c| SealedLayout::new(c, bounds, &ranks, layers, bs, shape));
     let mut se = vec![0u8; layout.as_ref().map_or(16, |l| nb * l.block_bytes)];
     let mut exact_present = vec![false; nb];
     let mut sealed_present = vec![false; nb];
@@ -466,30 +686,15 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
         }
         if let (true, Some(lay)) = (sealed, &layout) {
             sealed_present[b as usize] = true;
-            let c = lay.codec;
-            let base = b as usize * lay.block_bytes + lay.layer_at[l];
-            if let Some(lk) = &lat {
-                let p0 = full.iter().find(|f| f.0 == b).unwrap().1;
-                let mut pre = k.clone();
-                for t in 0..bs {
-                    for h in 0..kvh {
-                        table.unrotate_head(&mut pre[t * w + h * d..t * w + (h + 1) * d], p0 + t);
-                    }
-                }
-                let n = lk.latent_bytes(l, bs);
-                lk.encode(l, &pre, bs, &mut se[base..base + n]);
-            }
-            for h in 0..kvh {
-                let run = |x: &Vec<f32>| -> Vec<f32> {
-                    (0..bs)
-                        .flat_map(|t| x[t * w + h * d..t * w + (h + 1) * d].to_vec())
-                        .collect()
-                };
-                let at = base + lay.latent[l] + h * (lay.k_run + lay.v_run);
-                let (kb, vb) = (c.k_bytes(bs, d), c.v_bytes(bs, d));
-                c.encode_k(&run(k), bs, d, &mut se[at..at + kb]);
-                let at = at + lay.k_run;
-                c.encode_v(&run(v), bs, d, &mut se[at..at + vb]);
+            let p0 = full.iter().find(|f| f.0 == b).unwrap().1;
+            let block = &mut se[b as usize * lay.block_bytes..(b as usize + 1) * lay.block_bytes];
+            let geo = (kvh, d, bs);
+            write_sealed(block, lay, l, k, v, p0, lat.as_deref(), &table, geo);
+            if bounds {
+                assert!(
+                    write_bounds(block, lay, &cpu_store, b, l),
+                    "no CPU bounds for {b}"
+                );
             }
         }
     }
@@ -509,7 +714,7 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
     let (split, max_splits) = decode_split(p.max_ctx, n, kvh, 16);
     let mut inb = Bytes::default();
     for v in [
-        format_index(codec) as u32,
+        format_index(codec, bounds) as u32,
         8,
         kvh as u32,
         d as u32,
@@ -558,6 +763,8 @@ fn attention_case(policy: KvPolicy, lat: Option<Arc<LatentKeys>>, rope: &RopePar
     }
     inb.0.extend(&ex);
     inb.0.extend(&se);
+    inb.u32(layout.as_ref().map_or(0, |l| l.b_run as u32));
+    inb.u32(policy.quest.unwrap_or(0));
     let got = f32s(&call("attention", &inb.0));
     assert_eq!(got.len(), want.len());
     if std::env::var("KV_DEBUG").is_ok() {
@@ -585,32 +792,12 @@ fn attention_kernels_match_the_cpu_for_every_policy() {
         attention_scaling: 1.0,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let (w, ranks) = (128usize, [20usize, 28]);
-    let small = |rng: &mut ChaCha8Rng, n: usize, s: f32| -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-s..s)).collect()
-    };
-    let lat = Arc::new(LatentKeys {
-        id: [2; 32],
-        rank: 24,
-        kv_width: w,
-        head_dim: 64,
-        layers: ranks
-            .iter()
-            .map(|&r| LatentLayer {
-                rank: r,
-                mean: small(&mut rng, w, 0.5),
-                down: small(&mut rng, r * w, 0.2),
-                up_t: small(&mut rng, r * w, 0.3),
-            })
-            .collect(),
-        rope: rope.clone(),
-        max_positions: 4096,
-    });
-    lat.validate().unwrap();
+    let (w, ranks) = (128usize, [20usize, 28, 24]);
+    let lat = Arc::new(random_latent(&mut rng, (w, 64), 24, &ranks, &rope));
     let mut cases: Vec<KvPolicy> = vec![KvPolicy::EXACT];
     if let Ok(only) = std::env::var("KV_ONLY") {
         cases.clear();
-        cases.push(KvPolicy::format(Codec::from_name(&only).unwrap()));
+        cases.push(kvserve::kv::policy::KvPolicy::parse(&only).unwrap());
     }
     if std::env::var("KV_ONLY").is_err() {
         cases.extend(Codec::PLAIN.map(KvPolicy::format));
@@ -619,6 +806,24 @@ fn attention_kernels_match_the_cpu_for_every_policy() {
         for (codec, window) in [(Codec::Int8, 64), (Codec::Bf16, 100), (Codec::Kivi4, 48)] {
             cases.push(KvPolicy {
                 window: Some(window),
+                ..KvPolicy::format(codec)
+            });
+        }
+        // Quest: 128 tokens (the own block and 7 ranked ones) of the long row's 38 blocks.
+        let mhc = Codec::Mhc {
+            rank: 24,
+            values: MhcValues::Kivi4,
+        };
+        for (codec, window) in [
+            (Codec::Bf16, None),
+            (Codec::Kivi4, None),
+            (Codec::K8v4, None),
+            (mhc, None),
+            (Codec::Int8, Some(400)),
+        ] {
+            cases.push(KvPolicy {
+                window,
+                quest: Some(128),
                 ..KvPolicy::format(codec)
             });
         }

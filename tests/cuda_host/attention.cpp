@@ -6,7 +6,9 @@
 // ex_k, ex_kv, se_block_bytes, se_layer; u32 k_run, v_run, lat_bytes; u64 table_len, ex_bytes,
 // se_bytes; then f32 qkv[rows * width], u32 meta[n_decode * 3], u32 tiles[n_tiles * 4],
 // u32 tables[table_len], f32 inv_freq[dim / 2], f32 lat_mean[kv_heads * dim],
-// f32 lat_up[rank * kv_heads * dim], the exact slab (one chunk), the sealed slab (one chunk).
+// f32 lat_up[rank * kv_heads * dim], the exact slab (one chunk), the sealed slab (one chunk);
+// then u32 b_run, quest budget (0: no quest; else quest_select_f32 picks the decode rows'
+// blocks first).
 // out: f32 [rows, heads * dim]. Query groups of 4 (the g4 kernels).
 #include "shim.h"
 #include "io.h"
@@ -56,6 +58,8 @@ int main(int argc, char** argv) {
     // One chunk per slab holding every slot (shift 24).
     unsigned long long ex_chunks[1] = {(unsigned long long)(uintptr_t)ex.data()};
     unsigned long long se_chunks[1] = {(unsigned long long)(uintptr_t)se.data()};
+    a.b_run = r.get<uint32_t>();
+    const int budget = r.get<uint32_t>();
     a.ex_chunks = ex_chunks;
     a.se_chunks = se_chunks;
     a.ex_shift = a.se_shift = 24;
@@ -74,10 +78,24 @@ int main(int argc, char** argv) {
         CASE(5, mhcbf16)
         CASE(6, mhcint8)
         CASE(7, mhckivi4)
+        CASE(8, bf16s)
         default: return 5;
     }
     const float scale = 1.0f / std::sqrt((float)dim);
     std::vector<float> out((size_t)rows * heads * dim, NAN);
+    std::vector<unsigned int> keys, sel;
+    if (n > 0 && budget > 0) {
+        unsigned int max_ctx = 0;
+        for (int e = 0; e < n; ++e) max_ctx = std::max(max_ctx, meta[3 * e + 1]);
+        a.quest_words = ((max_ctx + bs - 1) / bs + 31) / 32;
+        keys.assign((size_t)n * kvh * a.quest_words * 32, 0xABABABABu);
+        sel.assign((size_t)n * kvh * a.quest_words, 0xABABABABu);
+        launch(dim3h{(unsigned)kvh, (unsigned)n, 1}, QUEST_THREADS, [&] {
+            quest_select_f32(qkv.data(), meta.data(), tables.data(), a, keys.data(), sel.data(),
+                             heads, kvh, dim, bs, budget);
+        });
+        a.quest_sel = sel.data();
+    }
     if (n > 0) {
         std::vector<float> part_o((size_t)n * heads * max_splits * dim, NAN);
         std::vector<float> part_ml((size_t)n * heads * max_splits * 2, NAN);

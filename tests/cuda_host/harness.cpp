@@ -7,6 +7,11 @@
 //                                   bs*W bf16 rotated keys ([t][head][dim])
 //                              out: bs*rank bf16 latent (latent_encode_bf16), then
 //                                   kv_heads*bs*dim f32 keys rebuilt by latent_key ([head][t][dim])
+//   harness bounds <in> <out>  in:  u32 fmt (index in KV_FORMATS), kv_heads, dim, bs, rank, pos0,
+//                                   k_run, v_run, b_run, lat_bytes; f32 scaling; dim/2 f32
+//                                   inv_freq; W f32 mean; rank*W f32 up; u64 n; n bytes: one layer
+//                                   of one sealed block
+//                              out: those bytes after seal_bounds_<fmt> (quest's key bounds)
 // The kernel sources are included already expanded (common.cuh and kv_formats.cuh pasted in).
 #include "shim.h"
 #include "io.h"
@@ -96,6 +101,33 @@ int main(int argc, char** argv) {
                     rebuilt[((size_t)h * bs + t) * dim + c] =
                         latent_key(a, sealed_layer(a, 0), kvh, dim, h, t, c, pos0);
         std::fwrite(rebuilt.data(), 4, rebuilt.size(), out);
+    } else if (std::strcmp(argv[1], "bounds") == 0) {
+        const int fmt = r.get<uint32_t>(), kvh = r.get<uint32_t>(), dim = r.get<uint32_t>();
+        const int bs = r.get<uint32_t>(), rank = r.get<uint32_t>(), pos0 = r.get<uint32_t>();
+        KvArgs a{};
+        a.k_run = r.get<uint32_t>();
+        a.v_run = r.get<uint32_t>();
+        a.b_run = r.get<uint32_t>();
+        a.lat_bytes = r.get<uint32_t>();
+        a.rope_scaling = r.get<float>();
+        a.rank = rank;
+        const int w = kvh * dim;
+        std::vector<float> inv_freq = r.vec<float>(dim / 2), mean = r.vec<float>(w);
+        std::vector<float> up = r.vec<float>((size_t)rank * w);
+        const uint64_t n = r.get<uint64_t>();
+        std::vector<unsigned char> block = r.vec<unsigned char>(n);
+        unsigned long long se_chunks[1] = {(unsigned long long)(uintptr_t)block.data()};
+        a.se_chunks = se_chunks;
+        a.se_block_bytes = n;
+        a.lat_mean = mean.data();
+        a.lat_up = up.data();
+        a.inv_freq = inv_freq.data();
+#define BOUNDS_FN(NAME, KF, VF) &seal_bounds_##NAME,
+        void (*fns[])(const unsigned int*, KvArgs, int, int, int) = {KV_FORMATS(BOUNDS_FN)};
+        if (fmt < 0 || fmt >= (int)(sizeof fns / sizeof fns[0])) return 5;
+        unsigned int seals[3] = {NO_SLOT, 0, (unsigned int)pos0};
+        launch(dim3h{1, (unsigned)kvh, 1}, 64, [&] { fns[fmt](seals, a, kvh, dim, bs); });
+        std::fwrite(block.data(), 1, n, out);
     } else {
         return 6;
     }

@@ -8,6 +8,7 @@
 // one at a time.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -50,6 +51,9 @@ inline float shfl_from(float v, int src) {
     g_cta->warps[w]->arrive_and_wait();
     return r;
 }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+    return std::atomic_ref<unsigned int>(*p).fetch_add(v);
+}
 inline float __shfl_xor_sync(unsigned, float v, int o) { return shfl_from(v, (threadIdx.x % 32) ^ o); }
 inline float __shfl_sync(unsigned, float v, int src) { return shfl_from(v, src); }
 
@@ -91,6 +95,13 @@ template <typename T> inline T max(T a, T b) { return a > b ? a : b; }
 
 // f16 via the compiler's _Float16 (IEEE binary16, round to nearest even).
 inline float host_f16_to_f32(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+// The nearest f16, ties to even (PTX cvt.rn.f16.f32).
+inline unsigned short host_f16_nearest(float x) {
+    _Float16 v = (_Float16)x;
+    unsigned short b;
+    std::memcpy(&b, &v, 2);
+    return b;
+}
 // The least f16 >= x for |x| < 65504 (PTX cvt.rp.f16.f32).
 inline unsigned short host_f16_round_up(float x) {
     _Float16 v = (_Float16)x;

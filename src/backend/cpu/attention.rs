@@ -187,6 +187,16 @@ pub fn attention(
             out[rows.start * qw..rows.end * qw].fill(0.0);
             continue;
         }
+        // Quest picks blocks for decode rows only (a sequence of one row): a prompt chunk reads
+        // everything its window shows, whatever the row blocks it is cut into.
+        let policy = if seq.rows == 1 {
+            seq.policy
+        } else {
+            KvPolicy {
+                quest: None,
+                ..seq.policy
+            }
+        };
         for b0 in rows.clone().step_by(ROW_BLOCK) {
             let b1 = (b0 + ROW_BLOCK).min(rows.end);
             for g in 0..num_kv_heads {
@@ -203,7 +213,7 @@ pub fn attention(
                             len,
                             g,
                             table: seq.block_table,
-                            policy: seq.policy,
+                            policy,
                         });
                         work += len;
                     }

@@ -384,3 +384,51 @@ fn invalid_tables_give_zero_rows_in_release_and_leave_others_intact() {
     assert_eq!(&out[..qw], &want[..]);
     assert!(out[qw..].iter().all(|&v| v == 0.0));
 }
+
+#[test]
+fn quest_picks_blocks_for_decode_rows_only() {
+    // A 17-row prompt chunk after a long sealed prefix, past the dense layers: its row blocks are
+    // 16 rows and 1 row, and the 1-row block must not be read like a decode row (a prompt chunk
+    // reads everything, however it is cut). A decode row does get quest's selection.
+    use crate::backend::codec::Codec;
+    use crate::backend::kv_policy::QUEST_DENSE_LAYERS;
+    use crate::backend::Seal;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let shape = AttnShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 32,
+    };
+    let (bs, layer, start, rows) = (16usize, QUEST_DENSE_LAYERS, 320usize, 17usize);
+    let layers = layer + 1;
+    let len = start + rows;
+    let table = shuffled_table(len.div_ceil(bs), 40, &mut rng);
+    let mut store = CpuKvStore::new(layers, 40, bs, shape);
+    fill(&mut store, layer, &table, len, &mut rng);
+    let seals: Vec<Seal> = (0..start / bs)
+        .map(|bi| Seal {
+            block: table[bi],
+            pos: (bi * bs) as u32,
+            codec: Codec::Kivi4,
+            bounds: true,
+        })
+        .collect();
+    for l in 0..layers {
+        store.seal(l, &seals);
+    }
+    let qkv = random(rows * shape.qkv_width(), &mut rng);
+    let run = |policy: &str, rows: usize, start: usize| {
+        let s = [AttnSeq {
+            policy: KvPolicy::parse(policy).unwrap(),
+            ..seq(rows, start, &table)
+        }];
+        let mut out = vec![f32::NAN; rows * shape.q_width()];
+        attention(&qkv, &s, shape, &store, layer, &mut out, false);
+        out
+    };
+    assert!(run("kivi4+quest:32", rows, start) == run("kivi4", rows, start));
+    // The last row of the chunk alone is a decode row: it reads 3 of its 22 blocks (its own,
+    // the full unsealed one, the best ranked).
+    let last = start + rows - 1;
+    assert!(run("kivi4+quest:32", 1, last) != run("kivi4", 1, last));
+}

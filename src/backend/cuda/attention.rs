@@ -1,27 +1,48 @@
 //! Batched paged attention on the device: checks the batch, splits it by the kernels that read
-//! each sequence's blocks (its policy's format and window), plans each part (`plan`: decode rows
-//! to the split-K decode kernel, prompt chunks to the tiled prefill kernel), turns block ids into
-//! the (exact slot, sealed slot) pairs the kernels read, and launches.
+//! each sequence's blocks (its policy's format, window and quest budget), plans each part
+//! (`plan`: decode rows to the split-K decode kernel, prompt chunks to the tiled prefill
+//! kernel), turns block ids into the (exact slot, sealed slot) pairs the kernels read, picks
+//! quest's blocks for decode rows past the dense layers, and launches.
 
 use super::kernels::{
     decode_smem, prefill_smem, ATTN_THREADS, MAX_GROUP, PREFILL_MAX_DIM, PREFILL_QUERIES,
+    QUEST_THREADS,
 };
 use super::plan::{decode_split, plan};
 use super::store::format_index;
 use super::*;
+use crate::backend::kv_policy::QUEST_DENSE_LAYERS;
 
-/// Upload keys of the slot tables, one per format (a batch usually has one or two formats;
-/// keys keep each one's upload cached across layers).
-const TABLE_KEYS: [&str; 8] = [
-    "tables/bf16",
-    "tables/int8",
-    "tables/kivi4",
-    "tables/kivi2",
-    "tables/k8v4",
-    "tables/mhcbf16",
-    "tables/mhcint8",
-    "tables/mhckivi4",
+/// Upload keys of each part's (slot tables, decode rows, prefill tiles), by the part's place in
+/// the batch: parts come in the same order at every layer, so each keeps its uploads cached
+/// across layers (a batch usually has one or two parts; later ones share the last keys).
+const PART_KEYS: [[&str; 3]; 3] = [
+    ["tables/0", "decode/0", "tiles/0"],
+    ["tables/1", "decode/1", "tiles/1"],
+    ["tables/2+", "decode/2+", "tiles/2+"],
 ];
+
+/// The sequences that one set of launches serves: one format (with or without quest's key
+/// bounds), one window, one quest budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    fmt: usize,
+    bounds: bool,
+    window: usize,
+    quest: Option<u32>,
+}
+
+impl Part {
+    fn of(s: &AttnSeq<'_>, bs: usize) -> Self {
+        let bounds = s.policy.stores_bounds();
+        Part {
+            fmt: format_index(s.policy.codec, bounds),
+            bounds,
+            window: s.policy.window_blocks(bs).unwrap_or(0),
+            quest: s.policy.quest,
+        }
+    }
+}
 
 impl CudaBackend {
     /// [`Backend::attention`] (see the trait for the contract).
@@ -52,10 +73,6 @@ impl CudaBackend {
         );
         let bs = store.block_size;
         for s in seqs {
-            assert!(
-                s.policy.quest.is_none(),
-                "attention: quest reads are CPU-only (supports_policy)"
-            );
             if s.policy.codec.is_some_and(|c| c.latent_rank().is_some()) {
                 assert!(
                     d % 16 == 0,
@@ -82,36 +99,31 @@ impl CudaBackend {
         if rows == 0 {
             return;
         }
-        // One launch set per (format, window).
-        let mut parts: Vec<(usize, usize)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         for s in seqs {
-            let key = (
-                format_index(s.policy.codec),
-                s.policy.window_blocks(bs).unwrap_or(0),
-            );
-            if !parts.contains(&key) {
-                parts.push(key);
+            let part = Part::of(s, bs);
+            if !parts.contains(&part) {
+                parts.push(part);
             }
         }
-        for (fmt, window) in parts {
-            let in_part = |s: &AttnSeq<'_>| {
-                format_index(s.policy.codec) == fmt
-                    && s.policy.window_blocks(bs).unwrap_or(0) == window
-            };
-            let slab = seqs
+        for (i, part) in parts.into_iter().enumerate() {
+            let in_part = |s: &AttnSeq<'_>| Part::of(s, bs) == part;
+            let codec = seqs
                 .iter()
                 .find(|s| in_part(s))
-                .and_then(|s| s.policy.codec)
-                .filter(|&c| c != Codec::Bf16)
-                .and_then(|c| store.existing_slab(c))
+                .and_then(|s| s.policy.codec);
+            let slab = codec
+                .and_then(|c| store.existing_slab(c, part.bounds))
                 .unwrap_or(0);
+            let keys = PART_KEYS[i.min(PART_KEYS.len() - 1)];
             self.attention_part(
-                qkv, seqs, shape, store, layer, out, fmt, window, slab, &in_part,
+                qkv, seqs, shape, store, layer, out, part, codec, slab, keys, &in_part,
             );
         }
     }
 
-    /// The sequences of one format and window: decode rows, then prefill tiles.
+    /// The sequences of one part (`codec` its format, `slab` where its sealed blocks are, 0 for
+    /// none): decode rows (after quest's selection), then prefill tiles.
     #[allow(clippy::too_many_arguments)]
     fn attention_part(
         &self,
@@ -121,35 +133,27 @@ impl CudaBackend {
         store: &CudaKvStore,
         layer: usize,
         out: &mut CudaSlice<f32>,
-        fmt: usize,
-        window: usize,
+        part: Part,
+        codec: Option<Codec>,
         slab: usize,
+        [table_key, decode_key, tiles_key]: [&'static str; 3],
         in_part: &dyn Fn(&AttnSeq<'_>) -> bool,
     ) {
         let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let group = h / kvh;
         let bs = store.block_size;
+        let fmt = part.fmt;
         let p = plan(seqs, group, bs, PREFILL_QUERIES, in_part);
         let mut pairs = Vec::with_capacity(2 * p.tables.len());
         store.slot_pairs(&p.tables, slab, &mut pairs);
-        let tp = self.indices(TABLE_KEYS[fmt], &pairs);
+        let tp = self.indices(table_key, &pairs);
         // mhc reconstructions are rotated with the projection's RoPE (the model's).
-        let (freq, scaling) = match seqs
-            .iter()
-            .find(|s| in_part(s))
-            .and_then(|s| s.policy.codec)
-        {
-            Some(c) if c.latent_rank().is_some() && slab > 0 => {
-                let keys = store
-                    .latent_keys
-                    .iter()
-                    .find(|k| Some(k.rank) == c.latent_rank())
-                    .expect("an mhc slab exists only with its projection");
-                (self.inv_freq(&keys.rope), keys.rope.attention_scaling)
-            }
-            _ => (0, 1.0),
+        let (freq, scaling) = if slab > 0 {
+            self.latent_rope(store, codec)
+        } else {
+            (0, 1.0)
         };
-        let kv = store.args(&self.stream, layer, slab, freq, scaling, window);
+        let mut kv = store.args(&self.stream, layer, slab, freq, scaling, part.window);
         let (qp, op) = (self.ptr(qkv), self.ptr(out));
         let scale = 1.0 / (d as f32).sqrt();
         let (hi, kvhi, di, bsi) = (h as i32, kvh as i32, d as i32, bs as i32);
@@ -167,7 +171,55 @@ impl CudaBackend {
                 -1
             };
             let (split, max_splits) = decode_split(p.max_ctx, n, kvh, self.sms);
-            let mp = self.indices("decode", &p.decode);
+            let mp = self.indices(decode_key, &p.decode);
+            // Quest, past the dense layers: one bit per (row, KV head, logical block) read.
+            // Without sealed blocks (or key bounds) nothing can be ranked: every block is read.
+            let words = p.max_ctx.div_ceil(bs).div_ceil(32);
+            let quest = match part.quest {
+                Some(budget) if part.bounds && slab > 0 && layer >= QUEST_DENSE_LAYERS => {
+                    Some(budget)
+                }
+                _ => None,
+            };
+            // Kept until the decode launch below is enqueued (freed in stream order after it).
+            let _quest_buffers = quest.map(|budget| {
+                let keys = self.scratch::<u32>(n * kvh * words * 32);
+                let sel = self.scratch::<u32>(n * kvh * words);
+                let (kp, sp) = (self.ptr(&keys), self.ptr(&sel));
+                kv.quest_words = words as u32;
+                let budget = budget.min(i32::MAX as u32) as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (kvh as u32, n as u32, 1),
+                    block_dim: (QUEST_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: `meta` and `tables` as for the decode launch below; `keys` holds
+                // `words * 32` entries and `sel` `words` per (row, KV head), every row's context
+                // within `words * 32` blocks; `kv.quest_sel` is null here (not read).
+                ok(
+                    unsafe {
+                        args!(
+                            self.stream,
+                            &self.k.quest_select,
+                            &qp,
+                            &mp,
+                            &tp,
+                            &kv,
+                            &kp,
+                            &sp,
+                            &hi,
+                            &kvhi,
+                            &di,
+                            &bsi,
+                            &budget
+                        )
+                        .launch(cfg)
+                    },
+                    "quest_select",
+                );
+                kv.quest_sel = sp;
+                (keys, sel)
+            });
             let part_o = self.scratch::<f32>(n * h * max_splits * d);
             let part_ml = self.scratch::<f32>(n * h * max_splits * 2);
             let (pop, pmp, spi, msi) = (
@@ -240,7 +292,7 @@ impl CudaBackend {
                 d <= PREFILL_MAX_DIM,
                 "prefill attention: head_dim {d} > {PREFILL_MAX_DIM}"
             );
-            let tip = self.indices("tiles", &p.tiles);
+            let tip = self.indices(tiles_key, &p.tiles);
             let cfg = LaunchConfig {
                 grid_dim: (kvh as u32, t as u32, 1),
                 block_dim: (ATTN_THREADS, 1, 1),

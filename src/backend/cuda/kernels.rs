@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 /// Threads per CTA of the attention kernels (`THREADS` in attention.cu).
 pub const ATTN_THREADS: u32 = 128;
+/// Threads per CTA of quest's block selection (`QUEST_THREADS`).
+pub const QUEST_THREADS: u32 = 256;
 /// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).
 pub const MAX_GROUP: usize = 8;
 /// Keys per prefill tile (`KTILE`) and queries per prefill CTA (`PREFILL_Q`).
@@ -49,8 +51,13 @@ pub struct Kernels {
     pub decode_reduce: CudaFunction,
     /// `prefill_<fmt>` per format.
     pub prefill: Vec<CudaFunction>,
-    /// `seal_<fmt>` per format (index 0, bf16, is never launched: bf16 blocks stay exact).
+    /// `seal_<fmt>` per format (index 0, bf16, is never launched: bf16 blocks without key
+    /// bounds stay exact; with bounds they are `bf16s`).
     pub seal: Vec<CudaFunction>,
+    /// `seal_bounds_<fmt>` per format: quest's key bounds of freshly sealed blocks.
+    pub seal_bounds: Vec<CudaFunction>,
+    /// Quest's block selection for decode rows.
+    pub quest_select: CudaFunction,
     pub latent_encode: CudaFunction,
     pub copy_blocks: CudaFunction,
 }
@@ -70,6 +77,7 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         ("elementwise.cu", "convert_bf16"),
         ("rope_kv.cu", "rope_store_bf16"),
         ("attention.cu", "decode_reduce_f32"),
+        ("attention.cu", "quest_select_f32"),
         ("kv_seal.cu", "latent_encode_bf16"),
         ("kv_copy.cu", "copy_blocks_u8"),
     ]
@@ -82,6 +90,7 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         }
         v.push(("attention.cu", format!("prefill_{fmt}")));
         v.push(("kv_seal.cu", format!("seal_{fmt}")));
+        v.push(("kv_seal.cu", format!("seal_bounds_{fmt}")));
     }
     v
 }
@@ -134,6 +143,8 @@ impl Kernels {
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
             prefill: per_format("attention.cu", "prefill")?,
             seal: per_format("kv_seal.cu", "seal")?,
+            seal_bounds: per_format("kv_seal.cu", "seal_bounds")?,
+            quest_select: f("attention.cu", "quest_select_f32")?,
             latent_encode: f("kv_seal.cu", "latent_encode_bf16")?,
             copy_blocks: f("kv_copy.cu", "copy_blocks_u8")?,
         };

@@ -91,15 +91,29 @@ impl CudaBackend {
         );
     }
 
+    /// The RoPE an `mhc` codec's keys are rebuilt with (the projection's: sealing un-rotates
+    /// with it, attention rotates back): its inverse frequencies on the device and its
+    /// attention scaling. `(0, 1.0)` for other codecs (and an `mhc` rank without projection,
+    /// which never gets a slab).
+    pub(super) fn latent_rope(&self, store: &CudaKvStore, codec: Option<Codec>) -> (u64, f32) {
+        codec
+            .and_then(Codec::latent_rank)
+            .and_then(|r| store.latent_keys.iter().find(|k| k.rank == r))
+            .map_or((0, 1.0), |k| {
+                (self.inv_freq(&k.rope), k.rope.attention_scaling)
+            })
+    }
+
     /// [`Backend::seal`]: encodes layer `layer` of each block of `seals` from its exact copy
-    /// into its format's slab (layer 0 gives it the sealed slot). `bf16` blocks stay exact.
+    /// into its format's slab (layer 0 gives it the sealed slot), then, for quest, the key
+    /// bounds of what was just written. `bf16` blocks without bounds stay exact.
     pub(super) fn seal_impl(&self, store: &mut CudaKvStore, layer: usize, seals: &[Seal]) {
         let mut actions = Vec::new();
-        // (format slab, [exact slot, sealed slot, first position] per block).
-        let mut groups: Vec<(usize, Codec, Vec<u32>)> = Vec::new();
+        // (format slab, codec, bounds, [exact slot, sealed slot, first position] per block).
+        let mut groups: Vec<(usize, Codec, bool, Vec<u32>)> = Vec::new();
         for s in seals {
-            let Some(slab) = store.slab_of(&self.stream, s.codec) else {
-                continue; // bf16 (never moved), or an mhc rank without projection
+            let Some(slab) = store.slab_of(&self.stream, s.codec, s.bounds) else {
+                continue; // bf16 without bounds (never moved), or an mhc rank without projection
             };
             let slots = if layer == 0 {
                 store.map.seal(s.block, slab, &mut actions)
@@ -113,8 +127,8 @@ impl CudaBackend {
                 continue;
             };
             match groups.iter_mut().find(|g| g.0 == slab) {
-                Some(g) => g.2.extend([ex, se, s.pos]),
-                None => groups.push((slab, s.codec, vec![ex, se, s.pos])),
+                Some(g) => g.3.extend([ex, se, s.pos]),
+                None => groups.push((slab, s.codec, s.bounds, vec![ex, se, s.pos])),
             }
         }
         store.apply(&self.stream, &actions);
@@ -123,20 +137,12 @@ impl CudaBackend {
             store.shape.head_dim,
             store.block_size,
         );
-        for (slab, codec, list) in groups {
+        for (slab, codec, bounds, list) in groups {
             let n = list.len() / 3;
             let seals_dev = self.to_device(&list);
             let sp = self.ptr(&seals_dev);
-            let latent = codec.latent_rank().map(|r| {
-                let keys = store
-                    .latent_keys
-                    .iter()
-                    .find(|k| k.rank == r)
-                    .expect("an mhc slab exists only with its projection")
-                    .clone();
-                (self.inv_freq(&keys.rope), keys.rope.attention_scaling)
-            });
-            let (freq, scaling) = latent.unwrap_or((0, 1.0));
+            let fmt = format_index(Some(codec), bounds);
+            let (freq, scaling) = self.latent_rope(store, Some(codec));
             let kv = store.args(&self.stream, layer, slab, freq, scaling, 0);
             let (di, bsi) = (d as i32, bs as i32);
             let cfg = LaunchConfig {
@@ -147,21 +153,10 @@ impl CudaBackend {
             // SAFETY: `seals_dev` holds n (exact, sealed, pos) triples of live slots in the
             // exact slab and in slab `slab`; `kv` addresses layer `layer` of both.
             ok(
-                unsafe {
-                    args!(
-                        self.stream,
-                        &self.k.seal[format_index(Some(codec))],
-                        &sp,
-                        &kv,
-                        &di,
-                        &bsi
-                    )
-                    .launch(cfg)
-                },
+                unsafe { args!(self.stream, &self.k.seal[fmt], &sp, &kv, &di, &bsi).launch(cfg) },
                 "seal",
             );
-            if latent.is_some() {
-                let rank = codec.latent_rank().expect("mhc");
+            if let Some(rank) = codec.latent_rank() {
                 let lat = store
                     .latents
                     .iter()
@@ -196,6 +191,31 @@ impl CudaBackend {
                         .launch(cfg)
                     },
                     "latent_encode",
+                );
+            }
+            if bounds {
+                let (kvhi, di, bsi) = (kvh as i32, d as i32, bs as i32);
+                let cfg = LaunchConfig {
+                    grid_dim: (n as u32, kvh as u32, 1),
+                    block_dim: (d.next_multiple_of(32).min(256) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: as above; reads the sealed copies written by the launches before it
+                // (same stream) and writes each head's bounds inside its own sealed slot.
+                ok(
+                    unsafe {
+                        args!(
+                            self.stream,
+                            &self.k.seal_bounds[fmt],
+                            &sp,
+                            &kv,
+                            &kvhi,
+                            &di,
+                            &bsi
+                        )
+                        .launch(cfg)
+                    },
+                    "seal_bounds",
                 );
             }
         }

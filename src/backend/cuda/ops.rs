@@ -263,10 +263,9 @@ impl Backend for CudaBackend {
         self.attention_impl(qkv, seqs, shape, store, layer, out);
     }
 
-    /// Every format and window the CPU serves; `quest` reads are CPU-only (the block selection
-    /// is not built on the GPU).
-    fn supports_policy(&self, policy: &KvPolicy) -> bool {
-        policy.quest.is_none()
+    /// Every policy the CPU serves: formats, windows and quest reads.
+    fn supports_policy(&self, _policy: &KvPolicy) -> bool {
+        true
     }
 
     fn kv_sealed_bytes_per_block(
@@ -276,9 +275,13 @@ impl Backend for CudaBackend {
         shape: AttnShape,
         policy: &KvPolicy,
     ) -> usize {
+        let bounds = policy.stores_bounds();
         match policy.codec {
-            None | Some(Codec::Bf16) => self.kv_bytes_per_block(layers, block_size, shape),
-            Some(c) => store::SealedLayout::uniform(c, layers, block_size, shape).block_bytes,
+            None => self.kv_bytes_per_block(layers, block_size, shape),
+            Some(Codec::Bf16) if !bounds => self.kv_bytes_per_block(layers, block_size, shape),
+            Some(c) => {
+                store::SealedLayout::uniform(c, bounds, layers, block_size, shape).block_bytes
+            }
         }
     }
 

@@ -3,8 +3,9 @@
 //! policy's format once full) and the device memory behind it.
 //!
 //! Memory is a set of *slabs*: slab 0 holds exact blocks (bf16, `[layer][k|v][kv_head][slot]
-//! [dim]` per block), slab `i ≥ 1` the blocks sealed in one format (`[layer][latent | kv_head ×
-//! (K run | V run)]`, runs as `backend::codec` encodes them, every part padded to 16 bytes).
+//! [dim]` per block), slab `i ≥ 1` the blocks sealed in one format, with or without quest's key
+//! bounds (`[layer][latent | kv_head × (K run | V run | bounds)]`, runs as `backend::codec`
+//! encodes them, bounds as `cpu::kv_store` keeps them, every part padded to 16 bytes).
 //! A slab allocates device memory a chunk of slots at a time and frees a chunk once none of its
 //! slots is live, so the memory held follows what the pool holds (its bytes weigh each block by
 //! its current form) instead of reserving every block id in every format up front. Kernels find
@@ -29,15 +30,18 @@ fn pad(n: usize) -> usize {
 }
 
 /// The KV formats the kernels are compiled for, in `KV_FORMATS` order (kernels/kv_formats.cuh):
-/// entry points are `<op>_<name>`.
-pub const FORMATS: [&str; 8] = [
-    "bf16", "int8", "kivi4", "kivi2", "k8v4", "mhcbf16", "mhcint8", "mhckivi4",
+/// entry points are `<op>_<name>`. `bf16s` is `bf16` sealed: blocks that carry quest's key
+/// bounds leave the exact slab like any sealed block.
+pub const FORMATS: [&str; 9] = [
+    "bf16", "int8", "kivi4", "kivi2", "k8v4", "mhcbf16", "mhcint8", "mhckivi4", "bf16s",
 ];
 
-/// The index in [`FORMATS`] of the kernels that read a policy's blocks (`None` and `bf16`:
-/// exact reads only; the GPU never moves a `bf16` block out of the exact slab).
-pub fn format_index(codec: Option<Codec>) -> usize {
+/// The index in [`FORMATS`] of the kernels that read blocks of `codec` (with quest's key
+/// `bounds` or not). `None` and `bf16` without bounds: exact reads only (the GPU never moves
+/// such a block out of the exact slab).
+pub fn format_index(codec: Option<Codec>, bounds: bool) -> usize {
     match codec {
+        Some(Codec::Bf16) if bounds => 8,
         None | Some(Codec::Bf16) => 0,
         Some(Codec::Int8) => 1,
         Some(Codec::Kivi4) => 2,
@@ -51,10 +55,12 @@ pub fn format_index(codec: Option<Codec>) -> usize {
     }
 }
 
-/// Byte layout of one sealed block of `codec` (per-layer latent sizes for `mhc`).
+/// Byte layout of one sealed block of `codec` (per-layer latent sizes for `mhc`), with quest's
+/// key bounds or without.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedLayout {
     pub codec: Codec,
+    pub bounds: bool,
     /// Offset of each layer in a block.
     pub layer_at: Vec<usize>,
     /// Padded bytes of each layer's latent (0 unless `mhc`).
@@ -62,14 +68,24 @@ pub struct SealedLayout {
     /// Padded bytes of one head's K run (0 for `mhc`) and V run.
     pub k_run: usize,
     pub v_run: usize,
+    /// Bytes of one head's key bounds: `head_dim` f16 minima then maxima (0 without bounds).
+    pub b_run: usize,
     pub block_bytes: usize,
 }
 
 impl SealedLayout {
     /// `ranks`: each layer's latent rank (`mhc`; ignored otherwise).
-    pub fn new(codec: Codec, ranks: &[usize], layers: usize, bs: usize, shape: AttnShape) -> Self {
+    pub fn new(
+        codec: Codec,
+        bounds: bool,
+        ranks: &[usize],
+        layers: usize,
+        bs: usize,
+        shape: AttnShape,
+    ) -> Self {
         let d = shape.head_dim;
         let (k_run, v_run) = (pad(codec.k_bytes(bs, d)), pad(codec.v_bytes(bs, d)));
+        let b_run = if bounds { pad(4 * d) } else { 0 };
         let mhc = codec.latent_rank().is_some();
         let latent: Vec<usize> = (0..layers)
             .map(|l| if mhc { pad(2 * bs * ranks[l]) } else { 0 })
@@ -78,23 +94,25 @@ impl SealedLayout {
         let mut at = 0;
         for lat in &latent {
             layer_at.push(at);
-            at += lat + shape.num_kv_heads * (k_run + v_run);
+            at += lat + shape.num_kv_heads * (k_run + v_run + b_run);
         }
         SealedLayout {
             codec,
+            bounds,
             layer_at,
             latent,
             k_run,
             v_run,
+            b_run,
             block_bytes: at,
         }
     }
 
     /// The layout `mhc:R` would have with rank R in every layer (the pool's weight of a block
     /// before a projection's per-layer ranks are known; equal when ranks are uniform).
-    pub fn uniform(codec: Codec, layers: usize, bs: usize, shape: AttnShape) -> Self {
+    pub fn uniform(codec: Codec, bounds: bool, layers: usize, bs: usize, shape: AttnShape) -> Self {
         let r = codec.latent_rank().map_or(0, usize::from);
-        Self::new(codec, &vec![r; layers], layers, bs, shape)
+        Self::new(codec, bounds, &vec![r; layers], layers, bs, shape)
     }
 }
 
@@ -203,6 +221,7 @@ pub struct KvArgs {
     pub lat_mean: u64,
     pub lat_up: u64,
     pub inv_freq: u64,
+    pub quest_sel: u64,
     pub ex_block_bytes: u64,
     pub ex_k: u64,
     pub ex_kv: u64,
@@ -212,14 +231,16 @@ pub struct KvArgs {
     pub se_shift: u32,
     pub k_run: u32,
     pub v_run: u32,
+    pub b_run: u32,
     pub lat_bytes: u32,
     pub rank: i32,
     pub rope_scaling: f32,
     pub window_blocks: i32,
+    pub quest_words: u32,
 }
 
 // SAFETY: plain old data, `#[repr(C)]`, laid out like the CUDA struct (8-byte fields first,
-// then 4-byte ones, 112 bytes).
+// then 4-byte ones, 128 bytes).
 unsafe impl DeviceRepr for KvArgs {}
 
 impl CudaKvStore {
@@ -259,20 +280,33 @@ impl CudaKvStore {
         self.map.loc(block)
     }
 
-    /// The slab of `codec`'s sealed blocks, created on first use (`None` for `bf16`, which is
-    /// never moved, and for an `mhc` rank without a projection).
-    pub(super) fn slab_of(&mut self, stream: &Arc<CudaStream>, codec: Codec) -> Option<usize> {
-        if codec == Codec::Bf16 {
+    /// The slab of `codec`'s sealed blocks with key `bounds` or without, created on first use
+    /// (`None` for `bf16` without bounds, which is never moved, and for an `mhc` rank without a
+    /// projection).
+    pub(super) fn slab_of(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        codec: Codec,
+        bounds: bool,
+    ) -> Option<usize> {
+        if codec == Codec::Bf16 && !bounds {
             return None;
         }
-        if let Some(i) = self.sealed.iter().position(|l| l.codec == codec) {
-            return Some(i + 1);
+        if let Some(i) = self.existing_slab(codec, bounds) {
+            return Some(i);
         }
         let ranks = match codec.latent_rank() {
             None => Vec::new(),
             Some(r) => self.latents.iter().find(|l| l.rank == r)?.ranks.clone(),
         };
-        let layout = SealedLayout::new(codec, &ranks, self.layers, self.block_size, self.shape);
+        let layout = SealedLayout::new(
+            codec,
+            bounds,
+            &ranks,
+            self.layers,
+            self.block_size,
+            self.shape,
+        );
         let pc = per_chunk(layout.block_bytes);
         let slab = self.map.add_slab(pc);
         debug_assert_eq!(slab, self.slabs.len());
@@ -283,11 +317,11 @@ impl CudaKvStore {
         Some(slab)
     }
 
-    /// The slab `codec`'s blocks are sealed in, if it exists yet.
-    pub(super) fn existing_slab(&self, codec: Codec) -> Option<usize> {
+    /// The slab `codec`'s blocks (with key `bounds` or without) are sealed in, if it exists yet.
+    pub(super) fn existing_slab(&self, codec: Codec, bounds: bool) -> Option<usize> {
         self.sealed
             .iter()
-            .position(|l| l.codec == codec)
+            .position(|l| l.codec == codec && l.bounds == bounds)
             .map(|i| i + 1)
     }
 
@@ -358,6 +392,7 @@ impl CudaKvStore {
             a.se_layer = layout.layer_at[layer] as u64;
             a.k_run = layout.k_run as u32;
             a.v_run = layout.v_run as u32;
+            a.b_run = layout.b_run as u32;
             a.lat_bytes = layout.latent[layer] as u32;
             if let Some(r) = layout.codec.latent_rank() {
                 let lat = self
@@ -399,6 +434,7 @@ impl CudaKvStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::kv_policy::KvPolicy;
 
     fn shape() -> AttnShape {
         AttnShape {
@@ -412,7 +448,7 @@ mod tests {
     fn sealed_layouts_pad_every_part_and_match_the_codec_sizes() {
         let s = shape();
         for c in Codec::PLAIN {
-            let l = SealedLayout::uniform(c, 30, 16, s);
+            let l = SealedLayout::uniform(c, false, 30, 16, s);
             assert_eq!(l.k_run, pad(c.k_bytes(16, 64)));
             assert_eq!(l.v_run, pad(c.v_bytes(16, 64)));
             assert!(l.k_run.is_multiple_of(ALIGN) && l.v_run.is_multiple_of(ALIGN));
@@ -420,14 +456,14 @@ mod tests {
             assert_eq!(l.layer_at[1], 3 * (l.k_run + l.v_run));
         }
         // At bs 16, d 64 the plain runs are already 16-byte multiples: no padding at all.
-        let int8 = SealedLayout::uniform(Codec::Int8, 30, 16, s);
+        let int8 = SealedLayout::uniform(Codec::Int8, false, 30, 16, s);
         assert_eq!(int8.k_run, 1056);
         // mhc: per-layer latents of different ranks, then the value runs.
         let mhc = Codec::Mhc {
             rank: 8,
             values: MhcValues::Kivi4,
         };
-        let l = SealedLayout::new(mhc, &[3, 13], 2, 16, s);
+        let l = SealedLayout::new(mhc, false, &[3, 13], 2, 16, s);
         assert_eq!(l.latent, vec![96, 416]);
         assert_eq!(l.k_run, 0);
         assert_eq!(l.layer_at, vec![0, 96 + 3 * 640]);
@@ -438,7 +474,25 @@ mod tests {
             num_kv_heads: 1,
             head_dim: 8,
         };
-        assert_eq!(SealedLayout::uniform(Codec::Int8, 1, 5, small).k_run, 64);
+        assert_eq!(
+            SealedLayout::uniform(Codec::Int8, false, 1, 5, small).k_run,
+            64
+        );
+        // Quest's key bounds follow each head's runs: head_dim f16 minima and maxima.
+        let q = SealedLayout::uniform(Codec::Kivi4, true, 30, 16, s);
+        assert_eq!(q.b_run, 4 * 64);
+        assert_eq!(q.block_bytes, 30 * 3 * (q.k_run + q.v_run + 256));
+        let mhcq = SealedLayout::new(mhc, true, &[3, 13], 2, 16, s);
+        assert_eq!(mhcq.layer_at, vec![0, 96 + 3 * (640 + 256)]);
+        // As many bytes as the CPU pool weighs such a block (no padding at these shapes).
+        let policy = KvPolicy {
+            quest: Some(512),
+            ..KvPolicy::format(Codec::Kivi4)
+        };
+        assert_eq!(
+            Some(q.block_bytes),
+            policy.sealed_bytes_per_block(30, 3, 16, 64)
+        );
     }
 
     #[test]
@@ -447,15 +501,17 @@ mod tests {
         assert_eq!(per_chunk(512 << 10), 16);
         assert_eq!(per_chunk(1), 8 << 20);
         assert_eq!(per_chunk(9 << 20), 1);
-        assert_eq!(format_index(None), 0);
-        assert_eq!(format_index(Some(Codec::Bf16)), 0);
-        assert_eq!(FORMATS[format_index(Some(Codec::K8v4))], "k8v4");
+        assert_eq!(format_index(None, false), 0);
+        assert_eq!(format_index(Some(Codec::Bf16), false), 0);
+        assert_eq!(FORMATS[format_index(Some(Codec::Bf16), true)], "bf16s");
+        assert_eq!(FORMATS[format_index(Some(Codec::K8v4), false)], "k8v4");
+        assert_eq!(FORMATS[format_index(Some(Codec::K8v4), true)], "k8v4");
         let mhc = Codec::Mhc {
             rank: 64,
             values: MhcValues::Int8,
         };
-        assert_eq!(FORMATS[format_index(Some(mhc))], "mhcint8");
-        assert_eq!(std::mem::size_of::<KvArgs>(), 112);
+        assert_eq!(FORMATS[format_index(Some(mhc), false)], "mhcint8");
+        assert_eq!(std::mem::size_of::<KvArgs>(), 128);
         assert_eq!(exact_block_bytes(30, 16, shape()), 30 * 2 * 16 * 192 * 2);
     }
 }

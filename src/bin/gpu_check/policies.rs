@@ -1,7 +1,8 @@
 //! Parity of every KV policy the GPU serves: the same steps through both backends (KV written,
 //! full blocks sealed layer by layer before attention, exact copies released after the step),
-//! then attention over sealed prefixes, blocks sealed within the step, windows and copy-on-write
-//! copies of sealed blocks, compared with the CPU backend.
+//! then attention over sealed prefixes, blocks sealed within the step, windows, quest's block
+//! selection and copy-on-write copies of sealed blocks, compared with the CPU backend (at the
+//! last layer, past quest's dense layers).
 
 use super::{parity, Row};
 use half::bf16;
@@ -17,7 +18,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
-const LAYERS: usize = 2;
+const LAYERS: usize = 3;
 const BS: usize = 16;
 
 /// A random projection of rank `r` per layer (mean, down, up) for `mhc:r`.
@@ -89,18 +90,19 @@ impl Pair<'_> {
 }
 
 /// Slots of positions `p0..p1` through `table`, and the seals of the blocks they fill.
-fn layout(table: &[u32], p0: usize, p1: usize, codec: Option<Codec>) -> (Vec<u32>, Vec<Seal>) {
+fn layout(table: &[u32], p0: usize, p1: usize, policy: KvPolicy) -> (Vec<u32>, Vec<Seal>) {
     let slots = (p0..p1)
         .map(|p| table[p / BS] * BS as u32 + (p % BS) as u32)
         .collect();
-    let seals = codec
+    let seals = policy
+        .codec
         .into_iter()
         .flat_map(|c| {
             (p0..p1).filter(|p| (p + 1) % BS == 0).map(move |p| Seal {
                 block: table[p / BS],
                 pos: (p + 1 - BS) as u32,
                 codec: c,
-                bounds: false,
+                bounds: policy.stores_bounds(),
             })
         })
         .collect();
@@ -110,7 +112,9 @@ fn layout(table: &[u32], p0: usize, p1: usize, codec: Option<Codec>) -> (Vec<u32
 /// Every policy: a prefix step, then a mixed step (two prompt chunks, three decode rows, one of
 /// which fills its block), then decode through copy-on-write copies of the sealed blocks.
 /// `exact_inputs`: a rotation-free RoPE and bf16-representable inputs, so both backends store
-/// the same K/V and quantize the same numbers (only f32 arithmetic order differs).
+/// the same K/V and quantize the same numbers (only f32 arithmetic order differs). Quest runs
+/// only then: with K stored in bf16 on the GPU and f32 on the CPU, near-equal upper bounds may
+/// rank differently, and a different pick is a different (legitimate) result.
 pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>, exact_inputs: bool) {
     let cpu = &CpuBackend::new();
     let rng = &mut ChaCha8Rng::seed_from_u64(7);
@@ -143,6 +147,21 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>, exact_inputs: bool) {
         window: Some(100),
         ..KvPolicy::format(Codec::Bf16)
     });
+    if exact_inputs {
+        // 256 tokens of the long row's 94 blocks: its own and 15 ranked ones.
+        for (codec, window) in [
+            (Codec::Bf16, None),
+            (Codec::Kivi4, None),
+            (mhc(MhcValues::Kivi4), None),
+            (Codec::Int8, Some(1000)),
+        ] {
+            policies.push(KvPolicy {
+                window,
+                quest: Some(256),
+                ..KvPolicy::format(codec)
+            });
+        }
+    }
     let width = shape.qkv_width();
     let gen = |rng: &mut ChaCha8Rng, n: usize| -> Vec<f32> {
         random_vec(rng, n * width, 1.5)
@@ -200,7 +219,7 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>, exact_inputs: bool) {
             let (mut pos, mut slots, mut seals) = (Vec::new(), Vec::new(), Vec::new());
             for &(s, a, b) in &parts {
                 pos.extend((a..b).map(|p| p as u32));
-                let (sl, se) = layout(&tables[s], a, b, policy.codec);
+                let (sl, se) = layout(&tables[s], a, b, policy);
                 slots.extend(sl);
                 seals.extend(se);
             }
@@ -237,7 +256,7 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>, exact_inputs: bool) {
         cpu.copy_blocks(&mut pair.kc, &pairs);
         gpu.copy_blocks(&mut pair.kg, &pairs);
         let p0 = 1501;
-        let (sl, se) = layout(&fresh, p0, p0 + 1, policy.codec);
+        let (sl, se) = layout(&fresh, p0, p0 + 1, policy);
         let qkv = gen(rng, 1);
         let seq = [AttnSeq {
             rows: 1,

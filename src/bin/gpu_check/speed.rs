@@ -3,7 +3,9 @@
 
 use super::{measure, Row};
 use anyhow::Result;
+use cudarc::driver::CudaSlice;
 use kvserve::backend::cuda::parity::random_vec;
+use kvserve::backend::cuda::store::CudaKvStore;
 use kvserve::backend::cuda::{CudaBackend, CudaMatrix};
 use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams};
 use kvserve::config::{EngineSection, KvSection, TenantConfig};
@@ -59,6 +61,7 @@ pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Res
     drop((src, dst));
 
     decode(gpu, copy, "", rows);
+    formats(gpu, Some(copy), rows);
     for &u in unrolls {
         let variant = CudaBackend::with_defines(gpu.info().clone(), &[("DECODE_UNROLL", u)])?;
         decode(&variant, copy, &format!(", DECODE_UNROLL={u}"), rows);
@@ -66,40 +69,58 @@ pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Res
     Ok(())
 }
 
-/// Paged decode attention, one layer of the 1B shape: K and V of every context read once.
-fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
-    let shape = AttnShape {
-        num_heads: 32,
-        num_kv_heads: 8,
-        head_dim: 64,
+/// The 1B shape's attention: 32 query heads over 8 KV heads of 64.
+const SHAPE: AttnShape = AttnShape {
+    num_heads: 32,
+    num_kv_heads: 8,
+    head_dim: 64,
+};
+
+/// A store of `seqs` sequences of `ctx` positions in consecutive blocks of 16, every layer
+/// filled with random (not zero) K/V, 16384 rows per launch; with the tables and one query row
+/// per sequence (`[seqs, qkv width]`).
+fn filled_store(
+    gpu: &CudaBackend,
+    layers: usize,
+    seqs: usize,
+    ctx: usize,
+) -> (CudaKvStore, Vec<Vec<u32>>, CudaSlice<f32>) {
+    let (shape, bs) = (SHAPE, 16usize);
+    let blocks_per = ctx.div_ceil(bs);
+    let nblocks = seqs * blocks_per;
+    let mut store = gpu.new_kv_store(layers, nblocks, bs, shape);
+    let rope = RopeParams {
+        inv_freq: vec![1e-3; 32],
+        attention_scaling: 1.0,
     };
-    let bs = 16;
-    for &(seqs, ctx) in &[(128usize, 4096usize), (32, 4096), (8, 8192), (1, 32768)] {
-        let blocks_per = ctx.div_ceil(bs);
-        let nblocks = seqs * blocks_per;
-        let mut store = gpu.new_kv_store(1, nblocks, bs, shape);
-        let rope = RopeParams {
-            inv_freq: vec![1e-3; 32],
-            attention_scaling: 1.0,
-        };
-        // Fill the store with random (not zero) K/V, 16384 rows per launch.
-        let chunk = 16_384usize;
-        let qkv = gpu.upload(&random_vec(
-            &mut ChaCha8Rng::seed_from_u64(4),
-            chunk * shape.qkv_width(),
-            1.0,
-        ));
-        let total = nblocks * bs;
+    let chunk = 16_384usize;
+    let qkv = gpu.upload(&random_vec(
+        &mut ChaCha8Rng::seed_from_u64(4),
+        chunk * shape.qkv_width(),
+        1.0,
+    ));
+    let total = nblocks * bs;
+    for layer in 0..layers {
         for c0 in (0..total).step_by(chunk) {
             let n = chunk.min(total - c0);
             let slots: Vec<u32> = (c0..c0 + n).map(|s| s as u32).collect();
             let pos: Vec<u32> = slots.iter().map(|&s| s % ctx as u32).collect();
             let mut q = gpu.gather_rows(&qkv, &(0..n).collect::<Vec<_>>(), shape.qkv_width());
-            gpu.rope_and_store(&mut q, n, &pos, &slots, shape, &rope, &mut store, 0);
+            gpu.rope_and_store(&mut q, n, &pos, &slots, shape, &rope, &mut store, layer);
         }
-        let tables: Vec<Vec<u32>> = (0..seqs)
-            .map(|s| ((s * blocks_per) as u32..((s + 1) * blocks_per) as u32).collect())
-            .collect();
+    }
+    let tables = (0..seqs)
+        .map(|s| ((s * blocks_per) as u32..((s + 1) * blocks_per) as u32).collect())
+        .collect();
+    let q = gpu.gather_rows(&qkv, &(0..seqs).collect::<Vec<_>>(), shape.qkv_width());
+    (store, tables, q)
+}
+
+/// Paged decode attention, one layer of the 1B shape: K and V of every context read once.
+fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
+    let shape = SHAPE;
+    for &(seqs, ctx) in &[(128usize, 4096usize), (32, 4096), (8, 8192), (1, 32768)] {
+        let (store, tables, q) = filled_store(gpu, 1, seqs, ctx);
         let attn: Vec<AttnSeq<'_>> = tables
             .iter()
             .map(|t| AttnSeq {
@@ -109,7 +130,6 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
                 policy: kvserve::kv::policy::KvPolicy::EXACT,
             })
             .collect();
-        let q = gpu.gather_rows(&qkv, &(0..seqs).collect::<Vec<_>>(), shape.qkv_width());
         let mut out = gpu.alloc(seqs * shape.q_width());
         let s = time(gpu, 20, || {
             gpu.attention(&q, &attn, shape, &store, 0, &mut out)
@@ -124,6 +144,89 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
                 "{:.1}% of copy; {:.3} ms per layer call",
                 100.0 * bw / copy,
                 s * 1e3
+            ),
+        ));
+    }
+}
+
+/// Decode attention over sealed blocks, one layer of the 1B shape past quest's dense layers,
+/// 32 sequences of 4096 positions: time per call of each KV format against exact bf16 in the
+/// same run, and the sealed bytes each call reads per second (quest: the own block and the
+/// `budget / 16 - 1` best ranked of each sequence, plus every block's key bounds).
+pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
+    use kvserve::backend::Seal;
+    use kvserve::kv::policy::{KvPolicy, QUEST_DENSE_LAYERS};
+    let shape = SHAPE;
+    let (bs, seqs, ctx, layers) = (16usize, 32usize, 4096usize, QUEST_DENSE_LAYERS + 1);
+    let (layer, blocks_per) = (layers - 1, ctx / bs);
+    let nblocks = seqs * blocks_per;
+    let mut exact_ms = None;
+    for name in [
+        "bf16",
+        "int8",
+        "k8v4",
+        "kivi4",
+        "kivi2",
+        "kivi4+quest:512",
+        "bf16+quest:512",
+    ] {
+        let policy = KvPolicy::parse(name).expect("a known policy");
+        let (mut store, tables, q) = filled_store(gpu, layers, seqs, ctx);
+        let seals: Vec<Seal> = policy
+            .codec
+            .into_iter()
+            .flat_map(|codec| {
+                (0..nblocks as u32).map(move |b| Seal {
+                    block: b,
+                    pos: (b as usize % blocks_per * bs) as u32,
+                    codec,
+                    bounds: policy.stores_bounds(),
+                })
+            })
+            .collect();
+        if !seals.is_empty() {
+            for l in 0..layers {
+                gpu.seal(&mut store, l, &seals);
+            }
+            let all: Vec<u32> = (0..nblocks as u32).collect();
+            gpu.release_exact(&mut store, &all);
+        }
+        let attn: Vec<AttnSeq<'_>> = tables
+            .iter()
+            .map(|t| AttnSeq {
+                rows: 1,
+                start_pos: ctx - 1,
+                block_table: t,
+                policy,
+            })
+            .collect();
+        let mut out = gpu.alloc(seqs * shape.q_width());
+        let s = time(gpu, 20, || {
+            gpu.attention(&q, &attn, shape, &store, layer, &mut out)
+        });
+        let block = gpu.kv_sealed_bytes_per_block(1, bs, shape, &policy);
+        let read_blocks = policy
+            .quest
+            .map_or(blocks_per, |b| (b as usize / bs).min(blocks_per));
+        let bounds = if policy.stores_bounds() {
+            blocks_per * shape.kv_width() * 4
+        } else {
+            0
+        };
+        let bytes = (seqs * (read_blocks * block + bounds)) as f64;
+        let exact = *exact_ms.get_or_insert(s);
+        rows.push(measure(
+            &format!("decode attention {seqs} seqs x {ctx} ctx, {policy}"),
+            s * 1e3,
+            "ms",
+            &format!(
+                "{:.2}x the bf16 call; {:.0} GB/s of stored KV read{}",
+                exact / s,
+                bytes / s / 1e9,
+                copy.map_or(String::new(), |c| format!(
+                    " ({:.1}% of copy)",
+                    100.0 * bytes / s / 1e9 / c
+                ))
             ),
         ));
     }
