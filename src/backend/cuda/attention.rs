@@ -22,11 +22,12 @@ const PART_KEYS: [[&str; 3]; 3] = [
     ["tables/2+", "decode/2+", "tiles/2+"],
 ];
 
-/// The sequences that one set of launches serves: one format (with or without quest's key
-/// bounds), one window, one quest budget.
+/// The sequences that one set of launches serves: one codec (so one sealed slab: `mhc` ranks
+/// share kernels but not slabs), with or without quest's key bounds, one window, one quest
+/// budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Part {
-    fmt: usize,
+    codec: Option<Codec>,
     bounds: bool,
     window: usize,
     quest: Option<u32>,
@@ -34,13 +35,17 @@ struct Part {
 
 impl Part {
     fn of(s: &AttnSeq<'_>, bs: usize) -> Self {
-        let bounds = s.policy.stores_bounds();
         Part {
-            fmt: format_index(s.policy.codec, bounds),
-            bounds,
+            codec: s.policy.codec,
+            bounds: s.policy.stores_bounds(),
             window: s.policy.window_blocks(bs).unwrap_or(0),
             quest: s.policy.quest,
         }
+    }
+
+    /// The index of the kernels that read this part's blocks.
+    fn fmt(&self) -> usize {
+        format_index(self.codec, self.bounds)
     }
 }
 
@@ -108,22 +113,19 @@ impl CudaBackend {
         }
         for (i, part) in parts.into_iter().enumerate() {
             let in_part = |s: &AttnSeq<'_>| Part::of(s, bs) == part;
-            let codec = seqs
-                .iter()
-                .find(|s| in_part(s))
-                .and_then(|s| s.policy.codec);
-            let slab = codec
+            let slab = part
+                .codec
                 .and_then(|c| store.existing_slab(c, part.bounds))
                 .unwrap_or(0);
             let keys = PART_KEYS[i.min(PART_KEYS.len() - 1)];
             self.attention_part(
-                qkv, seqs, shape, store, layer, out, part, codec, slab, keys, &in_part,
+                qkv, seqs, shape, store, layer, out, part, slab, keys, &in_part,
             );
         }
     }
 
-    /// The sequences of one part (`codec` its format, `slab` where its sealed blocks are, 0 for
-    /// none): decode rows (after quest's selection), then prefill tiles.
+    /// The sequences of one part (`slab` where its sealed blocks are, 0 for none): decode rows
+    /// (after quest's selection), then prefill tiles.
     #[allow(clippy::too_many_arguments)]
     fn attention_part(
         &self,
@@ -134,7 +136,6 @@ impl CudaBackend {
         layer: usize,
         out: &mut CudaSlice<f32>,
         part: Part,
-        codec: Option<Codec>,
         slab: usize,
         [table_key, decode_key, tiles_key]: [&'static str; 3],
         in_part: &dyn Fn(&AttnSeq<'_>) -> bool,
@@ -142,14 +143,14 @@ impl CudaBackend {
         let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let group = h / kvh;
         let bs = store.block_size;
-        let fmt = part.fmt;
+        let fmt = part.fmt();
         let p = plan(seqs, group, bs, PREFILL_QUERIES, in_part);
         let mut pairs = Vec::with_capacity(2 * p.tables.len());
         store.slot_pairs(&p.tables, slab, &mut pairs);
         let tp = self.indices(table_key, &pairs);
         // mhc reconstructions are rotated with the projection's RoPE (the model's).
         let (freq, scaling) = if slab > 0 {
-            self.latent_rope(store, codec)
+            self.latent_rope(store, part.codec)
         } else {
             (0, 1.0)
         };
@@ -321,5 +322,60 @@ impl CudaBackend {
                 "prefill",
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::codec::MhcValues;
+    use crate::backend::kv_policy::KvPolicy;
+
+    fn part(policy: KvPolicy) -> Part {
+        let seq = AttnSeq {
+            rows: 1,
+            start_pos: 0,
+            block_table: &[],
+            policy,
+        };
+        Part::of(&seq, 16)
+    }
+
+    #[test]
+    fn parts_split_by_slab_window_and_quest_budget() {
+        let mhc = |rank| {
+            KvPolicy::format(Codec::Mhc {
+                rank,
+                values: MhcValues::Kivi4,
+            })
+        };
+        // Two mhc ranks share kernels but not a slab: separate parts.
+        assert_eq!(part(mhc(32)).fmt(), part(mhc(64)).fmt());
+        assert_ne!(part(mhc(32)), part(mhc(64)));
+        let kivi4 = KvPolicy::format(Codec::Kivi4);
+        let quest = |b| KvPolicy {
+            quest: Some(b),
+            ..kivi4
+        };
+        assert_ne!(part(kivi4), part(quest(512)));
+        assert_ne!(part(quest(256)), part(quest(512)));
+        assert_eq!(part(quest(512)), part(quest(512)));
+        let window = KvPolicy {
+            window: Some(64),
+            ..kivi4
+        };
+        assert_ne!(part(kivi4), part(window));
+        // bf16 with quest's bounds reads the bf16s slab; plain bf16 and exact read exact blocks.
+        let bf16 = KvPolicy::format(Codec::Bf16);
+        assert_eq!(part(bf16).fmt(), 0);
+        assert_eq!(part(KvPolicy::EXACT).fmt(), 0);
+        assert_eq!(
+            part(KvPolicy {
+                quest: Some(64),
+                ..bf16
+            })
+            .fmt(),
+            8
+        );
     }
 }
