@@ -96,6 +96,12 @@ __device__ __forceinline__ const unsigned char* sealed_run(const KvArgs& a, unsi
            (v ? a.k_run : 0);
 }
 
+// Whether a query whose own block is `own` sees logical block `bi` under a window of
+// `window_blocks` blocks besides the sink block 0 (0: no window, every block).
+__device__ __forceinline__ bool sees(int bi, int own, int window_blocks) {
+    return window_blocks == 0 || bi == own || bi == 0 || bi + window_blocks > own;
+}
+
 // Key bounds of head h of sealed slot `slot`, this layer: dim f16 minima, then dim f16 maxima.
 __device__ __forceinline__ const unsigned char* key_bounds(const KvArgs& a, unsigned int slot,
                                                            int h) {

@@ -1,5 +1,6 @@
-// Runs kernels/attention.cu's decode (split-K, then the reduction) and prefill kernels on the
-// host (tests/cuda_formats_host.rs), CTA by CTA with real threads (shim.h `launch`):
+// Runs kernels/attention.cu's decode (split-K, then the reduction) and prefill kernels, after
+// quest.cu's block selection where the policy has quest, on the host
+// (tests/cuda_formats_host.rs), CTA by CTA with real threads (shim.h `launch`):
 //   attention <in> <out>
 // in (little-endian): u32 fmt, heads, kv_heads, dim, block_size; i32 bs_shift; u32 split_len,
 // max_splits, n_decode, n_tiles, rows, window_blocks, rank; f32 rope_scaling; u64 ex_block_bytes,
@@ -15,7 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <vector>
-#include "attention_expanded.cu"
+#include "attention.cu"
+#include "quest.cu"
 
 float smem[1 << 20];  // the kernels' `extern __shared__` memory
 

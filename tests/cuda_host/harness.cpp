@@ -12,13 +12,13 @@
 //                                   inv_freq; W f32 mean; rank*W f32 up; u64 n; n bytes: one layer
 //                                   of one sealed block
 //                              out: those bytes after seal_bounds_<fmt> (quest's key bounds)
-// The kernel sources are included already expanded (common.cuh and kv_formats.cuh pasted in).
+// The kernel sources come from the test's copy of kernels/ (tests/cuda_formats_host.rs `build`).
 #include "shim.h"
 #include "io.h"
 #include <cstdint>
 #include <cstdio>
 #include <vector>
-#include "kv_seal_expanded.cu"
+#include "kv_seal.cu"
 
 float pre[1 << 20];  // latent_encode_bf16's `extern __shared__` scratch
 

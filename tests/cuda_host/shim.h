@@ -54,6 +54,17 @@ inline float shfl_from(float v, int src) {
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
     return std::atomic_ref<unsigned int>(*p).fetch_add(v);
 }
+// Warp vote: whether any lane of the calling warp passes a nonzero `pred`.
+inline int __any_sync(unsigned, int pred) {
+    if (!g_cta) return pred;
+    const unsigned w = threadIdx.x / 32, lanes = std::min(32u, blockDim.x - 32 * w);
+    g_cta->xchg[w][threadIdx.x % 32] = pred ? 1.0f : 0.0f;
+    g_cta->warps[w]->arrive_and_wait();
+    int any = 0;
+    for (unsigned i = 0; i < lanes; ++i) any |= g_cta->xchg[w][i] != 0.0f;
+    g_cta->warps[w]->arrive_and_wait();
+    return any;
+}
 inline float __shfl_xor_sync(unsigned, float v, int o) { return shfl_from(v, (threadIdx.x % 32) ^ o); }
 inline float __shfl_sync(unsigned, float v, int src) { return shfl_from(v, src); }
 

@@ -77,7 +77,7 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         ("elementwise.cu", "convert_bf16"),
         ("rope_kv.cu", "rope_store_bf16"),
         ("attention.cu", "decode_reduce_f32"),
-        ("attention.cu", "quest_select_f32"),
+        ("quest.cu", "quest_select_f32"),
         ("kv_seal.cu", "latent_encode_bf16"),
         ("kv_copy.cu", "copy_blocks_u8"),
     ]
@@ -144,7 +144,7 @@ impl Kernels {
             prefill: per_format("attention.cu", "prefill")?,
             seal: per_format("kv_seal.cu", "seal")?,
             seal_bounds: per_format("kv_seal.cu", "seal_bounds")?,
-            quest_select: f("attention.cu", "quest_select_f32")?,
+            quest_select: f("quest.cu", "quest_select_f32")?,
             latent_encode: f("kv_seal.cu", "latent_encode_bf16")?,
             copy_blocks: f("kv_copy.cu", "copy_blocks_u8")?,
         };

@@ -116,20 +116,29 @@ fn filled_store(
     (store, tables, q)
 }
 
+/// One decode row per block table, at the last of `ctx` positions.
+fn decode_rows(
+    tables: &[Vec<u32>],
+    ctx: usize,
+    policy: kvserve::kv::policy::KvPolicy,
+) -> Vec<AttnSeq<'_>> {
+    tables
+        .iter()
+        .map(|t| AttnSeq {
+            rows: 1,
+            start_pos: ctx - 1,
+            block_table: t,
+            policy,
+        })
+        .collect()
+}
+
 /// Paged decode attention, one layer of the 1B shape: K and V of every context read once.
 fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
     let shape = SHAPE;
     for &(seqs, ctx) in &[(128usize, 4096usize), (32, 4096), (8, 8192), (1, 32768)] {
         let (store, tables, q) = filled_store(gpu, 1, seqs, ctx);
-        let attn: Vec<AttnSeq<'_>> = tables
-            .iter()
-            .map(|t| AttnSeq {
-                rows: 1,
-                start_pos: ctx - 1,
-                block_table: t,
-                policy: kvserve::kv::policy::KvPolicy::EXACT,
-            })
-            .collect();
+        let attn = decode_rows(&tables, ctx, kvserve::kv::policy::KvPolicy::EXACT);
         let mut out = gpu.alloc(seqs * shape.q_width());
         let s = time(gpu, 20, || {
             gpu.attention(&q, &attn, shape, &store, 0, &mut out)
@@ -165,7 +174,8 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
 /// Decode attention over sealed blocks, one layer of the 1B shape past quest's dense layers,
 /// 32 sequences of 4096 positions: time per call of each KV format against exact bf16 in the
 /// same run, and the sealed bytes each call reads per second (quest: the own block and the
-/// `budget / 16 - 1` best ranked of each sequence, plus every block's key bounds).
+/// `budget / 16 - 1` best ranked of each sequence, plus every block's key bounds; a window: the
+/// sink block and the window's blocks, the rest skipped without a load).
 pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
     use kvserve::backend::Seal;
     use kvserve::kv::policy::{KvPolicy, QUEST_DENSE_LAYERS};
@@ -182,6 +192,7 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
         "kivi2",
         "kivi4+quest:512",
         "bf16+quest:512",
+        "int8+window:512",
     ] {
         let policy = KvPolicy::parse(name).expect("a known policy");
         let (mut store, tables, q) = filled_store(gpu, layers, seqs, ctx);
@@ -204,23 +215,19 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
             let all: Vec<u32> = (0..nblocks as u32).collect();
             gpu.release_exact(&mut store, &all);
         }
-        let attn: Vec<AttnSeq<'_>> = tables
-            .iter()
-            .map(|t| AttnSeq {
-                rows: 1,
-                start_pos: ctx - 1,
-                block_table: t,
-                policy,
-            })
-            .collect();
+        let attn = decode_rows(&tables, ctx, policy);
         let mut out = gpu.alloc(seqs * shape.q_width());
         let s = time(gpu, 20, || {
             gpu.attention(&q, &attn, shape, &store, layer, &mut out)
         });
         let block = gpu.kv_sealed_bytes_per_block(1, bs, shape, &policy);
-        let read_blocks = policy
-            .quest
-            .map_or(blocks_per, |b| (b as usize / bs).min(blocks_per));
+        // Quest: its budget; a window: the sink block and the window's blocks.
+        let read_blocks = match (policy.quest, policy.window_blocks(bs)) {
+            (Some(b), _) => b as usize / bs,
+            (None, Some(w)) => w + 1,
+            (None, None) => blocks_per,
+        }
+        .min(blocks_per);
         let bounds = if policy.stores_bounds() {
             blocks_per * shape.kv_width() * 4
         } else {
