@@ -10,7 +10,7 @@ use super::request::ChatRequest;
 use super::response::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatResponse, UsageOut,
 };
-use super::routes::{admit, authenticate, data, log_refused, parse_body, request_span, unix_now};
+use super::routes::{admit, authenticate, data, in_request_span, parse_body, unix_now};
 use super::state::AppState;
 use super::stream::{sse_response, ChunkFormat};
 use super::validate::{self, Plan};
@@ -22,7 +22,6 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
-use tracing::Instrument;
 
 #[utoipa::path(
     post,
@@ -45,11 +44,8 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let span = request_span(&id, "/v1/chat/completions");
-    serve(state, headers, body, id)
-        .instrument(span.clone())
-        .await
-        .inspect_err(|e| span.in_scope(|| log_refused(e)))
+    let handler = serve(state, headers, body, id.clone());
+    in_request_span(&id, "/v1/chat/completions", handler).await
 }
 
 async fn serve(

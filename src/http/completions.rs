@@ -4,7 +4,7 @@ use super::error::ApiError;
 use super::generation::{self, ChoiceEvent, Generation};
 use super::request::CompletionRequest;
 use super::response::{CompletionChoice, CompletionLogprobs, CompletionResponse, UsageOut};
-use super::routes::{admit, authenticate, data, log_refused, parse_body, request_span, unix_now};
+use super::routes::{admit, authenticate, data, in_request_span, parse_body, unix_now};
 use super::state::AppState;
 use super::stream::{sse_response, ChunkFormat};
 use super::validate::{self, Plan};
@@ -16,7 +16,6 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
-use tracing::Instrument;
 
 #[utoipa::path(
     post,
@@ -39,11 +38,8 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-    let span = request_span(&id, "/v1/completions");
-    serve(state, headers, body, id)
-        .instrument(span.clone())
-        .await
-        .inspect_err(|e| span.in_scope(|| log_refused(e)))
+    let handler = serve(state, headers, body, id.clone());
+    in_request_span(&id, "/v1/completions", handler).await
 }
 
 async fn serve(

@@ -10,6 +10,7 @@ pub mod kv;
 pub mod limits;
 pub mod logprobs;
 pub mod openapi;
+pub mod prompt;
 pub mod request;
 pub mod response;
 pub mod routes;

@@ -4,10 +4,11 @@
 
 use super::error::ApiError;
 use super::limits::ConcurrencyGuard;
+use super::prompt::render_chat;
 use super::request::{DetokenizeRequest, TokenizeRequest};
 use super::response::{DetokenizeResponse, ModelCard, ModelList, TokenizeResponse};
 use super::state::AppState;
-use super::validate::{render_chat, Plan};
+use super::validate::Plan;
 use crate::types::TenantId;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -64,14 +66,23 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<TenantId, A
     Ok(tenant)
 }
 
-/// The span of one generation request: its response id and, once authenticated, its tenant
-/// (never any prompt text). The engine's per-step spans are separate (debug level).
-pub fn request_span(id: &str, endpoint: &'static str) -> tracing::Span {
-    tracing::info_span!("request", id, endpoint, tenant = tracing::field::Empty)
+/// Runs one generation request's handler inside the request's span: its response id and, once
+/// authenticated, its tenant (never any prompt text); an error answer is logged there as a
+/// refusal. The engine's per-step spans are separate (debug level).
+pub async fn in_request_span(
+    id: &str,
+    endpoint: &'static str,
+    handler: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let span = tracing::info_span!("request", id, endpoint, tenant = tracing::field::Empty);
+    handler
+        .instrument(span.clone())
+        .await
+        .inspect_err(|e| span.in_scope(|| log_refused(e)))
 }
 
 /// Logs a request that ends with an error before any response was streamed.
-pub fn log_refused(e: &ApiError) {
+fn log_refused(e: &ApiError) {
     tracing::info!(
         status = e.status().as_u16(),
         reason = e.rejection_reason(),

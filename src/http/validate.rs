@@ -1,29 +1,19 @@
 //! Parse, don't validate: an OpenAI request body becomes a [`Plan`] (token ids, sampling and
 //! stop parameters, output options) with every bound checked, before the engine sees anything.
-//! Every refusal is a 400 naming the offending field.
+//! Every refusal is a 400 naming the offending field. Prompts themselves (chat rendering,
+//! tokenization, token-id prompts) are checked in `prompt.rs`.
 
 use super::error::ApiError;
-use super::request::{
-    ChatMessageIn, ChatRequest, CommonFields, CompletionRequest, MessageContent, PromptInput,
-    StopInput,
-};
+use super::prompt::{id_prompt, render_chat, text_prompt, PromptPlan};
+use super::request::{ChatRequest, CommonFields, CompletionRequest, PromptInput, StopInput};
 use super::state::ModelInfo;
 use crate::config::ServerSection;
 use crate::engine::KvChoice;
 use crate::engine::{EngineRequest, StopParams};
-use crate::model::chat_template::ChatMessage;
-use crate::types::{SamplingParams, TenantId, TokenId};
+use crate::types::{SamplingParams, TenantId};
 
 /// Completions' default `max_tokens` (OpenAI's legacy default).
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
-
-/// One prompt of a request, tokenized.
-#[derive(Debug, Clone)]
-pub struct PromptPlan {
-    pub ids: Vec<TokenId>,
-    /// The prompt's text (echoed back with `echo`).
-    pub text: String,
-}
 
 /// A validated request: what to run and how to answer.
 #[derive(Debug, Clone)]
@@ -129,7 +119,6 @@ pub fn completion(
             ));
         }
     }
-    let tok = &model.tokenizer;
     let prompts: Vec<PromptPlan> = match &req.prompt {
         PromptInput::Text(t) => vec![text_prompt(model, t)?],
         PromptInput::Texts(ts) => ts
@@ -148,7 +137,6 @@ pub fn completion(
             format!("give 1 to {} prompts", limits.max_prompts),
         ));
     }
-    let _ = tok;
     let logprobs = match req.logprobs {
         None => None,
         Some(k) => Some(count(Some(k), 0, limits.max_top_logprobs, "logprobs")?),
@@ -219,106 +207,6 @@ pub fn chat(
         limits,
         kv,
     )
-}
-
-/// The chat template's input: text content only, roles checked.
-pub fn render_chat(
-    messages: &[ChatMessageIn],
-    add_generation_prompt: Option<bool>,
-    model: &ModelInfo,
-    limits: &ServerSection,
-) -> Result<String, ApiError> {
-    if messages.is_empty() || messages.len() > limits.max_messages {
-        return Err(ApiError::invalid(
-            "messages",
-            format!("give 1 to {} messages", limits.max_messages),
-        ));
-    }
-    let mut out = Vec::with_capacity(messages.len());
-    for m in messages {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "developer" | "user" | "assistant" | "tool"
-        ) {
-            return Err(ApiError::invalid(
-                "messages",
-                format!("unknown role `{}`", m.role),
-            ));
-        }
-        let content = match &m.content {
-            None => String::new(),
-            Some(MessageContent::Text(t)) => t.clone(),
-            Some(MessageContent::Parts(parts)) => {
-                let mut s = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => s.push_str(t),
-                        (kind, _) => {
-                            return Err(ApiError::invalid(
-                                "messages",
-                                format!(
-                                    "content parts of type `{kind}` are not supported (text only)"
-                                ),
-                            ))
-                        }
-                    }
-                }
-                s
-            }
-        };
-        // `developer` is OpenAI's newer name for `system`.
-        let role = if m.role == "developer" {
-            "system"
-        } else {
-            &m.role
-        };
-        out.push(ChatMessage::new(role, content));
-    }
-    let template = model
-        .template
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-    let continue_last = messages.last().is_some_and(|m| m.role == "assistant");
-    template
-        .render(&out, add_generation_prompt.unwrap_or(!continue_last))
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))
-}
-
-fn text_prompt(model: &ModelInfo, text: &str) -> Result<PromptPlan, ApiError> {
-    let ids = model
-        .tokenizer
-        .encode(text, true)
-        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    if ids.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    Ok(PromptPlan {
-        ids,
-        text: text.to_string(),
-    })
-}
-
-fn id_prompt(model: &ModelInfo, ids: &[u32]) -> Result<PromptPlan, ApiError> {
-    if ids.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= model.vocab_size) {
-        return Err(ApiError::invalid(
-            "prompt",
-            format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                model.vocab_size
-            ),
-        ));
-    }
-    let text = model
-        .tokenizer
-        .decode(ids, false)
-        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    Ok(PromptPlan {
-        ids: ids.to_vec(),
-        text,
-    })
 }
 
 fn count(
