@@ -451,6 +451,11 @@ __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsig
     const int first_own = pos0 / block_size, last_own = last / block_size;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int kt = 0; kt <= last; kt += KTILE) {
+        // Under a window, a tile of blocks past the sink block and before the window of the
+        // CTA's first query is seen by none of its queries (later queries see even less): skip
+        // it unread. A long prompt chunk then costs O(window) per query, not O(context).
+        if (wb != 0 && kt >= block_size && min(kt + KTILE - 1, last) / block_size + wb <= first_own)
+            continue;
         int passes = 1;
         if (SEALED) {
             const int b1 = min(kt + KTILE - 1, last) / block_size;
