@@ -10,7 +10,7 @@ use super::request::ChatRequest;
 use super::response::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatResponse, UsageOut,
 };
-use super::routes::{admit, authenticate, data, in_request_span, parse_body, unix_now};
+use super::routes::{accept, data, in_request_span, unix_now};
 use super::state::AppState;
 use super::stream::{sse_response, ChunkFormat};
 use super::validate::{self, Plan};
@@ -54,17 +54,13 @@ async fn serve(
     body: Result<Bytes, BytesRejection>,
     id: String,
 ) -> Result<Response, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
-    let req: ChatRequest = parse_body(body, &state)?;
-    if !req.unknown.is_empty() {
-        tracing::debug!(fields = ?req.unknown.keys().collect::<Vec<_>>(), "ignoring unknown fields");
-    }
-    let plan = validate::chat(&req, &state.model, &state.limits, &|p| {
-        state.kv_choice(tenant, p)
-    })
-    .inspect_err(|e| state.count_rejection(Some(tenant), e))?;
-    let guard = admit(&state, tenant, &plan)?;
-    let gen = generation::start(&state, &plan, tenant, guard)?;
+    let (plan, gen) = accept(
+        &state,
+        &headers,
+        body,
+        |r: &ChatRequest| &r.unknown,
+        |req, kv| validate::chat(req, &state.model, &state.limits, kv),
+    )?;
     let model = state.model.name.clone();
     if plan.stream {
         let n = plan.n;

@@ -3,12 +3,14 @@
 //! body, admit under the tenant's limits.
 
 use super::error::ApiError;
+use super::generation::{self, Generation};
 use super::limits::ConcurrencyGuard;
 use super::prompt::render_chat;
 use super::request::{DetokenizeRequest, TokenizeRequest};
 use super::response::{DetokenizeResponse, ModelCard, ModelList, TokenizeResponse};
 use super::state::AppState;
 use super::validate::Plan;
+use crate::engine::KvChoice;
 use crate::types::TenantId;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -19,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
@@ -113,12 +116,35 @@ pub fn parse_body<T: DeserializeOwned>(
     super::validate::json_body(&body)
 }
 
+/// The way in of every generation request: authenticate, parse the body (fields it does not
+/// know, `unknown`, are logged at debug and ignored), turn it into a plan (`to_plan`: the
+/// endpoint's validation, given the tenant's KV choice), admit it under the tenant's limits and
+/// start its choices on the engine.
+pub fn accept<T: DeserializeOwned>(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    unknown: fn(&T) -> &BTreeMap<String, serde_json::Value>,
+    to_plan: impl FnOnce(
+        &T,
+        &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
+    ) -> Result<Plan, ApiError>,
+) -> Result<(Plan, Generation), ApiError> {
+    let tenant = authenticate(state, headers)?;
+    let req: T = parse_body(body, state)?;
+    let unknown = unknown(&req);
+    if !unknown.is_empty() {
+        tracing::debug!(fields = ?unknown.keys().collect::<Vec<_>>(), "ignoring unknown fields");
+    }
+    let plan = to_plan(&req, &|p| state.kv_choice(tenant, p))
+        .inspect_err(|e| state.count_rejection(Some(tenant), e))?;
+    let guard = admit(state, tenant, &plan)?;
+    let gen = generation::start(state, &plan, tenant, guard)?;
+    Ok((plan, gen))
+}
+
 /// Refuses work while draining, then charges the tenant's limits for the whole request.
-pub fn admit(
-    state: &AppState,
-    tenant: TenantId,
-    plan: &Plan,
-) -> Result<ConcurrencyGuard, ApiError> {
+fn admit(state: &AppState, tenant: TenantId, plan: &Plan) -> Result<ConcurrencyGuard, ApiError> {
     let admitted = if state.is_draining() {
         Err(ApiError::Unavailable {
             message: "the server is shutting down".into(),
