@@ -1,18 +1,25 @@
 // RMSNorm (Hugging Face LlamaRMSNorm in f32): out = w * (x * (1 / sqrt(mean(x^2) + eps))).
-// One block per row.
+// One block per row. add_rms_norm_f32 first adds a residual (x += y, written back), so the
+// forward pass reads and writes the hidden state once per sublayer instead of three times.
 #include "common.cuh"
 
+// `y` null: plain norm of x; else x += y first (each thread rereads only what it wrote).
 template <typename T>
-__device__ void rms_norm(const T* x,      // [rows, width]
+__device__ void rms_norm(T* x,            // [rows, width]
+                         const T* y,      // [rows, width] or null
                          const float* w,  // [width]
                          T* out,          // [rows, width]
                          int width, float eps) {
     __shared__ float scratch[32];
-    const T* xr = x + (size_t)blockIdx.x * width;
+    T* xr = x + (size_t)blockIdx.x * width;
     T* orow = out + (size_t)blockIdx.x * width;
     float s = 0.0f;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = to_f32(xr[i]);
+        if (y) {
+            v = __fadd_rn(v, to_f32(y[(size_t)blockIdx.x * width + i]));
+            xr[i] = from_f32<T>(v);
+        }
         s += v * v;
     }
     s = block_sum(s, scratch);
@@ -25,5 +32,13 @@ extern "C" __global__ void rms_norm_f32(const float* x,  // [rows, width]
                                         const float* w,  // [width]
                                         float* out,      // [rows, width]
                                         int width, float eps) {
-    rms_norm<float>(x, w, out, width, eps);
+    rms_norm<float>(const_cast<float*>(x), nullptr, w, out, width, eps);
+}
+
+extern "C" __global__ void add_rms_norm_f32(float* x,        // [rows, width]: x + y on return
+                                            const float* y,  // [rows, width]
+                                            const float* w,  // [width]
+                                            float* out,      // [rows, width]
+                                            int width, float eps) {
+    rms_norm<float>(x, y, w, out, width, eps);
 }

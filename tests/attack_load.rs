@@ -615,6 +615,17 @@ impl Backend for PoisonBackend {
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize) {
         self.inner.add_bias(x, bias, rows)
     }
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Buf,
+        y: &Self::Buf,
+        weight: &Self::Buf,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Buf,
+    ) {
+        self.inner.add_rms_norm(x, y, weight, eps, rows, out)
+    }
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) {
         self.inner.add(x, y, len)
     }

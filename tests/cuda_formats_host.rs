@@ -1,10 +1,11 @@
-//! The device kernels run on the host: g++ compiles kernels/kv_seal.cu, attention.cu and quest.cu
-//! as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
+//! The device kernels run on the host: g++ compiles kernels/kv_seal.cu, attention.cu, quest.cu
+//! and norm.cu as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
 //! CTA by CTA with one OS thread per CUDA thread, real barriers and warp shuffles), and the
 //! results are checked against the CPU backend:
 //! - every sealed format encodes to the very same bytes and decodes to the very same f32 bits as
 //!   the CPU codec; mhc's latent encoder and key rebuild equal the CPU's bit for bit;
 //! - quest's key bounds (`seal_bounds_<fmt>`) equal the CPU's for every format;
+//! - the norms, plain and fused with the residual add, equal the CPU's within float rounding;
 //! - decode (split-K + reduction) and prefill attention over a device-layout image of the KV
 //!   (exact and sealed slabs, slot-pair tables) equal the CPU's attention within 1e-4 for every
 //!   policy: sealed history, a block sealed within the step (read exact by its own queries),
@@ -75,10 +76,11 @@ fn build(cpp: &str) -> PathBuf {
 fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
     static SEAL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     static ATTN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let bin = if cmd == "attention" {
-        ATTN.get_or_init(|| build("attention.cpp"))
-    } else {
-        SEAL.get_or_init(|| build("harness.cpp"))
+    static NORM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let bin = match cmd {
+        "attention" => ATTN.get_or_init(|| build("attention.cpp")),
+        "norm" => NORM.get_or_init(|| build("norm.cpp")),
+        _ => SEAL.get_or_init(|| build("harness.cpp")),
     };
     let dir = bin.parent().unwrap();
     let tag = format!("{cmd}-{:?}", std::thread::current().id()).replace(['(', ')'], "");
@@ -863,4 +865,49 @@ fn attention_kernels_match_the_cpu_for_every_policy() {
         failures.is_empty(),
         "device attention differs from the CPU: {failures:?}"
     );
+}
+
+/// The norms (`kernels/norm.cu`, 256 threads per row as the backend launches them) against the
+/// CPU backend: the residual add fused with RMSNorm writes back exactly the CPU's sum and a norm
+/// within float rounding of the CPU's (the block reduction sums in another order); the plain
+/// norm likewise. Widths: the default model's 576 (not a multiple of the CTA) and 2048.
+#[test]
+fn norm_kernels_match_the_cpu() {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (rows, width) in [(3usize, 576usize), (5, 2048)] {
+        let n = rows * width;
+        let mut gen = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len).map(|_| rng.random_range(-scale..scale)).collect()
+        };
+        let (x, y, w) = (gen(n, 3.0), gen(n, 2.0), gen(width, 1.5));
+        let eps = 1e-5f32;
+        let mut inb = Bytes::default();
+        inb.u32s(&[rows as u32, width as u32]);
+        inb.f32s(&[eps]);
+        inb.f32s(&x);
+        inb.f32s(&y);
+        inb.f32s(&w);
+        let got = f32s(&call("norm", &inb.0));
+        assert_eq!(got.len(), 3 * n);
+        let (sum, fused, plain) = (&got[..n], &got[n..2 * n], &got[2 * n..]);
+        let (mut want_sum, mut want_fused, mut want_plain) =
+            (x.clone(), vec![0f32; n], vec![0f32; n]);
+        cpu.add_rms_norm(&mut want_sum, &y, &w, eps, rows, &mut want_fused);
+        cpu.rms_norm(&x, &w, eps, rows, &mut want_plain);
+        assert!(
+            sum.iter()
+                .zip(&want_sum)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{rows}x{width}: the fused add's sum differs from the CPU's"
+        );
+        for (what, g, want) in [
+            ("add_rms_norm", fused, &want_fused),
+            ("rms_norm", plain, &want_plain),
+        ] {
+            let e = max_rel_err(g, want);
+            eprintln!("{what} {rows}x{width}: max rel err {e:.2e}");
+            assert!(e <= 1e-5, "{what} {rows}x{width}: {e:.2e}");
+        }
+    }
 }

@@ -125,6 +125,17 @@ pub trait Backend: Send + Sync {
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize);
     /// `x += y` over the first `len` elements.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize);
+    /// The residual add fused with the next sublayer's norm: `x += y` over `rows` rows of width
+    /// `weight.len()`, then `out` = RMSNorm of the sum (as `add` then `rms_norm`).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Buf,
+        y: &Self::Buf,
+        weight: &Self::Buf,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Buf,
+    );
     /// `out[r, j] = silu(gu[r, j]) * gu[r, inter + j]` for a fused `[gate | up]` row of width `2*inter`.
     fn silu_mul(&self, gate_up: &Self::Buf, rows: usize, inter: usize, out: &mut Self::Buf);
 

@@ -413,8 +413,12 @@ impl<B: Backend> Llama<B> {
         let mut gate_up = be.alloc(t * 2 * inter);
         let mut act = be.alloc(t * inter);
 
+        let eps = cfg.rms_norm_eps;
+        if let Some(first) = self.layers.first() {
+            be.rms_norm(&x, &first.attn_norm, eps, t, &mut normed);
+        }
         for (li, layer) in self.layers.iter().enumerate() {
-            be.rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, t, &mut normed);
+            // `normed` holds this layer's attention input (normed by the previous step).
             be.matmul(&normed, t, &layer.qkv, &mut qkv);
             if let Some(b) = &layer.qkv_bias {
                 be.add_bias(&mut qkv, b, t);
@@ -431,13 +435,15 @@ impl<B: Backend> Llama<B> {
             }
             be.attention(&qkv, &seqs, shape, store, li, &mut attn);
             be.matmul(&attn, t, &layer.o, &mut proj);
-            be.add(&mut x, &proj, t * h);
+            be.add_rms_norm(&mut x, &proj, &layer.mlp_norm, eps, t, &mut normed);
 
-            be.rms_norm(&x, &layer.mlp_norm, cfg.rms_norm_eps, t, &mut normed);
             be.matmul(&normed, t, &layer.gate_up, &mut gate_up);
             be.silu_mul(&gate_up, t, inter, &mut act);
             be.matmul(&act, t, &layer.down, &mut proj);
-            be.add(&mut x, &proj, t * h);
+            match self.layers.get(li + 1) {
+                Some(next) => be.add_rms_norm(&mut x, &proj, &next.attn_norm, eps, t, &mut normed),
+                None => be.add(&mut x, &proj, t * h),
+            }
         }
 
         if !seals.is_empty() {
@@ -462,7 +468,6 @@ impl<B: Backend> Llama<B> {
         if !rows.is_empty() {
             let picked = be.gather_rows(&x, &rows, h);
             let mut picked_normed = be.alloc(rows.len() * h);
-            let eps = cfg.rms_norm_eps;
             be.rms_norm(
                 &picked,
                 &self.final_norm,

@@ -134,6 +134,21 @@ impl Backend for CpuBackend {
         ops::add(x, y, len);
     }
 
+    fn add_rms_norm(
+        &self,
+        x: &mut Vec<f32>,
+        y: &Vec<f32>,
+        weight: &Vec<f32>,
+        eps: f32,
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) {
+        // Two passes stay cheap on the CPU (the rows are in cache) and keep its results bit for
+        // bit what they were before the fused op existed.
+        ops::add(x, y, rows * weight.len());
+        ops::rms_norm(x, weight, eps, rows, out);
+    }
+
     fn silu_mul(&self, gate_up: &Vec<f32>, rows: usize, inter: usize, out: &mut Vec<f32>) {
         ops::silu_mul(gate_up, rows, inter, out);
     }

@@ -122,15 +122,50 @@ impl Backend for CudaBackend {
             return;
         }
         let (xp, wp, op, wi) = (self.ptr(x), self.ptr(weight), self.ptr(out), w as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: one CTA per row of `w` floats; `x` and `out` hold `rows * w` (asserted).
         ok(
-            unsafe { args!(self.stream, &self.k.rms_norm, &xp, &wp, &op, &wi, &eps).launch(cfg) },
+            unsafe {
+                args!(self.stream, &self.k.rms_norm, &xp, &wp, &op, &wi, &eps).launch(per_row(rows))
+            },
             "rms_norm",
+        );
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        let w = weight.len();
+        assert!(
+            x.len() >= rows * w && y.len() >= rows * w && out.len() >= rows * w,
+            "add_rms_norm: buffers too small"
+        );
+        if rows == 0 {
+            return;
+        }
+        let (xp, yp, wp, op) = (self.ptr(x), self.ptr(y), self.ptr(weight), self.ptr(out));
+        let wi = w as i32;
+        // SAFETY: one CTA per row of `w` floats; `x`, `y` and `out` hold `rows * w` (asserted).
+        ok(
+            unsafe {
+                args!(
+                    self.stream,
+                    &self.k.add_rms_norm,
+                    &xp,
+                    &yp,
+                    &wp,
+                    &op,
+                    &wi,
+                    &eps
+                )
+                .launch(per_row(rows))
+            },
+            "add_rms_norm",
         );
     }
 

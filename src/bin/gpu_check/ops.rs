@@ -63,6 +63,24 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         "",
     ));
 
+    // The residual add fused with RMSNorm: both outputs (the sum and its norm).
+    let y = random_vec(&mut rng, x.len(), 2.0);
+    let (mut xc, mut xg, yg) = (x.clone(), gpu.upload(&x), gpu.upload(&y));
+    cpu.add_rms_norm(&mut xc, &y, &w, 1e-5, 33, &mut oc);
+    gpu.add_rms_norm(&mut xg, &yg, &wg, 1e-5, 33, &mut og);
+    rows.push(parity(
+        "add_rms_norm [33, 2048]: sum",
+        &read_all(gpu, &xg, xc.len()),
+        &xc,
+        "",
+    ));
+    rows.push(parity(
+        "add_rms_norm [33, 2048]: norm",
+        &read_all(gpu, &og, oc.len()),
+        &oc,
+        "",
+    ));
+
     // Matrix products (cuBLAS), split hi/lo activations and plain bf16.
     for &(m, k, n) in &[
         (1usize, 2048usize, 6144usize),
