@@ -1,6 +1,6 @@
 // RMSNorm (Hugging Face LlamaRMSNorm in f32): out = w * (x * (1 / sqrt(mean(x^2) + eps))).
-// One block per row. add_rms_norm_f32 first adds a residual (x += y, written back), so the
-// forward pass reads and writes the hidden state once per sublayer instead of three times.
+// One block per row. With a residual y it first adds it (x += y, written back), so the forward
+// pass reads and writes the hidden state once per sublayer instead of three times.
 #include "common.cuh"
 
 // `y` null: plain norm of x; else x += y first (each thread rereads only what it wrote).
@@ -28,17 +28,10 @@ __device__ void rms_norm(T* x,            // [rows, width]
         orow[i] = from_f32<T>(w[i] * (to_f32(xr[i]) * inv));
 }
 
-extern "C" __global__ void rms_norm_f32(const float* x,  // [rows, width]
+extern "C" __global__ void rms_norm_f32(float* x,        // [rows, width]: x + y on return
+                                        const float* y,  // [rows, width], or null: no residual
                                         const float* w,  // [width]
                                         float* out,      // [rows, width]
                                         int width, float eps) {
-    rms_norm<float>(const_cast<float*>(x), nullptr, w, out, width, eps);
-}
-
-extern "C" __global__ void add_rms_norm_f32(float* x,        // [rows, width]: x + y on return
-                                            const float* y,  // [rows, width]
-                                            const float* w,  // [width]
-                                            float* out,      // [rows, width]
-                                            int width, float eps) {
     rms_norm<float>(x, y, w, out, width, eps);
 }

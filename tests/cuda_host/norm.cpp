@@ -2,7 +2,8 @@
 // row (shim.h `launch`), as the backend launches it:
 //   norm <in> <out>
 // in (little-endian): u32 rows, width; f32 eps; f32 x[rows * width], y[rows * width], w[width]
-// out: f32 [rows * width] x + y, then add_rms_norm_f32's norm of it, then rms_norm_f32 of x.
+// out: f32 [rows * width] x + y, then rms_norm_f32's norm of it (with the residual y), then
+// rms_norm_f32 of x (no residual).
 #include "shim.h"
 #include "io.h"
 #include <cstdint>
@@ -21,10 +22,10 @@ int main(int argc, char** argv) {
     std::vector<float> x = r.vec<float>(n), y = r.vec<float>(n), w = r.vec<float>(width);
     std::vector<float> sum = x, fused(n + 1), plain(n + 1);
     launch(dim3h{rows, 1, 1}, 256, [&] {
-        add_rms_norm_f32(sum.data(), y.data(), w.data(), fused.data(), (int)width, eps);
+        rms_norm_f32(sum.data(), y.data(), w.data(), fused.data(), (int)width, eps);
     });
     launch(dim3h{rows, 1, 1}, 256, [&] {
-        rms_norm_f32(x.data(), w.data(), plain.data(), (int)width, eps);
+        rms_norm_f32(x.data(), nullptr, w.data(), plain.data(), (int)width, eps);
     });
     FILE* out = std::fopen(argv[3], "wb");
     if (!out) return 4;

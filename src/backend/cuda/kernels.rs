@@ -36,7 +36,6 @@ pub(crate) use args;
 #[derive(Debug)]
 pub struct Kernels {
     pub rms_norm: CudaFunction,
-    pub add_rms_norm: CudaFunction,
     pub add: CudaFunction,
     pub add_bias: CudaFunction,
     pub silu_mul: CudaFunction,
@@ -68,7 +67,6 @@ pub struct Kernels {
 pub fn kernel_names() -> Vec<(&'static str, String)> {
     let mut v: Vec<(&'static str, String)> = [
         ("norm.cu", "rms_norm_f32"),
-        ("norm.cu", "add_rms_norm_f32"),
         ("elementwise.cu", "add_f32"),
         ("elementwise.cu", "add_bias_f32"),
         ("elementwise.cu", "silu_mul_f32"),
@@ -132,7 +130,6 @@ impl Kernels {
             .collect::<Result<Vec<_>, _>>()?;
         let k = Kernels {
             rms_norm: f("norm.cu", "rms_norm_f32")?,
-            add_rms_norm: f("norm.cu", "add_rms_norm_f32")?,
             add: f("elementwise.cu", "add_f32")?,
             add_bias: f("elementwise.cu", "add_bias_f32")?,
             silu_mul: f("elementwise.cu", "silu_mul_f32")?,
@@ -191,15 +188,6 @@ impl Kernels {
             _ => 3,
         };
         (&self.paged_decode[fmt][i], 1 << i)
-    }
-}
-
-/// One CTA of 256 threads per row (the norms).
-pub fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
     }
 }
 

@@ -43,7 +43,7 @@ use cudarc::driver::{
 };
 pub use device::{choose, probe, Choice, DeviceArg, GpuInfo};
 use half::bf16;
-use kernels::{args, grid_1d, per_row, Kernels};
+use kernels::{args, grid_1d, Kernels};
 use std::sync::{Arc, Mutex};
 pub use store::CudaKvStore;
 

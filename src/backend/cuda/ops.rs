@@ -118,17 +118,7 @@ impl Backend for CudaBackend {
             x.len() >= rows * w && out.len() >= rows * w,
             "rms_norm: buffers too small"
         );
-        if rows == 0 {
-            return;
-        }
-        let (xp, wp, op, wi) = (self.ptr(x), self.ptr(weight), self.ptr(out), w as i32);
-        // SAFETY: one CTA per row of `w` floats; `x` and `out` hold `rows * w` (asserted).
-        ok(
-            unsafe {
-                args!(self.stream, &self.k.rms_norm, &xp, &wp, &op, &wi, &eps).launch(per_row(rows))
-            },
-            "rms_norm",
-        );
+        self.norm_rows(self.ptr(x), 0, weight, eps, rows, out);
     }
 
     fn add_rms_norm(
@@ -145,28 +135,7 @@ impl Backend for CudaBackend {
             x.len() >= rows * w && y.len() >= rows * w && out.len() >= rows * w,
             "add_rms_norm: buffers too small"
         );
-        if rows == 0 {
-            return;
-        }
-        let (xp, yp, wp, op) = (self.ptr(x), self.ptr(y), self.ptr(weight), self.ptr(out));
-        let wi = w as i32;
-        // SAFETY: one CTA per row of `w` floats; `x`, `y` and `out` hold `rows * w` (asserted).
-        ok(
-            unsafe {
-                args!(
-                    self.stream,
-                    &self.k.add_rms_norm,
-                    &xp,
-                    &yp,
-                    &wp,
-                    &op,
-                    &wi,
-                    &eps
-                )
-                .launch(per_row(rows))
-            },
-            "add_rms_norm",
-        );
+        self.norm_rows(self.ptr(x), self.ptr(y), weight, eps, rows, out);
     }
 
     fn matmul(&self, x: &CudaSlice<f32>, rows: usize, w: &CudaMatrix, out: &mut CudaSlice<f32>) {
@@ -338,5 +307,37 @@ impl Backend for CudaBackend {
 
     fn copy_blocks(&self, store: &mut CudaKvStore, copies: &[(u32, u32)]) {
         self.copy_blocks_impl(store, copies);
+    }
+}
+
+impl CudaBackend {
+    /// `rms_norm_f32` over `rows` rows of `weight.len()` floats, one CTA each; `y` 0: the plain
+    /// norm of `x`, else `x += y` first. The callers check the buffers hold `rows` rows.
+    fn norm_rows(
+        &self,
+        x: u64,
+        y: u64,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) {
+        if rows == 0 {
+            return;
+        }
+        let (wp, op, wi) = (self.ptr(weight), self.ptr(out), weight.len() as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one CTA per row; `x`, `out` (and `y` when not 0) hold `rows` rows of `wi`
+        // floats (checked by the callers).
+        ok(
+            unsafe {
+                args!(self.stream, &self.k.rms_norm, &x, &y, &wp, &op, &wi, &eps).launch(cfg)
+            },
+            "rms_norm",
+        );
     }
 }
