@@ -45,3 +45,22 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = lane < nwarps ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// D += A·B on the tensor cores (Ampere and newer): one warp-wide m16n8k16 product of bf16 A
+// (16×16, row major) and B (16×8, column major) into f32 D (16×8). Lane l = 4·g + t holds
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16"): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..],
+// a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g];
+// d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]. A pair's lower column is the low 16 bits.
+// The host test build (no __CUDA_ARCH__) runs tests/cuda_host/shim.h's emulation instead.
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a,
+                                               const unsigned int* b) {
+#ifdef __CUDA_ARCH__
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    host_mma_bf16_16816(d, a, b);
+#endif
+}

@@ -22,6 +22,7 @@ use kvserve::backend::codec::{Codec, MhcValues};
 use kvserve::backend::cpu::kv_store::CpuKvStore;
 use kvserve::backend::cpu::ops::RopeTable;
 use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::cuda::kernels::prefill_queries;
 use kvserve::backend::cuda::parity::max_rel_err;
 use kvserve::backend::cuda::plan::{decode_split, plan};
 use kvserve::backend::cuda::store::{exact_block_bytes, format_index, SealedLayout};
@@ -540,16 +541,13 @@ impl Bytes {
 fn attention_case(
     policy: KvPolicy,
     bs: usize,
+    shape: AttnShape,
     lat: Option<Arc<LatentKeys>>,
     rope: &RopeParams,
 ) -> f64 {
-    let shape = AttnShape {
-        num_heads: 8,
-        num_kv_heads: 2,
-        head_dim: 64,
-    };
-    let (layers, layer, group) = (3usize, 2usize, 4usize);
-    let (kvh, d, w, width) = (2usize, 64usize, shape.kv_width(), shape.qkv_width());
+    let (layers, layer, group) = (3usize, 2usize, shape.num_heads / shape.num_kv_heads);
+    let (kvh, d) = (shape.num_kv_heads, shape.head_dim);
+    let (w, width) = (shape.kv_width(), shape.qkv_width());
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     // (start, rows) per sequence.
     let spec = [(600usize, 1usize), (47, 1), (200, 20), (0, 45)];
@@ -643,7 +641,12 @@ fn attention_case(
     }
     // The step: q rows (k/v parts unused by attention).
     let rows: usize = spec.iter().map(|s| s.1).sum();
-    let qkv = values(&mut rng, rows * width, width, &[]);
+    // Full f32 queries (the stored K/V are bf16 values), as a model's are: the prefill kernel
+    // splits them into bf16 high and low parts for the tensor cores.
+    let qkv: Vec<f32> = values(&mut rng, rows * width, width, &[])
+        .into_iter()
+        .map(|x| x * rng.random_range(0.95..1.05))
+        .collect();
     let seqs: Vec<AttnSeq<'_>> = spec
         .iter()
         .zip(&tables)
@@ -707,7 +710,7 @@ fn attention_case(
             }
         }
     }
-    let p = plan(&seqs, group, bs, 32, |_| true);
+    let p = plan(&seqs, group, bs, prefill_queries(d), |_| true);
     let pairs: Vec<u32> = p
         .tables
         .iter()
@@ -724,7 +727,7 @@ fn attention_case(
     let mut inb = Bytes::default();
     for v in [
         format_index(codec, bounds) as u32,
-        8,
+        shape.num_heads as u32,
         kvh as u32,
         d as u32,
         bs as u32,
@@ -792,14 +795,19 @@ fn attention_case(
     max_rel_err(&got, &want)
 }
 
-#[test]
-fn attention_kernels_match_the_cpu_for_every_policy() {
-    let rope = RopeParams {
-        inv_freq: (0..32)
-            .map(|i| 10_000f32.powf(-((2 * i) as f32) / 64.0))
+/// Llama's RoPE frequencies (base 10,000) at `head_dim`.
+fn rope_for(head_dim: usize) -> RopeParams {
+    RopeParams {
+        inv_freq: (0..head_dim / 2)
+            .map(|i| 10_000f32.powf(-((2 * i) as f32) / head_dim as f32))
             .collect(),
         attention_scaling: 1.0,
-    };
+    }
+}
+
+#[test]
+fn attention_kernels_match_the_cpu_for_every_policy() {
+    let rope = rope_for(64);
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let (w, ranks) = (128usize, [20usize, 28, 24]);
     let lat = Arc::new(random_latent(&mut rng, (w, 64), 24, &ranks, &rope));
@@ -846,19 +854,45 @@ fn attention_kernels_match_the_cpu_for_every_policy() {
     }
     let mut failures = Vec::new();
     let bs: usize = std::env::var("KV_BS").map_or(16, |b| b.parse().expect("KV_BS: a block size"));
+    let shape = |num_heads, num_kv_heads, head_dim| AttnShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    };
+    // Other shapes: the default model's (9 query heads over 3 KV heads: a prefill CTA's 63
+    // queries end inside a warp's tile) and head_dim 256, where two prefill warps share a query
+    // tile, each accumulating half of the output channels.
+    let mut other_shapes = Vec::new();
+    if std::env::var("KV_ONLY").is_err() {
+        for (p, s) in [
+            ("exact", shape(9, 3, 64)),
+            ("kivi4+window:48", shape(9, 3, 64)),
+            ("exact", shape(6, 2, 256)),
+            ("int8", shape(6, 2, 256)),
+        ] {
+            let policy = match p {
+                "exact" => KvPolicy::EXACT,
+                p => kvserve::kv::policy::KvPolicy::parse(p).unwrap(),
+            };
+            other_shapes.push((policy, 16, s));
+        }
+    }
     let runs = cases
         .into_iter()
-        .map(|p| (p, bs))
-        .chain(small_blocks.into_iter().map(|p| (p, 8)));
-    for (policy, bs) in runs {
+        .map(|p| (p, bs, shape(8, 2, 64)))
+        .chain(small_blocks.into_iter().map(|p| (p, 8, shape(8, 2, 64))))
+        .chain(other_shapes);
+    for (policy, bs, shape) in runs {
         let l = policy
             .codec
             .and_then(Codec::latent_rank)
             .map(|_| lat.clone());
-        let e = attention_case(policy, bs, l, &rope);
-        eprintln!("{policy} (blocks of {bs}): max rel err {e:.2e}");
+        let e = attention_case(policy, bs, shape, l, &rope_for(shape.head_dim));
+        let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let case = format!("{policy} (blocks of {bs}, {h}/{kvh} heads of {d})");
+        eprintln!("{case}: max rel err {e:.2e}");
         if e > 1e-4 || e.is_nan() {
-            failures.push(format!("{policy} (blocks of {bs}): {e:.2e}"));
+            failures.push(format!("{case}: {e:.2e}"));
         }
     }
     assert!(

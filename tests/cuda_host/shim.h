@@ -33,6 +33,7 @@ struct CtaSync {
     std::unique_ptr<std::barrier<>> cta;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     float xchg[32][32];
+    unsigned int frag[32][32][6];  // per warp, per lane: the A and B fragments of an mma
 };
 inline CtaSync* g_cta = nullptr;
 
@@ -103,6 +104,43 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 template <typename T> inline T min(T a, T b) { return a < b ? a : b; }
 template <typename T> inline T max(T a, T b) { return a > b ? a : b; }
+
+// mma.sync.m16n8k16 bf16 × bf16 + f32 (kernels/common.cuh: mma_bf16_16816) for the calling
+// warp: every lane posts its fragments, each rebuilds A and B and computes its four outputs.
+// Products of two bf16 are exact in f32; each output's 16 products are summed in k order and
+// then added, as one f32 rounding per add (the hardware's order and internal width differ, by
+// far less than the tests' tolerances).
+inline void host_mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    auto& f = g_cta->frag[w];
+    for (int i = 0; i < 4; ++i) f[lane][i] = a[i];
+    f[lane][4] = b[0];
+    f[lane][5] = b[1];
+    g_cta->warps[w]->arrive_and_wait();
+    auto lo = [](unsigned int x) { return __uint_as_float((x & 0xffffu) << 16); };
+    auto hi = [](unsigned int x) { return __uint_as_float(x & 0xffff0000u); };
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+            const int r = g + 8 * (i & 1), c = 2 * t + 8 * (i >> 1);
+            A[r][c] = lo(f[l][i]);
+            A[r][c + 1] = hi(f[l][i]);
+        }
+        for (int i = 0; i < 2; ++i) {
+            B[2 * t + 8 * i][g] = lo(f[l][4 + i]);
+            B[2 * t + 8 * i + 1][g] = hi(f[l][4 + i]);
+        }
+    }
+    g_cta->warps[w]->arrive_and_wait();
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        const int r = g + 8 * (i >> 1), c = 2 * t + (i & 1);
+        float acc = 0.0f;
+        for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][c];
+        d[i] += acc;
+    }
+}
 
 // f16 via the compiler's _Float16 (IEEE binary16, round to nearest even).
 inline float host_f16_to_f32(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }

@@ -5,7 +5,7 @@
 //! quest's blocks for decode rows past the dense layers, and launches.
 
 use super::kernels::{
-    decode_smem, prefill_smem, ATTN_THREADS, MAX_GROUP, PREFILL_MAX_DIM, PREFILL_QUERIES,
+    decode_smem, prefill_queries, prefill_smem, ATTN_THREADS, MAX_GROUP, PREFILL_MAX_DIM,
     QUEST_THREADS,
 };
 use super::plan::{decode_split, plan};
@@ -144,7 +144,7 @@ impl CudaBackend {
         let group = h / kvh;
         let bs = store.block_size;
         let fmt = part.fmt();
-        let p = plan(seqs, group, bs, PREFILL_QUERIES, in_part);
+        let p = plan(seqs, group, bs, prefill_queries(d), in_part);
         let mut pairs = Vec::with_capacity(2 * p.tables.len());
         store.slot_pairs(&p.tables, slab, &mut pairs);
         let tp = self.indices(table_key, &pairs);
@@ -290,8 +290,8 @@ impl CudaBackend {
         let t = p.num_tiles();
         if t > 0 {
             assert!(
-                d <= PREFILL_MAX_DIM,
-                "prefill attention: head_dim {d} > {PREFILL_MAX_DIM}"
+                d <= PREFILL_MAX_DIM && d % 16 == 0,
+                "prefill attention: head_dim {d} is not a multiple of 16 up to {PREFILL_MAX_DIM}"
             );
             let tip = self.indices(tiles_key, &p.tiles);
             let cfg = LaunchConfig {
@@ -299,7 +299,7 @@ impl CudaBackend {
                 block_dim: (ATTN_THREADS, 1, 1),
                 shared_mem_bytes: prefill_smem(d),
             };
-            // SAFETY: each tile holds ≤ 32 queries of one sequence whose slot pairs cover its
+            // SAFETY: each tile holds ≤ prefill_queries(d) queries of one sequence whose slot pairs cover its
             // rows; the function's shared-memory limit was raised at load.
             ok(
                 unsafe {

@@ -16,11 +16,23 @@ pub const ATTN_THREADS: u32 = 128;
 pub const QUEST_THREADS: u32 = 256;
 /// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).
 pub const MAX_GROUP: usize = 8;
-/// Keys per prefill tile (`KTILE`) and queries per prefill CTA (`PREFILL_Q`).
+/// Keys per prefill tile (`KTILE`).
 pub const KTILE: usize = 32;
-pub const PREFILL_QUERIES: usize = 32;
-/// Largest head_dim the prefill kernel's shared memory is sized for at load.
+/// Largest head_dim the prefill kernel's shared memory is sized for at load (and it needs
+/// head_dim % 16 == 0: the tensor-core product steps through the channels 16 at a time).
 pub const PREFILL_MAX_DIM: usize = 256;
+/// Output channels one prefill warp accumulates (`PD_MAX`); above it two warps share a tile.
+const PREFILL_WARP_DIM: usize = 128;
+
+/// Queries per prefill CTA at `dim` (`PREFILL_Q / dsplit` in the kernel): 4 warps of 16, or 2
+/// query tiles of 16 when two warps share each (head_dim above 128).
+pub fn prefill_queries(dim: usize) -> usize {
+    if dim > PREFILL_WARP_DIM {
+        32
+    } else {
+        64
+    }
+}
 
 /// Builds a launch from a function and argument references (all locals of the caller).
 macro_rules! args {
@@ -148,7 +160,7 @@ impl Kernels {
             latent_encode: f("kv_seal.cu", "latent_encode_bf16")?,
             copy_blocks: f("kv_copy.cu", "copy_blocks_u8")?,
         };
-        // The prefill CTA's shared memory passes 48 KiB from head_dim 96 up (132 KiB at 256;
+        // The prefill CTA's shared memory passes 48 KiB from head_dim 80 up (106 KiB at 256;
         // sm_80 allows 163 KiB per CTA, sm_90 227 KiB).
         for p in &k.prefill {
             p.set_attribute(
@@ -164,10 +176,12 @@ impl Kernels {
     }
 }
 
-/// Dynamic shared memory of the prefill kernel at `dim`: q and outputs `[32, dim]` each,
-/// K `[32, dim + 1]`, V `[32, dim]`, f32.
+/// Dynamic shared memory of the prefill kernel at `dim`, bf16 high and low parts each: q
+/// `[queries, dim + 8]`, K `[32, dim + 8]`, V transposed `[dim, 32 + 8]` (rows padded so that a
+/// fragment's 32-bit loads hit distinct banks).
 pub fn prefill_smem(dim: usize) -> u32 {
-    ((2 * PREFILL_QUERIES * dim + KTILE * (dim + 1) + KTILE * dim) * 4) as u32
+    let q = prefill_queries(dim);
+    (2 * 2 * (q * (dim + 8) + KTILE * (dim + 8) + dim * (KTILE + 8))) as u32
 }
 
 /// Dynamic shared memory of the decode kernel: the larger of the scores `[G, split_len]` and

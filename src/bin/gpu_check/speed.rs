@@ -61,6 +61,7 @@ pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Res
     drop((src, dst));
 
     decode(gpu, copy, "", rows);
+    prefill(gpu, rows);
     formats(gpu, Some(copy), rows);
     for &u in unrolls {
         let variant = CudaBackend::with_defines(gpu.info().clone(), &[("DECODE_UNROLL", u)])?;
@@ -168,6 +169,41 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
                 ),
             ));
         }
+    }
+}
+
+/// Prompt-chunk attention (the tensor-core prefill kernel), one layer of the 1B shape over a
+/// 4096-position sequence: the whole prompt as one chunk, and its last 512 positions as a chunk
+/// after the rest (chunked prefill). Counts 4 · heads · head_dim flops per (query, visible key).
+fn prefill(gpu: &CudaBackend, rows: &mut Vec<Row>) {
+    let shape = SHAPE;
+    let ctx = 4096usize;
+    let (store, tables, _) = filled_store(gpu, 1, 1, ctx);
+    let qkv = gpu.upload(&random_vec(
+        &mut ChaCha8Rng::seed_from_u64(6),
+        ctx * shape.qkv_width(),
+        1.0,
+    ));
+    for chunk in [ctx, 512] {
+        let start = ctx - chunk;
+        let attn = [AttnSeq {
+            rows: chunk,
+            start_pos: start,
+            block_table: &tables[0],
+            policy: kvserve::kv::policy::KvPolicy::EXACT,
+        }];
+        let mut out = gpu.alloc(chunk * shape.q_width());
+        let s = time(gpu, 10, || {
+            gpu.attention(&qkv, &attn, shape, &store, 0, &mut out)
+        });
+        let pairs: usize = (start..ctx).map(|p| p + 1).sum();
+        let flops = (4 * shape.num_heads * shape.head_dim * pairs) as f64;
+        rows.push(measure(
+            &format!("prefill attention, {chunk} queries at {start}..{ctx}"),
+            flops / s / 1e12,
+            "TFLOP/s",
+            &format!("{:.3} ms per layer call", s * 1e3),
+        ));
     }
 }
 
