@@ -539,6 +539,7 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
             presence_penalty: args.presence_penalty,
             frequency_penalty: args.frequency_penalty,
             logit_bias: args.logit_bias.clone(),
+            logprobs: args.json,
             top_logprobs: args.logprobs,
         },
     };

@@ -26,7 +26,10 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Added to the logit of each listed token before sampling.
     pub logit_bias: Vec<(TokenId, f32)>,
-    /// Number of top alternatives to report with each sampled token (0: only the token's own logprob).
+    /// Report each sampled token's raw logprob. Off, the sampler skips the softmax pass over
+    /// the vocabulary that only the logprob needs (greedy decoding is then one argmax).
+    pub logprobs: bool,
+    /// Number of top alternatives to report with each sampled token (with `logprobs`).
     pub top_logprobs: usize,
 }
 
@@ -42,6 +45,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            logprobs: false,
             top_logprobs: 0,
         }
     }

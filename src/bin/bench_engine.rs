@@ -5,7 +5,7 @@
 //! and mean step time, time to first token and inter-token latency (p50 / p99).
 //!
 //! Usage: `cargo run --release --bin bench_engine -- [--concurrency 1,4,16,64] [--prompt 256]
-//! [--output 128] [--max-batched-tokens 256] [--model DIR]`
+//! [--output 128] [--max-batched-tokens 256] [--model DIR] [--logprobs]`
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -35,6 +35,10 @@ struct Args {
     /// shows the prefix computed once and hit by the others.
     #[arg(long, default_value_t = 0)]
     shared_prefix: usize,
+    /// Ask for each generated token's logprob (a client's `logprobs: true`): one more softmax
+    /// pass over the vocabulary per token.
+    #[arg(long)]
+    logprobs: bool,
 }
 
 fn percentile(xs: &mut [f64], p: f64) -> f64 {
@@ -107,7 +111,10 @@ fn main() -> Result<()> {
                 tenant: TenantId(0),
                 cache_salt: None,
                 prompt,
-                sampling: SamplingParams::default(),
+                sampling: SamplingParams {
+                    logprobs: args.logprobs,
+                    ..SamplingParams::default()
+                },
                 stop: StopParams {
                     max_tokens: args.output,
                     ignore_eos: true,
@@ -165,8 +172,9 @@ fn main() -> Result<()> {
             percentile(&mut itl, 0.99),
         );
         println!(
-            "             forward {:.1}% of step time, steps {:.1}% of wall time, {} tokens computed, {} prefix-hit tokens",
+            "             forward {:.1}% of step time ({:.2} ms/step outside it: scheduling, sampling, events), steps {:.1}% of wall time, {} tokens computed, {} prefix-hit tokens",
             100.0 * stats.forward_seconds / stats.step_seconds.max(1e-9),
+            (stats.step_seconds - stats.forward_seconds) * 1e3 / steps as f64,
             100.0 * stats.step_seconds / wall.as_secs_f64(),
             stats.tokens_computed,
             stats.kv.as_ref().map_or(0, |kv| kv.tenants.iter().map(|t| t.1.prefix_hit_tokens).sum::<u64>()),

@@ -42,8 +42,8 @@ const SCAN_TOP_K: usize = 64;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: TokenId,
-    /// Raw log-softmax of the chosen token.
-    pub logprob: f32,
+    /// Raw log-softmax of the chosen token; `None` unless the request asked for logprobs.
+    pub logprob: Option<f32>,
     /// `params.top_logprobs` (token, raw logprob) pairs, descending logprob, ties by lower id.
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
@@ -72,7 +72,7 @@ fn score_into(
     let top_logprobs = cand.iter().map(|&(t, _)| (t, raw_logprob(t))).collect();
     Sampled {
         token,
-        logprob: raw_logprob(token),
+        logprob: Some(raw_logprob(token)),
         top_logprobs,
     }
 }
@@ -275,6 +275,13 @@ impl Sampler {
             self.sample_stochastic()
         };
 
+        if !self.params.logprobs && self.params.top_logprobs == 0 {
+            return Sampled {
+                token,
+                logprob: None,
+                top_logprobs: Vec::new(),
+            };
+        }
         score_into(logits, token, self.params.top_logprobs, &mut self.cand)
     }
 
@@ -602,6 +609,7 @@ mod tests {
         let l = logits(1000, 5);
         let p = params(|p| {
             p.temperature = 1.0;
+            p.logprobs = true;
             p.logit_bias = vec![(3, 100.0), (5000, 1.0)]; // out-of-range ids are ignored
         });
         let mut s = Sampler::new(&p);
@@ -609,10 +617,34 @@ mod tests {
         for _ in 0..100 {
             let out = s.sample(&l, &[], 0);
             assert_eq!(out.token, 3);
-            assert!((out.logprob - (l[3] - lse)).abs() < 1e-5);
+            assert!((out.logprob.unwrap() - (l[3] - lse)).abs() < 1e-5);
         }
         let mut ban = Sampler::new(&params(|p| p.logit_bias = vec![(ref_argmax(&l), -1e9)]));
         assert_ne!(ban.sample(&l, &[], 0).token, ref_argmax(&l));
+    }
+
+    #[test]
+    fn logprobs_are_computed_only_when_asked_for() {
+        let l = logits(1000, 6);
+        let lse = ref_lse(&l);
+        for temperature in [0.0, 0.8] {
+            let quiet = Sampler::new(&params(|p| {
+                p.temperature = temperature;
+                p.seed = Some(3);
+            }))
+            .sample(&l, &[], 0);
+            assert_eq!((quiet.logprob, quiet.top_logprobs.len()), (None, 0));
+            let asked = Sampler::new(&params(|p| {
+                p.temperature = temperature;
+                p.seed = Some(3);
+                p.logprobs = true;
+            }))
+            .sample(&l, &[], 0);
+            // The same draw either way; the logprob is the raw model's.
+            assert_eq!(asked.token, quiet.token);
+            let want = l[asked.token as usize] - lse;
+            assert!((asked.logprob.unwrap() - want).abs() < 1e-5);
+        }
     }
 
     #[test]
@@ -648,7 +680,7 @@ mod tests {
             );
         }
         let own = out.top_logprobs.iter().find(|x| x.0 == out.token).unwrap();
-        assert_eq!(own.1, out.logprob);
+        assert_eq!(Some(own.1), out.logprob);
 
         let p5 = params(|p| p.top_logprobs = 5);
         let top5 = Sampler::new(&p5).sample(&l, &[], 0).top_logprobs;

@@ -14,6 +14,12 @@ fn token_string(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
+/// A sampled token's logprob, which the sampler computed because the request asked for
+/// logprobs (the only way here); missing would show as the clamp value.
+fn reported(lp: Option<f32>) -> f32 {
+    finite(lp.unwrap_or(f32::NEG_INFINITY))
+}
+
 /// JSON numbers cannot be -inf: clamp like vLLM does.
 fn finite(lp: f32) -> f32 {
     if lp.is_finite() {
@@ -33,7 +39,7 @@ impl CompletionLogprobs {
                 self.top_logprobs.push(None);
             }
             Some(s) => {
-                self.token_logprobs.push(Some(finite(s.logprob)));
+                self.token_logprobs.push(Some(reported(s.logprob)));
                 let mut m = Map::new();
                 for &(t, lp) in &s.top_logprobs {
                     m.entry(token_string(tok, t).0)
@@ -71,7 +77,7 @@ pub fn chat_logprobs(tok: &Tokenizer, tokens: &[TextToken]) -> ChatLogprobs {
                 let (token, bytes) = token_string(tok, t.sampled.token);
                 TokenLogprob {
                     token,
-                    logprob: finite(t.sampled.logprob),
+                    logprob: reported(t.sampled.logprob),
                     bytes,
                     top_logprobs: t
                         .sampled

@@ -196,7 +196,7 @@ mod tests {
     fn sampled(id: u32) -> Sampled {
         Sampled {
             token: id,
-            logprob: -0.5,
+            logprob: Some(-0.5),
             top_logprobs: vec![],
         }
     }

@@ -395,6 +395,7 @@ fn common(
             presence_penalty,
             frequency_penalty,
             logit_bias,
+            logprobs: logprobs.is_some(),
             top_logprobs: logprobs.unwrap_or(0),
         },
         stop: StopParams {
