@@ -604,8 +604,10 @@ __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsig
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     const int r = c >> 1, p = kt + n * 8 + 2 * tq + (c & 1);
+                    // Exact blocks and no window: every stored key up to the query is read.
                     const bool ok = qpos[r] >= 0 &&
-                                    prefill_reads(table, p, qpos[r], block_size, wb, pass, SEALED);
+                                    (!SEALED && wb == 0 ? p <= qpos[r]
+                                                        : prefill_reads(table, p, qpos[r], block_size, wb, pass, SEALED));
                     s[n][c] = ok ? s[n][c] : NEG_INF;
                     mx[r] = fmaxf(mx[r], s[n][c]);
                 }
