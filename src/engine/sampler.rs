@@ -118,8 +118,44 @@ fn argmax(xs: &[f32]) -> usize {
     xs.iter().position(|&x| x == m).unwrap_or(0)
 }
 
-/// Largest value, NaN ignored (`-inf` for none).
-fn max_lanes(xs: &[f32]) -> f32 {
+/// The vocabulary-wide passes compiled a second time for AVX2 (8 lanes per instruction where
+/// the generic x86-64 build has SSE's 4), taken when the CPU has it: the same operations in the
+/// same order (Rust never contracts to FMA), so the same bits either way.
+macro_rules! avx2_twin {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $portable:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if crate::backend::cpu::simd::avx2_fma() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { avx2($($arg),*) };
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+
+avx2_twin!(
+    /// Largest value, NaN ignored (`-inf` for none).
+    fn max_lanes(xs: &[f32]) -> f32 => max_lanes_portable
+);
+avx2_twin!(
+    /// `sum(exp(x - m))`: f32 lanes within a block, f64 across blocks.
+    fn sum_exp(xs: &[f32], m: f32) -> f64 => sum_exp_portable
+);
+avx2_twin!(
+    /// Replaces each `x` by its weight `exp((x - m) * s)`, pushes the per-`BLOCK` sums to
+    /// `blocks` and returns the total.
+    fn weights_in_place(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64
+        => weights_in_place_portable
+);
+
+#[inline(always)]
+fn max_lanes_portable(xs: &[f32]) -> f32 {
     let chunks = xs.chunks_exact(L);
     let tail = chunks.remainder();
     let mut mx = [f32::NEG_INFINITY; L];
@@ -133,8 +169,8 @@ fn max_lanes(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// `sum(exp(x - m))`: f32 lanes within a block, f64 across blocks (vectorizes).
-fn sum_exp(xs: &[f32], m: f32) -> f64 {
+#[inline(always)]
+fn sum_exp_portable(xs: &[f32], m: f32) -> f64 {
     let block_sum = |b: &[f32]| {
         let chunks = b.chunks_exact(L);
         let tail: f32 = chunks.remainder().iter().map(|&x| exp_nonpos(x - m)).sum();
@@ -149,9 +185,8 @@ fn sum_exp(xs: &[f32], m: f32) -> f64 {
     xs.chunks(BLOCK).map(block_sum).sum()
 }
 
-/// Replaces each `x` by its weight `exp((x - m) * s)`, pushes the per-`BLOCK` sums to `blocks`
-/// and returns the total.
-fn weights_in_place(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64 {
+#[inline(always)]
+fn weights_in_place_portable(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64 {
     blocks.clear();
     for block in xs.chunks_mut(BLOCK) {
         let mut acc = [0.0f32; L];
@@ -693,6 +728,23 @@ mod tests {
         let l = [f32::NEG_INFINITY; 4];
         let out = Sampler::new(&params(|p| p.temperature = 1.0)).sample(&l, &[], 0);
         assert_eq!(out.token, 0);
+    }
+
+    #[test]
+    fn avx2_twins_give_the_portable_bits() {
+        let mut l = logits(49_157, 4); // not a multiple of 8 or of BLOCK
+        l[17] = f32::NAN;
+        l[40_000] = f32::NEG_INFINITY;
+        let m = max_lanes(&l);
+        assert_eq!(m.to_bits(), max_lanes_portable(&l).to_bits());
+        assert_eq!(sum_exp(&l, m).to_bits(), sum_exp_portable(&l, m).to_bits());
+        let (mut a, mut b) = (l.clone(), l.clone());
+        let (mut ba, mut bb) = (Vec::new(), Vec::new());
+        let ta = weights_in_place(&mut a, m, 1.3, &mut ba);
+        let tb = weights_in_place_portable(&mut b, m, 1.3, &mut bb);
+        assert_eq!(ta.to_bits(), tb.to_bits());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!(ba, bb);
     }
 
     #[test]
