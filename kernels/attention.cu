@@ -445,6 +445,21 @@ __device__ __forceinline__ unsigned int ld_pair(const bf16_t* p) {
     return *reinterpret_cast<const unsigned int*>(p);
 }
 
+// d += A·B with split operands: a_hi·b_hi + a_lo·b_hi, and a_hi·b_lo when B has a low part
+// (BLO). `b_hi` / `b_lo` point at this lane's B fragment: a pair there and a pair 8 further.
+template <bool BLO>
+__device__ __forceinline__ void mma_split(float* d, const unsigned int* a_hi,
+                                          const unsigned int* a_lo, const bf16_t* b_hi,
+                                          const bf16_t* b_lo) {
+    const unsigned int h[2] = {ld_pair(b_hi), ld_pair(b_hi + 8)};
+    mma_bf16_16816(d, a_hi, h);
+    mma_bf16_16816(d, a_lo, h);
+    if (BLO) {
+        const unsigned int l[2] = {ld_pair(b_lo), ld_pair(b_lo + 8)};
+        mma_bf16_16816(d, a_hi, l);
+    }
+}
+
 __device__ __forceinline__ unsigned int pack_pair(float a, float b) {
     return (unsigned int)from_f32<bf16_t>(a) | ((unsigned int)from_f32<bf16_t>(b) << 16);
 }
@@ -588,13 +603,7 @@ __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsig
 #pragma unroll
                 for (int n = 0; n < 4; ++n) {
                     const int at = (n * 8 + gq) * KS + kc + 2 * tq;
-                    const unsigned int bh[2] = {ld_pair(kh + at), ld_pair(kh + at + 8)};
-                    mma_bf16_16816(s[n], ah, bh);
-                    mma_bf16_16816(s[n], al, bh);
-                    if (KLO) {
-                        const unsigned int bl[2] = {ld_pair(kl + at), ld_pair(kl + at + 8)};
-                        mma_bf16_16816(s[n], ah, bl);
-                    }
+                    mma_split<KLO>(s[n], ah, al, kh + at, kl + at);
                 }
             }
             // Mask; the online softmax per row (a row's 32 scores lie in the 4 lanes of a quad).
@@ -656,13 +665,7 @@ __device__ void prefill(const float* qkv, const unsigned int* tiles, const unsig
                 for (int n = 0; n < PD_MAX / 8; ++n) {
                     if (n * 8 >= dh) break;
                     const int at = (d0 + n * 8 + gq) * VS + k * 16 + 2 * tq;
-                    const unsigned int bh[2] = {ld_pair(vh + at), ld_pair(vh + at + 8)};
-                    mma_bf16_16816(o[n], ph, bh);
-                    mma_bf16_16816(o[n], pl, bh);
-                    if (VLO) {
-                        const unsigned int bl[2] = {ld_pair(vl + at), ld_pair(vl + at + 8)};
-                        mma_bf16_16816(o[n], ph, bl);
-                    }
+                    mma_split<VLO>(o[n], ph, pl, vh + at, vl + at);
                 }
             }
         }
