@@ -1,5 +1,5 @@
-//! The device kernels run on the host: g++ compiles kernels/kv_seal.cu, attention.cu, quest.cu
-//! and norm.cu as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
+//! The device kernels run on the host: g++ compiles kernels/kv_seal.cu, attention.cu, prefill.cu,
+//! quest.cu and norm.cu as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
 //! CTA by CTA with one OS thread per CUDA thread, real barriers and warp shuffles), and the
 //! results are checked against the CPU backend:
 //! - every sealed format encodes to the very same bytes and decodes to the very same f32 bits as

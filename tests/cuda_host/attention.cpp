@@ -1,4 +1,4 @@
-// Runs kernels/attention.cu's decode (split-K, then the reduction) and prefill kernels, after
+// Runs kernels/attention.cu's decode (split-K, then the reduction) and prefill.cu's kernels, after
 // quest.cu's block selection where the policy has quest, on the host
 // (tests/cuda_formats_host.rs), CTA by CTA with real threads (shim.h `launch`):
 //   attention <in> <out>
@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <vector>
 #include "attention.cu"
+#include "prefill.cu"
 #include "quest.cu"
 
 float smem[1 << 20];  // the kernels' `extern __shared__` memory

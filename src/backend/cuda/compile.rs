@@ -27,6 +27,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         "attention.cu",
         include_str!("../../../kernels/attention.cu"),
     ),
+    ("prefill.cu", include_str!("../../../kernels/prefill.cu")),
     ("quest.cu", include_str!("../../../kernels/quest.cu")),
     ("kv_copy.cu", include_str!("../../../kernels/kv_copy.cu")),
     ("kv_seal.cu", include_str!("../../../kernels/kv_seal.cu")),

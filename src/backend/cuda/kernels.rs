@@ -10,7 +10,8 @@ use cudarc::driver::{
 };
 use std::sync::Arc;
 
-/// Threads per CTA of the attention kernels (`THREADS` in attention.cu).
+/// Threads per CTA of the attention kernels (`THREADS` in attention.cu, `PREFILL_THREADS` in
+/// prefill.cu).
 pub const ATTN_THREADS: u32 = 128;
 /// Threads per CTA of quest's block selection (`QUEST_THREADS`).
 pub const QUEST_THREADS: u32 = 256;
@@ -100,7 +101,7 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         for g in [1, 2, 4, 8] {
             v.push(("attention.cu", format!("paged_decode_g{g}_{fmt}")));
         }
-        v.push(("attention.cu", format!("prefill_{fmt}")));
+        v.push(("prefill.cu", format!("prefill_{fmt}")));
         v.push(("kv_seal.cu", format!("seal_{fmt}")));
         v.push(("kv_seal.cu", format!("seal_bounds_{fmt}")));
     }
@@ -153,7 +154,7 @@ impl Kernels {
             rope_store: f("rope_kv.cu", "rope_store_bf16")?,
             paged_decode: decode,
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
-            prefill: per_format("attention.cu", "prefill")?,
+            prefill: per_format("prefill.cu", "prefill")?,
             seal: per_format("kv_seal.cu", "seal")?,
             seal_bounds: per_format("kv_seal.cu", "seal_bounds")?,
             quest_select: f("quest.cu", "quest_select_f32")?,

@@ -11,7 +11,7 @@
 //!   turns this off (plain bf16 activations, half the arithmetic).
 //! - KV: `store::CudaKvStore`: blocks fill as exact bf16 copies and are sealed into their
 //!   policy's format (int8, KIVI 4/2-bit, k8v4, mhc latent keys) by `kernels/kv_seal.cu`;
-//!   attention reads each block in its current form (`kernels/attention.cu`), windows included;
+//!   attention reads each block in its current form (`kernels/attention.cu`, `prefill.cu`), windows included;
 //!   quest's key bounds are written at seal and its blocks picked per decode row on the device.
 //! - Kernels: `kernels/*.cu`, compiled at start by NVRTC for the device's arch (`compile`).
 //!
