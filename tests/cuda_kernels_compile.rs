@@ -3,7 +3,7 @@
 //! without a GPU: NVRTC alone is needed (CI installs the `nvidia-cuda-nvrtc` wheel and points
 //! `KVSERVE_NVRTC_LIB` at its `libnvrtc.so.13`). With `CI=true` a missing NVRTC fails the test.
 
-use kvserve::backend::cuda::compile::{compile_file, nvrtc_version, KERNEL_FILES};
+use kvserve::backend::cuda::compile::{compile_files, nvrtc_version, KERNEL_FILES};
 use kvserve::backend::cuda::device::nvrtc_present;
 use kvserve::backend::cuda::kernels::kernel_names;
 use kvserve::backend::cuda::store::FORMATS;
@@ -30,44 +30,51 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
     let (major, minor) = nvrtc_version().unwrap();
     eprintln!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
-    for arch in [80, 90] {
-        for &(file, src) in KERNEL_FILES {
-            match compile_file(file, src, arch, true, &[]) {
-                Ok(c) => {
-                    // An ELF image, with the resource report of every entry point.
-                    assert_eq!(&c.cubin[..4], b"\x7fELF", "{file} sm_{arch}: not a CUBIN");
-                    eprintln!(
-                        "== {file} sm_{arch}: {} bytes\n{}",
-                        c.cubin.len(),
-                        c.log.trim()
-                    );
-                    assert!(
-                        c.log.contains("registers"),
-                        "{file} sm_{arch}: no ptxas report"
-                    );
-                    // Every entry point the backend loads is in the CUBIN, and every kernel in
-                    // it is named `<op>_<dtype>`.
-                    let names = global_functions(&c.cubin);
-                    for (f, name) in kernel_names().iter().filter(|(f, _)| *f == file) {
-                        assert!(names.contains(name), "{f} sm_{arch}: no kernel `{name}`");
-                    }
-                    for name in &names {
-                        let dtype = name.rsplit('_').next().unwrap();
-                        assert!(
-                            DTYPES.contains(&dtype) || FORMATS.contains(&dtype),
-                            "{file}: kernel {name} has no dtype suffix"
-                        );
-                    }
-                    // No kernel spills registers to local memory.
-                    for line in c.log.lines().filter(|l| l.contains("bytes spill stores")) {
-                        assert!(
-                            line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
-                            "{file} sm_{arch} spills: {line}"
-                        );
-                    }
+    // Every (arch, file) at once, as the backend compiles its files at start.
+    let jobs: Vec<_> = [80, 90]
+        .iter()
+        .flat_map(|&arch| {
+            KERNEL_FILES
+                .iter()
+                .map(move |&(file, src)| (file, src, arch))
+        })
+        .collect();
+    for (&(file, _, arch), result) in jobs.iter().zip(compile_files(&jobs, true, &[])) {
+        match result {
+            Ok(c) => {
+                // An ELF image, with the resource report of every entry point.
+                assert_eq!(&c.cubin[..4], b"\x7fELF", "{file} sm_{arch}: not a CUBIN");
+                eprintln!(
+                    "== {file} sm_{arch}: {} bytes\n{}",
+                    c.cubin.len(),
+                    c.log.trim()
+                );
+                assert!(
+                    c.log.contains("registers"),
+                    "{file} sm_{arch}: no ptxas report"
+                );
+                // Every entry point the backend loads is in the CUBIN, and every kernel in
+                // it is named `<op>_<dtype>`.
+                let names = global_functions(&c.cubin);
+                for (f, name) in kernel_names().iter().filter(|(f, _)| *f == file) {
+                    assert!(names.contains(name), "{f} sm_{arch}: no kernel `{name}`");
                 }
-                Err(e) => failures.push(e),
+                for name in &names {
+                    let dtype = name.rsplit('_').next().unwrap();
+                    assert!(
+                        DTYPES.contains(&dtype) || FORMATS.contains(&dtype),
+                        "{file}: kernel {name} has no dtype suffix"
+                    );
+                }
+                // No kernel spills registers to local memory.
+                for line in c.log.lines().filter(|l| l.contains("bytes spill stores")) {
+                    assert!(
+                        line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                        "{file} sm_{arch} spills: {line}"
+                    );
+                }
             }
+            Err(e) => failures.push(e),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -159,29 +159,69 @@ pub fn cache_path(
     ))
 }
 
-/// Every kernel file for `sm_<arch>`, from the disk cache when present (a cache that cannot be
-/// written is only logged: compiling again next start is correct, just slower).
+/// Compiles `jobs` (file, source, arch) at once, one thread each, results in `jobs`' order.
+/// NVRTC takes concurrent calls on distinct programs; the files differ a lot in size
+/// (attention.cu is most of the work), so at start the slowest file bounds the wait instead of
+/// the sum of all of them.
+pub fn compile_files(
+    jobs: &[(&'static str, &'static str, u32)],
+    verbose: bool,
+    defines: &[(&str, u32)],
+) -> Vec<Result<Compiled, String>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(file, src, arch)| {
+                s.spawn(move || compile_file(file, src, arch, verbose, defines))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(jobs)
+            .map(|(h, (file, _, arch))| {
+                h.join().unwrap_or_else(|_| {
+                    Err(format!("{file} for sm_{arch}: the compile thread panicked"))
+                })
+            })
+            .collect()
+    })
+}
+
+/// Every kernel file for `sm_<arch>`, from the disk cache when present, the others compiled
+/// concurrently (a cache that cannot be written is only logged: compiling again next start is
+/// correct, just slower).
 pub fn compile_all(
     arch: u32,
     driver: i32,
     defines: &[(&str, u32)],
 ) -> Result<Vec<Compiled>, String> {
     let nv = nvrtc_version()?;
-    let mut out = Vec::new();
+    let mut out: Vec<Option<Compiled>> = Vec::new();
+    let mut jobs = Vec::new();
     for &(file, src) in KERNEL_FILES {
         let path = cache_path(file, src, arch, nv, driver, defines);
-        if let Ok(cubin) = std::fs::read(&path) {
-            if !cubin.is_empty() {
-                out.push(Compiled {
-                    file,
-                    cubin,
-                    log: String::new(),
-                    from_cache: true,
-                });
-                continue;
+        match std::fs::read(&path) {
+            Ok(cubin) if !cubin.is_empty() => out.push(Some(Compiled {
+                file,
+                cubin,
+                log: String::new(),
+                from_cache: true,
+            })),
+            _ => {
+                out.push(None);
+                jobs.push((file, src, arch));
             }
         }
-        let c = compile_file(file, src, arch, false, defines)?;
+    }
+    let mut compiled = compile_files(&jobs, false, defines).into_iter();
+    for slot in out.iter_mut().filter(|c| c.is_none()) {
+        let c = compiled.next().expect("one result per job")?;
+        let src = KERNEL_FILES
+            .iter()
+            .find(|f| f.0 == c.file)
+            .expect("a kernel file")
+            .1;
+        let path = cache_path(c.file, src, arch, nv, driver, defines);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let written = std::fs::create_dir_all(cache_dir())
             .and_then(|()| std::fs::write(&tmp, &c.cubin))
@@ -189,7 +229,7 @@ pub fn compile_all(
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled kernel module");
         }
-        out.push(c);
+        *slot = Some(c);
     }
-    Ok(out)
+    Ok(out.into_iter().flatten().collect())
 }
