@@ -593,6 +593,12 @@ impl Backend for PoisonBackend {
     fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) {
         self.inner.read(buf, offset, out)
     }
+    fn take_host(&self, buf: Self::Buf, len: usize) -> Vec<f32> {
+        self.inner.take_host(buf, len)
+    }
+    fn argmax_rows(&self, x: &Self::Buf, rows: std::ops::Range<usize>, width: usize) -> Vec<u32> {
+        self.inner.argmax_rows(x, rows, width)
+    }
     fn gather_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf {
         self.inner.gather_rows(x, rows, width)
     }

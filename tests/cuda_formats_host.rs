@@ -1,5 +1,5 @@
 //! The device kernels run on the host: g++ compiles kernels/kv_seal.cu, attention.cu, prefill.cu,
-//! quest.cu and norm.cu as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
+//! quest.cu, norm.cu and sampling.cu as plain C++ (tests/cuda_host/shim.h stands in for the CUDA built-ins; `launch` runs a grid
 //! CTA by CTA with one OS thread per CUDA thread, real barriers and warp shuffles), and the
 //! results are checked against the CPU backend:
 //! - every sealed format encodes to the very same bytes and decodes to the very same f32 bits as
@@ -78,9 +78,11 @@ fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
     static SEAL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     static ATTN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     static NORM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static ARGMAX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let bin = match cmd {
         "attention" => ATTN.get_or_init(|| build("attention.cpp")),
         "norm" => NORM.get_or_init(|| build("norm.cpp")),
+        "argmax" => ARGMAX.get_or_init(|| build("sampling.cpp")),
         _ => SEAL.get_or_init(|| build("harness.cpp")),
     };
     let dir = bin.parent().unwrap();
@@ -942,6 +944,69 @@ fn norm_kernels_match_the_cpu() {
             let e = max_rel_err(g, want);
             eprintln!("{what} {rows}x{width}: max rel err {e:.2e}");
             assert!(e <= 1e-5, "{what} {rows}x{width}: {e:.2e}");
+        }
+    }
+}
+
+/// The greedy token (`kernels/sampling.cu`, 256 threads per row as the backend launches it)
+/// against the CPU backend's `argmax_rows`, which the engine's sampler shares: rows with ties
+/// across threads and warps, NaN, all `-inf`, `+inf`, and the vocabulary widths of the default
+/// model and of a 1B-class model.
+#[test]
+fn argmax_kernel_matches_the_cpu() {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for width in [49_152usize, 32_000, 1000, 7] {
+        let mut x: Vec<f32> = (0..12 * width)
+            .map(|_| rng.random_range(-8.0f32..8.0))
+            .collect();
+        let row = |r: usize| r * width..(r + 1) * width;
+        let at = |r: usize, i: usize| r * width + i.min(width - 1);
+        // Row 1: the maximum twice, in different threads and warps: the lower index wins.
+        x[at(1, 700)] = 50.0;
+        x[at(1, 300)] = 50.0;
+        // Row 2: NaN above everything else counts as -inf.
+        x[at(2, 5)] = f32::NAN;
+        x[at(2, 600)] = 40.0;
+        // Row 3: nothing above -inf (-inf and NaN only): 0.
+        x[row(3)].iter_mut().enumerate().for_each(|(i, v)| {
+            *v = if i % 3 == 0 {
+                f32::NAN
+            } else {
+                f32::NEG_INFINITY
+            }
+        });
+        // Row 4: +inf twice: the first.
+        x[at(4, 900)] = f32::INFINITY;
+        x[at(4, 901)] = f32::INFINITY;
+        // Row 5: the maximum in the last element; row 6: in the first.
+        x[at(5, width - 1)] = 60.0;
+        x[at(6, 0)] = 60.0;
+        // Row 7: -0.0 and 0.0 as the maximum of a row of negatives: the first of them.
+        x[row(7)].iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+        x[at(7, 257)] = 0.0;
+        x[at(7, 33)] = -0.0;
+        // Row 8: one value per thread equal to the maximum (a tie in every thread).
+        x[row(8)].iter_mut().step_by(97).for_each(|v| *v = 70.0);
+        let mut inb = Bytes::default();
+        inb.u32s(&[12, width as u32]);
+        inb.f32s(&x);
+        let got: Vec<u32> = call("argmax", &inb.0)
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want = cpu.argmax_rows(&x, 0..12, width);
+        assert_eq!(got, want, "width {width}");
+        if width > 1000 {
+            assert_eq!((want[1], want[2], want[3], want[4]), (300, 600, 0, 900));
+            assert_eq!((want[5], want[6], want[7]), (width as u32 - 1, 0, 33));
+        }
+        // The CPU's rule, row by row.
+        for (r, &w) in want.iter().enumerate() {
+            assert_eq!(
+                w as usize,
+                kvserve::backend::cpu::argmax::argmax(&x[row(r)])
+            );
         }
     }
 }

@@ -2,6 +2,7 @@
 //! - 64 concurrent requests of mixed lengths all finish with the right token counts and every
 //!   block is free afterwards (invariants checked);
 //! - greedy tokens (and seeded samples) are the same alone and inside a batch of 16;
+//! - greedy tokens picked by the backend (no logits to the host) equal the sampler's;
 //! - a pool too small for the batch forces preemptions and changes no token;
 //! - a quiet tenant gets its fair share of generated tokens against a tenant sending 10× more;
 //! - abort (explicit, or by dropping the event stream) frees blocks and ends the stream;
@@ -215,6 +216,29 @@ fn greedy_and_seeded_tokens_are_the_same_alone_and_in_a_batch_of_16() {
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_eq!(a.len(), 20);
         assert_eq!(*a, b.tokens, "request {i} differs alone vs batched");
+    }
+    assert_all_free(&h);
+}
+
+/// Plain greedy requests have their token picked by the backend where the logits are
+/// (`LogitsFor::Argmax`); asking for logprobs sends the row to the sampler instead. Both kinds
+/// in one batch (greedy rows after the logits rows in the LM head) give the same tokens.
+#[test]
+fn greedy_tokens_picked_by_the_backend_equal_the_samplers() {
+    let eng = engine(512, &tenants(&["a"]), cfg(256, 16));
+    let h = eng.handle();
+    let mut reqs = Vec::new();
+    for i in 0..6 {
+        let r = greedy(0, prompt(300 + i * 71, 5 + (i * 17) % 40), 16, true);
+        let mut with_logprobs = r.clone();
+        with_logprobs.sampling.logprobs = true;
+        reqs.push(r);
+        reqs.push(with_logprobs);
+    }
+    let outs = run_all(&h, reqs);
+    for (i, pair) in outs.chunks(2).enumerate() {
+        assert_eq!(pair[0].tokens.len(), 16);
+        assert_eq!(pair[0].tokens, pair[1].tokens, "prompt {i}");
     }
     assert_all_free(&h);
 }

@@ -104,6 +104,14 @@ pub trait Backend: Send + Sync {
     fn alloc(&self, len: usize) -> Self::Buf;
     /// Copies `buf[offset..offset + out.len()]` to the host.
     fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]);
+    /// `buf[..len]` on the host, consuming `buf` (the CPU backend hands its memory over
+    /// instead of copying it: a step's logits are the largest buffer the host reads).
+    fn take_host(&self, buf: Self::Buf, len: usize) -> Vec<f32>;
+    /// The greedy token of each row `r` in `rows` of `x` (rows `width` wide): the index of
+    /// its largest value under [`cpu::argmax::argmax`]'s rule (NaN as `-inf`, ties to the
+    /// lowest index, 0 when none is above `-inf`), so plain greedy decoding moves one index
+    /// per row to the host instead of the row.
+    fn argmax_rows(&self, x: &Self::Buf, rows: std::ops::Range<usize>, width: usize) -> Vec<u32>;
 
     /// Copies the rows `rows` (each `width` wide, in that order) of `x` into a new buffer.
     fn gather_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf;

@@ -23,6 +23,8 @@
 //! `apply_top_p`), and the dense draw walks block sums. Vocab-sized buffers live in
 //! the `Sampler` and are reused across calls.
 
+use crate::backend::cpu::argmax::{argmax, max_lanes};
+use crate::backend::cpu::simd::avx2_twin;
 use crate::types::{SamplingParams, TokenId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -109,40 +111,6 @@ fn desc(a: &(TokenId, f32), b: &(TokenId, f32)) -> Ordering {
     key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0))
 }
 
-/// Index of the largest value; ties resolve to the lowest index; 0 when all are `-inf` / NaN.
-fn argmax(xs: &[f32]) -> usize {
-    let m = max_lanes(xs);
-    if m == f32::NEG_INFINITY {
-        return 0;
-    }
-    xs.iter().position(|&x| x == m).unwrap_or(0)
-}
-
-/// The vocabulary-wide passes compiled a second time for AVX2 (8 lanes per instruction where
-/// the generic x86-64 build has SSE's 4), taken when the CPU has it: the same operations in the
-/// same order (Rust never contracts to FMA), so the same bits either way.
-macro_rules! avx2_twin {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $portable:ident) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if crate::backend::cpu::simd::avx2_fma() {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    $portable($($arg),*)
-                }
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { avx2($($arg),*) };
-            }
-            $portable($($arg),*)
-        }
-    };
-}
-
-avx2_twin!(
-    /// Largest value, NaN ignored (`-inf` for none).
-    fn max_lanes(xs: &[f32]) -> f32 => max_lanes_portable
-);
 avx2_twin!(
     /// `sum(exp(x - m))`: f32 lanes within a block, f64 across blocks.
     fn sum_exp(xs: &[f32], m: f32) -> f64 => sum_exp_portable
@@ -153,21 +121,6 @@ avx2_twin!(
     fn weights_in_place(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64
         => weights_in_place_portable
 );
-
-#[inline(always)]
-fn max_lanes_portable(xs: &[f32]) -> f32 {
-    let chunks = xs.chunks_exact(L);
-    let tail = chunks.remainder();
-    let mut mx = [f32::NEG_INFINITY; L];
-    for c in chunks {
-        for j in 0..L {
-            mx[j] = mx[j].max(c[j]); // f32::max ignores NaN
-        }
-    }
-    tail.iter()
-        .chain(&mx)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
-}
 
 #[inline(always)]
 fn sum_exp_portable(xs: &[f32], m: f32) -> f64 {
@@ -294,6 +247,34 @@ impl Sampler {
         self.banned.extend_from_slice(tokens);
     }
 
+    /// Whether [`Self::sample`] is the plain argmax of the raw logits: greedy, with no logit
+    /// bias, penalties or logprobs to compute, and (the caller's check: bans are set per call)
+    /// no banned tokens. The engine then has the backend pick the token where the logits are
+    /// ([`crate::backend::Backend::argmax_rows`], the same rule), and the row never reaches
+    /// the sampler.
+    pub fn plain_greedy(&self) -> bool {
+        let p = &self.params;
+        let t = p.temperature;
+        (t.is_nan() || t < GREEDY_TEMPERATURE)
+            && !self.rewrites()
+            && !p.logprobs
+            && p.top_logprobs == 0
+    }
+
+    /// (repetition penalty, presence / frequency penalties): which penalties are enabled.
+    fn penalties(&self) -> (bool, bool) {
+        let p = &self.params;
+        let rep = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
+        let additive = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        (rep, additive)
+    }
+
+    /// Whether the request's logit processors (bias, penalties) change the logits.
+    fn rewrites(&self) -> bool {
+        let (rep, additive) = self.penalties();
+        !self.params.logit_bias.is_empty() || rep || additive
+    }
+
     /// Picks the next token. `history` is prompt + generated tokens so far; the generated part
     /// is `history[prompt_len..]`. `logits` has one entry per vocabulary token.
     pub fn sample(&mut self, logits: &[f32], history: &[TokenId], prompt_len: usize) -> Sampled {
@@ -323,12 +304,11 @@ impl Sampler {
     /// Applies bias and penalties into `self.work`. Returns false (and leaves `work` untouched)
     /// when none is enabled, so the greedy path can read the logits directly.
     fn process(&mut self, logits: &[f32], history: &[TokenId], prompt_len: usize) -> bool {
-        let p = &self.params;
-        let rep = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
-        let additive = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        if p.logit_bias.is_empty() && !rep && !additive && self.banned.is_empty() {
+        if !self.rewrites() && self.banned.is_empty() {
             return false;
         }
+        let (rep, additive) = self.penalties();
+        let p = &self.params;
         self.work.clear();
         self.work.extend(logits.iter().copied().map(key));
         let w = &mut self.work;
@@ -499,6 +479,7 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::argmax::max_lanes_portable;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams {
@@ -721,6 +702,27 @@ mod tests {
         let top5 = Sampler::new(&p5).sample(&l, &[], 0).top_logprobs;
         assert_eq!(top5[..], out.top_logprobs[..5]);
         assert_eq!(top5[0].0, ref_argmax(&l));
+    }
+
+    #[test]
+    fn plain_greedy_is_the_raw_argmax_and_only_without_processors_or_logprobs() {
+        let l = logits(1000, 9);
+        let mut plain = Sampler::new(&params(|_| {}));
+        assert!(plain.plain_greedy());
+        let out = plain.sample(&l, &[1, 2, 3], 1);
+        assert_eq!(out.token as usize, argmax(&l));
+        assert_eq!((out.logprob, out.top_logprobs.len()), (None, 0));
+        for p in [
+            params(|p| p.temperature = 0.7),
+            params(|p| p.logprobs = true),
+            params(|p| p.top_logprobs = 2),
+            params(|p| p.repetition_penalty = 1.1),
+            params(|p| p.presence_penalty = 0.5),
+            params(|p| p.frequency_penalty = 0.5),
+            params(|p| p.logit_bias = vec![(3, 1.0)]),
+        ] {
+            assert!(!Sampler::new(&p).plain_greedy(), "{p:?}");
+        }
     }
 
     #[test]

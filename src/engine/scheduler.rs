@@ -24,10 +24,11 @@
 use super::fair::{FairQueue, WaitKey, OUTPUT_PRICE, PROMPT_PRICE};
 use super::paged::KvClasses;
 use super::request::{EngineError, EngineEvent, EngineRequest};
-use super::sampler::Sampler;
+use super::sampler::{Sampled, Sampler};
 use super::sequence::Sequence;
 use crate::kv::policy::KvPolicy;
 use crate::kv::{Alloc, KvPool};
+use crate::model::llama::StepOutput;
 use crate::types::{FinishReason, RequestId, TenantId};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -60,6 +61,9 @@ pub struct Scheduled {
     pub sample: bool,
     /// Every row's logits are needed (prompt logprobs), not only the last one's.
     pub all_logits: bool,
+    /// The next token is the plain argmax of the logits ([`Sampler::plain_greedy`], nothing
+    /// banned): the backend picks it where the logits are.
+    pub greedy: bool,
     /// The sequence's KV policy (how the forward seals and reads its blocks).
     pub policy: KvPolicy,
 }
@@ -455,6 +459,7 @@ impl Scheduler {
             table: pool.block_table(blocks),
             sample: seq.computed + n == seq.tokens.len(),
             all_logits: seq.wants_prompt_logits(),
+            greedy: seq.sampler.plain_greedy() && seq.banned().is_empty(),
             policy: seq.kv.policy,
         });
         *budget -= n;
@@ -486,10 +491,12 @@ impl Scheduler {
         self.preemptions += 1;
     }
 
-    /// Applies a forward pass's results: `logits[i]` belongs to `step.entries[i]` (the last
-    /// row's logits where `sample`, else empty). Commits KV, samples, checks stop conditions.
-    pub fn update(&mut self, step: &Step, logits: &[Vec<f32>], pool: &mut KvPool) {
-        for (e, row) in step.entries.iter().zip(logits) {
+    /// Applies a forward pass's results: sequence `i` of `out` belongs to `step.entries[i]`
+    /// (its logits rows, or its greedy token). Commits KV, samples, checks stop conditions.
+    pub fn update(&mut self, step: &Step, out: &StepOutput, pool: &mut KvPool) {
+        let vocab = out.vocab();
+        for (i, e) in step.entries.iter().enumerate() {
+            let row = out.logits(i);
             let Some(seq) = self.seqs.get_mut(&e.id) else {
                 continue;
             };
@@ -500,8 +507,6 @@ impl Scheduler {
                 self.fail(e.id, EngineError::Internal, pool);
                 continue;
             }
-            let rows = if e.all_logits { e.len.max(1) } else { 1 };
-            let vocab = row.len() / rows;
             if e.all_logits {
                 score_prompt(seq, e.start, row, vocab);
             }
@@ -517,10 +522,20 @@ impl Scheduler {
             if !e.sample {
                 continue;
             }
-            let row = &row[row.len() - vocab..];
-            let banned = seq.banned().to_vec();
-            seq.sampler.set_banned(&banned);
-            let sampled = seq.sampler.sample(row, &seq.tokens, seq.prompt_len);
+            let sampled = match out.token(i) {
+                // What the sampler would pick (see `Scheduled::greedy`), with nothing to report.
+                Some(token) => Sampled {
+                    token,
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                },
+                None => {
+                    let row = &row[row.len() - vocab..];
+                    let banned = seq.banned().to_vec();
+                    seq.sampler.set_banned(&banned);
+                    seq.sampler.sample(row, &seq.tokens, seq.prompt_len)
+                }
+            };
             seq.tokens.push(sampled.token);
             let tenant = seq.tenant;
             let finish = seq.finish_reason();

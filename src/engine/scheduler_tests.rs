@@ -72,27 +72,38 @@ fn one_hot(t: TokenId) -> Vec<f32> {
     v
 }
 
+/// The forward pass's output for `st` from each entry's logits rows, as the worker asks for
+/// it: a greedy entry that samples gets its token (the backend's argmax), the others their rows.
+fn output(st: &Step, rows: impl Fn(&Scheduled) -> Vec<f32>) -> StepOutput {
+    let mut out = StepOutput::new(VOCAB);
+    for e in &st.entries {
+        let r = rows(e);
+        if e.sample && e.greedy && !e.all_logits {
+            out.push_token(crate::backend::cpu::argmax::argmax(&r) as TokenId);
+        } else {
+            out.push_logits(&r);
+        }
+    }
+    out
+}
+
 /// Runs one step with the fake model; returns the step and the outputs.
 fn step(s: &mut Scheduler, p: &mut KvPool, now: Instant) -> (Step, Vec<Output>) {
     let st = s.schedule(p, now);
     p.check_invariants().unwrap();
     let _ = p.take_copies();
-    let logits: Vec<Vec<f32>> = st
-        .entries
-        .iter()
-        .map(|e| {
-            if e.all_logits {
-                let t = s.tokens(e.id);
-                (e.start..e.start + e.len)
-                    .flat_map(|pos| one_hot(next_token(&t[..=pos])))
-                    .collect()
-            } else if e.sample {
-                one_hot(next_token(s.tokens(e.id)))
-            } else {
-                Vec::new()
-            }
-        })
-        .collect();
+    let logits = output(&st, |e| {
+        if e.all_logits {
+            let t = s.tokens(e.id);
+            (e.start..e.start + e.len)
+                .flat_map(|pos| one_hot(next_token(&t[..=pos])))
+                .collect()
+        } else if e.sample {
+            one_hot(next_token(s.tokens(e.id)))
+        } else {
+            Vec::new()
+        }
+    });
     s.update(&st, &logits, p);
     p.check_invariants().unwrap();
     let out = s.take_outputs();
@@ -217,20 +228,27 @@ fn stop_ids_min_tokens_max_tokens_and_ignore_eos() {
     let mut fin = HashMap::new();
     while !s.is_idle() {
         let st = s.schedule(&mut p, now);
-        let logits: Vec<Vec<f32>> = st
-            .entries
-            .iter()
-            .map(|e| {
-                // EOS best, token 1 second best.
-                let mut v = one_hot(EOS);
-                v[1] = 5.0;
-                if e.sample {
-                    v
-                } else {
-                    Vec::new()
-                }
-            })
-            .collect();
+        for e in st.entries.iter().filter(|e| e.sample) {
+            // Request 0 bans EOS for its first 3 tokens: the sampler applies the ban, so the
+            // backend cannot pick its token until then.
+            let n = toks.get(&e.id).map_or(0, Vec::len);
+            assert_eq!(
+                e.greedy,
+                e.id != RequestId(0) || n >= 3,
+                "{:?} at {n}",
+                e.id
+            );
+        }
+        let logits = output(&st, |e| {
+            // EOS best, token 1 second best.
+            let mut v = one_hot(EOS);
+            v[1] = 5.0;
+            if e.sample {
+                v
+            } else {
+                Vec::new()
+            }
+        });
         s.update(&st, &logits, &mut p);
         for o in s.take_outputs() {
             match o.event {

@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::config::EngineSection;
 use crate::kv::KvStats;
 use crate::metrics::Metrics;
-use crate::model::llama::{Llama, LogitsFor, SeqStep};
+use crate::model::llama::{Llama, LogitsFor, SeqStep, StepOutput};
 use crate::types::{RequestId, TenantId};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -233,7 +233,7 @@ impl<B: Backend> Worker<B> {
     fn forward(
         &mut self,
         entries: &[super::scheduler::Scheduled],
-    ) -> Result<Vec<Vec<f32>>, crate::error::RunError> {
+    ) -> Result<StepOutput, crate::error::RunError> {
         let steps: Vec<SeqStep<'_>> = entries
             .iter()
             .map(|e| SeqStep {
@@ -242,6 +242,8 @@ impl<B: Backend> Worker<B> {
                 block_table: &e.table,
                 logits: if e.all_logits {
                     LogitsFor::All
+                } else if e.sample && e.greedy {
+                    LogitsFor::Argmax
                 } else if e.sample {
                     LogitsFor::Last
                 } else {
@@ -256,7 +258,7 @@ impl<B: Backend> Worker<B> {
         // retry in `execute` rewrites them and a failed sequence's blocks are freed.
         let (model, store) = (&self.model, &mut self.kv.store);
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.forward(&steps, store)
+            model.forward_step(&steps, store)
         }))
         .unwrap_or_else(|p| {
             let msg = p

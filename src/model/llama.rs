@@ -56,6 +56,65 @@ pub enum LogitsFor {
     Last,
     /// Every token of the step (prompt logprobs, evaluation).
     All,
+    /// Only the last token's greedy choice, the index of its largest logit
+    /// ([`Backend::argmax_rows`]): plain greedy decoding, which needs the token, not the row
+    /// (on a GPU the row never leaves the device). Needs [`Llama::forward_step`].
+    Argmax,
+}
+
+/// What a step computed for each of its sequences, in batch order: logits rows
+/// ([`LogitsFor::Last`], [`LogitsFor::All`]) in one flat `[rows, vocab]` buffer, or a greedy
+/// token ([`LogitsFor::Argmax`]).
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    vocab: usize,
+    logits: Vec<f32>,
+    /// Per sequence: its first row in `logits`, its row count, its greedy token.
+    seqs: Vec<(usize, usize, Option<u32>)>,
+}
+
+impl StepOutput {
+    /// An empty output for rows of `vocab` logits (filled with [`Self::push_logits`] and
+    /// [`Self::push_token`]: the forward pass, and tests that stand in for it).
+    pub fn new(vocab: usize) -> Self {
+        Self {
+            vocab,
+            ..Self::default()
+        }
+    }
+    /// Appends a sequence with these logits rows (`rows.len()` a multiple of the vocabulary;
+    /// empty for none).
+    pub fn push_logits(&mut self, rows: &[f32]) {
+        assert_eq!(rows.len() % self.vocab.max(1), 0, "partial logits row");
+        let first = self.logits.len() / self.vocab.max(1);
+        self.logits.extend_from_slice(rows);
+        self.seqs
+            .push((first, rows.len() / self.vocab.max(1), None));
+    }
+    /// Appends a sequence whose greedy token was picked where its logits were.
+    pub fn push_token(&mut self, token: u32) {
+        let first = self.logits.len() / self.vocab.max(1);
+        self.seqs.push((first, 0, Some(token)));
+    }
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// Sequences in the output.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+    /// Sequence `i`'s logits rows, flattened (empty for [`LogitsFor::None`] and `Argmax`).
+    pub fn logits(&self, i: usize) -> &[f32] {
+        let (first, rows, _) = self.seqs[i];
+        &self.logits[first * self.vocab..(first + rows) * self.vocab]
+    }
+    /// Sequence `i`'s greedy token ([`LogitsFor::Argmax`] only).
+    pub fn token(&self, i: usize) -> Option<u32> {
+        self.seqs[i].2
+    }
 }
 
 /// One sequence's share of a batched forward step.
@@ -346,14 +405,39 @@ impl<B: Backend> Llama<B> {
         self.forward_observed(batch, store, None)
     }
 
+    /// [`Self::forward`] for the engine: the logits in one buffer, and [`LogitsFor::Argmax`]
+    /// sequences answered with their greedy token.
+    pub fn forward_step(
+        &self,
+        batch: &[SeqStep<'_>],
+        store: &mut B::KvStore,
+    ) -> Result<StepOutput, RunError> {
+        self.run(batch, store, None)
+    }
+
     /// [`Self::forward`], handing `observe` each layer's fused `[q | k | v]` rows (host copy,
     /// `[rows][qkv_width]`, q and k already rotated) — what `kvserve calibrate` measures.
     pub fn forward_observed(
         &self,
         batch: &[SeqStep<'_>],
         store: &mut B::KvStore,
-        mut observe: Option<&mut LayerObserver<'_>>,
+        observe: Option<&mut LayerObserver<'_>>,
     ) -> Result<Vec<Vec<f32>>, RunError> {
+        if batch.iter().any(|s| s.logits == LogitsFor::Argmax) {
+            return Err(RunError::Invalid(
+                "LogitsFor::Argmax returns tokens: use forward_step".into(),
+            ));
+        }
+        let out = self.run(batch, store, observe)?;
+        Ok((0..out.len()).map(|i| out.logits(i).to_vec()).collect())
+    }
+
+    fn run(
+        &self,
+        batch: &[SeqStep<'_>],
+        store: &mut B::KvStore,
+        mut observe: Option<&mut LayerObserver<'_>>,
+    ) -> Result<StepOutput, RunError> {
         if store.num_layers() != self.cfg.num_layers {
             return Err(RunError::Invalid(format!(
                 "KV store has {} layers, model {}",
@@ -398,7 +482,7 @@ impl<B: Backend> Llama<B> {
             .collect();
         let t = tokens.len();
         if t == 0 {
-            return Ok(Vec::new());
+            return Ok(StepOutput::new(self.cfg.vocab_size));
         }
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -451,8 +535,10 @@ impl<B: Backend> Llama<B> {
             be.release_exact(store, &sealed);
         }
 
-        // Only the rows asked for go through the final norm and the LM head (one matmul).
-        let mut rows = Vec::new();
+        // Only the rows asked for go through the final norm and the LM head (one matmul):
+        // the rows whose logits go to the host first, then the greedy ones, whose tokens the
+        // backend picks.
+        let (mut rows, mut greedy) = (Vec::new(), Vec::new());
         let mut first = 0;
         for s in batch {
             let n = s.tokens.len();
@@ -460,38 +546,44 @@ impl<B: Backend> Llama<B> {
                 LogitsFor::None => {}
                 LogitsFor::Last => rows.push(first + n - 1),
                 LogitsFor::All => rows.extend(first..first + n),
+                LogitsFor::Argmax => greedy.push(first + n - 1),
             }
             first += n;
         }
         let vocab = cfg.vocab_size;
-        let mut out = vec![0f32; rows.len() * vocab];
-        if !rows.is_empty() {
+        let mut logits_host = Vec::new();
+        let mut tokens = Vec::new();
+        let (n_rows, n_all) = (rows.len(), rows.len() + greedy.len());
+        if n_all > 0 {
+            rows.extend_from_slice(&greedy);
             let picked = be.gather_rows(&x, &rows, h);
-            let mut picked_normed = be.alloc(rows.len() * h);
-            be.rms_norm(
-                &picked,
-                &self.final_norm,
-                eps,
-                rows.len(),
-                &mut picked_normed,
-            );
+            let mut picked_normed = be.alloc(n_all * h);
+            be.rms_norm(&picked, &self.final_norm, eps, n_all, &mut picked_normed);
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            let mut logits = be.alloc(rows.len() * vocab);
-            be.matmul(&picked_normed, rows.len(), head, &mut logits);
-            be.read(&logits, 0, &mut out);
+            let mut logits = be.alloc(n_all * vocab);
+            be.matmul(&picked_normed, n_all, head, &mut logits);
+            tokens = be.argmax_rows(&logits, n_rows..n_all, vocab);
+            logits_host = be.take_host(logits, n_rows * vocab);
         }
-        let mut at = 0;
-        Ok(batch
+        // The host rows are in batch order: each sequence's are the next ones.
+        let (mut row, mut tokens) = (0, tokens.into_iter());
+        let seqs = batch
             .iter()
             .map(|s| {
-                let n = match s.logits {
-                    LogitsFor::None => 0,
-                    LogitsFor::Last => 1,
-                    LogitsFor::All => s.tokens.len(),
+                let (n, token) = match s.logits {
+                    LogitsFor::None => (0, None),
+                    LogitsFor::Last => (1, None),
+                    LogitsFor::All => (s.tokens.len(), None),
+                    LogitsFor::Argmax => (0, tokens.next()),
                 };
-                at += n * vocab;
-                out[at - n * vocab..at].to_vec()
+                row += n;
+                (row - n, n, token)
             })
-            .collect())
+            .collect();
+        Ok(StepOutput {
+            vocab,
+            logits: logits_host,
+            seqs,
+        })
     }
 }

@@ -13,6 +13,7 @@
 //! threads of its own.
 
 pub mod arena;
+pub mod argmax;
 pub mod attention;
 pub mod kv_store;
 pub mod matmul;
@@ -90,6 +91,16 @@ impl Backend for CpuBackend {
 
     fn read(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) {
         out.copy_from_slice(&buf[offset..offset + out.len()]);
+    }
+
+    fn take_host(&self, mut buf: Vec<f32>, len: usize) -> Vec<f32> {
+        buf.truncate(len);
+        buf
+    }
+
+    fn argmax_rows(&self, x: &Vec<f32>, rows: std::ops::Range<usize>, width: usize) -> Vec<u32> {
+        rows.map(|r| argmax::argmax(&x[r * width..(r + 1) * width]) as u32)
+            .collect()
     }
 
     fn gather_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Vec<f32> {

@@ -22,6 +22,29 @@ pub fn avx2_fma() -> bool {
     })
 }
 
+/// Compiles a portable function a second time for AVX2 (8 lanes per instruction where the
+/// generic x86-64 build has SSE's 4), taken when the CPU has it: the same operations in the
+/// same order (Rust never contracts to FMA), so the same bits either way. For plain loops the
+/// compiler vectorizes (the sampler's vocabulary passes, the greedy argmax).
+macro_rules! avx2_twin {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $portable:ident) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if crate::backend::cpu::simd::avx2_fma() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $portable($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { avx2($($arg),*) };
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_twin;
+
 #[cfg(target_arch = "x86_64")]
 fn detect() -> bool {
     std::arch::is_x86_feature_detected!("avx2")

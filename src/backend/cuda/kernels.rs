@@ -13,6 +13,8 @@ use std::sync::Arc;
 /// Threads per CTA of the attention kernels (`THREADS` in attention.cu, `PREFILL_THREADS` in
 /// prefill.cu).
 pub const ATTN_THREADS: u32 = 128;
+/// Threads per CTA of the greedy token selection (`ARGMAX_THREADS` in sampling.cu).
+pub const ARGMAX_THREADS: u32 = 256;
 /// Threads per CTA of quest's block selection (`QUEST_THREADS`).
 pub const QUEST_THREADS: u32 = 256;
 /// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).
@@ -58,6 +60,7 @@ pub struct Kernels {
     pub sum_halves: CudaFunction,
     pub convert: CudaFunction,
     pub rope_store: CudaFunction,
+    pub argmax: CudaFunction,
     /// `paged_decode_g{1,2,4,8}_<fmt>` per format of [`FORMATS`]: register arrays sized for the
     /// group (see `decode_fn`).
     pub paged_decode: Vec<[CudaFunction; 4]>,
@@ -93,6 +96,7 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         ("quest.cu", "quest_select_f32"),
         ("kv_seal.cu", "latent_encode_bf16"),
         ("kv_copy.cu", "copy_blocks_u8"),
+        ("sampling.cu", "argmax_f32"),
     ]
     .iter()
     .map(|&(f, n)| (f, n.to_string()))
@@ -152,6 +156,7 @@ impl Kernels {
             sum_halves: f("elementwise.cu", "sum_halves_f32")?,
             convert: f("elementwise.cu", "convert_bf16")?,
             rope_store: f("rope_kv.cu", "rope_store_bf16")?,
+            argmax: f("sampling.cu", "argmax_f32")?,
             paged_decode: decode,
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
             prefill: per_format("prefill.cu", "prefill")?,

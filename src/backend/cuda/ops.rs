@@ -1,6 +1,7 @@
 //! `impl Backend for CudaBackend`: each op checks the sizes its kernel assumes, uploads the small
 //! index arrays it needs and launches. Launch shapes are documented in the `.cu` files.
 
+use super::kernels::ARGMAX_THREADS;
 use super::*;
 
 impl Backend for CudaBackend {
@@ -57,6 +58,46 @@ impl Backend for CudaBackend {
         let view = buf.slice(offset..offset + out.len());
         ok(self.stream.memcpy_dtoh(&view, out), "read");
         self.synchronize();
+    }
+
+    fn take_host(&self, buf: CudaSlice<f32>, len: usize) -> Vec<f32> {
+        let mut host = vec![0f32; len];
+        self.read(&buf, 0, &mut host);
+        host
+    }
+
+    fn argmax_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: std::ops::Range<usize>,
+        width: usize,
+    ) -> Vec<u32> {
+        let n = rows.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        assert!(
+            width > 0 && rows.end * width <= x.len(),
+            "argmax_rows: rows {rows:?} of {width} out of range"
+        );
+        let out = self.scratch::<u32>(n);
+        let xp = self.ptr(x) + (rows.start * width * std::mem::size_of::<f32>()) as u64;
+        let (op, w) = (self.ptr(&out), width as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (ARGMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one CTA per row; `xp` starts row `rows.start` of `x`, which holds `rows.end`
+        // rows of `width` floats (asserted); `out` holds `n` entries.
+        ok(
+            unsafe { args!(self.stream, &self.k.argmax, &xp, &op, &w).launch(cfg) },
+            "argmax",
+        );
+        let mut host = vec![0u32; n];
+        ok(self.stream.memcpy_dtoh(&out, &mut host), "argmax read");
+        self.synchronize();
+        host
     }
 
     fn gather_rows(&self, x: &CudaSlice<f32>, rows: &[usize], width: usize) -> CudaSlice<f32> {

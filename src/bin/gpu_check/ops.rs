@@ -1,6 +1,6 @@
 //! Op-by-op parity of the CUDA backend against the CPU backend on random inputs.
 
-use super::{parity, Row};
+use super::{error_row, parity, Row};
 use anyhow::Result;
 use half::bf16;
 use kvserve::backend::cpu::CpuBackend;
@@ -151,6 +151,24 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         &read_all(gpu, &gg, gc.len()),
         &gc,
         "",
+    ));
+
+    // Greedy tokens (sampling.cu): one index per row, the CPU's rule (ties to the lowest index,
+    // NaN as -inf). Rows 1-3 plant a tie across warps, a NaN above the maximum, and +inf twice.
+    let vocab = 32_000;
+    let mut x = random_vec(&mut rng, 9 * vocab, 8.0);
+    x[vocab + 9_000] = 50.0;
+    x[vocab + 300] = 50.0;
+    x[2 * vocab + 5] = f32::NAN;
+    x[3 * vocab + 777] = f32::INFINITY;
+    x[3 * vocab + 31_999] = f32::INFINITY;
+    let want = cpu.argmax_rows(&x, 1..9, vocab);
+    let got = gpu.argmax_rows(&gpu.upload(&x), 1..9, vocab);
+    let wrong = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+    rows.push(error_row(
+        "argmax_rows [8 of 9 x 32000]",
+        wrong as f64,
+        "greedy tokens: rows that differ from the CPU's",
     ));
 
     Ok(())
