@@ -262,6 +262,60 @@ fn a_sequence_gives_the_same_logits_alone_and_in_a_mixed_batch() {
 }
 
 #[test]
+fn argmax_sequences_get_the_greedy_token_of_their_last_row() {
+    // One step mixes logits rows (All, Last) with greedy sequences (Argmax): each greedy token
+    // is the argmax of the logits the same sequence gets with Last, and the rows of the others
+    // are unchanged by the greedy rows that follow them in the LM head.
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinySpec::default(), 23);
+    let model = load(dir.path());
+    let bs = 16;
+    let toks: Vec<Vec<u32>> = (0..4).map(|i| tokens(7 + 5 * i, i)).collect();
+    let tables: Vec<Vec<u32>> = (0..4)
+        .map(|i| vec![2 * i as u32, 2 * i as u32 + 1])
+        .collect();
+    let kinds = [
+        LogitsFor::Argmax,
+        LogitsFor::All,
+        LogitsFor::Argmax,
+        LogitsFor::Last,
+    ];
+    let batch = |kinds: &[LogitsFor]| -> Vec<SeqStep<'_>> {
+        (0..4)
+            .map(|i| step(&toks[i], 0, &tables[i], kinds[i]))
+            .collect()
+    };
+    let mut store = model.new_kv_store(8, bs);
+    let out = model.forward_step(&batch(&kinds), &mut store).unwrap();
+    let rows = model
+        .forward(
+            &batch(&[
+                LogitsFor::Last,
+                LogitsFor::All,
+                LogitsFor::Last,
+                LogitsFor::Last,
+            ]),
+            &mut model.new_kv_store(8, bs),
+        )
+        .unwrap();
+    let v = model.config().vocab_size;
+    assert_eq!(out.len(), 4);
+    for i in [0, 2] {
+        assert!(out.logits(i).is_empty());
+        let want = kvserve::backend::cpu::argmax::argmax(&rows[i]) as u32;
+        assert_eq!(out.token(i), Some(want), "sequence {i}");
+    }
+    for i in [1, 3] {
+        assert_eq!(out.token(i), None);
+        assert_eq!(out.logits(i), &rows[i][..], "sequence {i}");
+    }
+    assert_eq!(out.logits(1).len(), toks[1].len() * v);
+    // `forward` returns rows only: an Argmax sequence there is a caller's error, not a panic.
+    let err = model.forward(&batch(&kinds), &mut model.new_kv_store(8, bs));
+    assert!(err.is_err());
+}
+
+#[test]
 fn copied_blocks_carry_every_layer() {
     // Copy a 20-token sequence's blocks (all layers, K and V) to fresh blocks, then decode the
     // next token over the copies: the logits equal decoding over the originals. A copy missing
