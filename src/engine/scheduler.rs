@@ -10,7 +10,7 @@
 //! 1. requests that waited past `max_queue_time` without ever being admitted are refused;
 //! 2. running sequences, oldest first, get their next chunk (one token when decoding). When the
 //!    pool says "not now", a victim is preempted by recompute (its blocks freed, its full blocks
-//!    left in the prefix cache, the request requeued at its old place); see [`Scheduler::victim`];
+//!    left in the prefix cache, the request requeued at its old place); see `Scheduler::victim`;
 //! 3. waiting requests are admitted from the tenant with the lowest virtual token counter
 //!    (`fair`), best priority first, while budget, running slots and KV allow. A request whose
 //!    prompt starts with the same full block as a prompt still being computed (same cache scope)

@@ -9,6 +9,7 @@ pub mod gguf_tokenizer;
 pub mod llama;
 pub mod loader;
 pub mod safetensors_source;
+pub mod step_output;
 pub mod tensor;
 pub mod tokenizer;
 

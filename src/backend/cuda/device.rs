@@ -1,7 +1,7 @@
 //! Finding a usable GPU without ever letting cudarc's loader panic: cudarc loads libcuda, NVRTC
 //! and cuBLAS on first use and panics when one is missing, so every library is probed first
 //! (`is_culib_present`), then the driver is initialised and the devices counted. The answer is a
-//! [`Probe`] that says which device and why, or why not.
+//! [`Choice`] that says which device and why, or an error that says why not.
 //!
 //! `KVSERVE_NVRTC_LIB` / `KVSERVE_CUBLAS_LIB` may name a library file to use (a pip wheel's
 //! `libnvrtc.so.13`, or the GPU machine's own toolkit): it is opened by path before cudarc looks
