@@ -51,9 +51,10 @@ mod tests {
         assert_eq!(argmax(&[n, n, n]), 0);
         assert_eq!(argmax(&[f32::NEG_INFINITY, n]), 0);
         assert_eq!(argmax(&[1.0, inf, 2.0, inf]), 1);
-        assert_eq!(argmax(&[-0.0, 0.0]), 0); // -0 == 0: the first
-                                             // Past the vector lanes: the maximum in the tail of a length that is not a multiple
-                                             // of 8, and a tie between the lanes and the tail.
+        // -0 == 0: the first of them.
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
+        // Past the vector lanes: the maximum in the tail of a length that is not a multiple
+        // of 8, and a tie between the lanes and the tail.
         let mut xs: Vec<f32> = (0..1003).map(|i| ((i * 37) % 101) as f32 * 0.01).collect();
         xs[1001] = 7.5;
         assert_eq!(argmax(&xs), 1001);
