@@ -429,7 +429,11 @@ impl<B: Backend> Llama<B> {
             .collect();
         let t = tokens.len();
         if t == 0 {
-            return Ok(StepOutput::new(self.cfg.vocab_size));
+            return Ok(StepOutput::from_parts(
+                self.cfg.vocab_size,
+                Vec::new(),
+                Vec::new(),
+            ));
         }
         let be = &self.backend;
         let cfg = &self.cfg;

@@ -8,7 +8,7 @@ use super::llama::LogitsFor;
 /// What a step computed for each of its sequences, in batch order: logits rows
 /// ([`LogitsFor::Last`], [`LogitsFor::All`]) in one flat `[rows, vocab]` buffer, or a greedy
 /// token ([`LogitsFor::Argmax`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StepOutput {
     vocab: usize,
     logits: Vec<f32>,
@@ -30,25 +30,23 @@ impl StepOutput {
         }
     }
     /// An empty output for rows of `vocab` logits, filled with [`Self::push_logits`] and
-    /// [`Self::push_token`] (tests that stand in for the forward pass).
-    pub fn new(vocab: usize) -> Self {
-        Self {
-            vocab,
-            ..Self::default()
-        }
+    /// [`Self::push_token`] by tests that stand in for the forward pass.
+    #[cfg(test)]
+    pub(crate) fn new(vocab: usize) -> Self {
+        Self::from_parts(vocab, Vec::new(), Vec::new())
     }
-    /// Appends a sequence with these logits rows (`rows.len()` a multiple of the vocabulary;
-    /// empty for none).
-    pub fn push_logits(&mut self, rows: &[f32]) {
-        assert_eq!(rows.len() % self.vocab.max(1), 0, "partial logits row");
-        let first = self.logits.len() / self.vocab.max(1);
+    /// Appends a sequence with these logits rows (a whole number of rows; empty for none).
+    #[cfg(test)]
+    pub(crate) fn push_logits(&mut self, rows: &[f32]) {
+        assert_eq!(rows.len() % self.vocab, 0, "partial logits row");
+        let first = self.logits.len() / self.vocab;
         self.logits.extend_from_slice(rows);
-        self.seqs
-            .push((first, rows.len() / self.vocab.max(1), None));
+        self.seqs.push((first, rows.len() / self.vocab, None));
     }
     /// Appends a sequence whose greedy token was picked where its logits were.
-    pub fn push_token(&mut self, token: u32) {
-        let first = self.logits.len() / self.vocab.max(1);
+    #[cfg(test)]
+    pub(crate) fn push_token(&mut self, token: u32) {
+        let first = self.logits.len() / self.vocab;
         self.seqs.push((first, 0, Some(token)));
     }
     pub fn vocab(&self) -> usize {

@@ -198,7 +198,8 @@ pub fn compile_all(
 ) -> Result<Vec<Compiled>, String> {
     let nv = nvrtc_version()?;
     let mut out: Vec<Option<Compiled>> = Vec::new();
-    let mut jobs = Vec::new();
+    // The files to compile, with their cache paths.
+    let (mut jobs, mut paths) = (Vec::new(), Vec::new());
     for &(file, src) in KERNEL_FILES {
         let path = cache_path(file, src, arch, nv, driver, defines);
         match std::fs::read(&path) {
@@ -211,18 +212,13 @@ pub fn compile_all(
             _ => {
                 out.push(None);
                 jobs.push((file, src, arch));
+                paths.push(path);
             }
         }
     }
-    let mut compiled = compile_files(&jobs, false, defines).into_iter();
-    for slot in out.iter_mut().filter(|c| c.is_none()) {
-        let c = compiled.next().expect("one result per job")?;
-        let src = KERNEL_FILES
-            .iter()
-            .find(|f| f.0 == c.file)
-            .expect("a kernel file")
-            .1;
-        let path = cache_path(c.file, src, arch, nv, driver, defines);
+    let compiled = compile_files(&jobs, false, defines).into_iter().zip(paths);
+    for (slot, (c, path)) in out.iter_mut().filter(|c| c.is_none()).zip(compiled) {
+        let c = c?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let written = std::fs::create_dir_all(cache_dir())
             .and_then(|()| std::fs::write(&tmp, &c.cubin))
