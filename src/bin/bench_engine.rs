@@ -5,7 +5,8 @@
 //! and mean step time, time to first token and inter-token latency (p50 / p99).
 //!
 //! Usage: `cargo run --release --bin bench_engine -- [--concurrency 1,4,16,64] [--prompt 256]
-//! [--output 128] [--max-batched-tokens 256] [--model DIR] [--logprobs]`
+//! [--output 128] [--max-batched-tokens 256] [--model DIR] [--logprobs] [--temperature 1]
+//! [--top-p 0.9] [--top-k 50]`
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -39,6 +40,15 @@ struct Args {
     /// pass over the vocabulary per token.
     #[arg(long)]
     logprobs: bool,
+    /// Sampling temperature (0 = greedy, the default here; OpenAI's HTTP default is 1).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
 }
 
 fn percentile(xs: &mut [f64], p: f64) -> f64 {
@@ -113,6 +123,10 @@ fn main() -> Result<()> {
                 prompt,
                 sampling: SamplingParams {
                     logprobs: args.logprobs,
+                    temperature: args.temperature,
+                    top_p: args.top_p,
+                    top_k: args.top_k,
+                    seed: Some(i as u64),
                     ..SamplingParams::default()
                 },
                 stop: StopParams {

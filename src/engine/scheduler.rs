@@ -494,9 +494,10 @@ impl Scheduler {
     /// Applies a forward pass's results: sequence `i` of `out` belongs to `step.entries[i]`
     /// (its logits rows, or its greedy token). Commits KV, samples, checks stop conditions.
     pub fn update(&mut self, step: &Step, out: &StepOutput, pool: &mut KvPool) {
-        let vocab = out.vocab();
+        // The rows first, every sequence's in parallel (see `rows`); then, in step order, what
+        // touches the pool, the fair queue and the outbox.
+        let mut drawn = rows::read_rows(&mut self.seqs, step, out);
         for (i, e) in step.entries.iter().enumerate() {
-            let row = out.logits(i);
             let Some(seq) = self.seqs.get_mut(&e.id) else {
                 continue;
             };
@@ -506,9 +507,6 @@ impl Scheduler {
                 tracing::error!(request = e.id.0, %err, "kv commit failed");
                 self.fail(e.id, EngineError::Internal, pool);
                 continue;
-            }
-            if e.all_logits {
-                score_prompt(seq, e.start, row, vocab);
             }
             if seq.prompt_logprobs.is_some() && !seq.wants_prompt_logits() {
                 // Complete: sent once; the sequence never asks for prompt logits again.
@@ -529,12 +527,7 @@ impl Scheduler {
                     logprob: None,
                     top_logprobs: Vec::new(),
                 },
-                None => {
-                    let row = &row[row.len() - vocab..];
-                    let banned = seq.banned().to_vec();
-                    seq.sampler.set_banned(&banned);
-                    seq.sampler.sample(row, &seq.tokens, seq.prompt_len)
-                }
+                None => drawn[i].take().expect("a sampling entry's row was read"),
             };
             seq.tokens.push(sampled.token);
             let tenant = seq.tenant;
@@ -558,26 +551,10 @@ impl Scheduler {
     }
 }
 
-/// Scores the prompt tokens that the rows of a step starting at `start` predict (row `j` at
-/// position `start + j` predicts `tokens[start + j + 1]`), skipping rows already scored before
-/// a preemption.
-fn score_prompt(seq: &mut Sequence, start: usize, rows: &[f32], vocab: usize) {
-    let top = seq.prompt_logprobs.unwrap_or(0);
-    for (j, logits) in rows.chunks_exact(vocab).enumerate() {
-        let pos = start + j;
-        if pos + 1 >= seq.prompt_len {
-            break;
-        }
-        if pos == seq.prompt_lps.len() {
-            let next = seq.tokens[pos + 1];
-            seq.prompt_lps
-                .push(super::sampler::score(logits, next, top));
-        }
-    }
-}
-
 #[path = "scheduler_policy.rs"]
 mod policy;
+#[path = "scheduler_rows.rs"]
+mod rows;
 #[path = "scheduler_stats.rs"]
 mod stats;
 pub use stats::{Admission, SchedulerStats, TenantLoad};

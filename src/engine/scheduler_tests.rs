@@ -566,3 +566,91 @@ fn stats_report_each_tenants_load() {
     assert_eq!(s.stats().tenants, []);
     assert_eq!(s.take_admissions().len(), 1);
 }
+
+/// A spread-out distribution that depends on the sequence so far (so draws differ per
+/// sequence and per step), with EOS possible.
+fn spread_row(tokens: &[TokenId]) -> Vec<f32> {
+    let h = next_token(tokens) as usize;
+    (0..VOCAB)
+        .map(|v| ((h * 7 + v * 13) % 17) as f32 / 4.0)
+        .collect()
+}
+
+#[test]
+fn rows_read_in_parallel_give_each_sequence_its_own_samplers_tokens() {
+    // Sampled, greedy-with-logprobs, plain greedy (token from the "backend") and prompt-logprob
+    // requests in the same steps; each must get exactly what its own sampler, fed its own rows
+    // in order, draws alone.
+    let mut p = pool(256, &[(0, quota(0, 256))]);
+    let mut s = sched(256, 16, &[]);
+    let mut reqs = Vec::new();
+    for i in 0..10u32 {
+        let prompt: Vec<TokenId> = (0..3 + i % 4).map(|j| (i * 5 + j) % 60).collect();
+        let mut r = req(0, prompt, 14);
+        r.sampling = SamplingParams {
+            temperature: if i % 5 == 4 {
+                0.0
+            } else {
+                0.5 + i as f32 / 10.0
+            },
+            top_p: if i % 2 == 0 { 0.9 } else { 1.0 },
+            top_k: if i % 3 == 0 { 20 } else { 0 },
+            seed: Some(1000 + u64::from(i)),
+            logprobs: i == 9,
+            ..SamplingParams::default()
+        };
+        if i == 3 {
+            r.prompt_logprobs = Some(1);
+        }
+        s.add(RequestId(i.into()), r.clone(), &p, Instant::now())
+            .unwrap();
+        reqs.push(r);
+    }
+    let mut got: HashMap<RequestId, Vec<TokenId>> = HashMap::new();
+    let mut most_rows = 0;
+    let now = Instant::now();
+    while !s.is_idle() {
+        let st = s.schedule(&mut p, now);
+        let _ = p.take_copies();
+        most_rows = most_rows.max(st.entries.iter().filter(|e| e.sample && !e.greedy).count());
+        let out = output(&st, |e| {
+            let t = s.tokens(e.id);
+            if e.all_logits {
+                (e.start..e.start + e.len)
+                    .flat_map(|pos| spread_row(&t[..=pos]))
+                    .collect()
+            } else if e.sample {
+                spread_row(t)
+            } else {
+                Vec::new()
+            }
+        });
+        s.update(&st, &out, &mut p);
+        p.check_invariants().unwrap();
+        for o in s.take_outputs() {
+            if let EngineEvent::Token(t) = o.event {
+                got.entry(o.id).or_default().push(t.token);
+            }
+        }
+    }
+    assert!(most_rows >= 8, "rows of {most_rows} sequences in one step");
+    for (i, r) in reqs.iter().enumerate() {
+        let mut sampler = Sampler::new(&r.sampling);
+        let mut history = r.prompt.clone();
+        let mut want = Vec::new();
+        while want.len() < r.stop.max_tokens {
+            let t = sampler
+                .sample(&spread_row(&history), &history, r.prompt.len())
+                .token;
+            history.push(t);
+            want.push(t);
+            if t == EOS {
+                break;
+            }
+        }
+        assert_eq!(got[&RequestId(i as u64)], want, "request {i}");
+    }
+    let distinct: std::collections::HashSet<_> = got.values().collect();
+    assert!(distinct.len() >= 8, "the draws differ between sequences");
+    assert_eq!(p.stats().used, 0, "blocks leaked");
+}
