@@ -18,10 +18,12 @@
 //! the sampler takes the greedy choice.
 //!
 //! Cost: O(V) per call (plus O(history) with penalties), no sort of the vocabulary: the
-//! softmax passes run in vectorizable lanes with a polynomial `exp`, top-k (and top_logprobs)
-//! keep a small sorted buffer in one scan, top-p prefilters and quickselects (see
-//! `apply_top_p`), and the dense draw walks block sums. Vocab-sized buffers live in
-//! the `Sampler` and are reused across calls.
+//! softmax passes run in vectorizable lanes with a polynomial `exp`; without top-k / top-p /
+//! min-p the row is only read (its max, then per-block sums of its weights; the draw recomputes
+//! one block); top-k (and top_logprobs) keep a small sorted buffer in one scan that passes over
+//! most values 8 at a time; top-p gathers above a falling cut and orders only one bucket of
+//! weights (see `gather_nucleus`, `apply_top_p`). Vocab-sized buffers live in the `Sampler`
+//! and are reused across calls. `bench_sampler` measures each configuration on real rows.
 
 use crate::backend::cpu::argmax::{argmax, max_lanes};
 use crate::backend::cpu::simd::avx2_twin;
@@ -83,7 +85,8 @@ fn score_into(
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha20Rng,
-    /// Processed logits, then sampling weights; vocab-sized, reused.
+    /// Processed logits (bias, penalties, bans), then sampling weights when top-p or min-p
+    /// need them twice; vocab-sized, reused.
     work: Vec<f32>,
     /// Sparse candidates (token, weight), reused.
     cand: Vec<(TokenId, f32)>,
@@ -116,6 +119,13 @@ avx2_twin!(
     fn sum_exp(xs: &[f32], m: f32) -> f64 => sum_exp_portable
 );
 avx2_twin!(
+    /// The per-`BLOCK` sums of the weights `exp((x - m) * s)` (NaN and `-inf` weigh 0), pushed
+    /// to `blocks`; returns the total. Nothing is written back: the draw recomputes the weights
+    /// of the one block it lands in, so the row is only read.
+    fn block_weights(xs: &[f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64
+        => block_weights_portable
+);
+avx2_twin!(
     /// Replaces each `x` by its weight `exp((x - m) * s)`, pushes the per-`BLOCK` sums to
     /// `blocks` and returns the total.
     fn weights_in_place(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64
@@ -136,6 +146,27 @@ fn sum_exp_portable(xs: &[f32], m: f32) -> f64 {
         f64::from(acc.iter().sum::<f32>() + tail)
     };
     xs.chunks(BLOCK).map(block_sum).sum()
+}
+
+#[inline(always)]
+fn block_weights_portable(xs: &[f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64 {
+    blocks.clear();
+    for block in xs.chunks(BLOCK) {
+        let mut acc = [0.0f32; L];
+        let chunks = block.chunks_exact(L);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for j in 0..L {
+                acc[j] += exp_nonpos((c[j] - m) * s);
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for &x in tail {
+            sum += exp_nonpos((x - m) * s);
+        }
+        blocks.push(f64::from(sum));
+    }
+    blocks.iter().sum()
 }
 
 #[inline(always)]
@@ -203,18 +234,46 @@ fn top_k_into(xs: &[f32], k: usize, out: &mut Vec<(TokenId, f32)>) {
         out.sort_unstable_by(desc);
         return;
     }
-    // One scan; almost every value fails the threshold test against the current k-th.
-    for (i, &x) in xs.iter().enumerate() {
-        let x = key(x);
-        if out.len() == k && x <= out[k - 1].1 {
-            continue;
+    // One scan; almost every value fails the threshold test against the current k-th, most
+    // of them a group of `L` at a time (NaN fails `>` as it should: it counts as -inf).
+    for_groups(xs, |first, c| {
+        if out.len() == k && !any_lane(c, |x| x > out[k - 1].1) {
+            return;
         }
-        let pos = out.partition_point(|c| c.1 >= x);
-        if out.len() == k {
-            out.pop();
+        for (j, &x) in c.iter().enumerate() {
+            let x = key(x);
+            if out.len() == k && x <= out[k - 1].1 {
+                continue;
+            }
+            let pos = out.partition_point(|c| c.1 >= x);
+            if out.len() == k {
+                out.pop();
+            }
+            out.insert(pos, ((first + j) as TokenId, x));
         }
-        out.insert(pos, (i as TokenId, x));
+    });
+}
+
+/// Calls `f(index of the group's first value, group)` for each group of `L` values of `xs`,
+/// then once for the shorter tail: whole groups let the compiler unroll and vectorize the
+/// per-group tests.
+#[inline(always)]
+fn for_groups(xs: &[f32], mut f: impl FnMut(usize, &[f32])) {
+    let groups = xs.chunks_exact(L);
+    let tail = groups.remainder();
+    for (g, c) in groups.enumerate() {
+        f(g * L, c);
     }
+    if !tail.is_empty() {
+        f(xs.len() - tail.len(), tail);
+    }
+}
+
+/// Whether any value of `c` passes `test`, evaluated on every lane (no early exit), so that
+/// it compiles to a vector compare.
+#[inline(always)]
+fn any_lane(c: &[f32], test: impl Fn(f32) -> bool) -> bool {
+    c.iter().fold(false, |any, &x| any | test(x))
 }
 
 impl Sampler {
@@ -284,11 +343,7 @@ impl Sampler {
         let token = if t.is_nan() || t < GREEDY_TEMPERATURE {
             argmax(if processed { &self.work } else { logits }) as TokenId
         } else {
-            if !processed {
-                self.work.clear();
-                self.work.extend(logits.iter().copied().map(key));
-            }
-            self.sample_stochastic()
+            self.sample_stochastic(processed, logits)
         };
 
         if !self.params.logprobs && self.params.top_logprobs == 0 {
@@ -354,103 +409,129 @@ impl Sampler {
         true
     }
 
-    /// Temperature, top-k, top-p, min-p and the draw, over the processed logits in `self.work`.
-    /// Weights are `exp((l - max) / T)`, so the most likely token weighs exactly 1.
-    fn sample_stochastic(&mut self) -> TokenId {
+    /// Temperature, top-k, top-p, min-p and the draw, over the processed logits in `self.work`
+    /// (`processed`) or the raw row. Weights are `exp((l - max) / T)`, so the most likely token
+    /// weighs exactly 1; NaN weighs 0.
+    ///
+    /// With the whole vocabulary in play (no top-k, top-p or min-p: OpenAI's default) the row
+    /// is only read, twice (its max, then the per-block sums of its weights), and the draw
+    /// recomputes the weights of the one block it lands in. Top-p and min-p read each weight
+    /// twice (the total, then the candidates), so those write the weights into `work` once.
+    fn sample_stochastic(&mut self, processed: bool, logits: &[f32]) -> TokenId {
         let (top_k, top_p, min_p) = (self.params.top_k, self.params.top_p, self.params.min_p);
         let inv_t = 1.0 / self.params.temperature;
-        let v = self.work.len();
-        let m = max_lanes(&self.work);
+        let xs = if processed { &self.work[..] } else { logits };
+        let v = xs.len();
+        let m = max_lanes(xs);
         if !m.is_finite() {
-            return argmax(&self.work) as TokenId;
+            return argmax(xs) as TokenId;
         }
-        // `sparse`: the candidates are in `cand`; else the dense weights are in `work`.
+        let weight = |x: f32| exp_nonpos((x - m) * inv_t);
+        // `sparse`: the candidates are in `cand`; else the weights are in `work`.
         let mut sparse = top_k > 0 && top_k < v;
         let mut total = if sparse {
-            top_k_into(&self.work, top_k, &mut self.cand);
+            top_k_into(xs, top_k, &mut self.cand);
             self.cand.retain_mut(|c| {
-                c.1 = exp_nonpos((c.1 - m) * inv_t);
+                c.1 = weight(c.1);
                 c.1 > 0.0
             });
             self.cand.iter().map(|c| f64::from(c.1)).sum()
+        } else if top_p >= 1.0 && min_p <= 0.0 {
+            let total = block_weights(xs, m, inv_t, &mut self.blocks);
+            let u = self.rng.random::<f64>() * total;
+            return draw_dense(xs, &self.blocks, u, weight);
         } else {
+            if !processed {
+                self.work.clear();
+                self.work.extend_from_slice(logits);
+            }
             weights_in_place(&mut self.work, m, inv_t, &mut self.blocks)
         };
         if top_p < 1.0 {
-            if !sparse {
-                // Only weights >= eps can be in the nucleus (see `apply_top_p`).
-                let eps = ((1.0 - f64::from(top_p.max(0.0))) / (2.0 * v as f64) * total) as f32;
-                self.gather(|w| w > 0.0 && w >= eps);
-                sparse = true;
-            }
-            total = Self::apply_top_p(&mut self.cand, top_p, total);
+            total = if sparse {
+                Self::apply_top_p(&mut self.cand, top_p, total)
+            } else {
+                gather_nucleus(&self.work, top_p, total, &mut self.cand)
+            };
+            sparse = true;
         }
         if min_p > 0.0 {
             let cut = min_p.min(1.0); // p / p_max = weight; the top token (weight 1) stays
             if sparse {
                 self.cand.retain(|c| c.1 >= cut);
             } else {
-                self.gather(|w| w >= cut);
-                sparse = true;
+                gather_at_least(&self.work, cut, &mut self.cand);
             }
             total = self.cand.iter().map(|c| f64::from(c.1)).sum();
         }
         let mut u = self.rng.random::<f64>() * total;
-        if sparse {
-            for &(t, w) in &self.cand {
-                u -= f64::from(w);
-                if u < 0.0 {
-                    return t;
-                }
-            }
-        } else {
-            for (b, &bs) in self.blocks.iter().enumerate() {
-                if u >= bs {
-                    u -= bs;
-                    continue;
-                }
-                for (i, &w) in self.work[b * BLOCK..v.min((b + 1) * BLOCK)]
-                    .iter()
-                    .enumerate()
-                {
-                    u -= f64::from(w);
-                    if u < 0.0 {
-                        return (b * BLOCK + i) as TokenId;
-                    }
-                }
-                break;
+        for &(t, w) in &self.cand {
+            u -= f64::from(w);
+            if u < 0.0 {
+                return t;
             }
         }
         // Round-off put the draw past the end (probability ~1e-16): take the likeliest token.
-        if sparse {
-            self.cand.iter().copied().min_by(desc).map_or(0, |c| c.0)
-        } else {
-            argmax(&self.work) as TokenId
-        }
+        self.cand.iter().copied().min_by(desc).map_or(0, |c| c.0)
     }
 
-    /// Sparse candidates from the dense weights in `work`.
-    fn gather(&mut self, keep: impl Fn(f32) -> bool) {
-        self.cand.clear();
-        let kept = self.work.iter().enumerate().filter(|(_, &w)| keep(w));
-        self.cand.extend(kept.map(|(i, &w)| (i as TokenId, w)));
-    }
-
-    /// Nucleus truncation of the candidates (unnormalized weights of a distribution whose total
-    /// mass is `total`); returns the kept mass. The nucleus comes out in no particular (but
-    /// deterministic) order.
+    /// Nucleus truncation of the candidates (unnormalized weights, all > 0, of a distribution
+    /// whose total mass is `total`); returns the kept mass. The nucleus comes out in no
+    /// particular (but deterministic) order.
     ///
     /// The caller may first drop weights below `eps = (1 - top_p) / (2 V)` of the total: together
     /// they hold less than `(1 - top_p) / 2` of the mass, so the descending cumulative sum reaches
-    /// `top_p` before any of them. That leaves a few hundred tokens on peaked distributions. The
-    /// boundary is then found by quickselect (halving the range with `select_nth_unstable`), O(n)
-    /// rather than a sort, for flat distributions.
+    /// `top_p` before any of them. That leaves a few hundred tokens on peaked distributions and
+    /// thousands on flat ones (5–14k of SmolLM2's 49,152 at temperature 1, top-p 0.95).
+    ///
+    /// So first a histogram: the mass in each bucket of weights (the top bits of an f32 order
+    /// positive floats; 4 buckets per power of two), heaviest bucket first, finds the bucket in
+    /// which the cumulative mass reaches `top_p`. Every candidate in a heavier bucket is in the
+    /// nucleus and every one in a lighter bucket is out, with no ordering at all; only the
+    /// crossing bucket is ordered, by quickselect (halving the range with
+    /// `select_nth_unstable`), O(n) rather than a sort.
     fn apply_top_p(cand: &mut Vec<(TokenId, f32)>, top_p: f32, total: f64) -> f64 {
+        const SHIFT: u32 = 21;
+        let bucket = |w: f32| (w.to_bits() >> SHIFT) as usize;
         let mass = |c: &[(TokenId, f32)]| c.iter().map(|c| f64::from(c.1)).sum::<f64>();
+        let mut need = f64::from(top_p.max(0.0)) * total;
+        let mut hist = [0.0f64; 1 << (31 - SHIFT)];
+        for c in cand.iter() {
+            debug_assert!(c.1 > 0.0, "apply_top_p: weight {}", c.1);
+            hist[bucket(c.1)] += f64::from(c.1);
+        }
+        let mut crossing = None;
+        for (b, &h) in hist.iter().enumerate().rev() {
+            if h > 0.0 {
+                if h >= need {
+                    crossing = Some(b);
+                    break;
+                }
+                need -= h;
+            }
+        }
+        let Some(crossing) = crossing else {
+            // Round-off: the candidates' mass fell short of `top_p` of the total; keep them all.
+            return mass(cand);
+        };
+        // cand[..lo]: heavier buckets; cand[lo..hi]: the crossing bucket; the rest goes.
+        let mut lo = 0;
+        for i in 0..cand.len() {
+            if bucket(cand[i].1) > crossing {
+                cand.swap(i, lo);
+                lo += 1;
+            }
+        }
+        let mut hi = lo;
+        for i in lo..cand.len() {
+            if bucket(cand[i].1) == crossing {
+                cand.swap(i, hi);
+                hi += 1;
+            }
+        }
+        cand.truncate(hi);
         // Invariant: cand[..lo] is in the nucleus and outranks cand[lo..hi]; cand[hi..] is out;
         // `need` is the mass still to cover.
-        let (mut lo, mut hi) = (0, cand.len());
-        let mut need = f64::from(top_p.max(0.0)) * total;
         while hi - lo > 64 {
             let mid = lo + (hi - lo) / 2;
             cand[lo..hi].select_nth_unstable_by(mid - lo, desc);
@@ -474,6 +555,79 @@ impl Sampler {
         cand.truncate(keep.max(1));
         mass(cand)
     }
+}
+
+/// The (id, weight) pairs of the weights `ws` that are positive and at least `cut`, in id
+/// order, into `cand`; groups of `L` whose largest weight falls short are passed over whole.
+fn gather_at_least(ws: &[f32], cut: f32, cand: &mut Vec<(TokenId, f32)>) {
+    cand.clear();
+    cand.reserve(ws.len());
+    let kept = |w: f32| w > 0.0 && w >= cut;
+    let out = cand.spare_capacity_mut();
+    let mut n = 0;
+    for_groups(ws, |first, c| {
+        if !any_lane(c, kept) {
+            return;
+        }
+        // Written whether kept or not, the count advancing only when kept: no branch to
+        // mispredict on rows where a good share of the values pass.
+        for (j, &w) in c.iter().enumerate() {
+            out[n].write(((first + j) as TokenId, w));
+            n += usize::from(kept(w));
+        }
+    });
+    // SAFETY: out[..n] were written above; n <= ws.len() <= the reserved spare capacity.
+    unsafe { cand.set_len(n) };
+}
+
+/// The top-p nucleus of the weights `ws` (of total mass `total`) into `cand`; returns its mass.
+///
+/// Only weights >= `eps` can be in the nucleus (see [`Sampler::apply_top_p`]), but on flat
+/// rows that keeps thousands of tokens. The nucleus is a set of heaviest tokens, so the gather
+/// starts above a high cut: if the tokens above it weigh `top_p` of the total, the nucleus is
+/// among them; else the cut is lowered (16x at a time), down to `eps`.
+fn gather_nucleus(ws: &[f32], top_p: f32, total: f64, cand: &mut Vec<(TokenId, f32)>) -> f64 {
+    let p = f64::from(top_p.max(0.0));
+    let eps = ((1.0 - p) / (2.0 * ws.len() as f64) * total) as f32;
+    let mut cut: f32 = 1.0 / 64.0;
+    loop {
+        gather_at_least(ws, cut.max(eps), cand);
+        let mass: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
+        if cut <= eps || mass >= p * total {
+            break;
+        }
+        cut /= 16.0;
+    }
+    Sampler::apply_top_p(cand, top_p, total)
+}
+
+/// The token at `u` (in `[0, total)`) on the cumulative weights of the whole row, `blocks`
+/// holding the per-`BLOCK` sums: whole blocks are skipped on their sums, and only the block the
+/// draw lands in has its weights recomputed.
+fn draw_dense(xs: &[f32], blocks: &[f64], mut u: f64, weight: impl Fn(f32) -> f32) -> TokenId {
+    for (b, &bs) in blocks.iter().enumerate() {
+        if u >= bs {
+            u -= bs;
+            continue;
+        }
+        let start = b * BLOCK;
+        let mut last = start;
+        for (i, &x) in xs[start..xs.len().min(start + BLOCK)].iter().enumerate() {
+            let w = weight(x);
+            if w > 0.0 {
+                last = start + i;
+                u -= f64::from(w);
+                if u < 0.0 {
+                    return last as TokenId;
+                }
+            }
+        }
+        // The block's sum (in lane order) and this walk rounded differently: the draw is at
+        // the block's end, on its last token with weight.
+        return last as TokenId;
+    }
+    // Round-off put the draw past the last block (probability ~1e-16).
+    argmax(xs) as TokenId
 }
 
 #[cfg(test)]
@@ -747,6 +901,12 @@ mod tests {
         assert_eq!(ta.to_bits(), tb.to_bits());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         assert_eq!(ba, bb);
+        // The read-only block sums are the in-place pass's, bit for bit.
+        let (mut bc, mut bd) = (Vec::new(), Vec::new());
+        assert_eq!(block_weights(&l, m, 1.3, &mut bc).to_bits(), ta.to_bits());
+        block_weights_portable(&l, m, 1.3, &mut bd);
+        assert_eq!(bc, ba);
+        assert_eq!(bd, ba);
     }
 
     #[test]
@@ -817,5 +977,144 @@ mod tests {
                 assert!((f - want).abs() < 0.016, "token {i}: {f} vs {want} ({p:?})");
             }
         }
+    }
+    /// The nucleus by definition: every token with weight > 0, heaviest first (ties: lower id),
+    /// up to and including the one where the cumulative mass reaches `top_p` of `total` (the
+    /// sum of `w`; given, so that both sides round it the same way).
+    fn ref_nucleus(w: &[f32], top_p: f32, total: f64) -> Vec<TokenId> {
+        let mut all: Vec<(TokenId, f32)> = w
+            .iter()
+            .enumerate()
+            .filter(|c| *c.1 > 0.0)
+            .map(|(i, &w)| (i as TokenId, w))
+            .collect();
+        all.sort_by(desc);
+        let mut cum = 0.0;
+        let n = 1 + all
+            .iter()
+            .take_while(|c| {
+                cum += f64::from(c.1);
+                cum < f64::from(top_p) * total
+            })
+            .count();
+        let mut ids: Vec<TokenId> = all[..n.min(all.len())].iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Rows whose nuclei range from one token to tens of thousands: uniform logits over a span
+    /// of 10 (at temperature 1 and 0.5), one dominant token, and many ties.
+    fn nucleus_rows() -> Vec<Vec<f32>> {
+        let mut peaked = logits(49_157, 9);
+        peaked[31_000] = 12.0;
+        peaked[7] = 9.0;
+        let mut masked = logits(1000, 2);
+        for x in masked.iter_mut().step_by(3) {
+            *x = f32::NEG_INFINITY;
+        }
+        masked[5] = f32::NAN;
+        vec![logits(49_157, 3), peaked, logits(3000, 13), masked]
+    }
+
+    #[test]
+    fn gathered_nucleus_is_the_sorted_prefix_on_flat_and_peaked_rows() {
+        for (r, row) in nucleus_rows().iter().enumerate() {
+            for t in [1.0f32, 0.5] {
+                let mut w = row.clone();
+                let total = weights_in_place(&mut w, max_lanes(row), 1.0 / t, &mut Vec::new());
+                for top_p in [0.0f32, 0.05, 0.5, 0.9, 0.95, 0.999] {
+                    let mut cand = Vec::new();
+                    let mass = gather_nucleus(&w, top_p, total, &mut cand);
+                    let mut ids: Vec<TokenId> = cand.iter().map(|c| c.0).collect();
+                    ids.sort_unstable();
+                    let want = ref_nucleus(&w, top_p, total);
+                    let case = format!("row {r}, T {t}, top_p {top_p}");
+                    assert_eq!(ids.len(), want.len(), "{case}");
+                    assert!(ids == want, "{case}: other tokens");
+                    let want_mass: f64 = want.iter().map(|&i| f64::from(w[i as usize])).sum();
+                    assert!((mass - want_mass).abs() <= 1e-9 * want_mass, "row {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_draws_cover_the_whole_nucleus_in_proportion() {
+        // A flat row: the nucleus at 0.9 holds thousands of tokens, far below the first cut.
+        let l = logits(49_157, 3);
+        let mut w = l.clone();
+        let total = weights_in_place(&mut w, max_lanes(&l), 1.0, &mut Vec::new());
+        let nucleus = ref_nucleus(&w, 0.9, total);
+        assert!(nucleus.len() > 5000, "{}", nucleus.len());
+        let mut ranked: Vec<(TokenId, f32)> = nucleus.iter().map(|&i| (i, w[i as usize])).collect();
+        ranked.sort_by(desc);
+        let light = &ranked[ranked.len() / 2..];
+        let share = light.iter().map(|c| f64::from(c.1)).sum::<f64>()
+            / ranked.iter().map(|c| f64::from(c.1)).sum::<f64>();
+        let light: std::collections::HashSet<TokenId> = light.iter().map(|c| c.0).collect();
+        let n = 20_000;
+        let c = draw_counts(&params(|p| (p.temperature, p.top_p) = (1.0, 0.9)), &l, n);
+        let inside: usize = nucleus.iter().map(|&i| c[i as usize]).sum();
+        assert_eq!(inside, n, "every draw is in the nucleus");
+        let got = light.iter().map(|&i| c[i as usize]).sum::<usize>() as f64 / n as f64;
+        assert!((got - share).abs() < 0.02, "lighter half: {got} vs {share}");
+    }
+
+    #[test]
+    fn dense_draw_lands_where_the_cumulative_sum_says() {
+        let mut l = logits(49_157, 5);
+        l[300] = f32::NAN;
+        l[301] = f32::NEG_INFINITY;
+        l[49_156] = f32::NEG_INFINITY; // the last block ends on a token without weight
+        let (m, s) = (max_lanes(&l), 1.0 / 0.8);
+        let weight = |x: f32| exp_nonpos((x - m) * s);
+        let mut blocks = Vec::new();
+        let total = block_weights(&l, m, s, &mut blocks);
+        let mut cum = Vec::with_capacity(l.len());
+        let mut acc = 0.0f64;
+        for &x in &l {
+            acc += f64::from(weight(x));
+            cum.push(acc);
+        }
+        for k in 0..500 {
+            let u = total * (k as f64 + 0.5) / 500.0;
+            let want = cum.partition_point(|&c| c <= u) as TokenId;
+            assert_eq!(draw_dense(&l, &blocks, u, weight), want, "u = {u}");
+        }
+    }
+
+    #[test]
+    fn group_skipping_scans_match_plain_filters() {
+        let mut l = logits(49_157, 8); // a tail of 5 after the groups of 8
+        l[12] = f32::NAN;
+        l[49_155] = 5.5; // the largest, in the tail
+        let mut w = l.clone();
+        weights_in_place(&mut w, max_lanes(&l), 1.0, &mut Vec::new());
+        for cut in [0.0f32, 1e-30, 1e-4, 0.3, 1.0] {
+            let mut got = Vec::new();
+            gather_at_least(&w, cut, &mut got);
+            let want: Vec<(TokenId, f32)> = w
+                .iter()
+                .enumerate()
+                .filter(|c| *c.1 > 0.0 && *c.1 >= cut)
+                .map(|(i, &w)| (i as TokenId, w))
+                .collect();
+            assert_eq!(got, want, "cut {cut}");
+        }
+        let mut sorted: Vec<(TokenId, f32)> = l
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as TokenId, key(x)))
+            .collect();
+        sorted.sort_by(desc);
+        for k in [1, 5, SCAN_TOP_K] {
+            let mut out = Vec::new();
+            top_k_into(&l, k, &mut out);
+            assert_eq!(out, sorted[..k], "k = {k}");
+        }
+        // NaN and -inf only: the lowest ids, as -inf.
+        let mut out = Vec::new();
+        top_k_into(&[f32::NAN, f32::NEG_INFINITY, f32::NAN], 2, &mut out);
+        assert_eq!(out, [(0, f32::NEG_INFINITY), (1, f32::NEG_INFINITY)]);
     }
 }

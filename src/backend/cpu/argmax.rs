@@ -17,11 +17,14 @@ avx2_twin!(
 /// [`max_lanes`] as the generic build compiles it (tests compare the twins' bits).
 #[inline(always)]
 pub(crate) fn max_lanes_portable(xs: &[f32]) -> f32 {
-    let chunks = xs.chunks_exact(L);
+    // Four independent accumulators: a NaN-ignoring max is a compare-and-blend chain several
+    // cycles long, and one accumulator would wait on it at every step.
+    const W: usize = 4 * L;
+    let chunks = xs.chunks_exact(W);
     let tail = chunks.remainder();
-    let mut mx = [f32::NEG_INFINITY; L];
+    let mut mx = [f32::NEG_INFINITY; W];
     for c in chunks {
-        for j in 0..L {
+        for j in 0..W {
             mx[j] = mx[j].max(c[j]); // f32::max ignores NaN
         }
     }
