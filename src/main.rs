@@ -489,7 +489,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
     let t_load = Instant::now();
     let files = loader::open(&args.model)?;
-    let mut model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+    let mut model = Llama::from_files(&files, backend)?;
     drop(files.weights);
     kvserve::calibrate::attach_files(&mut model, &args.model, &args.kv_calibrations)?;
     tracing::info!(ms = t_load.elapsed().as_millis() as u64, "model loaded");
@@ -631,7 +631,7 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let files = loader::open(&args.model)?;
-    let mut model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+    let mut model = Llama::from_files(&files, backend)?;
     drop(files.weights);
     kvserve::calibrate::attach_files(&mut model, &args.model, &args.kv_calibrations)?;
     let mut cfg = EvalConfig::new(text, args.policies.clone());
@@ -673,11 +673,7 @@ fn run_calibrate(args: CalibrateArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;
     let files = loader::open(&args.model)?;
-    let model = Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )?;
+    let model = Llama::from_files(&files, CpuBackend::new())?;
     drop(files.weights);
     let tokens = files.tokenizer.encode(&text, true)?;
     let opts = CalibrateOptions {

@@ -49,7 +49,7 @@ impl Server {
     {
         let t0 = std::time::Instant::now();
         let files = loader::open(&cfg.model.path)?;
-        let mut model = Llama::load(files.config.clone(), files.weights.as_ref(), backend)?;
+        let mut model = Llama::from_files(&files, backend)?;
         crate::calibrate::attach_files(&mut model, &cfg.model.path, &cfg.kv.calibrations)?;
         let supports = served_policies(&model);
         for i in 0..tenancy.len() {

@@ -63,11 +63,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let files =
         loader::open(args.model.as_ref()).with_context(|| format!("opening {}", args.model))?;
-    let model = Arc::new(Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )?);
+    let model = Arc::new(Llama::from_files(&files, CpuBackend::new())?);
     let text = std::fs::read_to_string("README.md")?;
     let corpus = files.tokenizer.encode(&text, false)?;
     println!(

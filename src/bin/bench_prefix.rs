@@ -23,11 +23,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct".into());
     let rounds: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(3);
     let files = loader::open(path.as_ref()).with_context(|| format!("opening {path}"))?;
-    let model = Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )?;
+    let model = Llama::from_files(&files, CpuBackend::new())?;
     let text = std::fs::read_to_string("README.md")?;
     let ids = files.tokenizer.encode(&text, true)?;
     let prefix: Vec<u32> = ids.iter().copied().cycle().take(PREFIX).collect();

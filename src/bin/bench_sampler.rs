@@ -32,11 +32,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let files =
         loader::open(args.model.as_ref()).with_context(|| format!("opening {}", args.model))?;
-    let model = Llama::load(
-        files.config.clone(),
-        files.weights.as_ref(),
-        CpuBackend::new(),
-    )?;
+    let model = Llama::from_files(&files, CpuBackend::new())?;
     let text = std::fs::read_to_string("README.md")?;
     let corpus = files.tokenizer.encode(&text, false)?;
     let (bs, len) = (16, 48);

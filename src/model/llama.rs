@@ -80,6 +80,11 @@ pub struct SeqStep<'a> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// [`Self::load`] from an opened model directory or GGUF file (its config and weights).
+    pub fn from_files(files: &super::loader::ModelFiles, backend: B) -> Result<Self, ModelError> {
+        Self::load(files.config.clone(), files.weights.as_ref(), backend)
+    }
+
     /// Loads and checks every tensor's shape against `cfg`.
     pub fn load(cfg: ModelConfig, src: &dyn TensorSource, backend: B) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
