@@ -1,20 +1,23 @@
 //! The part of [`Scheduler::update`](super::Scheduler::update) that reads the logits rows:
 //! scoring prompt tokens (`echo` / prompt logprobs) and drawing sampled tokens.
 //!
-//! Each row belongs to one sequence and is read against that sequence's state only (its
-//! sampler with its own seeded RNG, its tokens), so the rows run in parallel on rayon's pool.
-//! This is the bulk of the engine's own time per step with sampled requests: one draw is
-//! O(vocabulary) (~50–90 µs at SmolLM2's 49,152 tokens with temperature / top-p on this
-//! project's CPUs), i.e. several milliseconds per step at 64–128 sequences, which on a GPU is
-//! as long as the forward pass itself. The forward pass is over when `update` runs, so the pool
-//! is idle. Results do not depend on the thread a row ran on.
+//! This is most of the engine's own time per step with sampled requests (OpenAI's default):
+//! one draw is O(vocabulary), ~28 µs at SmolLM2's 49,152 tokens at temperature 1 and 36–75 µs
+//! with top-p on this project's CPUs (`bench_sampler`), i.e. milliseconds per step at 64–128
+//! sequences, as long as a GPU's forward pass. Each row belongs to one sequence and is read
+//! against that sequence's state only (its sampler with its own seeded RNG, its tokens), so
+//! the rows run in parallel, and the results do not depend on the thread a row ran on. They
+//! go through the CPU backend's fork/join (`backend::cpu::parallel`), where the engine thread
+//! works too and the helpers that just ran a CPU forward pass are still awake, rather than a
+//! rayon `par_iter`, which the engine thread (outside the pool) would only wait on.
 
 use super::{Scheduled, Sequence, Step};
+use crate::backend::cpu::parallel;
 use crate::engine::sampler::{self, Sampled};
 use crate::model::llama::StepOutput;
 use crate::types::RequestId;
-use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// For each entry of `step` (by index): the token its sequence's sampler drew from its last
 /// row, when it samples and the backend did not pick the token itself (greedy rows). Prompt
@@ -38,20 +41,18 @@ pub(super) fn read_rows(
     if index.is_empty() {
         return drawn;
     }
-    let mut work: Vec<(usize, &mut Sequence)> = seqs
+    // One slot per sequence; each is locked by the one task that reads it (uncontended).
+    let work: Vec<Mutex<(usize, &mut Sequence, Option<Sampled>)>> = seqs
         .iter_mut()
-        .filter_map(|(id, seq)| index.get(id).map(|&i| (i, seq)))
+        .filter_map(|(id, seq)| index.get(id).map(|&i| Mutex::new((i, seq, None))))
         .collect();
-    let read = |(i, seq): &mut (usize, &mut Sequence)| {
-        let (e, row) = (&step.entries[*i], out.logits(*i));
-        (*i, read_one(seq, e, row, out.vocab()))
-    };
-    let results: Vec<(usize, Option<Sampled>)> = if work.len() > 1 {
-        work.par_iter_mut().map(read).collect()
-    } else {
-        work.iter_mut().map(read).collect()
-    };
-    for (i, s) in results {
+    parallel::for_each(work.len(), |k| {
+        let mut slot = work[k].lock().unwrap_or_else(|p| p.into_inner());
+        let (i, seq, drawn) = &mut *slot;
+        *drawn = read_one(seq, &step.entries[*i], out.logits(*i), out.vocab());
+    });
+    for slot in work {
+        let (i, _, s) = slot.into_inner().unwrap_or_else(|p| p.into_inner());
         drawn[i] = s;
     }
     drawn
