@@ -289,12 +289,20 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
 }
 
 /// Engine output tokens/s at batch 1, 32 and 128: prompts of 128 tokens, 128 output tokens each
-/// (EOS ignored), greedy.
+/// (EOS ignored), greedy (the token picked on the device); then batch 32 and 128 at
+/// temperature 1 (OpenAI's default: every row comes to the host and is drawn there).
 pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
     let _ = std::any::type_name::<CudaMatrix>();
     let model = Arc::new(model);
     let (prompt, output) = (128usize, 128usize);
-    for &n in &[1usize, 32, 128] {
+    let cases = [
+        (1usize, 0.0f32),
+        (32, 0.0),
+        (128, 0.0),
+        (32, 1.0),
+        (128, 1.0),
+    ];
+    for &(n, temperature) in &cases {
         let blocks = (n * (prompt + output)).div_ceil(16) + n + 16;
         let kv = PagedKv::with_blocks(
             &model,
@@ -320,7 +328,8 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
                     .map(|j| ((i * 7919 + j * 104_729 + 3) % 32_000) as u32)
                     .collect(),
                 sampling: SamplingParams {
-                    temperature: 0.0,
+                    temperature,
+                    seed: Some(i as u64),
                     ..SamplingParams::default()
                 },
                 stop: StopParams {
@@ -370,7 +379,11 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
             .sum();
         let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
         rows.push(measure(
-            &format!("engine batch {n}: output tok/s"),
+            &if temperature > 0.0 {
+                format!("engine batch {n}, temperature {temperature}: output tok/s")
+            } else {
+                format!("engine batch {n}: output tok/s")
+            },
             generated as f64 / wall,
             "tok/s",
             &format!(
