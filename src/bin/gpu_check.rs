@@ -2,8 +2,7 @@
 //! against the CPU backend (the oracle) on random inputs and a random-weight 1B-shaped Llama,
 //! then speed: paged decode attention bandwidth against a device-to-device copy, and engine
 //! output tokens/s at batch 1, 32 and 128 (greedy; 32 and 128 again at temperature 1). Writes
-//! `gpu-check.json` and `gpu-check.md` into
-//! `--out`. Exit status 1 when any parity check fails.
+//! `gpu-check.json` and `gpu-check.md` into `--out`. Exit status 1 when any parity check fails.
 //!
 //! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine]` (see scripts/gpu-check.sh).
 
