@@ -26,21 +26,20 @@
 //! and are reused across calls. `bench_sampler` measures each configuration on real rows.
 
 use crate::backend::cpu::argmax::{argmax, max_lanes};
-use crate::backend::cpu::simd::avx2_twin;
 use crate::types::{SamplingParams, TokenId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use std::cmp::Ordering;
 use std::collections::HashMap;
+
+#[path = "sampler_passes.rs"]
+mod passes;
+use passes::{
+    apply_top_p, block_weights, desc, draw_dense, exp_nonpos, gather_at_least, gather_nucleus, key,
+    sum_exp, top_k_into, weights_in_place,
+};
 
 /// Temperatures below this are greedy.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
-/// Lanes of the vectorizable reductions.
-const L: usize = 8;
-/// Elements per partial sum: at most 32 f32 terms per lane, then f64.
-const BLOCK: usize = 256;
-/// Up to this k, top-k is one scan with a sorted buffer; above, a quickselect.
-const SCAN_TOP_K: usize = 64;
 
 /// One sampled token with its raw-model logprobs (see the module docs for the convention).
 #[derive(Debug, Clone, PartialEq)]
@@ -96,184 +95,6 @@ pub struct Sampler {
     banned: Vec<TokenId>,
     /// Output-token counts for the penalties, reused.
     counts: HashMap<TokenId, u32>,
-}
-
-/// NaN-safe key: NaN sorts as `-inf`.
-#[inline]
-fn key(x: f32) -> f32 {
-    if x.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        x
-    }
-}
-
-/// Descending by value, then ascending by id.
-#[inline]
-fn desc(a: &(TokenId, f32), b: &(TokenId, f32)) -> Ordering {
-    key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0))
-}
-
-avx2_twin!(
-    /// `sum(exp(x - m))`: f32 lanes within a block, f64 across blocks.
-    fn sum_exp(xs: &[f32], m: f32) -> f64 => sum_exp_portable
-);
-avx2_twin!(
-    /// The per-`BLOCK` sums of the weights `exp((x - m) * s)` (NaN and `-inf` weigh 0), pushed
-    /// to `blocks`; returns the total. Nothing is written back: the draw recomputes the weights
-    /// of the one block it lands in, so the row is only read.
-    fn block_weights(xs: &[f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64
-        => block_weights_portable
-);
-avx2_twin!(
-    /// Replaces each `x` by its weight `exp((x - m) * s)`, pushes the per-`BLOCK` sums to
-    /// `blocks` and returns the total.
-    fn weights_in_place(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64
-        => weights_in_place_portable
-);
-
-#[inline(always)]
-fn sum_exp_portable(xs: &[f32], m: f32) -> f64 {
-    let block_sum = |b: &[f32]| {
-        let chunks = b.chunks_exact(L);
-        let tail: f32 = chunks.remainder().iter().map(|&x| exp_nonpos(x - m)).sum();
-        let mut acc = [0.0f32; L];
-        for c in chunks {
-            for j in 0..L {
-                acc[j] += exp_nonpos(c[j] - m);
-            }
-        }
-        f64::from(acc.iter().sum::<f32>() + tail)
-    };
-    xs.chunks(BLOCK).map(block_sum).sum()
-}
-
-#[inline(always)]
-fn block_weights_portable(xs: &[f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64 {
-    blocks.clear();
-    for block in xs.chunks(BLOCK) {
-        let mut acc = [0.0f32; L];
-        let chunks = block.chunks_exact(L);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for j in 0..L {
-                acc[j] += exp_nonpos((c[j] - m) * s);
-            }
-        }
-        let mut sum: f32 = acc.iter().sum();
-        for &x in tail {
-            sum += exp_nonpos((x - m) * s);
-        }
-        blocks.push(f64::from(sum));
-    }
-    blocks.iter().sum()
-}
-
-#[inline(always)]
-fn weights_in_place_portable(xs: &mut [f32], m: f32, s: f32, blocks: &mut Vec<f64>) -> f64 {
-    blocks.clear();
-    for block in xs.chunks_mut(BLOCK) {
-        let mut acc = [0.0f32; L];
-        let mut chunks = block.chunks_exact_mut(L);
-        for c in &mut chunks {
-            for j in 0..L {
-                c[j] = exp_nonpos((c[j] - m) * s);
-                acc[j] += c[j];
-            }
-        }
-        let mut sum: f32 = acc.iter().sum();
-        for x in chunks.into_remainder() {
-            *x = exp_nonpos((*x - m) * s);
-            sum += *x;
-        }
-        blocks.push(f64::from(sum));
-    }
-    blocks.iter().sum()
-}
-
-/// `exp(x)` for `x <= 0`; 0 below -87 and for NaN. Cephes' `expf` polynomial (~1e-7 relative
-/// error), branch-free so loops vectorize.
-#[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let keep = x >= -87.0; // false for NaN
-    let x = x.clamp(-87.0, 0.0); // NaN stays NaN and is zeroed below
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND; // round(x / ln2), in [-126, 0]
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // x - n ln2, ln2 split in two parts
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    // The low bits of `t` hold n: 2^n is built with integer ops (a float->int cast would not
-    // vectorize).
-    let e = e * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
-    if keep {
-        e
-    } else {
-        0.0
-    }
-}
-
-/// The `k` largest of `xs` as (id, value), descending, ties by lower id (NaN as `-inf`).
-fn top_k_into(xs: &[f32], k: usize, out: &mut Vec<(TokenId, f32)>) {
-    out.clear();
-    let k = k.min(xs.len());
-    if k == 0 {
-        return;
-    }
-    if k > SCAN_TOP_K {
-        out.extend(xs.iter().enumerate().map(|(i, &x)| (i as TokenId, key(x))));
-        if k < out.len() {
-            out.select_nth_unstable_by(k - 1, desc);
-            out.truncate(k);
-        }
-        out.sort_unstable_by(desc);
-        return;
-    }
-    // One scan; almost every value fails the threshold test against the current k-th, most
-    // of them a group of `L` at a time (NaN fails `>` as it should: it counts as -inf).
-    for_groups(xs, |first, c| {
-        if out.len() == k && !any_lane(c, |x| x > out[k - 1].1) {
-            return;
-        }
-        for (j, &x) in c.iter().enumerate() {
-            let x = key(x);
-            if out.len() == k && x <= out[k - 1].1 {
-                continue;
-            }
-            let pos = out.partition_point(|c| c.1 >= x);
-            if out.len() == k {
-                out.pop();
-            }
-            out.insert(pos, ((first + j) as TokenId, x));
-        }
-    });
-}
-
-/// Calls `f(index of the group's first value, group)` for each group of `L` values of `xs`,
-/// then once for the shorter tail: whole groups let the compiler unroll and vectorize the
-/// per-group tests.
-#[inline(always)]
-fn for_groups(xs: &[f32], mut f: impl FnMut(usize, &[f32])) {
-    let groups = xs.chunks_exact(L);
-    let tail = groups.remainder();
-    for (g, c) in groups.enumerate() {
-        f(g * L, c);
-    }
-    if !tail.is_empty() {
-        f(xs.len() - tail.len(), tail);
-    }
-}
-
-/// Whether any value of `c` passes `test`, evaluated on every lane (no early exit), so that
-/// it compiles to a vector compare.
-#[inline(always)]
-fn any_lane(c: &[f32], test: impl Fn(f32) -> bool) -> bool {
-    c.iter().fold(false, |any, &x| any | test(x))
 }
 
 impl Sampler {
@@ -449,7 +270,7 @@ impl Sampler {
         };
         if top_p < 1.0 {
             total = if sparse {
-                Self::apply_top_p(&mut self.cand, top_p, total)
+                apply_top_p(&mut self.cand, top_p, total)
             } else {
                 gather_nucleus(&self.work, top_p, total, &mut self.cand)
             };
@@ -474,164 +295,11 @@ impl Sampler {
         // Round-off put the draw past the end (probability ~1e-16): take the likeliest token.
         self.cand.iter().copied().min_by(desc).map_or(0, |c| c.0)
     }
-
-    /// Nucleus truncation of the candidates (unnormalized weights, all > 0, of a distribution
-    /// whose total mass is `total`); returns the kept mass. The nucleus comes out in no
-    /// particular (but deterministic) order.
-    ///
-    /// The caller may first drop weights below `eps = (1 - top_p) / (2 V)` of the total: together
-    /// they hold less than `(1 - top_p) / 2` of the mass, so the descending cumulative sum reaches
-    /// `top_p` before any of them. That leaves a few hundred tokens on peaked distributions and
-    /// thousands on flat ones (5–14k of SmolLM2's 49,152 at temperature 1, top-p 0.95).
-    ///
-    /// So first a histogram: the mass in each bucket of weights (the top bits of an f32 order
-    /// positive floats; 4 buckets per power of two), heaviest bucket first, finds the bucket in
-    /// which the cumulative mass reaches `top_p`. Every candidate in a heavier bucket is in the
-    /// nucleus and every one in a lighter bucket is out, with no ordering at all; only the
-    /// crossing bucket is ordered, by quickselect (halving the range with
-    /// `select_nth_unstable`), O(n) rather than a sort.
-    fn apply_top_p(cand: &mut Vec<(TokenId, f32)>, top_p: f32, total: f64) -> f64 {
-        const SHIFT: u32 = 21;
-        let bucket = |w: f32| (w.to_bits() >> SHIFT) as usize;
-        let mass = |c: &[(TokenId, f32)]| c.iter().map(|c| f64::from(c.1)).sum::<f64>();
-        let mut need = f64::from(top_p.max(0.0)) * total;
-        let mut hist = [0.0f64; 1 << (31 - SHIFT)];
-        for c in cand.iter() {
-            debug_assert!(c.1 > 0.0, "apply_top_p: weight {}", c.1);
-            hist[bucket(c.1)] += f64::from(c.1);
-        }
-        let mut crossing = None;
-        for (b, &h) in hist.iter().enumerate().rev() {
-            if h > 0.0 {
-                if h >= need {
-                    crossing = Some(b);
-                    break;
-                }
-                need -= h;
-            }
-        }
-        let Some(crossing) = crossing else {
-            // Round-off: the candidates' mass fell short of `top_p` of the total; keep them all.
-            return mass(cand);
-        };
-        // cand[..lo]: heavier buckets; cand[lo..hi]: the crossing bucket; the rest goes.
-        let mut lo = 0;
-        for i in 0..cand.len() {
-            if bucket(cand[i].1) > crossing {
-                cand.swap(i, lo);
-                lo += 1;
-            }
-        }
-        let mut hi = lo;
-        for i in lo..cand.len() {
-            if bucket(cand[i].1) == crossing {
-                cand.swap(i, hi);
-                hi += 1;
-            }
-        }
-        cand.truncate(hi);
-        // Invariant: cand[..lo] is in the nucleus and outranks cand[lo..hi]; cand[hi..] is out;
-        // `need` is the mass still to cover.
-        while hi - lo > 64 {
-            let mid = lo + (hi - lo) / 2;
-            cand[lo..hi].select_nth_unstable_by(mid - lo, desc);
-            let m = mass(&cand[lo..mid]);
-            if m >= need {
-                hi = mid;
-            } else {
-                need -= m;
-                lo = mid;
-            }
-        }
-        cand[lo..hi].sort_unstable_by(desc);
-        let mut keep = hi;
-        for (i, c) in cand[lo..hi].iter().enumerate() {
-            need -= f64::from(c.1);
-            if need <= 0.0 {
-                keep = lo + i + 1;
-                break;
-            }
-        }
-        cand.truncate(keep.max(1));
-        mass(cand)
-    }
-}
-
-/// The (id, weight) pairs of the weights `ws` that are positive and at least `cut`, in id
-/// order, into `cand`; groups of `L` whose largest weight falls short are passed over whole.
-fn gather_at_least(ws: &[f32], cut: f32, cand: &mut Vec<(TokenId, f32)>) {
-    cand.clear();
-    cand.reserve(ws.len());
-    let kept = |w: f32| w > 0.0 && w >= cut;
-    let out = cand.spare_capacity_mut();
-    let mut n = 0;
-    for_groups(ws, |first, c| {
-        if !any_lane(c, kept) {
-            return;
-        }
-        // Written whether kept or not, the count advancing only when kept: no branch to
-        // mispredict on rows where a good share of the values pass.
-        for (j, &w) in c.iter().enumerate() {
-            out[n].write(((first + j) as TokenId, w));
-            n += usize::from(kept(w));
-        }
-    });
-    // SAFETY: out[..n] were written above; n <= ws.len() <= the reserved spare capacity.
-    unsafe { cand.set_len(n) };
-}
-
-/// The top-p nucleus of the weights `ws` (of total mass `total`) into `cand`; returns its mass.
-///
-/// Only weights >= `eps` can be in the nucleus (see [`Sampler::apply_top_p`]), but on flat
-/// rows that keeps thousands of tokens. The nucleus is a set of heaviest tokens, so the gather
-/// starts above a high cut: if the tokens above it weigh `top_p` of the total, the nucleus is
-/// among them; else the cut is lowered (16x at a time), down to `eps`.
-fn gather_nucleus(ws: &[f32], top_p: f32, total: f64, cand: &mut Vec<(TokenId, f32)>) -> f64 {
-    let p = f64::from(top_p.max(0.0));
-    let eps = ((1.0 - p) / (2.0 * ws.len() as f64) * total) as f32;
-    let mut cut: f32 = 1.0 / 64.0;
-    loop {
-        gather_at_least(ws, cut.max(eps), cand);
-        let mass: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
-        if cut <= eps || mass >= p * total {
-            break;
-        }
-        cut /= 16.0;
-    }
-    Sampler::apply_top_p(cand, top_p, total)
-}
-
-/// The token at `u` (in `[0, total)`) on the cumulative weights of the whole row, `blocks`
-/// holding the per-`BLOCK` sums: whole blocks are skipped on their sums, and only the block the
-/// draw lands in has its weights recomputed.
-fn draw_dense(xs: &[f32], blocks: &[f64], mut u: f64, weight: impl Fn(f32) -> f32) -> TokenId {
-    for (b, &bs) in blocks.iter().enumerate() {
-        if u >= bs {
-            u -= bs;
-            continue;
-        }
-        let start = b * BLOCK;
-        let mut last = start;
-        for (i, &x) in xs[start..xs.len().min(start + BLOCK)].iter().enumerate() {
-            let w = weight(x);
-            if w > 0.0 {
-                last = start + i;
-                u -= f64::from(w);
-                if u < 0.0 {
-                    return last as TokenId;
-                }
-            }
-        }
-        // The block's sum (in lane order) and this walk rounded differently: the draw is at
-        // the block's end, on its last token with weight.
-        return last as TokenId;
-    }
-    // Round-off put the draw past the last block (probability ~1e-16).
-    argmax(xs) as TokenId
 }
 
 #[cfg(test)]
 mod tests {
+    use super::passes::*;
     use super::*;
     use crate::backend::cpu::argmax::max_lanes_portable;
 
@@ -948,7 +616,7 @@ mod tests {
                     cum < f64::from(top_p) * total
                 })
                 .count();
-            Sampler::apply_top_p(&mut cand, top_p, total);
+            apply_top_p(&mut cand, top_p, total);
             cand.sort_by(desc);
             let ids: Vec<TokenId> = cand.iter().map(|c| c.0).collect();
             let want: Vec<TokenId> = reference[..n].iter().map(|c| c.0).collect();
