@@ -3,7 +3,11 @@
 //! every row on one thread. Prints µs per row for greedy, temperature alone (OpenAI's HTTP
 //! default), with top-p, top-k, min-p, penalties and logprobs.
 //!
-//! Usage: `cargo run --release --bin bench_sampler [-- --model DIR --rows 32 --only top_p]`
+//! The history the penalties see is the same at every call (a sequence adds one token per
+//! call; here none).
+//!
+//! Usage: `cargo run --release --bin bench_sampler [-- --model DIR --rows 32 --history 200
+//! --only top_p]`
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -23,6 +27,9 @@ struct Args {
     /// Logits rows (one prompt each).
     #[arg(long, default_value_t = 32)]
     rows: usize,
+    /// Tokens of history the penalties see (the first 100 are the prompt).
+    #[arg(long, default_value_t = 200)]
+    history: usize,
     /// Run only the configurations whose name contains this.
     #[arg(long)]
     only: Option<String>,
@@ -67,7 +74,7 @@ fn main() -> Result<()> {
         })
         .collect();
     let rows = model.forward(&batch, &mut store)?;
-    let history: Vec<u32> = corpus.iter().copied().take(200).collect();
+    let history: Vec<u32> = corpus.iter().copied().cycle().take(args.history).collect();
     println!(
         "{} rows of {} logits (real model), one thread",
         rows.len(),
