@@ -327,9 +327,9 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
+    use super::passes::tests::{logits, ref_nucleus};
     use super::passes::*;
     use super::*;
-    use crate::backend::cpu::argmax::max_lanes_portable;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams {
@@ -338,16 +338,6 @@ mod tests {
         };
         f(&mut p);
         p
-    }
-
-    /// Deterministic pseudo-random logits (no RNG crate involved).
-    fn logits(n: usize, salt: u32) -> Vec<f32> {
-        (0..n as u32)
-            .map(|i| {
-                let h = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
-                h as f32 / 1000.0 - 5.0
-            })
-            .collect()
     }
 
     /// Reference argmax: first index of the maximum.
@@ -583,76 +573,6 @@ mod tests {
     }
 
     #[test]
-    fn avx2_twins_give_the_portable_bits() {
-        let mut l = logits(49_157, 4); // not a multiple of 8 or of BLOCK
-        l[17] = f32::NAN;
-        l[40_000] = f32::NEG_INFINITY;
-        let m = max_lanes(&l);
-        assert_eq!(m.to_bits(), max_lanes_portable(&l).to_bits());
-        assert_eq!(sum_exp(&l, m).to_bits(), sum_exp_portable(&l, m).to_bits());
-        let (mut a, mut b) = (l.clone(), l.clone());
-        let (mut ba, mut bb) = (Vec::new(), Vec::new());
-        let ta = weights_in_place(&mut a, m, 1.3, &mut ba);
-        let tb = weights_in_place_portable(&mut b, m, 1.3, &mut bb);
-        assert_eq!(ta.to_bits(), tb.to_bits());
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-        assert_eq!(ba, bb);
-        // The read-only block sums are the in-place pass's, bit for bit.
-        let (mut bc, mut bd) = (Vec::new(), Vec::new());
-        assert_eq!(block_weights(&l, m, 1.3, &mut bc).to_bits(), ta.to_bits());
-        block_weights_portable(&l, m, 1.3, &mut bd);
-        assert_eq!(bc, ba);
-        assert_eq!(bd, ba);
-    }
-
-    #[test]
-    fn vector_exp_and_top_k_helpers_match_references() {
-        let mut x = 0.0f32;
-        while x > -87.0 {
-            let rel = (f64::from(exp_nonpos(x)) - f64::from(x).exp()).abs() / f64::from(x).exp();
-            assert!(rel < 3e-7, "exp({x}): {rel}");
-            x -= 0.0137;
-        }
-        for x in [f32::NEG_INFINITY, f32::NAN, -100.0] {
-            assert_eq!(exp_nonpos(x), 0.0);
-        }
-        let l = logits(3000, 13); // values repeat: many ties
-        let mut reference: Vec<(TokenId, f32)> = l
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i as TokenId, x))
-            .collect();
-        reference.sort_by(desc);
-        let mut out = Vec::new();
-        for k in [1, 7, SCAN_TOP_K, SCAN_TOP_K + 1, 500] {
-            top_k_into(&l, k, &mut out);
-            assert_eq!(out, reference[..k], "k = {k}");
-        }
-        // Nucleus by quickselect equals the sorted-prefix definition.
-        for top_p in [0.05f32, 0.5, 0.9, 0.999] {
-            let mut cand: Vec<(TokenId, f32)> = l
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| (i as TokenId, (x / 2.0).exp()))
-                .collect();
-            let total = cand.iter().map(|c| f64::from(c.1)).sum::<f64>();
-            let mut cum = 0.0;
-            let n = 1 + reference
-                .iter()
-                .take_while(|c| {
-                    cum += f64::from((c.1 / 2.0).exp());
-                    cum < f64::from(top_p) * total
-                })
-                .count();
-            apply_top_p(&mut cand, top_p, total);
-            cand.sort_by(desc);
-            let ids: Vec<TokenId> = cand.iter().map(|c| c.0).collect();
-            let want: Vec<TokenId> = reference[..n].iter().map(|c| c.0).collect();
-            assert_eq!(ids, want, "top_p = {top_p}");
-        }
-    }
-
-    #[test]
     fn large_vocab_paths_sample_the_right_tokens() {
         // Four live tokens spread over several 256-token blocks; everything else masked.
         let mut l = vec![f32::NEG_INFINITY; 1000];
@@ -674,66 +594,6 @@ mod tests {
             }
         }
     }
-    /// The nucleus by definition: every token with weight > 0, heaviest first (ties: lower id),
-    /// up to and including the one where the cumulative mass reaches `top_p` of `total` (the
-    /// sum of `w`; given, so that both sides round it the same way).
-    fn ref_nucleus(w: &[f32], top_p: f32, total: f64) -> Vec<TokenId> {
-        let mut all: Vec<(TokenId, f32)> = w
-            .iter()
-            .enumerate()
-            .filter(|c| *c.1 > 0.0)
-            .map(|(i, &w)| (i as TokenId, w))
-            .collect();
-        all.sort_by(desc);
-        let mut cum = 0.0;
-        let n = 1 + all
-            .iter()
-            .take_while(|c| {
-                cum += f64::from(c.1);
-                cum < f64::from(top_p) * total
-            })
-            .count();
-        let mut ids: Vec<TokenId> = all[..n.min(all.len())].iter().map(|c| c.0).collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Rows whose nuclei range from one token to tens of thousands: uniform logits over a span
-    /// of 10 (at temperature 1 and 0.5), one dominant token, and many ties.
-    fn nucleus_rows() -> Vec<Vec<f32>> {
-        let mut peaked = logits(49_157, 9);
-        peaked[31_000] = 12.0;
-        peaked[7] = 9.0;
-        let mut masked = logits(1000, 2);
-        for x in masked.iter_mut().step_by(3) {
-            *x = f32::NEG_INFINITY;
-        }
-        masked[5] = f32::NAN;
-        vec![logits(49_157, 3), peaked, logits(3000, 13), masked]
-    }
-
-    #[test]
-    fn gathered_nucleus_is_the_sorted_prefix_on_flat_and_peaked_rows() {
-        for (r, row) in nucleus_rows().iter().enumerate() {
-            for t in [1.0f32, 0.5] {
-                let mut w = row.clone();
-                let total = weights_in_place(&mut w, max_lanes(row), 1.0 / t, &mut Vec::new());
-                for top_p in [0.0f32, 0.05, 0.5, 0.9, 0.95, 0.999] {
-                    let mut cand = Vec::new();
-                    let mass = gather_nucleus(&w, top_p, total, &mut cand);
-                    let mut ids: Vec<TokenId> = cand.iter().map(|c| c.0).collect();
-                    ids.sort_unstable();
-                    let want = ref_nucleus(&w, top_p, total);
-                    let case = format!("row {r}, T {t}, top_p {top_p}");
-                    assert_eq!(ids.len(), want.len(), "{case}");
-                    assert!(ids == want, "{case}: other tokens");
-                    let want_mass: f64 = want.iter().map(|&i| f64::from(w[i as usize])).sum();
-                    assert!((mass - want_mass).abs() <= 1e-9 * want_mass, "row {r}");
-                }
-            }
-        }
-    }
-
     #[test]
     fn top_p_draws_cover_the_whole_nucleus_in_proportion() {
         // A flat row: the nucleus at 0.9 holds thousands of tokens, far below the first cut.
@@ -756,63 +616,6 @@ mod tests {
         assert!((got - share).abs() < 0.02, "lighter half: {got} vs {share}");
     }
 
-    #[test]
-    fn dense_draw_lands_where_the_cumulative_sum_says() {
-        let mut l = logits(49_157, 5);
-        l[300] = f32::NAN;
-        l[301] = f32::NEG_INFINITY;
-        l[49_156] = f32::NEG_INFINITY; // the last block ends on a token without weight
-        let (m, s) = (max_lanes(&l), 1.0 / 0.8);
-        let weight = |x: f32| exp_nonpos((x - m) * s);
-        let mut blocks = Vec::new();
-        let total = block_weights(&l, m, s, &mut blocks);
-        let mut cum = Vec::with_capacity(l.len());
-        let mut acc = 0.0f64;
-        for &x in &l {
-            acc += f64::from(weight(x));
-            cum.push(acc);
-        }
-        for k in 0..500 {
-            let u = total * (k as f64 + 0.5) / 500.0;
-            let want = cum.partition_point(|&c| c <= u) as TokenId;
-            assert_eq!(draw_dense(&l, &blocks, u, weight), want, "u = {u}");
-        }
-    }
-
-    #[test]
-    fn group_skipping_scans_match_plain_filters() {
-        let mut l = logits(49_157, 8); // a tail of 5 after the groups of 8
-        l[12] = f32::NAN;
-        l[49_155] = 5.5; // the largest, in the tail
-        let mut w = l.clone();
-        weights_in_place(&mut w, max_lanes(&l), 1.0, &mut Vec::new());
-        for cut in [0.0f32, 1e-30, 1e-4, 0.3, 1.0] {
-            let mut got = Vec::new();
-            gather_at_least(&w, cut, &mut got);
-            let want: Vec<(TokenId, f32)> = w
-                .iter()
-                .enumerate()
-                .filter(|c| *c.1 > 0.0 && *c.1 >= cut)
-                .map(|(i, &w)| (i as TokenId, w))
-                .collect();
-            assert_eq!(got, want, "cut {cut}");
-        }
-        let mut sorted: Vec<(TokenId, f32)> = l
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i as TokenId, key(x)))
-            .collect();
-        sorted.sort_by(desc);
-        for k in [1, 5, SCAN_TOP_K] {
-            let mut out = Vec::new();
-            top_k_into(&l, k, &mut out);
-            assert_eq!(out, sorted[..k], "k = {k}");
-        }
-        // NaN and -inf only: the lowest ids, as -inf.
-        let mut out = Vec::new();
-        top_k_into(&[f32::NAN, f32::NEG_INFINITY, f32::NAN], 2, &mut out);
-        assert_eq!(out, [(0, f32::NEG_INFINITY), (1, f32::NEG_INFINITY)]);
-    }
     #[test]
     fn penalty_counts_kept_across_calls_equal_a_fresh_count() {
         let p = params(|p| {
