@@ -6,6 +6,9 @@
 //!   the CPU codec; mhc's latent encoder and key rebuild equal the CPU's bit for bit;
 //! - quest's key bounds (`seal_bounds_<fmt>`) equal the CPU's for every format;
 //! - the norms, plain and fused with the residual add, equal the CPU's within float rounding;
+//! - the few-row products (`gemv.cu`) equal the CPU backend's f32 products within float
+//!   rounding, for every row count the backend sends them and widths that are not multiples
+//!   of a warp step;
 //! - decode (split-K + reduction) and prefill attention over a device-layout image of the KV
 //!   (exact and sealed slabs, slot-pair tables) equal the CPU's attention within 1e-4 for every
 //!   policy: sealed history, a block sealed within the step (read exact by its own queries),
@@ -79,10 +82,12 @@ fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
     static ATTN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     static NORM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     static ARGMAX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static GEMV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let bin = match cmd {
         "attention" => ATTN.get_or_init(|| build("attention.cpp")),
         "norm" => NORM.get_or_init(|| build("norm.cpp")),
         "argmax" => ARGMAX.get_or_init(|| build("sampling.cpp")),
+        "gemv" => GEMV.get_or_init(|| build("gemv.cpp")),
         _ => SEAL.get_or_init(|| build("harness.cpp")),
     };
     let dir = bin.parent().unwrap();
@@ -1006,6 +1011,82 @@ fn argmax_kernel_matches_the_cpu() {
             assert_eq!(
                 w as usize,
                 kvserve::backend::cpu::argmax::argmax(&x[row(r)])
+            );
+        }
+    }
+}
+
+/// The few-row products (`kernels/gemv.cu`, launched with the backend's grid and the variant
+/// `gemv_bound` picks) against the CPU backend's matmul with the same bf16 weights and f32 rows:
+/// every row count up to `GEMV_MAX_ROWS` (3, 5, 6, 7 run in a larger variant with rows left
+/// over), widths with a partial last warp step (576 = 2¼ steps, 8, 1032), output counts that end
+/// inside a warp's columns (1, 3, 17, 1001). Nothing past the output is written.
+#[test]
+fn gemv_kernel_matches_the_cpu_matmul() {
+    use kvserve::backend::cuda::kernels::{gemv_bound, GEMV_MAX_ROWS};
+    use kvserve::model::tensor::{HostData, HostTensor};
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let shapes = [
+        (576usize, 1001usize),
+        (2048, 96),
+        (8, 17),
+        (1032, 3),
+        (64, 1),
+    ];
+    for (i, &(k, n)) in shapes.iter().enumerate() {
+        let w: Vec<bf16> = (0..n * k)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
+            .collect();
+        let wt = HostTensor {
+            name: "w".into(),
+            shape: vec![n, k],
+            data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
+        };
+        let wc = cpu.upload_matrix(&[&wt]).unwrap();
+        let row_counts: Vec<usize> = if i == 0 {
+            (1..=GEMV_MAX_ROWS).collect()
+        } else {
+            vec![1, 3, GEMV_MAX_ROWS]
+        };
+        for rows in row_counts {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|_| rng.random_range(-3.0f32..3.0))
+                .collect();
+            let mut inb = Bytes::default();
+            inb.u32s(&[gemv_bound(rows) as u32, rows as u32, n as u32, k as u32]);
+            inb.f32s(&x);
+            for v in &w {
+                inb.0.extend(v.to_bits().to_le_bytes());
+            }
+            let got = f32s(&call("gemv", &inb.0));
+            assert_eq!(got.len(), rows * n + 16);
+            assert!(
+                got[rows * n..].iter().all(|v| v.is_nan()),
+                "{rows}x{k}·{n}: wrote past the output"
+            );
+            let mut want = vec![0f32; rows * n];
+            cpu.matmul(&x, rows, &wc, &mut want);
+            let e = max_rel_err(&got[..rows * n], &want);
+            // Each output against an f64 sum of the same products, relative to the row's scale.
+            let exact: Vec<f64> = (0..rows * n)
+                .map(|o| {
+                    let (r, j) = (o / n, o % n);
+                    (0..k)
+                        .map(|c| f64::from(x[r * k + c]) * f64::from(w[j * k + c].to_f32()))
+                        .sum()
+                })
+                .collect();
+            let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let e64 = got[..rows * n]
+                .iter()
+                .zip(&exact)
+                .fold(0f64, |m, (&g, &t)| m.max((f64::from(g) - t).abs()))
+                / scale;
+            eprintln!("gemv {rows}x{k}·{n}ᵀ: vs cpu {e:.2e}, vs f64 {e64:.2e}");
+            assert!(
+                e <= 2e-6 && e64 <= 2e-6,
+                "{rows}x{k}·{n}ᵀ: {e:.2e} / {e64:.2e}"
             );
         }
     }

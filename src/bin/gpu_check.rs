@@ -1,7 +1,8 @@
 //! GPU verification in one run (issue 9): parity of every CUDA op and of the whole forward pass
 //! against the CPU backend (the oracle) on random inputs and a random-weight 1B-shaped Llama,
-//! then speed: paged decode attention bandwidth against a device-to-device copy, and engine
-//! output tokens/s at batch 1, 32 and 128 (greedy; 32 and 128 again at temperature 1). Writes
+//! then speed: paged decode attention bandwidth against a device-to-device copy, the few-row
+//! products against cuBLAS, and engine output tokens/s at batch 1, 32 and 128 (greedy; 32 and
+//! 128 again at temperature 1; 1 and 8 with and without the few-row products). Writes
 //! `gpu-check.json` and `gpu-check.md` into `--out`. Exit status 1 when any parity check fails.
 //!
 //! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine]` (see scripts/gpu-check.sh).
@@ -266,6 +267,8 @@ fn main() -> Result<()> {
     section("decode bandwidth", &mut rows, |rows| {
         speed::bandwidth(&gpu, &[8], rows)
     });
+    println!("\n== speed: the products of a decode step");
+    section("products", &mut rows, |rows| speed::products(&gpu, rows));
     println!("\n== whole forward parity, 1B shape");
     let mut model = None;
     section("forward parity", &mut rows, |rows| {

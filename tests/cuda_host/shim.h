@@ -24,6 +24,7 @@
 
 struct uint2 { unsigned int x, y; };
 struct uint4 { unsigned int x, y, z, w; };
+struct float4 { float x, y, z, w; };
 struct dim3h { unsigned int x = 0, y = 0, z = 0; };
 inline thread_local dim3h threadIdx;
 inline dim3h blockIdx, blockDim{1, 1, 1};

@@ -32,6 +32,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("kv_copy.cu", include_str!("../../../kernels/kv_copy.cu")),
     ("kv_seal.cu", include_str!("../../../kernels/kv_seal.cu")),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
+    ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
 ];
 
 /// The source NVRTC sees for `src`: `common.cuh` and `kv_formats.cuh` pasted in place of their

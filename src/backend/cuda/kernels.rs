@@ -15,6 +15,13 @@ use std::sync::Arc;
 pub const ATTN_THREADS: u32 = 128;
 /// Threads per CTA of the greedy token selection (`ARGMAX_THREADS` in sampling.cu).
 pub const ARGMAX_THREADS: u32 = 256;
+/// Threads per CTA of the few-row products (`GEMV_THREADS` in gemv.cu).
+pub const GEMV_THREADS: u32 = 128;
+/// Output columns per warp of the few-row products (`GEMV_COLS`).
+pub const GEMV_COLS: usize = 4;
+/// Most activation rows a product takes through `gemv_r<R>_bf16` (the largest `R`) rather than
+/// cuBLAS: a decode step of up to this many sequences.
+pub const GEMV_MAX_ROWS: usize = 8;
 /// Threads per CTA of quest's block selection (`QUEST_THREADS`).
 pub const QUEST_THREADS: u32 = 256;
 /// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).
@@ -61,6 +68,8 @@ pub struct Kernels {
     pub convert: CudaFunction,
     pub rope_store: CudaFunction,
     pub argmax: CudaFunction,
+    /// `gemv_r{1,2,4,8}_bf16`: products of up to 1, 2, 4, 8 f32 rows with bf16 weights.
+    pub gemv: [CudaFunction; 4],
     /// `paged_decode_g{1,2,4,8}_<fmt>` per format of [`FORMATS`]: register arrays sized for the
     /// group (see `decode_fn`).
     pub paged_decode: Vec<[CudaFunction; 4]>,
@@ -97,6 +106,10 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         ("kv_seal.cu", "latent_encode_bf16"),
         ("kv_copy.cu", "copy_blocks_u8"),
         ("sampling.cu", "argmax_f32"),
+        ("gemv.cu", "gemv_r1_bf16"),
+        ("gemv.cu", "gemv_r2_bf16"),
+        ("gemv.cu", "gemv_r4_bf16"),
+        ("gemv.cu", "gemv_r8_bf16"),
     ]
     .iter()
     .map(|&(f, n)| (f, n.to_string()))
@@ -157,6 +170,12 @@ impl Kernels {
             convert: f("elementwise.cu", "convert_bf16")?,
             rope_store: f("rope_kv.cu", "rope_store_bf16")?,
             argmax: f("sampling.cu", "argmax_f32")?,
+            gemv: [
+                f("gemv.cu", "gemv_r1_bf16")?,
+                f("gemv.cu", "gemv_r2_bf16")?,
+                f("gemv.cu", "gemv_r4_bf16")?,
+                f("gemv.cu", "gemv_r8_bf16")?,
+            ],
             paged_decode: decode,
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
             prefill: per_format("prefill.cu", "prefill")?,
@@ -211,6 +230,20 @@ impl Kernels {
     }
 }
 
+/// The row bound `R` of the `gemv_r<R>_bf16` variant that takes `rows` (1..=GEMV_MAX_ROWS)
+/// rows: the smallest that holds them.
+pub fn gemv_bound(rows: usize) -> usize {
+    debug_assert!((1..=GEMV_MAX_ROWS).contains(&rows));
+    rows.next_power_of_two().min(GEMV_MAX_ROWS)
+}
+
+impl Kernels {
+    /// `gemv_r<R>_bf16` for `rows` rows, `R` = [`gemv_bound`].
+    pub fn gemv_fn(&self, rows: usize) -> &CudaFunction {
+        &self.gemv[gemv_bound(rows).trailing_zeros() as usize]
+    }
+}
+
 /// A 1-D grid-stride launch over `n` elements.
 pub fn grid_1d(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
@@ -218,5 +251,18 @@ pub fn grid_1d(n: usize) -> LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_variants_hold_their_rows() {
+        let bounds: Vec<usize> = (1..=GEMV_MAX_ROWS).map(gemv_bound).collect();
+        assert_eq!(bounds, [1, 2, 4, 4, 8, 8, 8, 8]);
+        // The variant's index in `Kernels::gemv` is its bound's log2.
+        assert!(bounds.iter().all(|b| b.trailing_zeros() < 4));
     }
 }

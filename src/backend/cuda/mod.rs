@@ -4,11 +4,14 @@
 //!
 //! - Weights: bf16 on the device (`CudaMatrix`), whatever the source format.
 //! - Activations: f32 (`CudaSlice<f32>`), as the trait specifies.
-//! - Products: cuBLAS GemmEx, bf16 × bf16 with f32 accumulation. The f32 activations are split
-//!   into bf16 `hi + lo` rows (`split_bf16`) and multiplied in one product of twice the rows, so
-//!   the result matches an f32-activation product (the CPU oracle) to ~1e-5 instead of the
-//!   ~3e-3 of a plain bf16 cast; weights are still read once. [`CudaBackend::set_split_matmul`]
-//!   turns this off (plain bf16 activations, half the arithmetic).
+//! - Products: up to [`kernels::GEMV_MAX_ROWS`] rows (decode steps of small batches),
+//!   `kernels/gemv.cu`: f32 rows times bf16 weights in one launch, bound by reading the weights
+//!   once. More rows: cuBLAS GemmEx, bf16 × bf16 with f32 accumulation; the f32 activations
+//!   are split into bf16 `hi + lo` rows (`split_bf16`) and multiplied in one product of twice
+//!   the rows, so the result matches an f32-activation product (the CPU oracle) to ~1e-5
+//!   instead of the ~3e-3 of a plain bf16 cast; weights are still read once.
+//!   [`CudaBackend::set_split_matmul`] turns the split off (plain bf16 activations, half the
+//!   arithmetic), [`CudaBackend::set_gemv_max_rows`] moves the line between the two.
 //! - KV: `store::CudaKvStore`: blocks fill as exact bf16 copies and are sealed into their
 //!   policy's format (int8, KIVI 4/2-bit, k8v4, mhc latent keys) by `kernels/kv_seal.cu`;
 //!   attention reads each block in its current form (`kernels/attention.cu`, `prefill.cu`), windows included;
@@ -66,6 +69,8 @@ pub struct CudaBackend {
     k: Kernels,
     sms: usize,
     split_matmul: std::sync::atomic::AtomicBool,
+    /// Products of at most this many rows go to `gemv_r<R>_bf16` (0: all to cuBLAS).
+    gemv_max_rows: std::sync::atomic::AtomicUsize,
     /// `inv_freq` uploaded once per distinct rope parameters.
     rope: Mutex<Vec<(Vec<f32>, CudaSlice<f32>)>>,
     /// The last index array uploaded for each purpose (positions, slots, block tables, ...).
@@ -151,6 +156,7 @@ impl CudaBackend {
             k,
             sms,
             split_matmul: true.into(),
+            gemv_max_rows: kernels::GEMV_MAX_ROWS.into(),
             rope: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
             compile_seconds: if compiled {
@@ -183,6 +189,15 @@ impl CudaBackend {
     pub fn set_split_matmul(&self, on: bool) {
         self.split_matmul
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Products of up to `rows` rows (capped at [`kernels::GEMV_MAX_ROWS`]) run on the few-row
+    /// kernel, more on cuBLAS; 0 sends every product to cuBLAS (for measurements).
+    pub fn set_gemv_max_rows(&self, rows: usize) {
+        self.gemv_max_rows.store(
+            rows.min(kernels::GEMV_MAX_ROWS),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {

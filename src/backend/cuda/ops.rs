@@ -1,7 +1,7 @@
 //! `impl Backend for CudaBackend`: each op checks the sizes its kernel assumes, uploads the small
 //! index arrays it needs and launches. Launch shapes are documented in the `.cu` files.
 
-use super::kernels::ARGMAX_THREADS;
+use super::kernels::{ARGMAX_THREADS, GEMV_COLS, GEMV_THREADS};
 use super::*;
 
 impl Backend for CudaBackend {
@@ -189,6 +189,39 @@ impl Backend for CudaBackend {
             return;
         }
         let xp = self.ptr(x);
+        let gemv_rows = self
+            .gemv_max_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let wp = self.ptr(&w.data);
+        if rows <= gemv_rows && k % 8 == 0 && xp % 16 == 0 && wp % 16 == 0 {
+            let (op, ri, ni, ki) = (self.ptr(out), rows as i32, n as i32, k as i32);
+            let per_cta = GEMV_COLS * (GEMV_THREADS as usize / 32);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(per_cta) as u32, 1, 1),
+                block_dim: (GEMV_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `x` holds `rows * k` floats and `out` `rows * n` (asserted), `w` `n * k`
+            // bf16; `k % 8 == 0` and both operands 16-byte aligned for the kernel's vector
+            // loads; `gemv_fn` picks a variant whose row bound holds `rows`.
+            ok(
+                unsafe {
+                    args!(
+                        self.stream,
+                        self.k.gemv_fn(rows),
+                        &xp,
+                        &wp,
+                        &op,
+                        &ri,
+                        &ni,
+                        &ki
+                    )
+                    .launch(cfg)
+                },
+                "gemv",
+            );
+            return;
+        }
         if self.split_matmul.load(std::sync::atomic::Ordering::Relaxed) {
             let hilo = self.scratch::<bf16>(2 * rows * k);
             let y2 = self.scratch::<f32>(2 * rows * n);

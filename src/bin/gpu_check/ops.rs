@@ -4,6 +4,7 @@ use super::{error_row, parity, Row};
 use anyhow::Result;
 use half::bf16;
 use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::cuda::kernels::GEMV_MAX_ROWS;
 use kvserve::backend::cuda::parity::random_vec;
 use kvserve::backend::cuda::CudaBackend;
 use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams};
@@ -81,9 +82,12 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         "",
     ));
 
-    // Matrix products (cuBLAS), split hi/lo activations and plain bf16.
+    // Matrix products: the few-row kernel (up to GEMV_MAX_ROWS rows), cuBLAS with split hi/lo
+    // activations and with plain bf16 ones.
     for &(m, k, n) in &[
         (1usize, 2048usize, 6144usize),
+        (3, 576, 49_152),
+        (8, 8192, 2048),
         (37, 2048, 16384),
         (128, 8192, 2048),
     ] {
@@ -93,22 +97,29 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         let xg = gpu.upload(&x);
         let mut oc = cpu.alloc(m * n);
         cpu.matmul(&x, m, &wc, &mut oc);
-        for split in [true, false] {
+        let few = m <= GEMV_MAX_ROWS;
+        for (gemv, split) in [(true, true), (false, true), (false, false)] {
+            if gemv && !few {
+                continue;
+            }
+            gpu.set_gemv_max_rows(if gemv { GEMV_MAX_ROWS } else { 0 });
             gpu.set_split_matmul(split);
             let mut og = gpu.alloc(m * n);
             gpu.matmul(&xg, m, &wg, &mut og);
-            let name = format!(
-                "matmul [{m}x{k}]·[{n}x{k}]ᵀ {}",
-                if split { "hi+lo" } else { "plain bf16" }
-            );
+            let (how, note) = match (gemv, split) {
+                (true, _) => ("gemv", "gemv.cu: f32 rows, bf16 weights, f32 accumulate"),
+                (false, true) => ("hi+lo", "cuBLAS GemmEx bf16, f32 accumulate"),
+                (false, false) => ("plain bf16", "cuBLAS GemmEx bf16, f32 accumulate"),
+            };
             rows.push(parity(
-                &name,
+                &format!("matmul [{m}x{k}]·[{n}x{k}]ᵀ {how}"),
                 &read_all(gpu, &og, oc.len()),
                 &oc,
-                "cuBLAS GemmEx bf16, f32 accumulate",
+                note,
             ));
         }
         gpu.set_split_matmul(true);
+        gpu.set_gemv_max_rows(GEMV_MAX_ROWS);
     }
 
     // Element-wise ops.

@@ -288,21 +288,85 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
     }
 }
 
+/// The matrix products of a decode step, on the 1B shape's largest weights (gate_up `[16384,
+/// 2048]`, down `[2048, 8192]`): the few-row kernel against cuBLAS with split hi/lo activations,
+/// at 1, 4 and 8 rows, 16 calls back to back as a forward pass issues them. Weight bytes read
+/// per second (each weight once per call).
+pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
+    use half::bf16;
+    use kvserve::backend::cuda::kernels::GEMV_MAX_ROWS;
+    use kvserve::model::tensor::{HostData, HostTensor};
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (name, n, k) in [("gate_up", 16_384usize, 2048usize), ("down", 2048, 8192)] {
+        let data: Vec<bf16> = random_vec(&mut rng, n * k, 0.02)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let w = gpu.upload_matrix(&[&HostTensor {
+            name: name.into(),
+            shape: vec![n, k],
+            data: HostData::Bf16(std::borrow::Cow::Owned(data)),
+        }])?;
+        for m in [1usize, 4, 8] {
+            let x = gpu.upload(&random_vec(&mut rng, m * k, 1.0));
+            let mut out = gpu.alloc(m * n);
+            let mut per_call = |gemv: bool| {
+                gpu.set_gemv_max_rows(if gemv { GEMV_MAX_ROWS } else { 0 });
+                let s = time(gpu, 10, || {
+                    for _ in 0..16 {
+                        gpu.matmul(&x, m, &w, &mut out);
+                    }
+                }) / 16.0;
+                gpu.set_gemv_max_rows(GEMV_MAX_ROWS);
+                s
+            };
+            let (few, blas) = (per_call(true), per_call(false));
+            let bytes = (n * k * 2) as f64;
+            for (how, s, note) in [
+                (
+                    "gemv",
+                    few,
+                    format!("{:.2}x the cuBLAS hi+lo time", few / blas),
+                ),
+                ("cuBLAS hi+lo", blas, String::new()),
+            ] {
+                rows.push(measure(
+                    &format!("matmul {m} rows x {name} [{n}x{k}], {how}"),
+                    bytes / s / 1e9,
+                    "GB/s",
+                    &format!("{:.1} µs per call, 16 back to back; {note}", s * 1e6),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Engine output tokens/s at batch 1, 32 and 128: prompts of 128 tokens, 128 output tokens each
 /// (EOS ignored), greedy (the token picked on the device); then batch 32 and 128 at
-/// temperature 1 (OpenAI's default: every row comes to the host and is drawn there).
+/// temperature 1 (OpenAI's default: every row comes to the host and is drawn there); and batch 1
+/// and 8 with every product on cuBLAS (the few-row kernel off), against the same with it on.
 pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
     let _ = std::any::type_name::<CudaMatrix>();
     let model = Arc::new(model);
     let (prompt, output) = (128usize, 128usize);
+    // (batch, temperature, few-row products on the gemv kernel)
     let cases = [
-        (1usize, 0.0f32),
-        (32, 0.0),
-        (128, 0.0),
-        (32, 1.0),
-        (128, 1.0),
+        (1usize, 0.0f32, true),
+        (32, 0.0, true),
+        (128, 0.0, true),
+        (32, 1.0, true),
+        (128, 1.0, true),
+        (1, 0.0, false),
+        (8, 0.0, true),
+        (8, 0.0, false),
     ];
-    for &(n, temperature) in &cases {
+    for &(n, temperature, gemv) in &cases {
+        model.backend().set_gemv_max_rows(if gemv {
+            kvserve::backend::cuda::kernels::GEMV_MAX_ROWS
+        } else {
+            0
+        });
         let blocks = (n * (prompt + output)).div_ceil(16) + n + 16;
         let kv = PagedKv::with_blocks(
             &model,
@@ -379,11 +443,15 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
             .sum();
         let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
         rows.push(measure(
-            &if temperature > 0.0 {
-                format!("engine batch {n}, temperature {temperature}: output tok/s")
-            } else {
-                format!("engine batch {n}: output tok/s")
-            },
+            &format!(
+                "engine batch {n}{}{}: output tok/s",
+                if temperature > 0.0 {
+                    format!(", temperature {temperature}")
+                } else {
+                    String::new()
+                },
+                if gemv { "" } else { ", cuBLAS products" }
+            ),
             generated as f64 / wall,
             "tok/s",
             &format!(
