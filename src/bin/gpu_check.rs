@@ -5,6 +5,9 @@
 //! 128 again at temperature 1; 1 and 8 with and without the few-row products). Writes
 //! `gpu-check.json` and `gpu-check.md` into `--out`. Exit status 1 when any parity check fails.
 //!
+//! Each section runs in a child process of its own (a kernel fault ends only its section) with
+//! a time limit (`--section-timeout`, 120 s).
+//!
 //! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine]` (see scripts/gpu-check.sh).
 
 #[path = "gpu_check/ops.rs"]
@@ -18,11 +21,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::cuda::parity::{llama_config, max_rel_err, RandomWeights};
-use kvserve::backend::cuda::{choose, probe, Choice, CudaBackend, DeviceArg};
+use kvserve::backend::cuda::{choose, probe, Choice, CudaBackend, DeviceArg, GpuInfo};
 use kvserve::model::config::ModelConfig;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest relative error a bf16 check may show.
 pub const TOL: f64 = 1e-2;
@@ -35,17 +38,42 @@ struct Args {
     device: usize,
     #[arg(long)]
     skip_engine: bool,
-    /// Only the copy and decode-attention bandwidth section (for profilers).
+    /// Only the copy and decode-attention bandwidth section, in this process (for profilers).
     #[arg(long)]
     only_bandwidth: bool,
+    /// Run one section in this process and write its rows as JSON to `--rows-out` (how the
+    /// parent runs each section): start, op parity, attention parity, KV policy parity, decode
+    /// bandwidth, products, forward parity, engine.
+    #[arg(long, requires = "rows_out")]
+    section: Option<String>,
+    #[arg(long)]
+    rows_out: Option<std::path::PathBuf>,
+    /// Seconds a section may run before it is killed and recorded as failed.
+    #[arg(long, default_value_t = 120)]
+    section_timeout: u64,
 }
 
+/// The sections, in order. Each runs in a child process of its own: a kernel fault (an illegal
+/// address, a trap) leaves a CUDA context unusable for good, so in one process it would take
+/// every later measurement with it; as a child, it costs only its own rows. The first section
+/// compiles the kernels, the later ones load them from the disk cache.
+const SECTIONS: [&str; 8] = [
+    "start",
+    "op parity",
+    "attention parity",
+    "KV policy parity",
+    "decode bandwidth",
+    "products",
+    "forward parity",
+    "engine",
+];
+
 /// One result line: a parity check (error) or a measurement (value + unit).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub name: String,
     pub value: f64,
-    pub unit: &'static str,
+    pub unit: String,
     /// `Some(pass)` for parity checks.
     pub pass: Option<bool>,
     pub note: String,
@@ -60,7 +88,7 @@ pub fn error_row(name: &str, e: f64, note: &str) -> Row {
     let row = Row {
         name: name.into(),
         value: e,
-        unit: "max rel err",
+        unit: "max rel err".into(),
         pass: Some(e <= TOL),
         note: note.into(),
     };
@@ -82,14 +110,15 @@ pub fn measure(name: &str, value: f64, unit: &'static str, note: &str) -> Row {
     Row {
         name: name.into(),
         value,
-        unit,
+        unit: unit.into(),
         pass: None,
         note: note.into(),
     }
 }
 
-/// Runs one section of the check; an error or a panic (a CUDA error inside an op) becomes a
-/// failed row, and the next sections still run (a launch error leaves the context usable).
+/// Runs one part of a section; an error or a panic (a CUDA error inside an op) becomes a failed
+/// row, and the rest of the section still runs when the error left the context usable (a
+/// launch error does; a kernel fault does not, which is why each section has a process).
 fn section(name: &str, rows: &mut Vec<Row>, f: impl FnOnce(&mut Vec<Row>) -> Result<()>) {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *rows)));
     let msg = match r {
@@ -102,13 +131,17 @@ fn section(name: &str, rows: &mut Vec<Row>, f: impl FnOnce(&mut Vec<Row>) -> Res
             .unwrap_or_else(|| "panic".into()),
     };
     println!("SECTION FAILED: {name}: {msg}");
-    rows.push(Row {
+    rows.push(failed_section(name, msg));
+}
+
+fn failed_section(name: &str, msg: String) -> Row {
+    Row {
         name: format!("{name} (section)"),
         value: f64::INFINITY,
-        unit: "max rel err",
+        unit: "max rel err".into(),
         pass: Some(false),
         note: msg,
-    });
+    }
 }
 
 /// The 1B-like shape of the issue: 16 layers, hidden 2048, 32 q / 8 kv heads of 64, MLP 8192.
@@ -203,22 +236,8 @@ fn forward_parity(gpu: CudaBackend, rows: &mut Vec<Row>) -> Result<Llama<CudaBac
     Ok(dev)
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
-    let info = probe(args.device)
-        .map_err(anyhow::Error::msg)
-        .context("no usable GPU")?;
-    println!(
-        "device cuda:{}: {} sm_{} driver {} memory {:.1} GiB",
-        info.ordinal,
-        info.name,
-        info.arch,
-        info.driver,
-        info.total_mem as f64 / (1u64 << 30) as f64
-    );
+/// Runs section `name` on device `info` in this process (see [`SECTIONS`]).
+fn run_section(name: &str, info: &GpuInfo, rows: &mut Vec<Row>) -> Result<()> {
     let t = Instant::now();
     let gpu = CudaBackend::new(info.clone())?;
     println!(
@@ -227,57 +246,165 @@ fn main() -> Result<()> {
         gpu.compile_seconds,
         gpu.multiprocessors()
     );
-    let mut rows = Vec::new();
-    rows.push(measure(
-        "backend start, kernels compiled by NVRTC",
-        t.elapsed().as_secs_f64(),
-        "s",
-        &format!("compile {:.2} s", gpu.compile_seconds),
-    ));
-    let t2 = Instant::now();
-    let again = CudaBackend::new(info.clone())?;
-    let cached = again.compile_seconds == 0.0;
-    drop(again);
-    rows.push(measure(
-        "backend start again, kernels from the disk cache",
-        t2.elapsed().as_secs_f64(),
-        "s",
-        if cached { "cache hit" } else { "cache MISS" },
-    ));
-    match choose(DeviceArg::Auto) {
-        Ok(Choice::Cuda(i)) => println!("--device auto picks cuda:{} ({})", i.ordinal, i.name),
-        Ok(Choice::Cpu { reason }) => println!("--device auto picks the CPU: {reason}"),
-        Err(e) => println!("--device auto: {e}"),
+    match name {
+        "start" => {
+            rows.push(measure(
+                "backend start, kernels compiled by NVRTC",
+                t.elapsed().as_secs_f64(),
+                "s",
+                &format!(
+                    "compile {:.2} s{}",
+                    gpu.compile_seconds,
+                    if gpu.compile_seconds == 0.0 {
+                        " (all from the disk cache: clear it for a compile time)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+            let t2 = Instant::now();
+            let again = CudaBackend::new(info.clone())?;
+            let cached = again.compile_seconds == 0.0;
+            drop(again);
+            rows.push(measure(
+                "backend start again, kernels from the disk cache",
+                t2.elapsed().as_secs_f64(),
+                "s",
+                if cached { "cache hit" } else { "cache MISS" },
+            ));
+            match choose(DeviceArg::Auto) {
+                Ok(Choice::Cuda(i)) => {
+                    println!("--device auto picks cuda:{} ({})", i.ordinal, i.name)
+                }
+                Ok(Choice::Cpu { reason }) => println!("--device auto picks the CPU: {reason}"),
+                Err(e) => println!("--device auto: {e}"),
+            }
+        }
+        "op parity" => section(name, rows, |rows| ops::run(&gpu, rows)),
+        "attention parity" => section(name, rows, |rows| {
+            ops::attention(&gpu, rows);
+            Ok(())
+        }),
+        "KV policy parity" => section(name, rows, |rows| {
+            policies::run(&gpu, rows, true);
+            policies::run(&gpu, rows, false);
+            Ok(())
+        }),
+        "decode bandwidth" => section(name, rows, |rows| speed::bandwidth(&gpu, &[8], rows)),
+        "products" => section(name, rows, |rows| speed::products(&gpu, rows)),
+        "forward parity" => section(name, rows, |rows| forward_parity(gpu, rows).map(drop)),
+        "engine" => section(name, rows, |rows| {
+            let cfg = one_b();
+            let weights = RandomWeights::new(&cfg, 42);
+            let model = Llama::load(cfg, &weights, gpu)?;
+            drop(weights);
+            speed::engine(model, rows)
+        }),
+        other => anyhow::bail!("unknown section {other:?}; sections: {SECTIONS:?}"),
     }
+    Ok(())
+}
+
+/// Runs section `name` as a child process of this binary, its output passed through, and
+/// returns its rows (see [`run_isolated`]).
+fn run_child(args: &Args, name: &str, timeout: Duration) -> Vec<Row> {
+    let rows_file = std::env::temp_dir().join(format!(
+        "kvserve-gpu-check-{}-{}.json",
+        std::process::id(),
+        name.replace(' ', "-")
+    ));
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return vec![failed_section(name, format!("cannot start: {e}"))],
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--device")
+        .arg(args.device.to_string())
+        .arg("--section")
+        .arg(name)
+        .arg("--rows-out")
+        .arg(&rows_file);
+    run_isolated(cmd, name, &rows_file, timeout)
+}
+
+/// Runs `cmd` (section `name`, which writes its rows as JSON to `rows_file`) to its end or
+/// until `timeout` (then kills it), and returns the rows it wrote, plus a failed row when it
+/// did not exit with success: a signal, an error exit, a kill.
+fn run_isolated(
+    mut cmd: std::process::Command,
+    name: &str,
+    rows_file: &std::path::Path,
+    timeout: Duration,
+) -> Vec<Row> {
+    let _ = std::fs::remove_file(rows_file);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return vec![failed_section(name, format!("cannot start: {e}"))],
+    };
+    let t = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if t.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!("killed after {} s", timeout.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => break Err(format!("wait: {e}")),
+        }
+    };
+    let mut rows: Vec<Row> = std::fs::read(rows_file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(rows_file);
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => rows.push(failed_section(
+            name,
+            format!("the section's process ended: {s}"),
+        )),
+        Err(e) => rows.push(failed_section(name, e)),
+    }
+    println!("   [{name}: {:.1} s]", t.elapsed().as_secs_f64());
+    rows
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let info = probe(args.device)
+        .map_err(anyhow::Error::msg)
+        .context("no usable GPU")?;
+    if let (Some(name), Some(out)) = (&args.section, &args.rows_out) {
+        let mut rows = Vec::new();
+        let r = run_section(name, &info, &mut rows);
+        std::fs::write(out, serde_json::to_vec(&rows)?)?;
+        return r;
+    }
+    println!(
+        "device cuda:{}: {} sm_{} driver {} memory {:.1} GiB",
+        info.ordinal,
+        info.name,
+        info.arch,
+        info.driver,
+        info.total_mem as f64 / (1u64 << 30) as f64
+    );
+    let mut rows = Vec::new();
     if args.only_bandwidth {
+        let gpu = CudaBackend::new(info.clone())?;
         return speed::bandwidth(&gpu, &[], &mut rows);
     }
-    println!("\n== op parity vs the CPU backend (pass: max rel err <= {TOL})");
-    section("op parity", &mut rows, |rows| ops::run(&gpu, rows));
-    section("attention parity", &mut rows, |rows| {
-        ops::attention(&gpu, rows);
-        Ok(())
-    });
-    section("KV policy parity", &mut rows, |rows| {
-        policies::run(&gpu, rows, true);
-        policies::run(&gpu, rows, false);
-        Ok(())
-    });
-    println!("\n== speed: decode attention bandwidth");
-    section("decode bandwidth", &mut rows, |rows| {
-        speed::bandwidth(&gpu, &[8], rows)
-    });
-    println!("\n== speed: the products of a decode step");
-    section("products", &mut rows, |rows| speed::products(&gpu, rows));
-    println!("\n== whole forward parity, 1B shape");
-    let mut model = None;
-    section("forward parity", &mut rows, |rows| {
-        model = Some(forward_parity(gpu, rows)?);
-        Ok(())
-    });
-    if let (Some(model), false) = (model, args.skip_engine) {
-        println!("\n== engine output tokens/s, 1B shape, CudaBackend");
-        section("engine", &mut rows, |rows| speed::engine(model, rows));
+    let timeout = Duration::from_secs(args.section_timeout);
+    for name in SECTIONS {
+        if name == "engine" && args.skip_engine {
+            continue;
+        }
+        println!("\n== {name}");
+        rows.extend(run_child(&args, name, timeout));
     }
 
     let failed: Vec<&Row> = rows.iter().filter(|r| r.pass == Some(false)).collect();
@@ -316,4 +443,65 @@ fn main() -> Result<()> {
         anyhow::bail!("{} parity check(s) failed", failed.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn sh(script: &str, file: &std::path::Path) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(script).arg(file);
+        c
+    }
+
+    const ROW: &str = r#"[{"name":"x","value":1.5,"unit":"s","pass":null,"note":""}]"#;
+
+    /// A section's rows come back from its process; a process that dies by a signal, exits
+    /// with an error or overstays its time adds one failed row, and the rows it wrote before
+    /// dying are kept.
+    #[test]
+    fn isolated_sections_keep_their_rows_and_report_their_end() {
+        let dir = std::env::temp_dir().join(format!("gpu-check-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rows.json");
+        let t = Duration::from_secs(20);
+
+        let ok = run_isolated(
+            sh(&format!("printf '%s' '{ROW}' > \"$0\""), &file),
+            "a",
+            &file,
+            t,
+        );
+        assert_eq!(ok.len(), 1);
+        assert_eq!(
+            (ok[0].name.as_str(), ok[0].value, ok[0].pass),
+            ("x", 1.5, None)
+        );
+
+        let script = format!("printf '%s' '{ROW}' > \"$0\"; kill -SEGV $$");
+        let crashed = run_isolated(sh(&script, &file), "b", &file, t);
+        assert_eq!(crashed.len(), 2);
+        assert_eq!(crashed[0].name, "x");
+        assert_eq!(crashed[1].name, "b (section)");
+        assert_eq!(crashed[1].pass, Some(false));
+        assert!(crashed[1].note.contains("SIGSEGV"), "{}", crashed[1].note);
+
+        // No rows file left over from the last run is read for the next one.
+        let failed = run_isolated(sh("exit 3", &file), "c", &file, t);
+        assert_eq!(failed.len(), 1);
+        assert!(
+            failed[0].note.contains("exit status: 3"),
+            "{}",
+            failed[0].note
+        );
+
+        let t0 = Instant::now();
+        let hung = run_isolated(sh("sleep 30", &file), "d", &file, Duration::from_secs(1));
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        assert_eq!(hung.len(), 1);
+        assert_eq!(hung[0].note, "killed after 1 s");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -193,7 +193,11 @@ impl Backend for CudaBackend {
             .gemv_max_rows
             .load(std::sync::atomic::Ordering::Relaxed);
         let wp = self.ptr(&w.data);
-        if rows <= gemv_rows && k.is_multiple_of(8) && xp.is_multiple_of(16) && wp.is_multiple_of(16) {
+        if rows <= gemv_rows
+            && k.is_multiple_of(8)
+            && xp.is_multiple_of(16)
+            && wp.is_multiple_of(16)
+        {
             let (op, ri, ni, ki) = (self.ptr(out), rows as i32, n as i32, k as i32);
             let per_cta = GEMV_COLS * (GEMV_THREADS as usize / 32);
             let cfg = LaunchConfig {
