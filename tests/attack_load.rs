@@ -599,6 +599,15 @@ impl Backend for PoisonBackend {
     fn argmax_rows(&self, x: &Self::Buf, rows: std::ops::Range<usize>, width: usize) -> Vec<u32> {
         self.inner.argmax_rows(x, rows, width)
     }
+    fn draw_rows(
+        &self,
+        x: &Self::Buf,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        draws: &[(f32, f64)],
+    ) -> Vec<u32> {
+        self.inner.draw_rows(x, rows, width, draws)
+    }
     fn gather_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf {
         self.inner.gather_rows(x, rows, width)
     }

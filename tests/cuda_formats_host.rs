@@ -6,6 +6,8 @@
 //!   the CPU codec; mhc's latent encoder and key rebuild equal the CPU's bit for bit;
 //! - quest's key bounds (`seal_bounds_<fmt>`) equal the CPU's for every format;
 //! - the norms, plain and fused with the residual add, equal the CPU's within float rounding;
+//! - the dense temperature draw (`sampling.cu: draw_dense_f32`) picks the CPU's very token for
+//!   every row and uniform (so a seeded stream is the same on either backend);
 //! - the few-row products (`gemv.cu`) equal the CPU backend's f32 products within float
 //!   rounding, for every row count the backend sends them and widths that are not multiples
 //!   of a warp step;
@@ -86,7 +88,7 @@ fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
     let bin = match cmd {
         "attention" => ATTN.get_or_init(|| build("attention.cpp")),
         "norm" => NORM.get_or_init(|| build("norm.cpp")),
-        "argmax" => ARGMAX.get_or_init(|| build("sampling.cpp")),
+        "argmax" | "draw" => ARGMAX.get_or_init(|| build("sampling.cpp")),
         "gemv" => GEMV.get_or_init(|| build("gemv.cpp")),
         _ => SEAL.get_or_init(|| build("harness.cpp")),
     };
@@ -1089,5 +1091,129 @@ fn gemv_kernel_matches_the_cpu_matmul() {
                 "{rows}x{k}·{n}ᵀ: {e:.2e} / {e64:.2e}"
             );
         }
+    }
+}
+
+/// The dense temperature draw (`kernels/sampling.cu: draw_dense_f32`, 256 threads per row as the
+/// backend launches it) against the CPU backend's `draw_rows` (`backend::cpu::draw`, which the
+/// engine's sampler shares): the same token for every row and uniform. Widths of a whole number
+/// of blocks, a last block without and with a tail of fewer than 8 (1000, 1003) and a row of
+/// only a tail (7); temperatures 0.05 … 1.7; uniforms 0, just below 1 and random; peaked and
+/// flat rows, NaN and -inf entries, a row of nothing above -inf, rows with +inf.
+#[test]
+fn draw_kernel_matches_the_cpu() {
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    for width in [49_152usize, 32_000, 1003, 1000, 7] {
+        let rows = 40usize;
+        let mut x = Vec::with_capacity(rows * width);
+        let mut draws = Vec::new();
+        for r in 0..rows {
+            let spread = [0.5f32, 4.0, 12.0, 30.0][r % 4];
+            let mut row: Vec<f32> = (0..width)
+                .map(|_| rng.random_range(-spread..spread))
+                .collect();
+            match r {
+                // NaN and -inf entries among the rest.
+                5 | 6 => row.iter_mut().step_by(3).for_each(|v| *v = f32::NAN),
+                7 => row
+                    .iter_mut()
+                    .step_by(2)
+                    .for_each(|v| *v = f32::NEG_INFINITY),
+                // Nothing above -inf: the argmax rule's 0.
+                8 => row.iter_mut().enumerate().for_each(|(i, v)| {
+                    *v = if i % 2 == 0 {
+                        f32::NAN
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }),
+                // +inf (twice): the first.
+                9 => {
+                    row[width / 2] = f32::INFINITY;
+                    row[width - 1] = f32::INFINITY;
+                }
+                // One token far above the rest.
+                10 => row[width / 3] = 80.0,
+                _ => {}
+            }
+            let inv_t = 1.0 / [1.0f32, 0.7, 1.3, 0.05, 1.7][r % 5];
+            let u01 = match r {
+                0 => 0.0,
+                1 => 1.0 - f64::EPSILON / 2.0,
+                // Exactly on the start of the middle block: the walk must skip the blocks
+                // before it whole (`u >= sum`), not stop at the last token of the one before.
+                2 | 3 => {
+                    let mut blocks = Vec::new();
+                    let m = kvserve::backend::cpu::argmax::max_lanes(&row);
+                    let total =
+                        kvserve::backend::cpu::draw::block_weights(&row, m, inv_t, &mut blocks);
+                    let cum: f64 = blocks[..blocks.len() / 2].iter().sum();
+                    let mut u = cum / total;
+                    while u * total < cum {
+                        u = u.next_up();
+                    }
+                    u
+                }
+                _ => rng.random::<f64>(),
+            };
+            x.extend(row);
+            draws.push((inv_t, u01));
+        }
+        let mut inb = Bytes::default();
+        inb.u32s(&[rows as u32, width as u32]);
+        inb.f32s(&x);
+        inb.f32s(&draws.iter().map(|d| d.0).collect::<Vec<_>>());
+        for d in &draws {
+            inb.0.extend(d.1.to_le_bytes());
+        }
+        let res = call("draw", &inb.0);
+        let (tokens, sums) = res.split_at(4 * rows);
+        let got: Vec<u32> = tokens
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want = cpu.draw_rows(&x, 0..rows, width, &draws);
+        assert_eq!(got, want, "width {width}");
+        // The block sums it drew on, bit for bit the CPU's (a token rarely shows a rounding
+        // difference; these show every one).
+        let nblocks = width.div_ceil(256);
+        let sums: Vec<f64> = sums
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(sums.len(), rows * nblocks);
+        let mut compared = 0;
+        for (r, &(inv_t, _)) in draws.iter().enumerate() {
+            let row = &x[r * width..(r + 1) * width];
+            let m = kvserve::backend::cpu::argmax::max_lanes(row);
+            if !m.is_finite() {
+                continue;
+            }
+            let mut blocks = Vec::new();
+            kvserve::backend::cpu::draw::block_weights(row, m, inv_t, &mut blocks);
+            let dev = &sums[r * nblocks..(r + 1) * nblocks];
+            assert!(
+                dev.iter()
+                    .zip(&blocks)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "width {width} row {r}: block sums differ: {:?} vs {:?}",
+                &dev[..dev.len().min(4)],
+                &blocks[..blocks.len().min(4)]
+            );
+            compared += 1;
+        }
+        assert!(
+            compared >= rows - 2,
+            "width {width}: {compared} rows compared"
+        );
+        assert_eq!(want[8], 0, "width {width}: nothing above -inf");
+        assert_eq!(want[9] as usize, width / 2, "width {width}: the first +inf");
+        // The draws spread over the row (not one fixed token).
+        let distinct: std::collections::HashSet<u32> = want.iter().copied().collect();
+        assert!(
+            distinct.len() > rows / 2 || width < 100,
+            "width {width}: {distinct:?}"
+        );
     }
 }

@@ -112,6 +112,17 @@ pub trait Backend: Send + Sync {
     /// lowest index, 0 when none is above `-inf`), so plain greedy decoding moves one index
     /// per row to the host instead of the row.
     fn argmax_rows(&self, x: &Self::Buf, rows: std::ops::Range<usize>, width: usize) -> Vec<u32>;
+    /// The token drawn from each row `rows.start + i` of `x` (rows `width` wide) by
+    /// `draws[i] = (1 / temperature, uniform in [0, 1))` under
+    /// [`cpu::draw::draw_dense_row`]'s rule, so sampled decoding with the whole vocabulary in
+    /// play (OpenAI's default) moves one index per row to the host instead of the row.
+    fn draw_rows(
+        &self,
+        x: &Self::Buf,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        draws: &[(f32, f64)],
+    ) -> Vec<u32>;
 
     /// Copies the rows `rows` (each `width` wide, in that order) of `x` into a new buffer.
     fn gather_rows(&self, x: &Self::Buf, rows: &[usize], width: usize) -> Self::Buf;

@@ -26,6 +26,7 @@
 //! and are reused across calls. `bench_sampler` measures each configuration on real rows.
 
 use crate::backend::cpu::argmax::{argmax, max_lanes};
+use crate::backend::cpu::draw::draw_dense_row;
 use crate::types::{SamplingParams, TokenId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -34,8 +35,8 @@ use std::collections::HashMap;
 #[path = "sampler_passes.rs"]
 mod passes;
 use passes::{
-    apply_top_p, block_weights, desc, draw_dense, exp_nonpos, gather_at_least, gather_nucleus, key,
-    sum_exp, top_k_into, weights_in_place,
+    apply_top_p, desc, exp_nonpos, gather_at_least, gather_nucleus, key, sum_exp, top_k_into,
+    weights_in_place,
 };
 
 /// Temperatures below this are greedy.
@@ -178,6 +179,44 @@ impl Sampler {
             && p.top_logprobs == 0
     }
 
+    /// `Some(1 / temperature)` when [`Self::sample`] is the dense temperature draw of the raw
+    /// logits ([`draw_dense_row`]): sampling with the whole vocabulary in play (no top-k,
+    /// top-p or min-p: OpenAI's default request), no logit bias, penalties or logprobs, and
+    /// (the caller's check) no banned tokens. The engine then has the backend draw the token
+    /// where the logits are ([`crate::backend::Backend::draw_rows`], the same rule), with the
+    /// uniform from [`Self::peek_uniform`], and the row never reaches the sampler.
+    pub fn dense_draw(&self) -> Option<f32> {
+        let p = &self.params;
+        let t = p.temperature;
+        let stochastic = !(t.is_nan() || t < GREEDY_TEMPERATURE);
+        (stochastic
+            // Any top-k counts (the vocabulary size is not known here; a top-k at or above it
+            // draws the same on the host).
+            && !self.whole_vocab_narrowed(usize::MAX)
+            && !self.rewrites()
+            && !p.logprobs
+            && p.top_logprobs == 0)
+            .then_some(1.0 / t)
+    }
+
+    /// The uniform the next draw will use, without using it up: a draw made elsewhere
+    /// ([`Self::dense_draw`]) takes it, and [`Self::commit_uniform`] then advances the RNG, so a
+    /// seeded stream is the same whoever draws.
+    pub fn peek_uniform(&self) -> f64 {
+        self.rng.clone().random::<f64>()
+    }
+
+    /// Uses up the uniform [`Self::peek_uniform`] returned (its draw was made elsewhere).
+    pub fn commit_uniform(&mut self) {
+        let _ = self.rng.random::<f64>();
+    }
+
+    /// Whether top-k, top-p or min-p leave only part of a vocabulary of `v` tokens in play.
+    fn whole_vocab_narrowed(&self, v: usize) -> bool {
+        let p = &self.params;
+        (p.top_k > 0 && p.top_k < v) || p.top_p < 1.0 || p.min_p > 0.0
+    }
+
     /// (repetition penalty, presence / frequency penalties): which penalties are enabled.
     fn penalties(&self) -> (bool, bool) {
         let p = &self.params;
@@ -271,6 +310,12 @@ impl Sampler {
         let inv_t = 1.0 / self.params.temperature;
         let xs = if processed { &self.work[..] } else { logits };
         let v = xs.len();
+        if !self.whole_vocab_narrowed(v) {
+            // The uniform first, whatever the row holds: a draw on the device takes it before
+            // the step (`dense_draw`), and both must use up the same numbers.
+            let u01 = self.rng.random::<f64>();
+            return draw_dense_row(xs, inv_t, u01, &mut self.blocks);
+        }
         let m = max_lanes(xs);
         if !m.is_finite() {
             return argmax(xs) as TokenId;
@@ -285,10 +330,6 @@ impl Sampler {
                 c.1 > 0.0
             });
             self.cand.iter().map(|c| f64::from(c.1)).sum()
-        } else if top_p >= 1.0 && min_p <= 0.0 {
-            let total = block_weights(xs, m, inv_t, &mut self.blocks);
-            let u = self.rng.random::<f64>() * total;
-            return draw_dense(xs, &self.blocks, u, weight);
         } else {
             if !processed {
                 self.work.clear();
@@ -562,6 +603,59 @@ mod tests {
             params(|p| p.logit_bias = vec![(3, 1.0)]),
         ] {
             assert!(!Sampler::new(&p).plain_greedy(), "{p:?}");
+        }
+    }
+
+    /// The draw made where the logits are (the engine peeks the uniform, the backend draws with
+    /// `draw_dense_row`, the engine then uses the uniform up) gives the tokens the sampler draws
+    /// itself, step for step, also after a row with no finite max (which still uses a uniform);
+    /// only temperature-only requests qualify.
+    #[test]
+    fn dense_draw_elsewhere_uses_the_samplers_own_uniforms() {
+        let p = params(|p| {
+            p.temperature = 0.8;
+            p.seed = Some(7);
+        });
+        let (mut host, mut split) = (Sampler::new(&p), Sampler::new(&p));
+        let inv_t = split.dense_draw().expect("temperature only");
+        assert_eq!(inv_t, 1.0 / 0.8);
+        let masked = [f32::NEG_INFINITY; 600];
+        let mut rows: Vec<Vec<f32>> = (0..40).map(|i| logits(600, i)).collect();
+        rows[4] = masked.to_vec();
+        rows[10][17] = f32::INFINITY;
+        let mut blocks = Vec::new();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (i, row) in rows.iter().enumerate() {
+            a.push(host.sample(row, &[], 0).token);
+            if i % 3 == 0 {
+                // Every third step on the host, as a step with prompt logprobs would.
+                b.push(split.sample(row, &[], 0).token);
+                continue;
+            }
+            let u = split.peek_uniform();
+            assert_eq!(u, split.peek_uniform(), "a peek uses nothing up");
+            b.push(draw_dense_row(row, inv_t, u, &mut blocks));
+            split.commit_uniform();
+        }
+        assert_eq!(a, b);
+        assert_eq!((a[4], a[10]), (0, 17));
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 20);
+        for q in [
+            params(|p| p.temperature = 0.0),
+            params(|p| p.top_p = 0.9),
+            params(|p| p.top_k = 5),
+            params(|p| p.min_p = 0.1),
+            params(|p| p.logprobs = true),
+            params(|p| p.top_logprobs = 1),
+            params(|p| p.repetition_penalty = 1.1),
+            params(|p| p.frequency_penalty = 0.5),
+            params(|p| p.logit_bias = vec![(3, 1.0)]),
+        ] {
+            let q = SamplingParams {
+                temperature: if q.temperature == 0.0 { 0.0 } else { 0.8 },
+                ..q
+            };
+            assert_eq!(Sampler::new(&q).dense_draw(), None, "{q:?}");
         }
     }
 

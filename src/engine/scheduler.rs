@@ -50,7 +50,7 @@ pub struct SchedulerConfig {
 }
 
 /// One sequence's share of a step: compute `tokens[start..start + len]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scheduled {
     pub id: RequestId,
     pub start: usize,
@@ -64,6 +64,12 @@ pub struct Scheduled {
     /// The next token is the plain argmax of the logits ([`Sampler::plain_greedy`], nothing
     /// banned): the backend picks it where the logits are.
     pub greedy: bool,
+    /// The next token is the dense temperature draw of the logits ([`Sampler::dense_draw`],
+    /// nothing banned) with this `(1 / temperature, uniform)`: the backend draws it where the
+    /// logits are. The uniform is the sequence's next one, peeked, not used up: `update` uses
+    /// it up when the token comes back (a step that is retried or a sequence preempted before
+    /// its token leaves the stream as it was).
+    pub draw: Option<(f32, f64)>,
     /// The sequence's KV policy (how the forward seals and reads its blocks).
     pub policy: KvPolicy,
 }
@@ -452,14 +458,21 @@ impl Scheduler {
     ) {
         let seq = &self.seqs[&id];
         let blocks = seq.blocks.as_ref().unwrap();
+        let sample = seq.computed + n == seq.tokens.len();
+        let unbanned = seq.banned().is_empty();
+        let draw = match seq.sampler.dense_draw() {
+            Some(inv_t) if sample && unbanned => Some((inv_t, seq.sampler.peek_uniform())),
+            _ => None,
+        };
         plan.push(Scheduled {
             id,
             start: seq.computed,
             len: n,
             table: pool.block_table(blocks),
-            sample: seq.computed + n == seq.tokens.len(),
+            sample,
             all_logits: seq.wants_prompt_logits(),
-            greedy: seq.sampler.plain_greedy() && seq.banned().is_empty(),
+            greedy: seq.sampler.plain_greedy() && unbanned,
+            draw,
             policy: seq.kv.policy,
         });
         *budget -= n;
@@ -521,12 +534,18 @@ impl Scheduler {
                 continue;
             }
             let sampled = match out.token(i) {
-                // What the sampler would pick (see `Scheduled::greedy`), with nothing to report.
-                Some(token) => Sampled {
-                    token,
-                    logprob: None,
-                    top_logprobs: Vec::new(),
-                },
+                // What the sampler would pick (see `Scheduled::greedy` and `draw`), with nothing
+                // to report; a draw's uniform is used up now.
+                Some(token) => {
+                    if e.draw.is_some() {
+                        seq.sampler.commit_uniform();
+                    }
+                    Sampled {
+                        token,
+                        logprob: None,
+                        top_logprobs: Vec::new(),
+                    }
+                }
                 None => drawn[i].take().expect("a sampling entry's row was read"),
             };
             seq.tokens.push(sampled.token);

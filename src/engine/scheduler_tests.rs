@@ -73,13 +73,22 @@ fn one_hot(t: TokenId) -> Vec<f32> {
 }
 
 /// The forward pass's output for `st` from each entry's logits rows, as the worker asks for
-/// it: a greedy entry that samples gets its token (the backend's argmax), the others their rows.
+/// it: a greedy entry that samples gets its token (the backend's argmax), so does a drawing one
+/// (the backend's dense draw), the others their rows.
 fn output(st: &Step, rows: impl Fn(&Scheduled) -> Vec<f32>) -> StepOutput {
     let mut out = StepOutput::new(VOCAB);
     for e in &st.entries {
         let r = rows(e);
         if e.sample && e.greedy && !e.all_logits {
             out.push_token(crate::backend::cpu::argmax::argmax(&r) as TokenId);
+        } else if let (true, false, Some((inv_t, u01))) = (e.sample, e.all_logits, e.draw) {
+            let mut blocks = Vec::new();
+            out.push_token(crate::backend::cpu::draw::draw_dense_row(
+                &r,
+                inv_t,
+                u01,
+                &mut blocks,
+            ));
         } else {
             out.push_logits(&r);
         }
@@ -578,9 +587,10 @@ fn spread_row(tokens: &[TokenId]) -> Vec<f32> {
 
 #[test]
 fn rows_read_in_parallel_give_each_sequence_its_own_samplers_tokens() {
-    // Sampled, greedy-with-logprobs, plain greedy (token from the "backend") and prompt-logprob
-    // requests in the same steps; each must get exactly what its own sampler, fed its own rows
-    // in order, draws alone.
+    // Sampled (top-p / top-k on the host, temperature only drawn by the "backend" with the
+    // uniform the scheduler peeked), greedy-with-logprobs, plain greedy (token from the
+    // "backend") and prompt-logprob requests in the same steps; each must get exactly what its
+    // own sampler, fed its own rows in order, draws alone.
     let mut p = pool(256, &[(0, quota(0, 256))]);
     let mut s = sched(256, 16, &[]);
     let mut reqs = Vec::new();
@@ -607,12 +617,17 @@ fn rows_read_in_parallel_give_each_sequence_its_own_samplers_tokens() {
         reqs.push(r);
     }
     let mut got: HashMap<RequestId, Vec<TokenId>> = HashMap::new();
-    let mut most_rows = 0;
+    let (mut most_rows, mut drawn) = (0, 0);
     let now = Instant::now();
     while !s.is_idle() {
         let st = s.schedule(&mut p, now);
         let _ = p.take_copies();
         most_rows = most_rows.max(st.entries.iter().filter(|e| e.sample && !e.greedy).count());
+        drawn += st
+            .entries
+            .iter()
+            .filter(|e| e.sample && e.draw.is_some() && !e.all_logits)
+            .count();
         let out = output(&st, |e| {
             let t = s.tokens(e.id);
             if e.all_logits {
@@ -634,6 +649,11 @@ fn rows_read_in_parallel_give_each_sequence_its_own_samplers_tokens() {
         }
     }
     assert!(most_rows >= 8, "rows of {most_rows} sequences in one step");
+    // Requests 1, 5 and 7 (temperature only) had their tokens drawn by the "backend".
+    assert!(
+        drawn >= 3 * 10,
+        "{drawn} tokens drawn where the logits were"
+    );
     for (i, r) in reqs.iter().enumerate() {
         let mut sampler = Sampler::new(&r.sampling);
         let mut history = r.prompt.clone();

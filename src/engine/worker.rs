@@ -244,6 +244,8 @@ impl<B: Backend> Worker<B> {
                     LogitsFor::All
                 } else if e.sample && e.greedy {
                     LogitsFor::Argmax
+                } else if let (true, Some((inv_t, u01))) = (e.sample, e.draw) {
+                    LogitsFor::Draw { inv_t, u01 }
                 } else if e.sample {
                     LogitsFor::Last
                 } else {

