@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU verification of the CUDA backend (issue 9), one command on a machine with an NVIDIA GPU and
 # no Rust toolchain: parity of every op and of the 1B-shaped forward pass against the CPU
-# backend, decode-attention bandwidth vs a device copy, engine tokens/s at batch 1/32/128
-# (greedy; 32/128 again at temperature 1).
+# backend, decode-attention bandwidth vs a device copy, the few-row products vs cuBLAS, token
+# selection on the device, engine tokens/s at batch 1/32/128 (greedy; 32/128 again at
+# temperature 1, drawn on the device and, at 128, on the host; 1/8 with cuBLAS products). Each
+# section runs in its own process (a kernel fault costs only its rows).
 #
 #   scripts/gpu-check.sh [OUT_DIR]     (default: docs/; writes gpu-check.md and gpu-check.json)
 #

@@ -1,8 +1,9 @@
 //! GPU verification in one run (issue 9): parity of every CUDA op and of the whole forward pass
 //! against the CPU backend (the oracle) on random inputs and a random-weight 1B-shaped Llama,
 //! then speed: paged decode attention bandwidth against a device-to-device copy, the few-row
-//! products against cuBLAS, and engine output tokens/s at batch 1, 32 and 128 (greedy; 32 and
-//! 128 again at temperature 1; 1 and 8 with and without the few-row products). Writes
+//! products against cuBLAS, token selection on the device against reading the rows, and engine
+//! output tokens/s at batch 1, 32 and 128 (greedy; 32 and 128 again at temperature 1, 128 also
+//! drawn on the host; 1 and 8 with and without the few-row products). Writes
 //! `gpu-check.json` and `gpu-check.md` into `--out`. Exit status 1 when any parity check fails.
 //!
 //! Each section runs in a child process of its own (a kernel fault ends only its section) with

@@ -190,7 +190,12 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     x[..vocab].fill(f32::NEG_INFINITY);
     x[vocab + 123] = f32::INFINITY;
     let draws: Vec<(f32, f64)> = (0..n)
-        .map(|i| (1.0 / (0.3 + 0.3 * (i % 5) as f32), (i as f64 * 0.618_034) % 1.0))
+        .map(|i| {
+            (
+                1.0 / (0.3 + 0.3 * (i % 5) as f32),
+                (i as f64 * 0.618_034) % 1.0,
+            )
+        })
         .collect();
     let want = cpu.draw_rows(&x, 0..n, vocab, &draws);
     let got = gpu.draw_rows(&gpu.upload(&x), 0..n, vocab, &draws);

@@ -291,7 +291,8 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
 /// The matrix products of a decode step, on the 1B shape's largest weights (gate_up `[16384,
 /// 2048]`, down `[2048, 8192]`): the few-row kernel against cuBLAS with split hi/lo activations,
 /// at 1, 4 and 8 rows, 16 calls back to back as a forward pass issues them. Weight bytes read
-/// per second (each weight once per call).
+/// per second (each weight once per call). Then the token selection of 128 rows on the device
+/// (greedy, temperature draw) against reading the rows to the host.
 pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     use half::bf16;
     use kvserve::backend::cuda::kernels::GEMV_MAX_ROWS;
@@ -339,29 +340,54 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             }
         }
     }
+    // Token selection for 128 rows of a 32,000 vocabulary: on the device (one index per row
+    // back) against bringing the rows to the host.
+    let (n, vocab) = (128usize, 32_000usize);
+    let logits = gpu.upload(&random_vec(&mut rng, n * vocab, 6.0));
+    let draws: Vec<(f32, f64)> = (0..n).map(|i| (1.0, (i as f64 * 0.37) % 1.0)).collect();
+    let mut host = vec![0f32; n * vocab];
+    let argmax = time(gpu, 20, || drop(gpu.argmax_rows(&logits, 0..n, vocab)));
+    let draw = time(gpu, 20, || {
+        drop(gpu.draw_rows(&logits, 0..n, vocab, &draws))
+    });
+    let read = time(gpu, 20, || gpu.read(&logits, 0, &mut host));
+    for (what, s) in [
+        ("argmax_rows", argmax),
+        ("draw_rows", draw),
+        ("read the rows to the host", read),
+    ] {
+        rows.push(measure(
+            &format!("{what}, {n} rows x {vocab}"),
+            s * 1e6,
+            "µs",
+            "synchronised call",
+        ));
+    }
     Ok(())
 }
 
 /// Engine output tokens/s at batch 1, 32 and 128: prompts of 128 tokens, 128 output tokens each
 /// (EOS ignored), greedy (the token picked on the device); then batch 32 and 128 at
-/// temperature 1 (OpenAI's default: every row comes to the host and is drawn there); and batch 1
-/// and 8 with every product on cuBLAS (the few-row kernel off), against the same with it on.
+/// temperature 1 (OpenAI's default: drawn on the device), batch 128 again drawn on the host (the
+/// row comes over); and batch 1 and 8 with every product on cuBLAS (the few-row kernel off),
+/// against the same with it on.
 pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
     let _ = std::any::type_name::<CudaMatrix>();
     let model = Arc::new(model);
     let (prompt, output) = (128usize, 128usize);
-    // (batch, temperature, few-row products on the gemv kernel)
+    // (batch, temperature, few-row products on the gemv kernel, temperature draws on the host)
     let cases = [
-        (1usize, 0.0f32, true),
-        (32, 0.0, true),
-        (128, 0.0, true),
-        (32, 1.0, true),
-        (128, 1.0, true),
-        (1, 0.0, false),
-        (8, 0.0, true),
-        (8, 0.0, false),
+        (1usize, 0.0f32, true, false),
+        (32, 0.0, true, false),
+        (128, 0.0, true, false),
+        (32, 1.0, true, false),
+        (128, 1.0, true, false),
+        (128, 1.0, true, true),
+        (1, 0.0, false, false),
+        (8, 0.0, true, false),
+        (8, 0.0, false, false),
     ];
-    for &(n, temperature, gemv) in &cases {
+    for &(n, temperature, gemv, host_draw) in &cases {
         model.backend().set_gemv_max_rows(if gemv {
             kvserve::backend::cuda::kernels::GEMV_MAX_ROWS
         } else {
@@ -394,6 +420,9 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
                 sampling: SamplingParams {
                     temperature,
                     seed: Some(i as u64),
+                    // A top-k of the whole vocabulary draws the same tokens, on the host (the
+                    // row comes over): the A/B of the device draw.
+                    top_k: if host_draw { 32_000 } else { 0 },
                     ..SamplingParams::default()
                 },
                 stop: StopParams {
@@ -444,13 +473,14 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
         let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
         rows.push(measure(
             &format!(
-                "engine batch {n}{}{}: output tok/s",
+                "engine batch {n}{}{}{}: output tok/s",
                 if temperature > 0.0 {
                     format!(", temperature {temperature}")
                 } else {
                     String::new()
                 },
-                if gemv { "" } else { ", cuBLAS products" }
+                if gemv { "" } else { ", cuBLAS products" },
+                if host_draw { ", drawn on the host" } else { "" }
             ),
             generated as f64 / wall,
             "tok/s",
