@@ -171,12 +171,7 @@ impl Sampler {
     /// ([`crate::backend::Backend::argmax_rows`], the same rule), and the row never reaches
     /// the sampler.
     pub fn plain_greedy(&self) -> bool {
-        let p = &self.params;
-        let t = p.temperature;
-        (t.is_nan() || t < GREEDY_TEMPERATURE)
-            && !self.rewrites()
-            && !p.logprobs
-            && p.top_logprobs == 0
+        self.greedy() && self.raw_token_only()
     }
 
     /// `Some(1 / temperature)` when [`Self::sample`] is the dense temperature draw of the raw
@@ -186,17 +181,25 @@ impl Sampler {
     /// where the logits are ([`crate::backend::Backend::draw_rows`], the same rule), with the
     /// uniform from [`Self::peek_uniform`], and the row never reaches the sampler.
     pub fn dense_draw(&self) -> Option<f32> {
-        let p = &self.params;
-        let t = p.temperature;
-        let stochastic = !(t.is_nan() || t < GREEDY_TEMPERATURE);
-        (stochastic
+        (!self.greedy()
             // Any top-k counts (the vocabulary size is not known here; a top-k at or above it
             // draws the same on the host).
             && !self.whole_vocab_narrowed(usize::MAX)
-            && !self.rewrites()
-            && !p.logprobs
-            && p.top_logprobs == 0)
-            .then_some(1.0 / t)
+            && self.raw_token_only())
+        .then_some(1.0 / self.params.temperature)
+    }
+
+    /// Whether the token is the argmax (temperature below [`GREEDY_TEMPERATURE`], or NaN).
+    fn greedy(&self) -> bool {
+        let t = self.params.temperature;
+        t.is_nan() || t < GREEDY_TEMPERATURE
+    }
+
+    /// Whether the request needs only a token of the raw logits: no logit bias or penalties
+    /// to apply, no logprobs to report.
+    fn raw_token_only(&self) -> bool {
+        let p = &self.params;
+        !self.rewrites() && !p.logprobs && p.top_logprobs == 0
     }
 
     /// The uniform the next draw will use, without using it up: a draw made elsewhere
@@ -236,8 +239,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[TokenId], prompt_len: usize) -> Sampled {
         assert!(!logits.is_empty(), "sampler: empty logits");
         let processed = self.process(logits, history, prompt_len);
-        let t = self.params.temperature;
-        let token = if t.is_nan() || t < GREEDY_TEMPERATURE {
+        let token = if self.greedy() {
             argmax(if processed { &self.work } else { logits }) as TokenId
         } else {
             self.sample_stochastic(processed, logits)
