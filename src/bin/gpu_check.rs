@@ -3,16 +3,21 @@
 //! then speed: paged decode attention bandwidth against a device-to-device copy, the few-row
 //! products against cuBLAS, token selection on the device against reading the rows, and engine
 //! output tokens/s at batch 1, 32 and 128 (greedy; 32 and 128 again at temperature 1, 128 also
-//! drawn on the host; 1 and 8 with and without the few-row products). Writes
+//! drawn on the host; 1 and 8 with and without the few-row products), and the default model
+//! (SmolLM2-135M: real weights when its GGUF is at hand) under every published KV policy, its
+//! engine streams against the CPU's and its tokens/s. Writes
 //! `gpu-check.json` and `gpu-check.md` into `--out`. Exit status 1 when any parity check fails.
 //!
 //! Each section runs in a child process of its own (a kernel fault ends only its section) with
 //! a time limit (`--section-timeout`, 120 s).
 //!
-//! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine]` (see scripts/gpu-check.sh).
+//! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine] [--model GGUF]` (see
+//! scripts/gpu-check.sh).
 
 #[path = "gpu_check/isolate.rs"]
 mod isolate;
+#[path = "gpu_check/model.rs"]
+mod model;
 #[path = "gpu_check/ops.rs"]
 mod ops;
 #[path = "gpu_check/policies.rs"]
@@ -28,6 +33,7 @@ use kvserve::backend::cuda::{choose, probe, Choice, CudaBackend, DeviceArg, GpuI
 use kvserve::model::config::ModelConfig;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest relative error a bf16 check may show.
@@ -41,12 +47,16 @@ struct Args {
     device: usize,
     #[arg(long)]
     skip_engine: bool,
+    /// The default model's GGUF for the "default model" section (default: SmolLM2-135M-Instruct.Q4_1.gguf
+    /// next to this binary or under models/; random weights of its shape when there is none).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Only the copy and decode-attention bandwidth section, in this process (for profilers).
     #[arg(long)]
     only_bandwidth: bool,
     /// Run one section in this process and write its rows as JSON to `--rows-out` (how the
     /// parent runs each section): start, op parity, attention parity, KV policy parity, decode
-    /// bandwidth, products, forward parity, engine.
+    /// bandwidth, products, forward parity, engine, default model.
     #[arg(long, requires = "rows_out")]
     section: Option<String>,
     #[arg(long)]
@@ -60,7 +70,7 @@ struct Args {
 /// address, a trap) leaves a CUDA context unusable for good, so in one process it would take
 /// every later measurement with it; as a child, it costs only its own rows. The first section
 /// compiles the kernels, the later ones load them from the disk cache.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "start",
     "op parity",
     "attention parity",
@@ -69,6 +79,7 @@ const SECTIONS: [&str; 8] = [
     "products",
     "forward parity",
     "engine",
+    "default model",
 ];
 
 /// One result line: a parity check (error) or a measurement (value + unit).
@@ -240,7 +251,12 @@ fn forward_parity(gpu: CudaBackend, rows: &mut Vec<Row>) -> Result<Llama<CudaBac
 }
 
 /// Runs section `name` on device `info` in this process (see [`SECTIONS`]).
-fn run_section(name: &str, info: &GpuInfo, rows: &mut Vec<Row>) -> Result<()> {
+fn run_section(
+    name: &str,
+    info: &GpuInfo,
+    gguf: Option<&std::path::Path>,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let t = Instant::now();
     let gpu = CudaBackend::new(info.clone())?;
     println!(
@@ -301,7 +317,26 @@ fn run_section(name: &str, info: &GpuInfo, rows: &mut Vec<Row>) -> Result<()> {
             let weights = RandomWeights::new(&cfg, 42);
             let model = Llama::load(cfg, &weights, gpu)?;
             drop(weights);
-            speed::engine(model, rows)
+            speed::engine(Arc::new(model), "", &speed::ONE_B_CASES, rows)
+        }),
+        "default model" => section(name, rows, |rows| {
+            let t = Instant::now();
+            let gguf = model::find_gguf(gguf)?;
+            let pair = model::Pair::load(gpu, gguf.as_deref())?;
+            println!(
+                "default model ({}) loaded on both backends in {:.1} s",
+                pair.weights,
+                t.elapsed().as_secs_f64()
+            );
+            let dev = model::run(pair, rows)?;
+            // What `kvserve serve --device cuda` serves by default, at batch 1, 32 and 128.
+            let cases = [
+                (1, 0.0, true, false),
+                (32, 0.0, true, false),
+                (128, 0.0, true, false),
+                (128, 1.0, true, false),
+            ];
+            speed::engine(dev, "default model ", &cases, rows)
         }),
         other => anyhow::bail!("unknown section {other:?}; sections: {SECTIONS:?}"),
     }
@@ -318,7 +353,7 @@ fn main() -> Result<()> {
         .context("no usable GPU")?;
     if let (Some(name), Some(out)) = (&args.section, &args.rows_out) {
         let mut rows = Vec::new();
-        let r = run_section(name, &info, &mut rows);
+        let r = run_section(name, &info, args.model.as_deref(), &mut rows);
         std::fs::write(out, serde_json::to_vec(&rows)?)?;
         return r;
     }
@@ -341,7 +376,12 @@ fn main() -> Result<()> {
             continue;
         }
         println!("\n== {name}");
-        rows.extend(isolate::run_child(args.device, name, timeout));
+        rows.extend(isolate::run_child(
+            args.device,
+            name,
+            timeout,
+            args.model.as_deref(),
+        ));
     }
 
     let failed: Vec<&Row> = rows.iter().filter(|r| r.pass == Some(false)).collect();

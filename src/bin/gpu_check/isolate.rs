@@ -5,8 +5,13 @@ use super::{failed_section, Row};
 use std::time::{Duration, Instant};
 
 /// Runs section `name` as a child process of this binary, its output passed through, and
-/// returns its rows (see [`run_isolated`]).
-pub fn run_child(device: usize, name: &str, timeout: Duration) -> Vec<Row> {
+/// returns its rows (see [`run_isolated`]). `model` is handed on as `--model`.
+pub fn run_child(
+    device: usize,
+    name: &str,
+    timeout: Duration,
+    model: Option<&std::path::Path>,
+) -> Vec<Row> {
     let rows_file = std::env::temp_dir().join(format!(
         "kvserve-gpu-check-{}-{}.json",
         std::process::id(),
@@ -23,6 +28,9 @@ pub fn run_child(device: usize, name: &str, timeout: Duration) -> Vec<Row> {
         .arg(name)
         .arg("--rows-out")
         .arg(&rows_file);
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
     run_isolated(cmd, name, &rows_file, timeout)
 }
 

@@ -366,28 +366,38 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Engine output tokens/s at batch 1, 32 and 128: prompts of 128 tokens, 128 output tokens each
-/// (EOS ignored), greedy (the token picked on the device); then batch 32 and 128 at
-/// temperature 1 (OpenAI's default: drawn on the device), batch 128 again drawn on the host (the
-/// row comes over); and batch 1 and 8 with every product on cuBLAS (the few-row kernel off),
-/// against the same with it on.
-pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
+/// One engine run: batch, temperature, few-row products on the gemv kernel, temperature draws
+/// on the host.
+pub type Case = (usize, f32, bool, bool);
+
+/// The 1B shape's runs: batch 1, 32 and 128 greedy (the token picked on the device); batch 32
+/// and 128 at temperature 1 (OpenAI's default: drawn on the device), batch 128 again drawn on
+/// the host (the row comes over); and batch 1 and 8 with every product on cuBLAS (the few-row
+/// kernel off), against the same with it on.
+pub const ONE_B_CASES: [Case; 9] = [
+    (1, 0.0, true, false),
+    (32, 0.0, true, false),
+    (128, 0.0, true, false),
+    (32, 1.0, true, false),
+    (128, 1.0, true, false),
+    (128, 1.0, true, true),
+    (1, 0.0, false, false),
+    (8, 0.0, true, false),
+    (8, 0.0, false, false),
+];
+
+/// Engine output tokens/s of `model` for each of `cases`: prompts of 128 tokens, 128 output
+/// tokens each (EOS ignored). `label` names the model in the rows ("" for the 1B shape).
+pub fn engine(
+    model: Arc<Llama<CudaBackend>>,
+    label: &str,
+    cases: &[Case],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let _ = std::any::type_name::<CudaMatrix>();
-    let model = Arc::new(model);
     let (prompt, output) = (128usize, 128usize);
-    // (batch, temperature, few-row products on the gemv kernel, temperature draws on the host)
-    let cases = [
-        (1usize, 0.0f32, true, false),
-        (32, 0.0, true, false),
-        (128, 0.0, true, false),
-        (32, 1.0, true, false),
-        (128, 1.0, true, false),
-        (128, 1.0, true, true),
-        (1, 0.0, false, false),
-        (8, 0.0, true, false),
-        (8, 0.0, false, false),
-    ];
-    for &(n, temperature, gemv, host_draw) in &cases {
+    let vocab = model.config().vocab_size;
+    for &(n, temperature, gemv, host_draw) in cases {
         model.backend().set_gemv_max_rows(if gemv {
             kvserve::backend::cuda::kernels::GEMV_MAX_ROWS
         } else {
@@ -415,14 +425,14 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
                 tenant: TenantId(0),
                 cache_salt: None,
                 prompt: (0..prompt)
-                    .map(|j| ((i * 7919 + j * 104_729 + 3) % 32_000) as u32)
+                    .map(|j| ((i * 7919 + j * 104_729 + 3) % vocab) as u32)
                     .collect(),
                 sampling: SamplingParams {
                     temperature,
                     seed: Some(i as u64),
                     // A top-k of the whole vocabulary draws the same tokens, on the host (the
                     // row comes over): the A/B of the device draw.
-                    top_k: if host_draw { 32_000 } else { 0 },
+                    top_k: if host_draw { vocab } else { 0 },
                     ..SamplingParams::default()
                 },
                 stop: StopParams {
@@ -473,7 +483,7 @@ pub fn engine(model: Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
         let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
         rows.push(measure(
             &format!(
-                "engine batch {n}{}{}{}: output tok/s",
+                "{label}engine batch {n}{}{}{}: output tok/s",
                 if temperature > 0.0 {
                     format!(", temperature {temperature}")
                 } else {

@@ -1,0 +1,662 @@
+//! The default model on the GPU: issue 9 asks for "the same model, batches and KV policies as on
+//! the CPU", and the other sections check the 1B shape with random weights. This one takes
+//! SmolLM2-135M-Instruct, what `kvserve serve` runs by default: 9 query heads over 3 KV heads
+//! (a query group of 3, which the decode kernels serve with their group-4 variant), hidden 576,
+//! tied embeddings, 49,152 tokens. Its real weights when the GGUF is at hand (`--model`, or
+//! next to the binary: see scripts/gpu-bundle.sh), random ones of its shape otherwise.
+//!
+//! For every published KV policy (docs/kv-quality.md; windows and quest budgets scaled down to
+//! the short contexts here, `mhc` with random projections) the whole forward pass runs on both
+//! backends: four prompts of 16–200 tokens in one step, then decode steps in which each sequence
+//! in turn asks for its logits row, its greedy token or a temperature draw, the last two picked
+//! on the device (`LogitsFor::Argmax`, `LogitsFor::Draw`). Both backends are fed the CPU's
+//! choices, so their caches hold the same tokens throughout. Then greedy generation through the
+//! engine on both backends, the token streams compared.
+//!
+//! Everything here is generic over the device backend, so the unit tests below run it with the
+//! CPU backend on both sides (and with wrong weights on one, which it must catch).
+
+use super::{error_row, measure, Row};
+use anyhow::{Context, Result};
+use kvserve::backend::codec::{Codec, MhcValues};
+use kvserve::backend::cpu::argmax::argmax;
+use kvserve::backend::cpu::draw::draw_dense_row;
+use kvserve::backend::cpu::CpuBackend;
+use kvserve::backend::cuda::parity::{llama_config, max_rel_err, random_vec, RandomWeights};
+use kvserve::backend::kv_policy::KvPolicy;
+use kvserve::backend::latent::{LatentKeys, LatentLayer};
+use kvserve::backend::Backend;
+use kvserve::config::{EngineSection, KvSection, TenantConfig};
+use kvserve::engine::paged::PagedKv;
+use kvserve::engine::request::KvChoice;
+use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
+use kvserve::model::config::ModelConfig;
+use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
+use kvserve::types::{SamplingParams, TenantId};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Block size of the stores here (the server's default).
+const BS: usize = 16;
+/// Prompt lengths of the forward checks: one long enough for the scaled windows and quest
+/// budgets to drop and skip blocks, one of exactly one block (sealed within its prompt step).
+const PROMPT_LENS: [usize; 4] = [200, 77, 33, 16];
+/// Decode steps after the prompts: every sequence asks for each kind of output at least twice.
+const DECODE_STEPS: usize = 7;
+/// Ranks of the random `mhc` projections (the published table's).
+const MHC_RANKS: [u16; 3] = [32, 64, 96];
+/// The GGUF file `--model` defaults to, looked for next to the binary and under `models/`.
+pub const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// SmolLM2-135M-Instruct's shape (shared/research/model.md): 30 layers, hidden 576, 9 query /
+/// 3 KV heads of 64, MLP 1536, 49,152 tokens, tied embeddings, RoPE theta 100,000.
+pub fn smollm2_shape() -> ModelConfig {
+    ModelConfig {
+        tie_word_embeddings: true,
+        rope_theta: 100_000.0,
+        ..llama_config(49_152, 576, 1536, 30, 9, 3, 64)
+    }
+}
+
+/// The published policies (docs/kv-quality.md) with their windows (1024 → 64 tokens) and quest
+/// budgets (512 → 64) scaled to these contexts, and the exact one.
+pub fn policies() -> Vec<(String, KvPolicy)> {
+    let p = |codec| KvPolicy::format(codec);
+    let mhc = |rank, values| p(Codec::Mhc { rank, values });
+    let window = |codec| KvPolicy {
+        window: Some(64),
+        ..p(codec)
+    };
+    let quest = |codec| KvPolicy {
+        quest: Some(64),
+        ..p(codec)
+    };
+    let list = [
+        KvPolicy::EXACT,
+        p(Codec::Bf16),
+        p(Codec::Int8),
+        p(Codec::K8v4),
+        p(Codec::Kivi4),
+        p(Codec::Kivi2),
+        window(Codec::Bf16),
+        window(Codec::Kivi4),
+        quest(Codec::Bf16),
+        quest(Codec::Kivi4),
+        mhc(64, MhcValues::Int8),
+        mhc(64, MhcValues::Kivi4),
+        mhc(96, MhcValues::Kivi4),
+        mhc(32, MhcValues::Kivi4),
+    ];
+    list.into_iter()
+        .map(|policy| {
+            let name = if policy == KvPolicy::EXACT {
+                "exact".to_string()
+            } else {
+                policy.to_string()
+            };
+            (name, policy)
+        })
+        .collect()
+}
+
+/// A random key projection of rank `rank` for every layer of `cfg` (for parity, not quality).
+fn random_latent(cfg: &ModelConfig, rank: u16, seed: u64) -> LatentKeys {
+    let rng = &mut ChaCha8Rng::seed_from_u64(seed);
+    let w = cfg.num_kv_heads * cfg.head_dim;
+    let r = rank as usize;
+    LatentKeys {
+        id: [rank as u8; 32],
+        rank,
+        kv_width: w,
+        head_dim: cfg.head_dim,
+        layers: (0..cfg.num_layers)
+            .map(|_| LatentLayer {
+                rank: r,
+                mean: random_vec(rng, w, 0.5),
+                down: random_vec(rng, r * w, (3.0 / w as f32).sqrt()),
+                up_t: random_vec(rng, r * w, (3.0 / r as f32).sqrt()),
+            })
+            .collect(),
+        // Replaced by the model's own when attached.
+        rope: kvserve::backend::RopeParams {
+            inv_freq: Vec::new(),
+            attention_scaling: 1.0,
+        },
+        max_positions: cfg.max_position_embeddings,
+    }
+}
+
+/// The model on the CPU (the oracle) and on the device, with the same bf16 weights and the same
+/// `mhc` projections, and prompts for it.
+pub struct Pair<B: Backend> {
+    pub cpu: Llama<CpuBackend>,
+    pub dev: Llama<B>,
+    pub prompts: Vec<Vec<u32>>,
+    /// What the weights are, for the rows' notes.
+    pub weights: String,
+}
+
+/// Text for the real model's prompts (tokenized, then cut or cycled to each length).
+const TEXT: &str = "The key-value cache holds, for every token a model has read, the keys and \
+values its attention layers computed, so that each new token costs one pass over the cache \
+instead of a pass over the whole prompt again. A server that keeps many conversations alive at \
+once spends most of its memory there: blocks of sixteen tokens, shared between requests that \
+start with the same system prompt, sealed into a smaller format once full, dropped outside a \
+window, or read only where a query is likely to look. Each of these choices trades a little \
+quality for room, and the trade should be measured and published rather than guessed. Paris is \
+the capital of France; the Loire is its longest river; the Alps mark its border with Italy.";
+
+/// Finds the default model's GGUF: `explicit` if given (it must exist), else next to the binary
+/// or under `models/` of the working directory; `None` when there is none.
+pub fn find_gguf(explicit: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Some(p) = explicit {
+        anyhow::ensure!(p.exists(), "--model {}: not found", p.display());
+        return Ok(Some(p.to_path_buf()));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(GGUF)));
+    Ok(beside
+        .into_iter()
+        .chain([Path::new("models").join(GGUF)])
+        .find(|p| p.exists()))
+}
+
+impl<B: Backend> Pair<B> {
+    /// Loads the default model from `gguf` (random weights of its shape when `None`) on both
+    /// backends and attaches the same random `mhc` projections to both.
+    pub fn load(dev: B, gguf: Option<&Path>) -> Result<Self> {
+        let (mut cpu, mut dev, prompts, weights) = match gguf {
+            Some(path) => {
+                let files = kvserve::model::loader::open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let cpu = Llama::from_files(&files, CpuBackend::new())?;
+                let dev = Llama::from_files(&files, dev)?;
+                let text = files.tokenizer.encode(TEXT, false)?;
+                let prompts = PROMPT_LENS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| text.iter().cycle().skip(i * 17).take(n).copied().collect())
+                    .collect();
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                (cpu, dev, prompts, format!("real weights ({name})"))
+            }
+            None => {
+                let cfg = smollm2_shape();
+                let w = RandomWeights::new(&cfg, 135);
+                let cpu = Llama::load(cfg.clone(), &w, CpuBackend::new())?;
+                let dev = Llama::load(cfg.clone(), &w, dev)?;
+                (cpu, dev, random_prompts(&cfg, 5), "random weights".into())
+            }
+        };
+        let cfg = cpu.config().clone();
+        for (i, &rank) in MHC_RANKS.iter().enumerate() {
+            if rank as usize <= cfg.num_kv_heads * cfg.head_dim {
+                let keys = random_latent(&cfg, rank, 900 + i as u64);
+                cpu.attach_latent_keys(keys.clone())?;
+                dev.attach_latent_keys(keys)?;
+            }
+        }
+        Ok(Self {
+            cpu,
+            dev,
+            prompts,
+            weights,
+        })
+    }
+}
+
+/// Prompts of [`PROMPT_LENS`] tokens drawn uniformly from `cfg`'s vocabulary.
+fn random_prompts(cfg: &ModelConfig, seed: u64) -> Vec<Vec<u32>> {
+    let rng = &mut ChaCha8Rng::seed_from_u64(seed);
+    PROMPT_LENS
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect()
+        })
+        .collect()
+}
+
+/// How far a token the device picked is from what the CPU's logits allow.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Picks {
+    pub n: usize,
+    /// Picks equal to the CPU's own from its logits.
+    pub same: usize,
+    /// The largest [`greedy_gap`] or [`draw_gap`]: within [`TOL`](super::TOL) passes.
+    pub worst: f64,
+}
+
+impl Picks {
+    fn add(&mut self, same: bool, gap: f64) {
+        self.n += 1;
+        self.same += usize::from(same);
+        self.worst = self.worst.max(gap);
+    }
+}
+
+/// One policy's forward parity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PolicyParity {
+    /// Worst max-norm relative error of the logits rows (prompt rows and decode rows).
+    pub logits: f64,
+    pub greedy: Picks,
+    pub drawn: Picks,
+}
+
+impl PolicyParity {
+    /// The largest of the three measures: the policy passes when it is within [`TOL`](super::TOL).
+    pub fn worst(&self) -> f64 {
+        self.logits.max(self.greedy.worst).max(self.drawn.worst)
+    }
+}
+
+/// How far below the row's max the logit of the picked token is, relative to the row's largest
+/// magnitude (the measure of [`max_rel_err`]): 0 for the CPU's own argmax; a token the logits'
+/// error could have put on top stays within the tolerance.
+pub fn greedy_gap(row: &[f32], token: u32) -> f64 {
+    let finite = |x: &f32| x.is_finite();
+    let max = row
+        .iter()
+        .filter(|x| finite(x))
+        .fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let scale = row
+        .iter()
+        .filter(|x| finite(x))
+        .fold(0f64, |a, &b| a.max((b as f64).abs()));
+    match row.get(token as usize) {
+        Some(&x) if x.is_finite() => (max - x as f64) / scale.max(f64::MIN_POSITIVE),
+        _ => f64::INFINITY,
+    }
+}
+
+/// How far the uniform `u01` lies outside the picked token's share of the CPU's distribution at
+/// temperature `1 / inv_t`, as a fraction of the whole (in f64, tokens in index order, as the
+/// draw walks them): 0 when the CPU would draw the same token; a neighbour the logits' error
+/// moved the boundary past is a small fraction, a wrong token a large one.
+pub fn draw_gap(row: &[f32], inv_t: f32, u01: f64, token: u32) -> f64 {
+    let max = row
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(f32::MIN, |a, &b| a.max(b)) as f64;
+    let weight = |x: f32| {
+        if x.is_finite() {
+            ((x as f64 - max) * inv_t as f64).exp()
+        } else {
+            0.0
+        }
+    };
+    let t = token as usize;
+    if t >= row.len() {
+        return f64::INFINITY;
+    }
+    let total: f64 = row.iter().map(|&x| weight(x)).sum();
+    let lo: f64 = row[..t].iter().map(|&x| weight(x)).sum();
+    let hi = lo + weight(row[t]);
+    let target = u01 * total;
+    (lo - target).max(target - hi).max(0.0) / total
+}
+
+/// Forward parity of `policy` on `pair` (see the module comment); `seed` picks block tables,
+/// temperatures and uniforms.
+pub fn forward_parity<B: Backend>(
+    pair: &Pair<B>,
+    policy: KvPolicy,
+    seed: u64,
+) -> Result<PolicyParity> {
+    let rng = &mut ChaCha8Rng::seed_from_u64(seed);
+    let n = pair.prompts.len();
+    let need: Vec<usize> = pair
+        .prompts
+        .iter()
+        .map(|p| (p.len() + DECODE_STEPS).div_ceil(BS))
+        .collect();
+    let total: usize = need.iter().sum();
+    let mut ids: Vec<u32> = (0..total as u32 + 8).collect();
+    ids.shuffle(rng);
+    let mut tables = Vec::new();
+    let mut taken = 0;
+    for &k in &need {
+        tables.push(ids[taken..taken + k].to_vec());
+        taken += k;
+    }
+    let mut kc = pair.cpu.new_kv_store(ids.len(), BS);
+    let mut kd = pair.dev.new_kv_store(ids.len(), BS);
+    let mut toks = pair.prompts.clone();
+    let mut out = PolicyParity::default();
+    let mut scratch = Vec::new();
+    for step in 0..=DECODE_STEPS {
+        // What the device is asked for, per sequence: logits at the prompt step, then in turn
+        // a logits row, a greedy token and a draw.
+        let asks: Vec<LogitsFor> = (0..n)
+            .map(|s| match (step, (s + step) % 3) {
+                (0, _) => LogitsFor::All,
+                (_, 0) => LogitsFor::Last,
+                (_, 1) => LogitsFor::Argmax,
+                _ => LogitsFor::Draw {
+                    inv_t: 1.0 / rng.random_range(0.5f32..1.5),
+                    u01: rng.random_range(0.0..1.0),
+                },
+            })
+            .collect();
+        let batch = |dev: bool| -> Vec<SeqStep<'_>> {
+            (0..n)
+                .map(|s| {
+                    let start = if step == 0 { 0 } else { toks[s].len() - 1 };
+                    SeqStep {
+                        tokens: &toks[s][start..],
+                        start_pos: start,
+                        block_table: &tables[s],
+                        logits: match (dev, asks[s]) {
+                            (true, ask) | (false, ask @ LogitsFor::All) => ask,
+                            (false, _) => LogitsFor::Last,
+                        },
+                        policy,
+                    }
+                })
+                .collect()
+        };
+        let want = pair.cpu.forward_step(&batch(false), &mut kc)?;
+        let got = pair.dev.forward_step(&batch(true), &mut kd)?;
+        let vocab = want.vocab();
+        let mut next = Vec::with_capacity(n);
+        for (s, &ask) in asks.iter().enumerate() {
+            let rows = want.logits(s);
+            let last = &rows[rows.len() - vocab..];
+            let token = match ask {
+                LogitsFor::Draw { inv_t, u01 } => {
+                    let cpu = draw_dense_row(last, inv_t, u01, &mut scratch);
+                    let d = got.token(s).context("no drawn token")?;
+                    out.drawn.add(d == cpu, draw_gap(last, inv_t, u01, d));
+                    cpu
+                }
+                LogitsFor::Argmax => {
+                    let cpu = argmax(last) as u32;
+                    let d = got.token(s).context("no greedy token")?;
+                    out.greedy.add(d == cpu, greedy_gap(last, d));
+                    cpu
+                }
+                _ => {
+                    out.logits = out.logits.max(max_rel_err(got.logits(s), rows));
+                    argmax(last) as u32
+                }
+            };
+            next.push(token);
+        }
+        for (s, t) in next.into_iter().enumerate() {
+            toks[s].push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy generation of `max_tokens` for each prompt through the engine (the scheduler, the
+/// paged pool and the backend's argmax) under `policy`; the token streams in prompt order.
+pub fn generate<B>(
+    model: Arc<Llama<B>>,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+    policy: KvPolicy,
+) -> Result<Vec<Vec<u32>>>
+where
+    B: Backend + 'static,
+    Llama<B>: Send + Sync,
+    B::KvStore: Send,
+{
+    let tokens: usize = prompts.iter().map(|p| p.len() + max_tokens).sum();
+    let blocks = tokens.div_ceil(BS) + prompts.len() + 16;
+    let kv = PagedKv::with_blocks(
+        &model,
+        &KvSection::default(),
+        &[TenantConfig::default()],
+        blocks,
+    )?;
+    let cfg = EngineSection {
+        max_running: prompts.len(),
+        ..EngineSection::default()
+    };
+    let engine = Engine::start(model, kv, &cfg, vec![(TenantId(0), 1.0)]);
+    let h = engine.handle();
+    let mut subs = Vec::new();
+    for p in prompts {
+        subs.push(h.submit(EngineRequest {
+            kv: KvChoice::only(policy),
+            tenant: TenantId(0),
+            cache_salt: None,
+            prompt: p.clone(),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop: StopParams {
+                max_tokens,
+                ignore_eos: true,
+                ..StopParams::default()
+            },
+            priority: 0,
+            prompt_logprobs: None,
+        })?);
+    }
+    let mut streams = Vec::new();
+    for mut s in subs {
+        let mut toks = Vec::new();
+        while let Some(ev) = s.events.blocking_recv() {
+            match ev {
+                EngineEvent::Token(t) => toks.push(t.token),
+                EngineEvent::Error(e) => anyhow::bail!("engine: {e}"),
+                _ => {}
+            }
+        }
+        streams.push(toks);
+    }
+    Ok(streams)
+}
+
+/// Streams equal throughout, and the mean length of the common start, of `a` against `b`.
+pub fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> (usize, f64) {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    let prefix: usize = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
+        .sum();
+    (same, prefix as f64 / a.len().max(1) as f64)
+}
+
+/// The section: forward parity of every policy, then greedy engine streams on both backends.
+pub fn run<B>(pair: Pair<B>, rows: &mut Vec<Row>) -> Result<Arc<Llama<B>>>
+where
+    B: Backend + 'static,
+    Llama<B>: Send + Sync,
+    B::KvStore: Send,
+{
+    let what = format!("SmolLM2-135M, {}", pair.weights);
+    for (i, (name, policy)) in policies().into_iter().enumerate() {
+        if !pair.dev.serves_policy(&policy) {
+            rows.push(super::failed_section(
+                &format!("default model {name}"),
+                "the device backend does not serve it".into(),
+            ));
+            continue;
+        }
+        let p = forward_parity(&pair, policy, 40 + i as u64)?;
+        let note = format!(
+            "{what}; logits {:.2e}; greedy on the device {}/{} as the CPU (worst gap {:.1e}); drawn {}/{} (worst gap {:.1e})",
+            p.logits, p.greedy.same, p.greedy.n, p.greedy.worst, p.drawn.same, p.drawn.n, p.drawn.worst
+        );
+        rows.push(error_row(
+            &format!("default model forward, {name}"),
+            p.worst(),
+            &note,
+        ));
+    }
+    // Greedy streams through the engine: prompts of 16–200 tokens, 48 tokens each.
+    let Pair {
+        cpu, dev, prompts, ..
+    } = pair;
+    let (cpu, dev) = (Arc::new(cpu), Arc::new(dev));
+    for policy in [
+        KvPolicy::format(Codec::Bf16),
+        KvPolicy::format(Codec::Kivi4),
+    ] {
+        let want = generate::<CpuBackend>(cpu.clone(), &prompts, 48, policy)?;
+        let got = generate(dev.clone(), &prompts, 48, policy)?;
+        let (same, prefix) = agreement(&got, &want);
+        rows.push(measure(
+            &format!("default model engine greedy streams, {policy}"),
+            same as f64,
+            "of 4 equal",
+            &format!("{what}; 48 tokens each; mean common start {prefix:.1} tokens"),
+        ));
+    }
+    Ok(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TOL;
+
+    /// A small model with a query group of 3, as the default's. Untied: with tied random
+    /// embeddings every model's top token is the one it was fed (its own embedding dominates the
+    /// last hidden state), so picks from other weights would agree and prove nothing.
+    fn tiny(seed: u64) -> (ModelConfig, RandomWeights) {
+        let cfg = llama_config(300, 96, 160, 3, 6, 2, 16);
+        let w = RandomWeights::new(&cfg, seed);
+        (cfg, w)
+    }
+
+    fn pair(cpu_seed: u64, dev_seed: u64) -> Pair<CpuBackend> {
+        let (cfg, w) = tiny(cpu_seed);
+        let (_, w2) = tiny(dev_seed);
+        let mut p = Pair {
+            cpu: Llama::load(cfg.clone(), &w, CpuBackend::new()).unwrap(),
+            dev: Llama::load(cfg.clone(), &w2, CpuBackend::new()).unwrap(),
+            prompts: random_prompts(&cfg, 3),
+            weights: "test".into(),
+        };
+        for (i, &rank) in MHC_RANKS.iter().enumerate() {
+            if rank as usize <= 32 {
+                let keys = random_latent(&cfg, rank, 900 + i as u64);
+                p.cpu.attach_latent_keys(keys.clone()).unwrap();
+                p.dev.attach_latent_keys(keys).unwrap();
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn the_cpu_against_itself_passes_every_served_policy() {
+        let p = pair(1, 1);
+        let mut checked = 0;
+        for (name, policy) in policies() {
+            if !p.dev.serves_policy(&policy) {
+                continue;
+            }
+            let r = forward_parity(&p, policy, 7).unwrap();
+            assert_eq!(r.logits, 0.0, "{name}");
+            // Every sequence asks for each kind of pick at least twice.
+            assert!(r.greedy.n >= 8 && r.drawn.n >= 8, "{name}: {r:?}");
+            assert_eq!(r.greedy.same, r.greedy.n, "{name}");
+            assert_eq!(r.drawn.same, r.drawn.n, "{name}");
+            assert!(
+                r.greedy.worst == 0.0 && r.drawn.worst < 1e-9,
+                "{name}: {r:?}"
+            );
+            assert!(r.worst() <= TOL);
+            checked += 1;
+        }
+        // Exact, the five plain formats, two windows, two quests, mhc:32.
+        assert_eq!(checked, 11);
+    }
+
+    #[test]
+    fn other_weights_on_the_device_fail_it() {
+        let p = pair(1, 2);
+        let r = forward_parity(&p, KvPolicy::format(Codec::Int8), 7).unwrap();
+        assert!(r.logits > TOL, "{r:?}");
+        assert!(r.worst() > TOL);
+        // Tokens picked from other logits land far from the CPU's.
+        assert!(r.greedy.worst > TOL && r.drawn.worst > TOL, "{r:?}");
+    }
+
+    #[test]
+    fn gaps_measure_distance_from_the_cpus_choice() {
+        let row = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY, 2.9];
+        assert_eq!(greedy_gap(&row, 1), 0.0);
+        assert!((greedy_gap(&row, 4) - 0.1 / 3.0).abs() < 1e-6);
+        assert_eq!(greedy_gap(&row, 3), f64::INFINITY);
+        assert_eq!(greedy_gap(&row, 9), f64::INFINITY);
+        // The CPU's draw lies inside its own token's share, for any uniform.
+        let mut scratch = Vec::new();
+        for i in 0..200 {
+            let u = i as f64 / 200.0;
+            let t = draw_dense_row(&row, 0.7, u, &mut scratch);
+            assert!(draw_gap(&row, 0.7, u, t) < 1e-7, "u {u} token {t}");
+        }
+        // u = 0 draws token 0; token 2 starts after the shares of tokens 0 and 1.
+        let w: Vec<f64> = row
+            .iter()
+            .map(|&x| ((x as f64 - 3.0) * 0.7f32 as f64).exp())
+            .collect();
+        let total: f64 = w.iter().filter(|x| x.is_finite()).sum();
+        assert!((draw_gap(&row, 0.7, 0.0, 2) - (w[0] + w[1]) / total).abs() < 1e-12);
+        assert_eq!(draw_gap(&row, 0.7, 0.0, 0), 0.0);
+    }
+
+    /// The real model's path of the section (GGUF, tokenizer, prompts cut from the text), run
+    /// with the CPU on both sides; `scripts/fetch-model.sh` puts the file there.
+    #[test]
+    fn the_default_models_gguf_loads_and_runs_on_both_sides() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(GGUF);
+        assert!(
+            path.exists(),
+            "{}: run scripts/fetch-model.sh",
+            path.display()
+        );
+        let p = Pair::load(CpuBackend::new(), Some(&path)).unwrap();
+        assert!(p.weights.starts_with("real weights"), "{}", p.weights);
+        assert_eq!(p.cpu.config().vocab_size, 49_152);
+        assert!(p.cpu.config().tie_word_embeddings);
+        let lens: Vec<usize> = p.prompts.iter().map(Vec::len).collect();
+        assert_eq!(lens, PROMPT_LENS);
+        assert_ne!(p.prompts[0][..16], p.prompts[3][..]);
+        // Every published rank fits its 192 KV channels.
+        assert_eq!(p.dev.latent_keys().len(), MHC_RANKS.len());
+        let policy = KvPolicy {
+            quest: Some(64),
+            ..KvPolicy::format(Codec::Mhc {
+                rank: 64,
+                values: MhcValues::Kivi4,
+            })
+        };
+        let r = forward_parity(&p, policy, 3).unwrap();
+        assert_eq!(r.logits, 0.0);
+        assert_eq!((r.greedy.same, r.drawn.same), (r.greedy.n, r.drawn.n));
+    }
+
+    #[test]
+    fn engine_streams_compare() {
+        let p = pair(1, 1);
+        let prompts: Vec<Vec<u32>> = p
+            .prompts
+            .iter()
+            .map(|x| x[..20.min(x.len())].to_vec())
+            .collect();
+        let (cpu, dev) = (Arc::new(p.cpu), Arc::new(p.dev));
+        let a = generate(cpu, &prompts, 6, KvPolicy::format(Codec::Kivi4)).unwrap();
+        let b = generate(dev, &prompts, 6, KvPolicy::format(Codec::Kivi4)).unwrap();
+        assert!(a.iter().all(|s| s.len() == 6));
+        assert_eq!(agreement(&a, &b), (4, 6.0));
+        let mut c = b.clone();
+        c[1][3] += 1;
+        assert_eq!(agreement(&a, &c), (3, 5.25));
+    }
+}
