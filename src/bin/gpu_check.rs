@@ -56,7 +56,8 @@ struct Args {
     only_bandwidth: bool,
     /// Run one section in this process and write its rows as JSON to `--rows-out` (how the
     /// parent runs each section): start, op parity, attention parity, KV policy parity, decode
-    /// bandwidth, products, forward parity, engine, default model.
+    /// bandwidth, products, forward parity, engine, default model, small model (also what
+    /// tests/cuda_emulated.rs runs on the emulated device).
     #[arg(long, requires = "rows_out")]
     section: Option<String>,
     #[arg(long)]
@@ -70,7 +71,7 @@ struct Args {
 /// address, a trap) leaves a CUDA context unusable for good, so in one process it would take
 /// every later measurement with it; as a child, it costs only its own rows. The first section
 /// compiles the kernels, the later ones load them from the disk cache.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "start",
     "op parity",
     "attention parity",
@@ -80,6 +81,7 @@ const SECTIONS: [&str; 9] = [
     "forward parity",
     "engine",
     "default model",
+    "small model",
 ];
 
 /// One result line: a parity check (error) or a measurement (value + unit).
@@ -260,7 +262,8 @@ fn run_section(
     let t = Instant::now();
     let gpu = CudaBackend::new(info.clone())?;
     println!(
-        "backend up in {:.2} s (kernel compile {:.2} s, {} SMs)",
+        "backend up on {} in {:.2} s (kernel compile {:.2} s, {} SMs)",
+        info.name,
         t.elapsed().as_secs_f64(),
         gpu.compile_seconds,
         gpu.multiprocessors()
@@ -328,7 +331,7 @@ fn run_section(
                 pair.weights,
                 t.elapsed().as_secs_f64()
             );
-            let dev = model::run(pair, rows)?;
+            let dev = model::run(pair, "default model", rows)?;
             // What `kvserve serve --device cuda` serves by default, at batch 1, 32 and 128.
             let cases = [
                 (1, 0.0, true, false),
@@ -337,6 +340,10 @@ fn run_section(
                 (128, 1.0, true, false),
             ];
             speed::engine(dev, "default model ", &cases, rows)
+        }),
+        "small model" => section(name, rows, |rows| {
+            let pair = model::Pair::random(gpu, model::small_shape(), 7)?;
+            model::run(pair, "small model", rows).map(drop)
         }),
         other => anyhow::bail!("unknown section {other:?}; sections: {SECTIONS:?}"),
     }

@@ -6,6 +6,11 @@
 // call with every lane of the warp, as CUDA requires). The test rewrites `extern __shared__` to
 // `extern` (the dynamic shared memory is a global array) and `__shared__` is `static`: CTAs run
 // one at a time.
+//
+// With HOST_FIBERS defined (the emulated device, tests/cuda_host/emu_driver.cpp) a CTA's threads
+// are fibers on the launching OS thread instead (fiber.h): the same barriers and shuffles, each
+// wait a switch of a few nanoseconds instead of an OS context switch, which is what makes whole
+// forward passes affordable.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -26,13 +31,20 @@ struct uint2 { unsigned int x, y; };
 struct uint4 { unsigned int x, y, z, w; };
 struct float4 { float x, y, z, w; };
 struct dim3h { unsigned int x = 0, y = 0, z = 0; };
+#ifdef HOST_FIBERS
+#include "fiber.h"
+inline dim3h threadIdx;  // set by the fiber scheduler at every switch
+using HostBarrier = FiberBarrier;
+#else
 inline thread_local dim3h threadIdx;
-inline dim3h blockIdx, blockDim{1, 1, 1};
+using HostBarrier = std::barrier<>;
+#endif
+inline dim3h blockIdx, blockDim{1, 1, 1}, gridDim{1, 1, 1};
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 
 struct CtaSync {
-    std::unique_ptr<std::barrier<>> cta;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::unique_ptr<HostBarrier> cta;
+    std::vector<std::unique_ptr<HostBarrier>> warps;
     float xchg[32][32];
     unsigned int frag[32][32][6];  // per warp, per lane: the A and B fragments of an mma
 };
@@ -74,15 +86,19 @@ inline float __shfl_sync(unsigned, float v, int src) { return shfl_from(v, src);
 template <typename F>
 void launch(dim3h grid, unsigned threads, F f) {
     blockDim = dim3h{threads, 1, 1};
+    gridDim = grid;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = dim3h{x, y, z};
                 CtaSync s;
-                s.cta = std::make_unique<std::barrier<>>(threads);
+                s.cta = std::make_unique<HostBarrier>(threads);
                 for (unsigned w = 0; w * 32 < threads; ++w)
-                    s.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+                    s.warps.push_back(std::make_unique<HostBarrier>(std::min(32u, threads - 32 * w)));
                 g_cta = &s;
+#ifdef HOST_FIBERS
+                fiber_run_cta(threads, [&](unsigned t) { threadIdx = dim3h{t, 0, 0}; }, f);
+#else
                 std::vector<std::thread> ts;
                 for (unsigned t = 0; t < threads; ++t)
                     ts.emplace_back([t, &f] {
@@ -90,9 +106,11 @@ void launch(dim3h grid, unsigned threads, F f) {
                         f();
                     });
                 for (auto& t : ts) t.join();
+#endif
                 g_cta = nullptr;
             }
     blockDim = dim3h{1, 1, 1};
+    gridDim = dim3h{1, 1, 1};
 }
 
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -262,6 +262,50 @@ fn three_chunks_equal_one_shot() {
 }
 
 #[test]
+fn bf16_kv_stores_what_the_device_stores() {
+    // `with_bf16_kv` stores each rotated key and value rounded to bf16 and leaves the queries
+    // as they are; the plain backend stores f32.
+    let (plain, rounding) = (CpuBackend::new(), CpuBackend::with_bf16_kv());
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let shape = AttnShape {
+        num_heads: 6,
+        num_kv_heads: 2,
+        head_dim: 8,
+    };
+    let rope = RopeParams {
+        inv_freq: (0..4).map(|i| 1.0 / 100f32.powi(i)).collect(),
+        attention_scaling: 1.0,
+    };
+    let qkv = random(5 * shape.qkv_width(), &mut rng);
+    let (pos, slots): (Vec<u32>, Vec<u32>) = ((3..8).collect(), vec![1, 2, 3, 4, 5]);
+    let (mut a, mut b) = (qkv.clone(), qkv.clone());
+    let mut sa = plain.new_kv_store(1, 2, 4, shape);
+    let mut sb = rounding.new_kv_store(1, 2, 4, shape);
+    plain.rope_and_store(&mut a, 5, &pos, &slots, shape, &rope, &mut sa, 0);
+    rounding.rope_and_store(&mut b, 5, &pos, &slots, shape, &rope, &mut sb, 0);
+    let round = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let (la, lb) = (sa.layer(0), sb.layer(0));
+    assert_eq!(round(&la.k), lb.k.to_vec());
+    assert_eq!(round(&la.v), lb.v.to_vec());
+    assert_ne!(
+        la.k.to_vec(),
+        lb.k.to_vec(),
+        "f32 keys are not all bf16 already"
+    );
+    for (ra, rb) in a.chunks(shape.qkv_width()).zip(b.chunks(shape.qkv_width())) {
+        assert_eq!(
+            ra[..shape.q_width()],
+            rb[..shape.q_width()],
+            "queries untouched"
+        );
+    }
+}
+
+#[test]
 fn gqa_maps_query_head_to_kv_head() {
     // V of KV head g is the constant g + 1 everywhere; query head h must read KV head
     // h / (num_heads / num_kv_heads).

@@ -37,11 +37,26 @@ use std::sync::{Arc, RwLock};
 pub struct CpuBackend {
     /// One table per distinct `RopeParams` seen (one for Llama), grown by doubling.
     rope: RwLock<Vec<Arc<RopeTable>>>,
+    /// Keys and values rounded to bf16 before they are stored (see [`Self::with_bf16_kv`]).
+    bf16_kv: bool,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The oracle of the CUDA backend's storage: keys and values are rounded to bf16 (nearest,
+    /// ties to even) before they are stored, as the device's exact copies hold them, so a block
+    /// sealed into a quantized format gets the device's very codes. With f32 storage a code on
+    /// a rounding boundary may differ, one quantization step (1/15 of a 4-bit group's range),
+    /// which a whole forward pass turns into differences far above rounding noise. Not for
+    /// serving: the plain CPU backend keeps f32.
+    pub fn with_bf16_kv() -> Self {
+        Self {
+            bf16_kv: true,
+            ..Self::default()
+        }
     }
 
     /// A table serving `rope` for positions `< len`, built (or grown) on first need.
@@ -214,6 +229,14 @@ impl Backend for CpuBackend {
         let max_pos = positions.iter().copied().max().unwrap_or(0) as usize;
         self.rope_table(rope, max_pos + 1)
             .apply(qkv, rows, positions, shape);
+        if self.bf16_kv {
+            let (q, width) = (shape.q_width(), shape.qkv_width());
+            for row in qkv[..rows * width].chunks_exact_mut(width) {
+                for x in &mut row[q..] {
+                    *x = half::bf16::from_f32(*x).to_f32();
+                }
+            }
+        }
         store.store(layer, qkv, rows, &slots[..rows]);
     }
 

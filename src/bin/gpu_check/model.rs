@@ -10,8 +10,11 @@
 //! backends: four prompts of 16–200 tokens in one step, then decode steps in which each sequence
 //! in turn asks for its logits row, its greedy token or a temperature draw, the last two picked
 //! on the device (`LogitsFor::Argmax`, `LogitsFor::Draw`). Both backends are fed the CPU's
-//! choices, so their caches hold the same tokens throughout. Then greedy generation through the
-//! engine on both backends, the token streams compared.
+//! choices, so their caches hold the same tokens throughout. The CPU oracle stores its keys and
+//! values in bf16 as the device does (`CpuBackend::with_bf16_kv`): with f32 storage a 4-bit code
+//! on a rounding boundary may come out one step apart, which a whole forward pass turns into
+//! logits differences of 2–8e-2 that say nothing about the device code. Then greedy generation
+//! through the engine on both backends, the token streams compared.
 //!
 //! Everything here is generic over the device backend, so the unit tests below run it with the
 //! CPU backend on both sides (and with wrong weights on one, which it must catch).
@@ -58,6 +61,16 @@ pub fn smollm2_shape() -> ModelConfig {
         tie_word_embeddings: true,
         rope_theta: 100_000.0,
         ..llama_config(49_152, 576, 1536, 30, 9, 3, 64)
+    }
+}
+
+/// A small model of the default's kind for the emulated device (tests/cuda_emulated.rs), where
+/// every CUDA thread is a fiber on one CPU core: 3 layers, hidden 128, 6 query heads over 2 KV
+/// heads of 64 (a query group of 3), MLP 256, 512 tokens, tied embeddings.
+pub fn small_shape() -> ModelConfig {
+    ModelConfig {
+        tie_word_embeddings: true,
+        ..llama_config(512, 128, 256, 3, 6, 2, 64)
     }
 }
 
@@ -173,7 +186,7 @@ impl<B: Backend> Pair<B> {
             Some(path) => {
                 let files = kvserve::model::loader::open(path)
                     .with_context(|| format!("opening {}", path.display()))?;
-                let cpu = Llama::from_files(&files, CpuBackend::new())?;
+                let cpu = Llama::from_files(&files, CpuBackend::with_bf16_kv())?;
                 let dev = Llama::from_files(&files, dev)?;
                 let text = files.tokenizer.encode(TEXT, false)?;
                 let prompts = PROMPT_LENS
@@ -184,14 +197,33 @@ impl<B: Backend> Pair<B> {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
                 (cpu, dev, prompts, format!("real weights ({name})"))
             }
-            None => {
-                let cfg = smollm2_shape();
-                let w = RandomWeights::new(&cfg, 135);
-                let cpu = Llama::load(cfg.clone(), &w, CpuBackend::new())?;
-                let dev = Llama::load(cfg.clone(), &w, dev)?;
-                (cpu, dev, random_prompts(&cfg, 5), "random weights".into())
-            }
+            None => return Self::random(dev, smollm2_shape(), 135),
         };
+        Self::attach_latents(&mut cpu, &mut dev)?;
+        Ok(Self {
+            cpu,
+            dev,
+            prompts,
+            weights,
+        })
+    }
+
+    /// A model of shape `cfg` with random weights (seeded) on both backends, random prompts.
+    pub fn random(dev: B, cfg: ModelConfig, seed: u64) -> Result<Self> {
+        let w = RandomWeights::new(&cfg, seed);
+        let mut cpu = Llama::load(cfg.clone(), &w, CpuBackend::with_bf16_kv())?;
+        let mut dev = Llama::load(cfg.clone(), &w, dev)?;
+        Self::attach_latents(&mut cpu, &mut dev)?;
+        Ok(Self {
+            cpu,
+            dev,
+            prompts: random_prompts(&cfg, seed + 1),
+            weights: "random weights".into(),
+        })
+    }
+
+    /// The same random `mhc` projections of each published rank that fits, on both.
+    fn attach_latents(cpu: &mut Llama<CpuBackend>, dev: &mut Llama<B>) -> Result<()> {
         let cfg = cpu.config().clone();
         for (i, &rank) in MHC_RANKS.iter().enumerate() {
             if rank as usize <= cfg.num_kv_heads * cfg.head_dim {
@@ -200,12 +232,7 @@ impl<B: Backend> Pair<B> {
                 dev.attach_latent_keys(keys)?;
             }
         }
-        Ok(Self {
-            cpu,
-            dev,
-            prompts,
-            weights,
-        })
+        Ok(())
     }
 }
 
@@ -469,17 +496,22 @@ pub fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> (usize, f64) {
 }
 
 /// The section: forward parity of every policy, then greedy engine streams on both backends.
-pub fn run<B>(pair: Pair<B>, rows: &mut Vec<Row>) -> Result<Arc<Llama<B>>>
+pub fn run<B>(pair: Pair<B>, label: &str, rows: &mut Vec<Row>) -> Result<Arc<Llama<B>>>
 where
     B: Backend + 'static,
     Llama<B>: Send + Sync,
     B::KvStore: Send,
 {
-    let what = format!("SmolLM2-135M, {}", pair.weights);
+    let what = format!(
+        "{} layers, hidden {}, {}",
+        pair.cpu.config().num_layers,
+        pair.cpu.config().hidden_size,
+        pair.weights
+    );
     for (i, (name, policy)) in policies().into_iter().enumerate() {
         if !pair.dev.serves_policy(&policy) {
             rows.push(super::failed_section(
-                &format!("default model {name}"),
+                &format!("{label} {name}"),
                 "the device backend does not serve it".into(),
             ));
             continue;
@@ -490,7 +522,7 @@ where
             p.logits, p.greedy.same, p.greedy.n, p.greedy.worst, p.drawn.same, p.drawn.n, p.drawn.worst
         );
         rows.push(error_row(
-            &format!("default model forward, {name}"),
+            &format!("{label} forward, {name}"),
             p.worst(),
             &note,
         ));
@@ -508,7 +540,7 @@ where
         let got = generate(dev.clone(), &prompts, 48, policy)?;
         let (same, prefix) = agreement(&got, &want);
         rows.push(measure(
-            &format!("default model engine greedy streams, {policy}"),
+            &format!("{label} engine greedy streams, {policy}"),
             same as f64,
             "of 4 equal",
             &format!("{what}; 48 tokens each; mean common start {prefix:.1} tokens"),
@@ -535,8 +567,8 @@ mod tests {
         let (cfg, w) = tiny(cpu_seed);
         let (_, w2) = tiny(dev_seed);
         let mut p = Pair {
-            cpu: Llama::load(cfg.clone(), &w, CpuBackend::new()).unwrap(),
-            dev: Llama::load(cfg.clone(), &w2, CpuBackend::new()).unwrap(),
+            cpu: Llama::load(cfg.clone(), &w, CpuBackend::with_bf16_kv()).unwrap(),
+            dev: Llama::load(cfg.clone(), &w2, CpuBackend::with_bf16_kv()).unwrap(),
             prompts: random_prompts(&cfg, 3),
             weights: "test".into(),
         };
@@ -621,7 +653,7 @@ mod tests {
             "{}: run scripts/fetch-model.sh",
             path.display()
         );
-        let p = Pair::load(CpuBackend::new(), Some(&path)).unwrap();
+        let p = Pair::load(CpuBackend::with_bf16_kv(), Some(&path)).unwrap();
         assert!(p.weights.starts_with("real weights"), "{}", p.weights);
         assert_eq!(p.cpu.config().vocab_size, 49_152);
         assert!(p.cpu.config().tie_word_embeddings);

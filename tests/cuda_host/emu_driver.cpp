@@ -1,0 +1,297 @@
+// An emulated CUDA device for tests (tests/cuda_emulated.rs): a libcuda.so (and libcublas.so) that
+// implements the part of the driver and cuBLAS APIs the CUDA backend uses, on the CPU. Device
+// memory is host memory (a device pointer is a host address), every operation runs at once, in
+// call order, on the calling thread (the backend uses one stream), and cuLaunchKernel runs the
+// kernel's host build (the same kernels/*.cu, compiled by g++ with shim.h, CTA by CTA on fibers)
+// found by name in the registry (emu.h). Modules are not read: cuModuleLoadData accepts the
+// NVRTC CUBIN and cuModuleGetFunction looks the name up. cublasGemmEx is a plain loop.
+//
+// What it cannot show: anything about real hardware (timing, the PTX f16 conversions, memory
+// ordering between CTAs running at once). What it does show: the backend's host code and the
+// kernels together, op by op, through the same calls a GPU gets.
+#include "shim.h"
+#include "emu.h"
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace {
+
+std::map<std::string, emu::Entry>& registry() {
+    static std::map<std::string, emu::Entry> r;
+    return r;
+}
+std::mutex g_lock;  // one launch or copy at a time
+struct Counters {
+    unsigned long long launches = 0, allocs = 0;
+} g_count;
+
+int env_int(const char* name, int fallback) {
+    const char* v = std::getenv(name);
+    return v ? std::atoi(v) : fallback;
+}
+
+}  // namespace
+
+void emu::add(const Reg* regs, size_t n) {
+    for (size_t i = 0; i < n; ++i) registry()[regs[i].name] = regs[i].run;
+}
+
+extern "C" {
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* Handle;
+
+enum {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    NOT_FOUND = 500,
+};
+
+CUresult cuInit(unsigned) { return SUCCESS; }
+CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return SUCCESS;
+}
+CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return SUCCESS;
+}
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return INVALID_VALUE;
+    *d = 0;
+    return SUCCESS;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, len, "kvserve emulated device (host CPU)");
+    return SUCCESS;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = (size_t)16 << 30;
+    return SUCCESS;
+}
+CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+        case 1: *v = 1024; break;                                // max threads per block
+        case 10: *v = 32; break;                                 // warp size
+        case 16: *v = env_int("KVSERVE_EMU_SMS", 132); break;    // multiprocessors (an H200's)
+        case 75: *v = env_int("KVSERVE_EMU_ARCH", 90) / 10; break;  // compute capability
+        case 76: *v = env_int("KVSERVE_EMU_ARCH", 90) % 10; break;
+        case 97: *v = 227 << 10; break;                          // shared memory per block, opt-in
+        case 8: *v = 48 << 10; break;                            // shared memory per block
+        case 115: *v = 1; break;                                 // memory pools
+        default: *v = 0;
+    }
+    return SUCCESS;
+}
+CUresult cuDeviceGetUuid(void* u, CUdevice) {
+    std::memset(u, 0, 16);
+    return SUCCESS;
+}
+CUresult cuDeviceGetUuid_v2(void* u, CUdevice d) { return cuDeviceGetUuid(u, d); }
+
+static int g_ctx_token;
+CUresult cuDevicePrimaryCtxRetain(Handle* ctx, CUdevice) {
+    *ctx = &g_ctx_token;
+    return SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
+CUresult cuCtxSetCurrent(Handle) { return SUCCESS; }
+CUresult cuCtxGetCurrent(Handle* ctx) {
+    *ctx = &g_ctx_token;
+    return SUCCESS;
+}
+CUresult cuCtxSynchronize() { return SUCCESS; }
+CUresult cuCtxSetFlags(unsigned) { return SUCCESS; }
+CUresult cuCtxGetStreamPriorityRange(int* lo, int* hi) {
+    *lo = *hi = 0;
+    return SUCCESS;
+}
+
+static int g_stream_token, g_pool_token, g_event_token;
+CUresult cuStreamCreate(Handle* s, unsigned) {
+    *s = &g_stream_token;
+    return SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(Handle* s, unsigned, int) { return cuStreamCreate(s, 0); }
+CUresult cuStreamDestroy_v2(Handle) { return SUCCESS; }
+CUresult cuStreamSynchronize(Handle) { return SUCCESS; }
+CUresult cuStreamWaitEvent(Handle, Handle, unsigned) { return SUCCESS; }
+CUresult cuStreamIsCapturing(Handle, int* status) {
+    *status = 0;
+    return SUCCESS;
+}
+CUresult cuEventCreate(Handle* e, unsigned) {
+    *e = &g_event_token;
+    return SUCCESS;
+}
+CUresult cuEventDestroy_v2(Handle) { return SUCCESS; }
+CUresult cuEventRecord(Handle, Handle) { return SUCCESS; }
+CUresult cuEventSynchronize(Handle) { return SUCCESS; }
+CUresult cuEventQuery(Handle) { return SUCCESS; }
+CUresult cuEventElapsedTime(float* ms, Handle, Handle) {
+    *ms = 0.0f;
+    return SUCCESS;
+}
+CUresult cuEventElapsedTime_v2(float* ms, Handle a, Handle b) { return cuEventElapsedTime(ms, a, b); }
+
+CUresult cuDeviceGetDefaultMemPool(Handle* pool, CUdevice) {
+    *pool = &g_pool_token;
+    return SUCCESS;
+}
+CUresult cuMemPoolSetAttribute(Handle, int, void*) { return SUCCESS; }
+CUresult cuMemPoolGetAttribute(Handle, int, void* v) {
+    *(unsigned long long*)v = 0;
+    return SUCCESS;
+}
+CUresult cuMemPoolTrimTo(Handle, size_t) { return SUCCESS; }
+
+// Device memory: host memory, 256-byte aligned like the driver's, filled with 0xFF (NaN as f32
+// and bf16) instead of zeroed: as on a GPU, the backend must write what it reads (cuMemsetD8 is
+// the zeroing), and reading what nothing wrote shows up as NaN in the results.
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    void* m = std::aligned_alloc(256, ((bytes + 255) / 256) * 256 + 256);
+    if (!m) return OUT_OF_MEMORY;
+    std::memset(m, 0xFF, ((bytes + 255) / 256) * 256 + 256);
+    g_count.allocs++;
+    *p = (CUdeviceptr)m;
+    return SUCCESS;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::free((void*)p);
+    return SUCCESS;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Handle) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemFreeAsync(CUdeviceptr p, Handle) { return cuMemFree_v2(p); }
+CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    *free_b = (size_t)12 << 30;
+    *total = (size_t)16 << 30;
+    return SUCCESS;
+}
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = std::malloc(bytes ? bytes : 1);
+    return *p ? SUCCESS : OUT_OF_MEMORY;
+}
+CUresult cuMemFreeHost(void* p) {
+    std::free(p);
+    return SUCCESS;
+}
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    std::memset((void*)p, v, n);
+    return SUCCESS;
+}
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, Handle) { return cuMemsetD8_v2(p, v, n); }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    std::memcpy((void*)d, s, n);
+    return SUCCESS;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, Handle) { return cuMemcpyHtoD_v2(d, s, n); }
+CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    std::memcpy(d, (const void*)s, n);
+    return SUCCESS;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, Handle) { return cuMemcpyDtoH_v2(d, s, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    std::memmove((void*)d, (const void*)s, n);
+    return SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, Handle) { return cuMemcpyDtoD_v2(d, s, n); }
+
+static int g_module_token;
+CUresult cuModuleLoadData(Handle* m, const void*) {
+    *m = &g_module_token;
+    return SUCCESS;
+}
+CUresult cuModuleUnload(Handle) { return SUCCESS; }
+CUresult cuModuleGetFunction(Handle* f, Handle, const char* name) {
+    auto it = registry().find(name);
+    if (it == registry().end()) {
+        std::fprintf(stderr, "emulated device: no kernel %s\n", name);
+        return NOT_FOUND;
+    }
+    *f = (Handle)it->second;
+    return SUCCESS;
+}
+CUresult cuFuncSetAttribute(Handle, int, int) { return SUCCESS; }
+CUresult cuFuncGetAttribute(int* v, int, Handle) {
+    *v = 0;
+    return SUCCESS;
+}
+CUresult cuFuncSetCacheConfig(Handle, int) { return SUCCESS; }
+
+CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned, Handle, void** params, void** extra) {
+    if (by != 1 || bz != 1 || extra || !f || gx == 0 || gy == 0 || gz == 0 || bx == 0 || bx > 1024)
+        return INVALID_VALUE;
+    std::lock_guard<std::mutex> g(g_lock);
+    g_count.launches++;
+    ((emu::Entry)f)(params, dim3h{gx, gy, gz}, bx);
+    return SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult e, const char** s) {
+    *s = e == SUCCESS ? "no error" : e == NOT_FOUND ? "named symbol not found" : "emulated device error";
+    return SUCCESS;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = e == SUCCESS ? "CUDA_SUCCESS" : e == NOT_FOUND ? "CUDA_ERROR_NOT_FOUND" : "CUDA_ERROR_INVALID_VALUE";
+    return SUCCESS;
+}
+
+// Launches and allocations so far (for host-cost measurements).
+unsigned long long kvserve_emu_launches() { return g_count.launches; }
+unsigned long long kvserve_emu_allocs() { return g_count.allocs; }
+
+// cuBLAS: a handle, its stream, and GemmEx in column-major order (C = alpha op(A) op(B) + beta C)
+// for bf16 or f32 operands, accumulated in f32 in k order.
+static int g_blas_token;
+int cublasCreate_v2(Handle* h) {
+    *h = &g_blas_token;
+    return 0;
+}
+int cublasDestroy_v2(Handle) { return 0; }
+int cublasSetStream_v2(Handle, Handle) { return 0; }
+int cublasSetMathMode(Handle, int) { return 0; }
+int cublasSetWorkspace_v2(Handle, void*, size_t) { return 0; }
+
+static float load(const void* p, int type, size_t i) {
+    if (type == 0) return ((const float*)p)[i];                          // CUDA_R_32F
+    if (type == 14) {                                                    // CUDA_R_16BF
+        const unsigned int u = (unsigned int)((const unsigned short*)p)[i] << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+    std::fprintf(stderr, "emulated cuBLAS: data type %d\n", type);
+    std::abort();
+}
+
+int cublasGemmEx(Handle, int ta, int tb, int m, int n, int k, const void* alpha, const void* A,
+                 int at, int lda, const void* B, int bt, int ldb, const void* beta, void* C, int ct,
+                 int ldc, int compute, int) {
+    if (ct != 0 || compute != 68) return 7;  // CUBLAS_STATUS_INVALID_VALUE: f32 out, COMPUTE_32F
+    std::lock_guard<std::mutex> g(g_lock);
+    const float a = *(const float*)alpha, b = *(const float*)beta;
+    float* c = (float*)C;
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+            float acc = 0.0f;
+            for (int l = 0; l < k; ++l) {
+                const size_t ai = ta == 0 ? i + (size_t)l * lda : l + (size_t)i * lda;
+                const size_t bi = tb == 0 ? l + (size_t)j * ldb : j + (size_t)l * ldb;
+                acc += load(A, at, ai) * load(B, bt, bi);
+            }
+            float& out = c[i + (size_t)j * ldc];
+            out = b == 0.0f ? a * acc : a * acc + b * out;
+        }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,118 @@
+// Fibers for the emulated device's CTAs (shim.h with HOST_FIBERS): every CUDA thread of a CTA is a
+// fiber with a stack of its own on the launching OS thread, run in turn by `fiber_run_cta`; a
+// barrier wait hands over to the next fiber. A switch saves the callee-saved registers and the
+// stack pointer and loads another's (x86-64 System V), a few nanoseconds against the
+// microseconds of an OS thread switch, and a shuffle is two barrier waits of its warp.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <sys/mman.h>
+#include <vector>
+
+#if !defined(__x86_64__)
+#error "the emulated device's fibers switch stacks in x86-64 assembly"
+#endif
+
+// kvs_fiber_switch(save, load): pushes the callee-saved registers, stores the stack pointer in
+// *save, loads `load` and pops the registers saved there. Weak: every translation unit that
+// includes this header defines it, the linker keeps one.
+extern "C" void kvs_fiber_switch(void** save, void* load);
+asm(R"(
+    .text
+    .weak kvs_fiber_switch
+    .type kvs_fiber_switch,@function
+kvs_fiber_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size kvs_fiber_switch, .-kvs_fiber_switch
+)");
+
+struct FiberState {
+    void* sched = nullptr;          // the scheduler's saved stack pointer
+    std::vector<void*> sp;          // each fiber's saved stack pointer
+    std::vector<char> done;
+    unsigned cur = 0, alive = 0;
+    std::function<void()> body;     // the CTA's kernel call, run by every fiber
+    char* stacks = nullptr;
+    unsigned capacity = 0;          // fibers the stacks hold
+    static constexpr size_t STACK = 256 << 10;
+};
+inline FiberState g_fib;
+
+inline void fiber_yield() { kvs_fiber_switch(&g_fib.sp[g_fib.cur], g_fib.sched); }
+
+// Where a fiber starts: runs the body, marks itself done and goes back for good.
+inline void fiber_entry() {
+    g_fib.body();
+    g_fib.done[g_fib.cur] = 1;
+    --g_fib.alive;
+    void* gone;
+    kvs_fiber_switch(&gone, g_fib.sched);
+    __builtin_trap();
+}
+
+// A barrier of `n` fibers: the last to arrive opens it; the others wait, yielding.
+struct FiberBarrier {
+    explicit FiberBarrier(unsigned n) : n(n) {}
+    void arrive_and_wait() {
+        const unsigned long g = gen;
+        if (++count == n) {
+            count = 0;
+            ++gen;
+            return;
+        }
+        while (gen == g) fiber_yield();
+    }
+    unsigned n, count = 0;
+    unsigned long gen = 0;
+};
+
+// Runs `f` once per thread of a CTA of `threads` fibers, round robin until all have returned;
+// `set` is told which thread runs before each switch to it.
+template <typename Set, typename F>
+void fiber_run_cta(unsigned threads, Set set, F& f) {
+    if (threads > g_fib.capacity) {
+        if (g_fib.stacks) munmap(g_fib.stacks, g_fib.capacity * FiberState::STACK);
+        void* m = mmap(nullptr, threads * FiberState::STACK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) __builtin_trap();
+        g_fib.stacks = (char*)m;
+        g_fib.capacity = threads;
+    }
+    g_fib.body = [&f] { f(); };
+    g_fib.sp.assign(threads, nullptr);
+    g_fib.done.assign(threads, 0);
+    for (unsigned t = 0; t < threads; ++t) {
+        // 16-byte aligned top; after the 6 registers and `ret`, the entry sees rsp = 8 mod 16,
+        // as after a call.
+        auto top = (uintptr_t)(g_fib.stacks + (size_t)(t + 1) * FiberState::STACK) & ~(uintptr_t)15;
+        void** sp = (void**)top;
+        *--sp = nullptr;                  // fiber_entry's return address: never used
+        *--sp = (void*)&fiber_entry;      // where `ret` goes
+        for (int r = 0; r < 6; ++r) *--sp = nullptr;
+        g_fib.sp[t] = sp;
+    }
+    g_fib.alive = threads;
+    while (g_fib.alive > 0) {
+        for (unsigned t = 0; t < threads; ++t) {
+            if (g_fib.done[t]) continue;
+            g_fib.cur = t;
+            set(t);
+            kvs_fiber_switch(&g_fib.sched, g_fib.sp[t]);
+        }
+    }
+}
