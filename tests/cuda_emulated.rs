@@ -48,10 +48,15 @@ fn gxx(dir: &Path) -> Command {
     c
 }
 
-/// Builds the emulated device into a fresh folder holding `libcuda.so` and `libcublas.so`.
+/// Builds the emulated device into a fresh folder holding `libcuda.so` and `libcublas.so`:
+/// `$KVSERVE_EMU_DIR` when set (kept after the test, for measurements: docs/cuda.md), else a
+/// folder of this run, removed when the test passes.
 fn build_emulator() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emu-{}", std::process::id()));
+    let dir = match std::env::var_os("KVSERVE_EMU_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emu-{}", std::process::id())),
+    };
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(root.join("kernels")).unwrap() {
         let path = entry.unwrap().path();
@@ -181,5 +186,7 @@ fn the_cuda_backend_runs_a_small_model_on_the_emulated_device_like_the_cpu() {
     for r in streams {
         assert_eq!(r.value, 4.0, "{r:#?}");
     }
-    std::fs::remove_dir_all(&dir).ok();
+    if std::env::var_os("KVSERVE_EMU_DIR").is_none() {
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -65,6 +65,10 @@ struct Args {
     /// Seconds a section may run before it is killed and recorded as failed.
     #[arg(long, default_value_t = 120)]
     section_timeout: u64,
+    /// The engine section runs only greedy batches of these sizes (e.g. `1,32,128`) instead of
+    /// its own cases: for host-cost measurements on the emulated device (docs/cuda.md).
+    #[arg(long, value_delimiter = ',')]
+    engine_batches: Vec<usize>,
 }
 
 /// The sections, in order. Each runs in a child process of its own: a kernel fault (an illegal
@@ -253,12 +257,8 @@ fn forward_parity(gpu: CudaBackend, rows: &mut Vec<Row>) -> Result<Llama<CudaBac
 }
 
 /// Runs section `name` on device `info` in this process (see [`SECTIONS`]).
-fn run_section(
-    name: &str,
-    info: &GpuInfo,
-    gguf: Option<&std::path::Path>,
-    rows: &mut Vec<Row>,
-) -> Result<()> {
+fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let gguf = args.model.as_deref();
     let t = Instant::now();
     let gpu = CudaBackend::new(info.clone())?;
     println!(
@@ -320,7 +320,17 @@ fn run_section(
             let weights = RandomWeights::new(&cfg, 42);
             let model = Llama::load(cfg, &weights, gpu)?;
             drop(weights);
-            speed::engine(Arc::new(model), "", &speed::ONE_B_CASES, rows)
+            let only: Vec<speed::Case> = args
+                .engine_batches
+                .iter()
+                .map(|&n| (n, 0.0, true, false))
+                .collect();
+            let cases = if only.is_empty() {
+                &speed::ONE_B_CASES[..]
+            } else {
+                &only[..]
+            };
+            speed::engine(Arc::new(model), "", cases, rows)
         }),
         "default model" => section(name, rows, |rows| {
             let t = Instant::now();
@@ -360,7 +370,7 @@ fn main() -> Result<()> {
         .context("no usable GPU")?;
     if let (Some(name), Some(out)) = (&args.section, &args.rows_out) {
         let mut rows = Vec::new();
-        let r = run_section(name, &info, args.model.as_deref(), &mut rows);
+        let r = run_section(name, &info, &args, &mut rows);
         std::fs::write(out, serde_json::to_vec(&rows)?)?;
         return r;
     }

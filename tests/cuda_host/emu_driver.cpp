@@ -26,14 +26,32 @@ std::map<std::string, emu::Entry>& registry() {
     return r;
 }
 std::mutex g_lock;  // one launch or copy at a time
-struct Counters {
-    unsigned long long launches = 0, allocs = 0;
-} g_count;
-
 int env_int(const char* name, int fallback) {
     const char* v = std::getenv(name);
     return v ? std::atoi(v) : fallback;
 }
+
+// KVSERVE_EMU_SKIP_KERNELS=1: launches are counted, not run (small allocations start zeroed, so
+// the tokens a skipped argmax leaves are 0): what is left is the host's own cost per step (the
+// backend's planning, uploads and launch calls), which bounds a step on any device.
+// KVSERVE_EMU_STATS=1 prints the counts at exit, per kernel too.
+const bool g_skip = env_int("KVSERVE_EMU_SKIP_KERNELS", 0) != 0;
+
+struct Counters {
+    unsigned long long launches = 0, allocs = 0, memsets = 0, copies = 0, syncs = 0;
+    std::map<emu::Entry, unsigned long long> per_kernel;
+    ~Counters() {
+        if (env_int("KVSERVE_EMU_STATS", 0))
+            for (auto& [name, entry] : registry())
+                if (per_kernel.count(entry))
+                    std::fprintf(stderr, "emulated device: %llu x %s\n", per_kernel[entry], name.c_str());
+        if (env_int("KVSERVE_EMU_STATS", 0))
+            std::fprintf(stderr,
+                         "emulated device: %llu launches, %llu allocations, %llu memsets, %llu copies, "
+                         "%llu stream syncs\n",
+                         launches, allocs, memsets, copies, syncs);
+    }
+} g_count;
 
 }  // namespace
 
@@ -122,7 +140,10 @@ CUresult cuStreamCreate(Handle* s, unsigned) {
 }
 CUresult cuStreamCreateWithPriority(Handle* s, unsigned, int) { return cuStreamCreate(s, 0); }
 CUresult cuStreamDestroy_v2(Handle) { return SUCCESS; }
-CUresult cuStreamSynchronize(Handle) { return SUCCESS; }
+CUresult cuStreamSynchronize(Handle) {
+    g_count.syncs++;
+    return SUCCESS;
+}
 CUresult cuStreamWaitEvent(Handle, Handle, unsigned) { return SUCCESS; }
 CUresult cuStreamIsCapturing(Handle, int* status) {
     *status = 0;
@@ -153,19 +174,46 @@ CUresult cuMemPoolGetAttribute(Handle, int, void* v) {
 }
 CUresult cuMemPoolTrimTo(Handle, size_t) { return SUCCESS; }
 
-// Device memory: host memory, 256-byte aligned like the driver's, filled with 0xFF (NaN as f32
-// and bf16) instead of zeroed: as on a GPU, the backend must write what it reads (cuMemsetD8 is
-// the zeroing), and reading what nothing wrote shows up as NaN in the results.
+// Device memory: host memory, 256-byte aligned like the driver's. Freed memory is kept for reuse
+// by size, as the stream-ordered pool the backend configures keeps it (and so that the host's
+// page faults do not swamp what KVSERVE_EMU_SKIP_KERNELS measures). Each allocation is filled
+// with 0xFF (NaN as f32 and bf16) instead of zeroed: as on a GPU, the backend must write what it
+// reads (cuMemsetD8 is the zeroing), and reading what nothing wrote shows up as NaN.
+namespace {
+std::mutex g_mem_lock;
+std::map<size_t, std::vector<void*>> g_free;
+std::map<void*, size_t> g_size;
+}  // namespace
+
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
-    void* m = std::aligned_alloc(256, ((bytes + 255) / 256) * 256 + 256);
+    const size_t size = ((bytes + 255) / 256) * 256 + 256;
+    void* m = nullptr;
+    {
+        std::lock_guard<std::mutex> g(g_mem_lock);
+        auto it = g_free.find(size);
+        if (it != g_free.end() && !it->second.empty()) {
+            m = it->second.back();
+            it->second.pop_back();
+        }
+    }
+    if (!m) m = std::aligned_alloc(256, size);
     if (!m) return OUT_OF_MEMORY;
-    std::memset(m, 0xFF, ((bytes + 255) / 256) * 256 + 256);
+    if (!g_skip)
+        std::memset(m, 0xFF, size);
+    else if (size <= (64 << 10))
+        std::memset(m, 0, size);  // token outputs of skipped kernels: id 0, not garbage
+    std::lock_guard<std::mutex> g(g_mem_lock);
+    g_size[m] = size;
     g_count.allocs++;
     *p = (CUdeviceptr)m;
     return SUCCESS;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
-    std::free((void*)p);
+    std::lock_guard<std::mutex> g(g_mem_lock);
+    auto it = g_size.find((void*)p);
+    if (it == g_size.end()) return INVALID_VALUE;
+    g_free[it->second].push_back((void*)p);
+    g_size.erase(it);
     return SUCCESS;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Handle) { return cuMemAlloc_v2(p, bytes); }
@@ -184,16 +232,19 @@ CUresult cuMemFreeHost(void* p) {
     return SUCCESS;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
-    std::memset((void*)p, v, n);
+    g_count.memsets++;
+    if (!g_skip) std::memset((void*)p, v, n);
     return SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, Handle) { return cuMemsetD8_v2(p, v, n); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    g_count.copies++;
     std::memcpy((void*)d, s, n);
     return SUCCESS;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, Handle) { return cuMemcpyHtoD_v2(d, s, n); }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    g_count.copies++;
     std::memcpy(d, (const void*)s, n);
     return SUCCESS;
 }
@@ -232,7 +283,8 @@ CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigne
         return INVALID_VALUE;
     std::lock_guard<std::mutex> g(g_lock);
     g_count.launches++;
-    ((emu::Entry)f)(params, dim3h{gx, gy, gz}, bx);
+    g_count.per_kernel[(emu::Entry)f]++;
+    if (!g_skip) ((emu::Entry)f)(params, dim3h{gx, gy, gz}, bx);
     return SUCCESS;
 }
 
@@ -278,6 +330,8 @@ int cublasGemmEx(Handle, int ta, int tb, int m, int n, int k, const void* alpha,
                  int ldc, int compute, int) {
     if (ct != 0 || compute != 68) return 7;  // CUBLAS_STATUS_INVALID_VALUE: f32 out, COMPUTE_32F
     std::lock_guard<std::mutex> g(g_lock);
+    g_count.launches++;
+    if (g_skip) return 0;
     const float a = *(const float*)alpha, b = *(const float*)beta;
     float* c = (float*)C;
     for (int j = 0; j < n; ++j)
