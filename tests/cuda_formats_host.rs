@@ -22,6 +22,9 @@
 //! `KV_ONLY=<policy>` (e.g. `kivi4+quest:128`) runs one attention policy (`KV_BS=8`: in blocks of
 //! 8), `KV_DEBUG=1` prints the rows that differ.
 
+#[path = "cuda_host/host_build.rs"]
+mod host_build;
+
 use half::bf16;
 use kvserve::backend::codec::{Codec, MhcValues};
 use kvserve::backend::cpu::kv_store::CpuKvStore;
@@ -47,30 +50,14 @@ use std::sync::Arc;
 fn build(cpp: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("kvserve-host-kernels-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(root.join("kernels")).unwrap() {
-        let path = entry.unwrap().path();
-        let src = std::fs::read_to_string(&path).unwrap();
-        let host = src.replace("extern __shared__", "extern");
-        std::fs::write(dir.join(path.file_name().unwrap()), host).unwrap();
-    }
+    host_build::host_kernels(&dir);
     let bin = dir.join(cpp.trim_end_matches(".cpp"));
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-ffp-contract=off",
-            "-fno-strict-aliasing",
-            "-pthread",
-        ])
-        .arg("-I")
-        .arg(&dir)
+    let out = host_build::gxx(&dir)
         .arg("-o")
         .arg(&bin)
         .arg(root.join("tests/cuda_host").join(cpp))
         .output()
-        .unwrap_or_else(|e| panic!("{cxx} (C++20 with _Float16) is needed: {e}"));
+        .unwrap_or_else(|e| panic!("g++ (C++20 with _Float16) is needed: {e}"));
     assert!(
         out.status.success(),
         "{cpp}: build failed:\n{}",

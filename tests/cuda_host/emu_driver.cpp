@@ -4,7 +4,7 @@
 // call order, on the calling thread (the backend uses one stream), and cuLaunchKernel runs the
 // kernel's host build (the same kernels/*.cu, compiled by g++ with shim.h, CTA by CTA on fibers)
 // found by name in the registry (emu.h). Modules are not read: cuModuleLoadData accepts the
-// NVRTC CUBIN and cuModuleGetFunction looks the name up. cublasGemmEx is a plain loop.
+// NVRTC CUBIN and cuModuleGetFunction looks the name up. cublasGemmEx is a plain f32 loop.
 //
 // What it cannot show: anything about real hardware (timing, the PTX f16 conversions, memory
 // ordering between CTAs running at once). What it does show: the backend's host code and the
@@ -333,15 +333,26 @@ int cublasGemmEx(Handle, int ta, int tb, int m, int n, int k, const void* alpha,
     g_count.launches++;
     if (g_skip) return 0;
     const float a = *(const float*)alpha, b = *(const float*)beta;
+    // op(A) as m rows of k and op(B) as n columns of k, in f32, then plain dot products.
+    std::vector<float> ra((size_t)m * k), cb((size_t)n * k);
+    for (int i = 0; i < m; ++i)
+        for (int l = 0; l < k; ++l)
+            ra[(size_t)i * k + l] = load(A, at, ta == 0 ? i + (size_t)l * lda : l + (size_t)i * lda);
+    for (int j = 0; j < n; ++j)
+        for (int l = 0; l < k; ++l)
+            cb[(size_t)j * k + l] = load(B, bt, tb == 0 ? l + (size_t)j * ldb : j + (size_t)l * ldb);
     float* c = (float*)C;
     for (int j = 0; j < n; ++j)
         for (int i = 0; i < m; ++i) {
+            const float* x = &ra[(size_t)i * k];
+            const float* y = &cb[(size_t)j * k];
+            float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // cuBLAS's order is its own too
+            int l = 0;
+            for (; l + 8 <= k; l += 8)
+                for (int v = 0; v < 8; ++v) lanes[v] += x[l + v] * y[l + v];
             float acc = 0.0f;
-            for (int l = 0; l < k; ++l) {
-                const size_t ai = ta == 0 ? i + (size_t)l * lda : l + (size_t)i * lda;
-                const size_t bi = tb == 0 ? l + (size_t)j * ldb : j + (size_t)l * ldb;
-                acc += load(A, at, ai) * load(B, bt, bi);
-            }
+            for (int v = 0; v < 8; ++v) acc += lanes[v];
+            for (; l < k; ++l) acc += x[l] * y[l];
             float& out = c[i + (size_t)j * ldc];
             out = b == 0.0f ? a * acc : a * acc + b * out;
         }

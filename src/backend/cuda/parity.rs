@@ -2,6 +2,8 @@
 //! random-weight model of any shape served straight from memory (no files), so that the CPU
 //! backend (the oracle) and the CUDA backend load the very same bf16 weights.
 
+use crate::backend::latent::{LatentKeys, LatentLayer};
+use crate::backend::RopeParams;
 use crate::error::ModelError;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::tensor::{HostData, HostTensor};
@@ -36,6 +38,36 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
 /// Uniform random f32 in `[-scale, scale)`.
 pub fn random_vec(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// A random key projection for `mhc:rank` (mean, down, up per layer; scaled like the weights
+/// below) over `layers` layers of `kv_width` channels in heads of `head_dim`: for parity, not
+/// quality. `rope` rotates the rebuilt keys (a model replaces it by its own when attached).
+pub fn random_latent(
+    rng: &mut ChaCha8Rng,
+    layers: usize,
+    kv_width: usize,
+    head_dim: usize,
+    rank: usize,
+    rope: RopeParams,
+) -> LatentKeys {
+    let w = kv_width;
+    LatentKeys {
+        id: [rank as u8; 32],
+        rank: rank as u16,
+        kv_width: w,
+        head_dim,
+        layers: (0..layers)
+            .map(|_| LatentLayer {
+                rank,
+                mean: random_vec(rng, w, 0.5),
+                down: random_vec(rng, rank * w, (3.0 / w as f32).sqrt()),
+                up_t: random_vec(rng, rank * w, (3.0 / rank as f32).sqrt()),
+            })
+            .collect(),
+        rope,
+        max_positions: 8192,
+    }
 }
 
 /// A Llama config of the given shape (vocab, hidden, intermediate, layers, heads, kv heads,

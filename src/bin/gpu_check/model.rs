@@ -25,9 +25,9 @@ use kvserve::backend::codec::{Codec, MhcValues};
 use kvserve::backend::cpu::argmax::argmax;
 use kvserve::backend::cpu::draw::draw_dense_row;
 use kvserve::backend::cpu::CpuBackend;
-use kvserve::backend::cuda::parity::{llama_config, max_rel_err, random_vec, RandomWeights};
+use kvserve::backend::cuda::parity::{self, llama_config, max_rel_err, RandomWeights};
 use kvserve::backend::kv_policy::KvPolicy;
-use kvserve::backend::latent::{LatentKeys, LatentLayer};
+use kvserve::backend::latent::LatentKeys;
 use kvserve::backend::Backend;
 use kvserve::config::{EngineSection, KvSection, TenantConfig};
 use kvserve::engine::paged::PagedKv;
@@ -118,28 +118,12 @@ pub fn policies() -> Vec<(String, KvPolicy)> {
 /// A random key projection of rank `rank` for every layer of `cfg` (for parity, not quality).
 fn random_latent(cfg: &ModelConfig, rank: u16, seed: u64) -> LatentKeys {
     let rng = &mut ChaCha8Rng::seed_from_u64(seed);
+    let rope = kvserve::backend::RopeParams {
+        inv_freq: Vec::new(), // the model's own replaces it when attached
+        attention_scaling: 1.0,
+    };
     let w = cfg.num_kv_heads * cfg.head_dim;
-    let r = rank as usize;
-    LatentKeys {
-        id: [rank as u8; 32],
-        rank,
-        kv_width: w,
-        head_dim: cfg.head_dim,
-        layers: (0..cfg.num_layers)
-            .map(|_| LatentLayer {
-                rank: r,
-                mean: random_vec(rng, w, 0.5),
-                down: random_vec(rng, r * w, (3.0 / w as f32).sqrt()),
-                up_t: random_vec(rng, r * w, (3.0 / r as f32).sqrt()),
-            })
-            .collect(),
-        // Replaced by the model's own when attached.
-        rope: kvserve::backend::RopeParams {
-            inv_freq: Vec::new(),
-            attention_scaling: 1.0,
-        },
-        max_positions: cfg.max_position_embeddings,
-    }
+    parity::random_latent(rng, cfg.num_layers, w, cfg.head_dim, rank as usize, rope)
 }
 
 /// The model on the CPU (the oracle) and on the device, with the same bf16 weights and the same

@@ -8,10 +8,9 @@ use super::{parity, Row};
 use half::bf16;
 use kvserve::backend::codec::{Codec, MhcValues};
 use kvserve::backend::cpu::CpuBackend;
-use kvserve::backend::cuda::parity::random_vec;
+use kvserve::backend::cuda::parity::{random_latent, random_vec};
 use kvserve::backend::cuda::CudaBackend;
 use kvserve::backend::kv_policy::KvPolicy;
-use kvserve::backend::latent::{LatentKeys, LatentLayer};
 use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -20,27 +19,6 @@ use std::sync::Arc;
 
 const LAYERS: usize = 3;
 const BS: usize = 16;
-
-/// A random projection of rank `r` per layer (mean, down, up) for `mhc:r`.
-fn latent(rng: &mut ChaCha8Rng, shape: AttnShape, r: usize, rope: &RopeParams) -> LatentKeys {
-    let w = shape.kv_width();
-    LatentKeys {
-        id: [3; 32],
-        rank: r as u16,
-        kv_width: w,
-        head_dim: shape.head_dim,
-        layers: (0..LAYERS)
-            .map(|_| LatentLayer {
-                rank: r,
-                mean: random_vec(rng, w, 0.5),
-                down: random_vec(rng, r * w, (3.0 / w as f32).sqrt()),
-                up_t: random_vec(rng, r * w, (3.0 / r as f32).sqrt()),
-            })
-            .collect(),
-        rope: rope.clone(),
-        max_positions: 8192,
-    }
-}
 
 /// Both backends through the same steps; returns the attention outputs of the last step.
 struct Pair<'a> {
@@ -135,7 +113,14 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>, exact_inputs: bool) {
             .collect(),
         attention_scaling: 1.0,
     };
-    let lat = Arc::new(latent(rng, shape, 48, &rope));
+    let lat = Arc::new(random_latent(
+        rng,
+        LAYERS,
+        shape.kv_width(),
+        shape.head_dim,
+        48,
+        rope.clone(),
+    ));
     let mhc = |values| Codec::Mhc { rank: 48, values };
     let mut policies: Vec<KvPolicy> = Codec::PLAIN.iter().map(|&c| KvPolicy::format(c)).collect();
     policies.extend(MhcValues::ALL.map(|v| KvPolicy::format(mhc(v))));
