@@ -21,9 +21,11 @@
 
 namespace {
 
+// Never destroyed: the counters below read it at exit (and cudarc opens and closes the library
+// while probing, which runs static destructors).
 std::map<std::string, emu::Entry>& registry() {
-    static std::map<std::string, emu::Entry> r;
-    return r;
+    static auto* r = new std::map<std::string, emu::Entry>;
+    return *r;
 }
 std::mutex g_lock;  // one launch or copy at a time
 int env_int(const char* name, int fallback) {
@@ -41,6 +43,7 @@ struct Counters {
     unsigned long long launches = 0, allocs = 0, memsets = 0, copies = 0, syncs = 0;
     std::map<emu::Entry, unsigned long long> per_kernel;
     ~Counters() {
+        if (launches + allocs + copies == 0) return;  // a copy opened only to probe
         if (env_int("KVSERVE_EMU_STATS", 0))
             for (auto& [name, entry] : registry())
                 if (per_kernel.count(entry))

@@ -184,9 +184,9 @@ impl CudaBackend {
             };
             // Kept until the decode launch below is enqueued (freed in stream order after it).
             let _quest_buffers = quest.map(|budget| {
-                let keys = self.scratch::<u32>(n * kvh * words * 32);
-                let sel = self.scratch::<u32>(n * kvh * words);
-                let (kp, sp) = (self.ptr(&keys), self.ptr(&sel));
+                let keys = self.scratch_buf::<u32>(n * kvh * words * 32);
+                let sel = self.scratch_buf::<u32>(n * kvh * words);
+                let (kp, sp) = (keys.ptr(), sel.ptr());
                 kv.quest_words = words as u32;
                 let budget = budget.min(i32::MAX as u32) as i32;
                 let cfg = LaunchConfig {
@@ -221,14 +221,10 @@ impl CudaBackend {
                 kv.quest_sel = sp;
                 (keys, sel)
             });
-            let part_o = self.scratch::<f32>(n * h * max_splits * d);
-            let part_ml = self.scratch::<f32>(n * h * max_splits * 2);
-            let (pop, pmp, spi, msi) = (
-                self.ptr(&part_o),
-                self.ptr(&part_ml),
-                split as i32,
-                max_splits as i32,
-            );
+            let part_o = self.scratch_buf::<f32>(n * h * max_splits * d);
+            let part_ml = self.scratch_buf::<f32>(n * h * max_splits * 2);
+            let (pop, pmp, spi, msi) =
+                (part_o.ptr(), part_ml.ptr(), split as i32, max_splits as i32);
             let cfg = LaunchConfig {
                 grid_dim: (kvh as u32, n as u32, max_splits as u32),
                 block_dim: (ATTN_THREADS, 1, 1),

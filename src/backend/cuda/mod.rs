@@ -31,6 +31,7 @@ pub mod kernels;
 mod kv_write;
 pub mod parity;
 pub mod plan;
+pub mod scratch;
 pub mod slots;
 pub mod store;
 
@@ -79,6 +80,8 @@ pub struct CudaBackend {
     /// once per array instead of once per layer. A replaced array is freed in stream order,
     /// after the kernels queued before that read it.
     uploads: Mutex<Vec<Upload>>,
+    /// Per-op scratch kept for reuse (see `scratch.rs`).
+    scratch_cache: scratch::ScratchCache,
     /// Seconds spent compiling kernels at start (0 when all came from the cache).
     pub compile_seconds: f64,
 }
@@ -159,6 +162,7 @@ impl CudaBackend {
             gemv_max_rows: kernels::GEMV_MAX_ROWS.into(),
             rope: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
+            scratch_cache: scratch::ScratchCache::default(),
             compile_seconds: if compiled {
                 t.elapsed().as_secs_f64()
             } else {
@@ -206,6 +210,18 @@ impl CudaBackend {
 
     fn to_device<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
         ok(self.stream.clone_htod(v), "upload")
+    }
+
+    /// Scratch for `len` elements of `T` (at least one) for the op being enqueued, from the
+    /// backend's kept buffers (`scratch.rs`); uninitialised.
+    fn scratch_buf<T>(&self, len: usize) -> scratch::Scratch<'_> {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        ok(self.scratch_cache.take(&self.stream, bytes), "alloc")
+    }
+
+    /// Spare scratch buffers the backend holds (tests, measurements).
+    pub fn spare_scratch(&self) -> usize {
+        self.scratch_cache.spare()
     }
 
     /// Uninitialised device memory for `len` elements (at least one).

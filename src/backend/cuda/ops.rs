@@ -122,15 +122,15 @@ impl Backend for CudaBackend {
         let u01: Vec<f64> = draws.iter().map(|d| d.1).collect();
         let (inv_t, u01) = (self.to_device(&inv_t), self.to_device(&u01));
         let nblocks = width.div_ceil(DRAW_BLOCK);
-        let chains = self.scratch::<f32>(n * nblocks * DRAW_LANES);
-        let sums = self.scratch::<f64>(n * nblocks);
+        let chains = self.scratch_buf::<f32>(n * nblocks * DRAW_LANES);
+        let sums = self.scratch_buf::<f64>(n * nblocks);
         let out = self.scratch::<u32>(n);
         let xp = self.ptr(x) + (rows.start * width * std::mem::size_of::<f32>()) as u64;
         let (tp, up, cp, sp, op, w) = (
             self.ptr(&inv_t),
             self.ptr(&u01),
-            self.ptr(&chains),
-            self.ptr(&sums),
+            chains.ptr(),
+            sums.ptr(),
             self.ptr(&out),
             width as i32,
         );
@@ -281,9 +281,9 @@ impl Backend for CudaBackend {
             return;
         }
         if self.split_matmul.load(std::sync::atomic::Ordering::Relaxed) {
-            let hilo = self.scratch::<bf16>(2 * rows * k);
-            let y2 = self.scratch::<f32>(2 * rows * n);
-            let (hp, yp, op, len) = (self.ptr(&hilo), self.ptr(&y2), self.ptr(out), rows * k);
+            let hilo = self.scratch_buf::<bf16>(2 * rows * k);
+            let y2 = self.scratch_buf::<f32>(2 * rows * n);
+            let (hp, yp, op, len) = (hilo.ptr(), y2.ptr(), self.ptr(out), rows * k);
             // SAFETY: `x` ≥ `len` floats (asserted), `hilo` holds `2 * len` bf16.
             ok(
                 unsafe { args!(self.stream, &self.k.split, &xp, &hp, &len).launch(grid_1d(len)) },
@@ -297,8 +297,8 @@ impl Backend for CudaBackend {
                 "sum_halves",
             );
         } else {
-            let xb = self.scratch::<bf16>(rows * k);
-            let (bp, len) = (self.ptr(&xb), rows * k);
+            let xb = self.scratch_buf::<bf16>(rows * k);
+            let (bp, len) = (xb.ptr(), rows * k);
             // SAFETY: `x` ≥ `len` floats, `xb` holds `len` bf16.
             ok(
                 unsafe { args!(self.stream, &self.k.convert, &xp, &bp, &len).launch(grid_1d(len)) },
