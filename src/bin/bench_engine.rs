@@ -11,8 +11,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use kvserve::backend::cpu::CpuBackend;
-use kvserve::config::{EngineSection, KvSection, TenantConfig};
-use kvserve::engine::paged::PagedKv;
+use kvserve::config::EngineSection;
 use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
 use kvserve::model::llama::Llama;
 use kvserve::model::loader;
@@ -80,18 +79,12 @@ fn main() -> Result<()> {
     for &n in &args.concurrency {
         let tokens_needed = n * (args.prompt + args.output);
         let blocks = tokens_needed.div_ceil(16) + n + 16;
-        let kv = PagedKv::with_blocks(
-            &model,
-            &KvSection::default(),
-            &[TenantConfig::default()],
-            blocks,
-        )?;
         let cfg = EngineSection {
             max_batched_tokens: args.max_batched_tokens,
             max_running: n.max(1),
             ..EngineSection::default()
         };
-        let engine = Engine::start(model.clone(), kv, &cfg, vec![(TenantId(0), 1.0)]);
+        let engine = Engine::single_tenant(model.clone(), blocks, &cfg)?;
         let h = engine.handle();
         let t0 = Instant::now();
         let mut subs = Vec::new();

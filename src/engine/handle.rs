@@ -162,6 +162,27 @@ impl Engine {
         Self::start_with_metrics(model, kv, cfg, weights, metrics)
     }
 
+    /// [`Engine::start`] for tools and benchmarks: one default tenant (id 0, weight 1) over a
+    /// pool of exactly `blocks` filling blocks of the default block size.
+    pub fn single_tenant<B>(
+        model: Arc<Llama<B>>,
+        blocks: usize,
+        cfg: &EngineSection,
+    ) -> Result<Self, crate::config::ConfigError>
+    where
+        B: Backend + 'static,
+        Llama<B>: Send + Sync,
+        B::KvStore: Send,
+    {
+        let kv = PagedKv::with_blocks(
+            &model,
+            &crate::config::KvSection::default(),
+            &[crate::config::TenantConfig::default()],
+            blocks,
+        )?;
+        Ok(Self::start(model, kv, cfg, vec![(TenantId(0), 1.0)]))
+    }
+
     /// [`Engine::start`], recording into `metrics` (the server's registry).
     pub fn start_with_metrics<B>(
         model: Arc<Llama<B>>,

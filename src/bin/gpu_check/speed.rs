@@ -8,8 +8,7 @@ use kvserve::backend::cuda::parity::random_vec;
 use kvserve::backend::cuda::store::CudaKvStore;
 use kvserve::backend::cuda::{CudaBackend, CudaMatrix};
 use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams};
-use kvserve::config::{EngineSection, KvSection, TenantConfig};
-use kvserve::engine::paged::PagedKv;
+use kvserve::config::EngineSection;
 use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
 use kvserve::model::llama::Llama;
 use kvserve::types::{SamplingParams, TenantId};
@@ -404,18 +403,12 @@ pub fn engine(
             0
         });
         let blocks = (n * (prompt + output)).div_ceil(16) + n + 16;
-        let kv = PagedKv::with_blocks(
-            &model,
-            &KvSection::default(),
-            &[TenantConfig::default()],
-            blocks,
-        )?;
         let cfg = EngineSection {
             max_batched_tokens: 4096,
             max_running: n,
             ..EngineSection::default()
         };
-        let engine = Engine::start(model.clone(), kv, &cfg, vec![(TenantId(0), 1.0)]);
+        let engine = Engine::single_tenant(model.clone(), blocks, &cfg)?;
         let h = engine.handle();
         let t0 = Instant::now();
         let mut subs = Vec::new();
