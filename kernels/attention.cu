@@ -14,8 +14,11 @@
 //   heads. A CTA owns one KV head of one sequence and one split of its context, so each K/V
 //   byte is read once for the whole query group (G = heads / kv_heads query heads). TPK = dim / 8
 //   threads read 8 channels of one key each. Each split writes its unnormalised output with its
-//   max and sum; decode_reduce_f32 merges the splits (the split count is chosen on the host so
-//   that the grid fills the GPU).
+//   max and sum (the split count is chosen on the host so that the grid fills the GPU). Given a
+//   counter per (sequence, KV head), the split that finishes last merges them all into the
+//   output (CUDA's threadfence-reduction pattern: one launch per layer instead of two);
+//   without one, decode_reduce_f32 merges them in a second launch. Both merge with
+//   `merge_splits`, so both give the same bits.
 //
 // Under quest, decode rows read only the blocks quest.cu's selection marked (KvArgs.quest_sel).
 #include "common.cuh"
@@ -106,11 +109,30 @@ __device__ __forceinline__ bool skip_step(const Where& w0, bool writer, float* s
 // block-table lookup for all of them when block_size is a multiple of UNROLL), each thread
 // loading its 8 channels of each before using any. KF / VF: the sealed formats of K and V
 // (FMT_BF16 for both: exact reads only).
+// One output channel `d` of one (sequence, query head) from its `splits` partial results at
+// `base` (in units of splits): rescaled to the largest max, summed in split order.
+// `__ldcg` reads through L2: under the fused merge the partials were written by other CTAs
+// (possibly on other SMs) during this launch, so no stale L1 line may serve them.
+__device__ __forceinline__ float merge_splits(const float* part_o, const float* part_ml,
+                                              size_t base, int splits, int dim, int d) {
+    float m = NEG_INF;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, __ldcg(part_ml + 2 * (base + s)));
+    float l = 0.0f, o = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float ms = __ldcg(part_ml + 2 * (base + s));
+        const float w = ms == NEG_INF ? 0.0f : expf(ms - m);  // a split with nothing visible
+        l += w * __ldcg(part_ml + 2 * (base + s) + 1);
+        o += w * __ldcg(part_o + (base + s) * dim + d);
+    }
+    return o / l;
+}
+
 template <int KF, int VF, int G_MAX>
 __device__ void paged_decode(const float* qkv, const unsigned int* meta, const unsigned int* tables,
-                             const KvArgs& a, float* part_o, float* part_ml, int heads,
-                             int kv_heads, int dim, int block_size, int bs_shift, int split_len,
-                             int max_splits, float scale) {
+                             const KvArgs& a, float* part_o, float* part_ml, float* out,
+                             unsigned int* counters, int heads, int kv_heads, int dim,
+                             int block_size, int bs_shift, int split_len, int max_splits,
+                             float scale) {
     constexpr bool SEALED = !(KF == FMT_BF16 && VF == FMT_BF16);
     constexpr bool LATENT = KF == FMT_LAT;
     extern __shared__ float smem[];
@@ -359,6 +381,30 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             part_ml[2 * slot + 1] = l_s[g];
         }
     }
+    if (counters == nullptr) return;  // decode_reduce_f32 merges
+    // The fused merge. Every thread makes its partials visible to the whole device before the
+    // CTA counts itself done; the split that brings the count to `splits` merges, having
+    // fenced again so that it sees what the others wrote before they counted, and sets the
+    // counter back to 0 for the next launch (nothing else touches it in this one).
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* c = counters + (size_t)e * kv_heads + kvh;
+        const unsigned int splits = (ctx + split_len - 1) / split_len;
+        last = atomicAdd(c, 1u) == splits - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int splits = ((int)ctx + split_len - 1) / split_len;
+    for (int i = threadIdx.x; i < G * dim; i += THREADS) {
+        const int g = i / dim, d = i % dim, h = kvh * G + g;
+        const size_t base = ((size_t)e * heads + h) * max_splits;
+        out[(size_t)row * heads * dim + h * dim + d] =
+            merge_splits(part_o, part_ml, base, splits, dim, d);
+    }
 }
 
 // Launch bounds: the exact path asks for 6 CTAs per SM (3 at G = 8), the register budget of the
@@ -377,10 +423,12 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         KvArgs kv,                                                                                  \
         float* part_o,              /* [n, heads, max_splits, dim] */                               \
         float* part_ml,             /* [n, heads, max_splits, 2]: (max, sum) */                     \
+        float* out,                 /* [rows, heads * dim]; written when counters is set */         \
+        unsigned int* counters,     /* [n, kv_heads], zero on entry and on exit; or null */         \
         int heads, int kv_heads, int dim, int block_size, int bs_shift, int split_len,              \
         int max_splits, float scale) {                                                              \
-        paged_decode<KF, VF, G>(qkv, meta, tables, kv, part_o, part_ml, heads, kv_heads, dim,       \
-                                block_size, bs_shift, split_len, max_splits, scale);                \
+        paged_decode<KF, VF, G>(qkv, meta, tables, kv, part_o, part_ml, out, counters, heads,       \
+                                kv_heads, dim, block_size, bs_shift, split_len, max_splits, scale); \
     }
 #define DECODE_ENTRIES(NAME, KF, VF)  \
     DECODE_ENTRY(1, NAME, KF, VF)     \
@@ -388,7 +436,8 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
     DECODE_ENTRY(4, NAME, KF, VF)     \
     DECODE_ENTRY(8, NAME, KF, VF)
 
-// Merges the splits of one (sequence, head): grid (n, heads), one thread per dim.
+// Merges the splits of one (sequence, head): grid (n, heads), one thread per dim. Used when the
+// decode launch had no counters.
 extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, heads, max_splits, dim]
                                              const float* part_ml,     // [n, heads, max_splits, 2]
                                              const unsigned int* meta, // [n, 3]
@@ -399,16 +448,7 @@ extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, he
     const unsigned int row = meta[3 * e], ctx = meta[3 * e + 1];
     const int splits = (ctx + split_len - 1) / split_len;
     const size_t base = ((size_t)e * heads + h) * max_splits;
-    float m = NEG_INF;
-    for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[2 * (base + s)]);
-    float l = 0.0f, o = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        const float ms = part_ml[2 * (base + s)];
-        const float w = ms == NEG_INF ? 0.0f : expf(ms - m);  // a split with nothing visible
-        l += w * part_ml[2 * (base + s) + 1];
-        o += w * part_o[(base + s) * dim + d];
-    }
-    out[(size_t)row * heads * dim + h * dim + d] = o / l;
+    out[(size_t)row * heads * dim + h * dim + d] = merge_splits(part_o, part_ml, base, splits, dim, d);
 }
 
 KV_FORMATS(DECODE_ENTRIES)

@@ -24,22 +24,29 @@ __device__ __forceinline__ float dot8(float acc, uint4 w, float4 a, float4 b) {
     return acc;
 }
 
-// One warp per GEMV_COLS consecutive output columns, for every row: lane l reads the 16-byte
-// groups l, l + 32, ... of each of its columns' weight rows (a warp step covers 256 weights of
-// each), and multiplies every group it loads with the matching 8 floats of each of the `rows`
-// (<= R) activation rows, so each weight is read once and each activation element once per
-// GEMV_COLS weights. A warp sum gives each output. Columns past `n` repeat the last weight row
-// and are not written.
-template <int R>
+// One warp per GEMV_COLS weight rows, for every activation row: lane l reads the 16-byte
+// groups l, l + 32, ... of each of its weight rows (a warp step covers 256 weights of each), and
+// multiplies every group it loads with the matching 8 floats of each of the `rows` (<= R)
+// activation rows, so each weight is read once and each activation element once per GEMV_COLS
+// weights. A warp sum gives each product.
+// Plain (SWIGLU false): the warp's weight rows are output columns j0 .. j0 + 4 of `n`; columns
+// past `n` repeat the last weight row and are not written.
+// SWIGLU: `w` is the MLP's [gate; up] matrix of 2n rows and the output the activation
+// silu(gate) * up of width n (elementwise.cu's silu_mul, the same expression), so the products
+// never leave the warp: its weight rows are gate rows j0, j0 + 1 and up rows n + j0, n + j0 + 1.
+template <int R, bool SWIGLU>
 __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
                      float* __restrict__ out, int rows, int n, int k) {
+    constexpr int OUTS = SWIGLU ? GEMV_COLS / 2 : GEMV_COLS;  // outputs per warp and row
     const int lane = threadIdx.x & 31;
-    const int j0 = (blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * GEMV_COLS;
+    const int j0 = (blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * OUTS;
     if (j0 >= n) return;  // the whole warp
     const uint4* wrow[GEMV_COLS];
 #pragma unroll
-    for (int c = 0; c < GEMV_COLS; ++c)
-        wrow[c] = (const uint4*)(w + (size_t)min(j0 + c, n - 1) * k);
+    for (int c = 0; c < GEMV_COLS; ++c) {
+        const int j = min(j0 + c % OUTS, n - 1);
+        wrow[c] = (const uint4*)(w + ((size_t)j + (c < OUTS ? 0 : n)) * k);
+    }
     float acc[R][GEMV_COLS];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -63,41 +70,44 @@ __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+        float s[GEMV_COLS];
 #pragma unroll
-        for (int c = 0; c < GEMV_COLS; ++c) {
-            const float s = warp_sum(acc[r][c]);
-            if (lane == 0 && r < rows && j0 + c < n) out[(size_t)r * n + j0 + c] = s;
+        for (int c = 0; c < GEMV_COLS; ++c) s[c] = warp_sum(acc[r][c]);
+#pragma unroll
+        for (int c = 0; c < OUTS; ++c) {
+            if (lane == 0 && r < rows && j0 + c < n) {
+                const float g = s[c];
+                out[(size_t)r * n + j0 + c] = SWIGLU ? g / (1.0f + expf(-g)) * s[c + OUTS] : g;
+            }
         }
     }
 }
 
 // Grid: ceil(n / (GEMV_COLS * 4)) CTAs of GEMV_THREADS. Rows <= the variant's R; k % 8 == 0; x,
 // w 16-byte aligned.
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_r1_bf16(
-    const float* x,   // [rows, k]
-    const bf16_t* w,  // [n, k]
-    float* out,       // [rows, n]
-    int rows, int n, int k) {
-    gemv<1>(x, w, out, rows, n, k);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_r2_bf16(
-    const float* x,   // [rows, k]
-    const bf16_t* w,  // [n, k]
-    float* out,       // [rows, n]
-    int rows, int n, int k) {
-    gemv<2>(x, w, out, rows, n, k);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_r4_bf16(
-    const float* x,   // [rows, k]
-    const bf16_t* w,  // [n, k]
-    float* out,       // [rows, n]
-    int rows, int n, int k) {
-    gemv<4>(x, w, out, rows, n, k);
-}
-extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_r8_bf16(
-    const float* x,   // [rows, k]
-    const bf16_t* w,  // [n, k]
-    float* out,       // [rows, n]
-    int rows, int n, int k) {
-    gemv<8>(x, w, out, rows, n, k);
-}
+#define GEMV_ENTRY(R)                                                                           \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_r##R##_bf16(                \
+        const float* x,   /* [rows, k] */                                                       \
+        const bf16_t* w,  /* [n, k] */                                                          \
+        float* out,       /* [rows, n] */                                                       \
+        int rows, int n, int k) {                                                               \
+        gemv<R, false>(x, w, out, rows, n, k);                                                  \
+    }
+// The MLP's first product and its activation in one: grid ceil(n / (GEMV_COLS / 2 * 4)) CTAs
+// of GEMV_THREADS, n the intermediate width. Same bounds on rows, k and alignment.
+#define GEMV_SILU_ENTRY(R)                                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_silu_r##R##_bf16(           \
+        const float* x,   /* [rows, k] */                                                       \
+        const bf16_t* w,  /* [2 * n, k]: gate rows, then up rows */                             \
+        float* out,       /* [rows, n]: silu(x·gateᵀ) * (x·upᵀ) */                              \
+        int rows, int n, int k) {                                                               \
+        gemv<R, true>(x, w, out, rows, n, k);                                                   \
+    }
+GEMV_ENTRY(1)
+GEMV_ENTRY(2)
+GEMV_ENTRY(4)
+GEMV_ENTRY(8)
+GEMV_SILU_ENTRY(1)
+GEMV_SILU_ENTRY(2)
+GEMV_SILU_ENTRY(4)
+GEMV_SILU_ENTRY(8)

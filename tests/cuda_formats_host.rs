@@ -1081,6 +1081,66 @@ fn gemv_kernel_matches_the_cpu_matmul() {
     }
 }
 
+/// The fused MLP product (`gemv_silu_r<R>_bf16`: the `[gate; up]` product and SiLU·up in one
+/// launch, with the backend's grid and variant) against the CPU backend's matmul then
+/// `silu_mul`: the default model's MLP (576 → 2 × 1536) in each row variant, and intermediate
+/// widths that end inside a warp's pair of outputs (3, 17). Nothing past the output is written.
+#[test]
+fn gemv_silu_kernel_matches_the_cpu_matmul_and_silu() {
+    use kvserve::backend::cuda::kernels::{gemv_bound, GEMV_MAX_ROWS};
+    use kvserve::model::tensor::{HostData, HostTensor};
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    for (i, &(k, inter)) in [(576usize, 1536usize), (64, 3), (1032, 17)]
+        .iter()
+        .enumerate()
+    {
+        let w: Vec<bf16> = (0..2 * inter * k)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
+            .collect();
+        let wt = HostTensor {
+            name: "gate_up".into(),
+            shape: vec![2 * inter, k],
+            data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
+        };
+        let wc = cpu.upload_matrix(&[&wt]).unwrap();
+        // Each variant once (3 and 5 with rows left over); the plain products' test covers
+        // every row count.
+        let row_counts = if i == 0 {
+            vec![1, 2, 3, GEMV_MAX_ROWS]
+        } else {
+            vec![1, 5]
+        };
+        for rows in row_counts {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|_| rng.random_range(-3.0f32..3.0))
+                .collect();
+            let mut inb = Bytes::default();
+            inb.u32s(&[
+                16 + gemv_bound(rows) as u32,
+                rows as u32,
+                inter as u32,
+                k as u32,
+            ]);
+            inb.f32s(&x);
+            for v in &w {
+                inb.0.extend(v.to_bits().to_le_bytes());
+            }
+            let got = f32s(&call("gemv", &inb.0));
+            assert_eq!(got.len(), rows * inter + 16);
+            assert!(
+                got[rows * inter..].iter().all(|v| v.is_nan()),
+                "{rows}x{k}·{inter}: wrote past the output"
+            );
+            let (mut gate_up, mut want) = (vec![0f32; rows * 2 * inter], vec![0f32; rows * inter]);
+            cpu.matmul_silu_mul(&x, rows, &wc, inter, &mut gate_up, &mut want);
+            let e = max_rel_err(&got[..rows * inter], &want);
+            eprintln!("gemv_silu {rows}x{k}·{inter}: vs cpu {e:.2e}");
+            assert!(e <= 5e-6, "{rows}x{k}·{inter}: {e:.2e}");
+        }
+    }
+}
+
 /// The dense temperature draw (`kernels/sampling.cu: draw_dense_f32`, 256 threads per row as the
 /// backend launches it) against the CPU backend's `draw_rows` (`backend::cpu::draw`, which the
 /// engine's sampler shares): the same token for every row and uniform. Widths of a whole number

@@ -157,6 +157,22 @@ pub trait Backend: Send + Sync {
     );
     /// `out[r, j] = silu(gu[r, j]) * gu[r, inter + j]` for a fused `[gate | up]` row of width `2*inter`.
     fn silu_mul(&self, gate_up: &Self::Buf, rows: usize, inter: usize, out: &mut Self::Buf);
+    /// The MLP's first product and its activation: `out = silu_mul(x · wᵀ)` for the `[gate; up]`
+    /// matrix `w` of `2 * inter` rows. `gate_up` (`rows × 2·inter`) is where the default puts
+    /// the product between the two ops; a backend that fuses them (the CUDA one for decode
+    /// steps of a few rows: one launch instead of two) need not touch it.
+    fn matmul_silu_mul(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Matrix,
+        inter: usize,
+        gate_up: &mut Self::Buf,
+        out: &mut Self::Buf,
+    ) {
+        self.matmul(x, rows, w, gate_up);
+        self.silu_mul(gate_up, rows, inter, out);
+    }
 
     /// Bytes one block takes over all layers, K and V (budget in bytes → number of blocks).
     fn kv_bytes_per_block(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize;

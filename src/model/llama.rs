@@ -488,8 +488,7 @@ impl<B: Backend> Llama<B> {
             be.matmul(&attn, t, &layer.o, &mut proj);
             be.add_rms_norm(&mut x, &proj, &layer.mlp_norm, eps, t, &mut normed);
 
-            be.matmul(&normed, t, &layer.gate_up, &mut gate_up);
-            be.silu_mul(&gate_up, t, inter, &mut act);
+            be.matmul_silu_mul(&normed, t, &layer.gate_up, inter, &mut gate_up, &mut act);
             be.matmul(&act, t, &layer.down, &mut proj);
             match self.layers.get(li + 1) {
                 Some(next) => be.add_rms_norm(&mut x, &proj, &next.attn_norm, eps, t, &mut normed),

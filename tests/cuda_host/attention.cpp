@@ -1,4 +1,5 @@
-// Runs kernels/attention.cu's decode (split-K, then the reduction) and prefill.cu's kernels, after
+// Runs kernels/attention.cu's decode (split-K, then the reduction; the fused merge must give the
+// same bits, checked here: exit 6) and prefill.cu's kernels, after
 // quest.cu's block selection where the policy has quest, on the host
 // (tests/cuda_formats_host.rs), CTA by CTA with real threads (shim.h `launch`):
 //   attention <in> <out>
@@ -103,13 +104,38 @@ int main(int argc, char** argv) {
         std::vector<float> part_o((size_t)n * heads * max_splits * dim, NAN);
         std::vector<float> part_ml((size_t)n * heads * max_splits * 2, NAN);
         launch(dim3h{(unsigned)kvh, (unsigned)n, (unsigned)max_splits}, THREADS, [&] {
-            decode(qkv.data(), meta.data(), tables.data(), a, part_o.data(), part_ml.data(), heads,
-                   kvh, dim, bs, bs_shift, split_len, max_splits, scale);
+            decode(qkv.data(), meta.data(), tables.data(), a, part_o.data(), part_ml.data(),
+                   nullptr, nullptr, heads, kvh, dim, bs, bs_shift, split_len, max_splits, scale);
         });
         launch(dim3h{(unsigned)n, (unsigned)heads, 1}, (unsigned)((dim + 31) / 32 * 32), [&] {
             decode_reduce_f32(part_o.data(), part_ml.data(), meta.data(), out.data(), heads, dim,
                               split_len, max_splits);
         });
+        // The fused merge (counters given), twice over the same counters: each launch must
+        // leave them at zero and write the reduction's very bits.
+        std::vector<unsigned int> counters((size_t)n * kvh, 0);
+        for (int pass = 0; pass < 2; ++pass) {
+            std::vector<float> fused(out.size(), NAN);
+            std::fill(part_o.begin(), part_o.end(), NAN);
+            std::fill(part_ml.begin(), part_ml.end(), NAN);
+            launch(dim3h{(unsigned)kvh, (unsigned)n, (unsigned)max_splits}, THREADS, [&] {
+                decode(qkv.data(), meta.data(), tables.data(), a, part_o.data(), part_ml.data(),
+                       fused.data(), counters.data(), heads, kvh, dim, bs, bs_shift, split_len,
+                       max_splits, scale);
+            });
+            for (unsigned int c : counters)
+                if (c != 0) {
+                    std::fprintf(stderr, "fused merge left a counter at %u\n", c);
+                    return 6;
+                }
+            for (int e = 0; e < n; ++e) {
+                const size_t at = (size_t)meta[3 * e] * heads * dim;
+                if (std::memcmp(&fused[at], &out[at], 4 * (size_t)heads * dim) != 0) {
+                    std::fprintf(stderr, "fused merge differs from decode_reduce_f32 (row %u)\n", meta[3 * e]);
+                    return 6;
+                }
+            }
+        }
     }
     if (tiles_n > 0) {
         launch(dim3h{(unsigned)kvh, (unsigned)tiles_n, 1}, THREADS, [&] {

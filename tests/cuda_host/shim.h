@@ -68,6 +68,10 @@ inline float shfl_from(float v, int src) {
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
     return std::atomic_ref<unsigned int>(*p).fetch_add(v);
 }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// A load through L2 (no L1 caching); host memory has one level.
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 // Warp vote: whether any lane of the calling warp passes a nonzero `pred`.
 inline int __any_sync(unsigned, int pred) {
     if (!g_cta) return pred;

@@ -225,6 +225,12 @@ impl CudaBackend {
             let part_ml = self.scratch_buf::<f32>(n * h * max_splits * 2);
             let (pop, pmp, spi, msi) =
                 (part_o.ptr(), part_ml.ptr(), split as i32, max_splits as i32);
+            // With counters the kernel merges its splits itself (0: `decode_reduce` does).
+            let counters = if self.fused_merge.load(std::sync::atomic::Ordering::Relaxed) {
+                self.decode_counters(n * kvh)
+            } else {
+                0u64
+            };
             let cfg = LaunchConfig {
                 grid_dim: (kvh as u32, n as u32, max_splits as u32),
                 block_dim: (ATTN_THREADS, 1, 1),
@@ -245,6 +251,8 @@ impl CudaBackend {
                         &kv,
                         &pop,
                         &pmp,
+                        &op,
+                        &counters,
                         &hi,
                         &kvhi,
                         &di,
@@ -258,30 +266,32 @@ impl CudaBackend {
                 },
                 "paged_decode",
             );
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, h as u32, 1),
-                block_dim: (d.next_multiple_of(32) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: reads the partials written just above; writes `n` rows of `out`.
-            ok(
-                unsafe {
-                    args!(
-                        self.stream,
-                        &self.k.decode_reduce,
-                        &pop,
-                        &pmp,
-                        &mp,
-                        &op,
-                        &hi,
-                        &di,
-                        &spi,
-                        &msi
-                    )
-                    .launch(cfg)
-                },
-                "decode_reduce",
-            );
+            if counters == 0 {
+                let cfg = LaunchConfig {
+                    grid_dim: (n as u32, h as u32, 1),
+                    block_dim: (d.next_multiple_of(32) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: reads the partials written just above; writes `n` rows of `out`.
+                ok(
+                    unsafe {
+                        args!(
+                            self.stream,
+                            &self.k.decode_reduce,
+                            &pop,
+                            &pmp,
+                            &mp,
+                            &op,
+                            &hi,
+                            &di,
+                            &spi,
+                            &msi
+                        )
+                        .launch(cfg)
+                    },
+                    "decode_reduce",
+                );
+            }
         }
         let t = p.num_tiles();
         if t > 0 {

@@ -82,6 +82,12 @@ pub struct CudaBackend {
     uploads: Mutex<Vec<Upload>>,
     /// Per-op scratch kept for reuse (see `scratch.rs`).
     scratch_cache: scratch::ScratchCache,
+    /// `true` (default): decode attention merges its context splits in the same launch
+    /// (`decode_counters`); `false`: a second launch, `decode_reduce_f32` (for measurements).
+    fused_merge: std::sync::atomic::AtomicBool,
+    /// One counter per (decode row, KV head) for the fused merge: zero between launches (the
+    /// kernel sets each back), grown as batches grow.
+    decode_counters: Mutex<Option<CudaSlice<u32>>>,
     /// Seconds spent compiling kernels at start (0 when all came from the cache).
     pub compile_seconds: f64,
 }
@@ -163,6 +169,8 @@ impl CudaBackend {
             rope: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
             scratch_cache: scratch::ScratchCache::default(),
+            fused_merge: true.into(),
+            decode_counters: Mutex::new(None),
             compile_seconds: if compiled {
                 t.elapsed().as_secs_f64()
             } else {
@@ -202,6 +210,28 @@ impl CudaBackend {
             rows.min(kernels::GEMV_MAX_ROWS),
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// `true` (default): each decode attention launch merges its own context splits; `false`:
+    /// a second launch merges them (the same arithmetic, so the same bits; for measurements).
+    pub fn set_fused_merge(&self, on: bool) {
+        self.fused_merge
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Device address of at least `len` zeroed merge counters (see `decode_counters`). A
+    /// buffer too small is replaced by a zeroed one of twice the size (the old one is freed in
+    /// stream order, after the launches that used it).
+    fn decode_counters(&self, len: usize) -> u64 {
+        let mut c = self
+            .decode_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if c.as_ref().is_none_or(|b| b.len() < len) {
+            let size = len.max(2 * c.as_ref().map_or(0, |b| b.len())).max(64);
+            *c = Some(ok(self.stream.alloc_zeros::<u32>(size), "alloc"));
+        }
+        self.ptr(c.as_ref().expect("allocated above"))
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {

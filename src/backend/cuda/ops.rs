@@ -243,41 +243,8 @@ impl Backend for CudaBackend {
             return;
         }
         let xp = self.ptr(x);
-        let gemv_rows = self
-            .gemv_max_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let wp = self.ptr(&w.data);
-        if rows <= gemv_rows
-            && k.is_multiple_of(8)
-            && xp.is_multiple_of(16)
-            && wp.is_multiple_of(16)
-        {
-            let (op, ri, ni, ki) = (self.ptr(out), rows as i32, n as i32, k as i32);
-            let per_cta = GEMV_COLS * (GEMV_THREADS as usize / 32);
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(per_cta) as u32, 1, 1),
-                block_dim: (GEMV_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: `x` holds `rows * k` floats and `out` `rows * n` (asserted), `w` `n * k`
-            // bf16; `k % 8 == 0` and both operands 16-byte aligned for the kernel's vector
-            // loads; `gemv_fn` picks a variant whose row bound holds `rows`.
-            ok(
-                unsafe {
-                    args!(
-                        self.stream,
-                        self.k.gemv_fn(rows),
-                        &xp,
-                        &wp,
-                        &op,
-                        &ri,
-                        &ni,
-                        &ki
-                    )
-                    .launch(cfg)
-                },
-                "gemv",
-            );
+        if self.gemv_fits(xp, rows, w) {
+            self.gemv(xp, rows, w, self.ptr(out), false);
             return;
         }
         if self.split_matmul.load(std::sync::atomic::Ordering::Relaxed) {
@@ -332,6 +299,28 @@ impl Backend for CudaBackend {
             unsafe { args!(self.stream, &self.k.add, &xp, &yp, &len).launch(grid_1d(len)) },
             "add",
         );
+    }
+
+    fn matmul_silu_mul(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaMatrix,
+        inter: usize,
+        gate_up: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) {
+        assert!(
+            w.rows == 2 * inter && x.len() >= rows * w.cols && out.len() >= rows * inter,
+            "matmul_silu_mul: shapes"
+        );
+        let xp = self.ptr(x);
+        if rows > 0 && self.gemv_fits(xp, rows, w) {
+            self.gemv(xp, rows, w, self.ptr(out), true);
+        } else {
+            self.matmul(x, rows, w, gate_up);
+            self.silu_mul(gate_up, rows, inter, out);
+        }
     }
 
     fn silu_mul(
@@ -470,6 +459,45 @@ impl CudaBackend {
                 args!(self.stream, &self.k.rms_norm, &x, &y, &wp, &op, &wi, &eps).launch(cfg)
             },
             "rms_norm",
+        );
+    }
+
+    /// Whether a product of `rows` rows of `x` (at `xp`) with `w` runs on the few-row kernels:
+    /// at most `gemv_max_rows` rows, a width of whole 16-byte groups, both operands aligned.
+    fn gemv_fits(&self, xp: u64, rows: usize, w: &CudaMatrix) -> bool {
+        let max = self
+            .gemv_max_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        rows <= max
+            && w.cols.is_multiple_of(8)
+            && xp.is_multiple_of(16)
+            && self.ptr(&w.data).is_multiple_of(16)
+    }
+
+    /// `gemv_r<R>_bf16` (`out[rows, w.rows]`), or with `silu` `gemv_silu_r<R>_bf16`
+    /// (`out[rows, w.rows / 2]`: SiLU(gate)·up of the `[gate; up]` matrix `w`). The callers
+    /// checked [`Self::gemv_fits`] and that `x` and `out` hold their rows.
+    fn gemv(&self, xp: u64, rows: usize, w: &CudaMatrix, op: u64, silu: bool) {
+        let n = if silu { w.rows / 2 } else { w.rows };
+        let (ri, ni, ki, wp) = (rows as i32, n as i32, w.cols as i32, self.ptr(&w.data));
+        let per_warp = if silu { GEMV_COLS / 2 } else { GEMV_COLS };
+        let per_cta = per_warp * (GEMV_THREADS as usize / 32);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(per_cta) as u32, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = if silu {
+            self.k.gemv_silu_fn(rows)
+        } else {
+            self.k.gemv_fn(rows)
+        };
+        // SAFETY: `x` holds `rows * k` floats and `out` `rows * n` (the callers), `w` its
+        // `rows * k` bf16; `k % 8 == 0` and both operands 16-byte aligned for the kernel's
+        // vector loads (`gemv_fits`); the variant's row bound holds `rows`.
+        ok(
+            unsafe { args!(self.stream, f, &xp, &wp, &op, &ri, &ni, &ki).launch(cfg) },
+            if silu { "gemv_silu" } else { "gemv" },
         );
     }
 }

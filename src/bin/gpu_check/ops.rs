@@ -300,6 +300,25 @@ pub fn attention(gpu: &CudaBackend, rows: &mut Vec<Row>) {
         &oc,
         "chunks 45@0, 20@300; decode @1500, @3000, @77",
     ));
+    // The decode rows' context splits merged in the decode launch (the last split to finish
+    // merges; the default) against a second launch merging them: the same arithmetic, so the
+    // same bits, every time, whichever CTA finishes last (30 runs of the batch).
+    gpu.set_fused_merge(false);
+    let mut sep = gpu.alloc(total * shape.q_width());
+    gpu.attention(&qg, &seqs, shape, &kg, layer, &mut sep);
+    gpu.set_fused_merge(true);
+    let want = read_all(gpu, &sep, oc.len());
+    let differing = (0..30)
+        .filter(|_| {
+            gpu.attention(&qg, &seqs, shape, &kg, layer, &mut og);
+            read_all(gpu, &og, oc.len()) != want
+        })
+        .count();
+    rows.push(super::error_row(
+        "decode split merge in the launch equals a separate merge launch",
+        if differing == 0 { 0.0 } else { f64::INFINITY },
+        &format!("bitwise; {differing} of 30 runs differed"),
+    ));
     let q = shape.q_width();
     let (a, b) = (45 + 20, 45 + 20 + 3);
     rows.push(parity(

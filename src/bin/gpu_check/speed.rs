@@ -151,11 +151,29 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
                 gpu.attention(&q, &attn, shape, &store, 0, &mut out)
             }
         }) / layers as f64;
+        // The A/B of the split merge: in the decode launch (default) or a second launch.
+        let s_two = label.is_empty().then(|| {
+            gpu.set_fused_merge(false);
+            let s = time(gpu, 10, || {
+                for _ in 0..layers {
+                    gpu.attention(&q, &attn, shape, &store, 0, &mut out)
+                }
+            }) / layers as f64;
+            gpu.set_fused_merge(true);
+            s
+        });
         let bytes = (seqs * ctx * shape.kv_width() * 2 * 2) as f64;
-        for (bw, how) in [
+        let mut timings = vec![
             (bytes / s, "one call, synchronised"),
             (bytes / s_seq, "16 calls back to back"),
-        ] {
+        ];
+        if let Some(s_two) = s_two {
+            timings.push((
+                bytes / s_two,
+                "16 calls back to back, splits merged by a second launch",
+            ));
+        }
+        for (bw, how) in timings {
             let bw = bw / 1e9;
             rows.push(measure(
                 &format!("decode attention {seqs} seqs x {ctx} ctx{label}, {how}"),
