@@ -27,6 +27,21 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// RoPE (Hugging Face rotate_half) of the pair (a, b) = (x[i], x[i + dim/2]) at angle
+// inv_freq[i] * pos: cos and sin taken in double of the f32 angle, as the CPU backend's table
+// does, then rounded to f32 and scaled; no contraction. rope_kv.cu and gemv.cu's fused variant
+// both rotate with this, so they write the same bits.
+__device__ __forceinline__ void rope_pair(float& a, float& b, float inv_freq, float pos,
+                                          float scaling) {
+    const float angle = inv_freq * pos;
+    const float c = (float)cos((double)angle) * scaling;
+    const float s = (float)sin((double)angle) * scaling;
+    const float ra = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
+    const float rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    a = ra;
+    b = rb;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

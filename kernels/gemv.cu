@@ -5,8 +5,11 @@
 // the two products after (three launches and two scratch buffers per product); this takes the
 // f32 rows as they are, in one launch, and sums exact bf16 x f32 products in f32 as the CPU does.
 // The backend takes it for up to GEMV_MAX_ROWS rows (kernels.rs) when the width is a multiple of
-// 8 and both operands are 16-byte aligned.
+// 8 and both operands are 16-byte aligned. Two variants also do the op that follows the product,
+// so that it costs no launch of its own: SiLU·up after the MLP's gate/up product, RoPE and the
+// KV write after the attention block's QKV product.
 #include "common.cuh"
+#include "kv_formats.cuh"
 
 #define GEMV_THREADS 128  // kernels.rs GEMV_THREADS: 4 warps per CTA
 #define GEMV_COLS 4       // kernels.rs GEMV_COLS: output columns per warp
@@ -24,30 +27,13 @@ __device__ __forceinline__ float dot8(float acc, uint4 w, float4 a, float4 b) {
     return acc;
 }
 
-// One warp per GEMV_COLS weight rows, for every activation row: lane l reads the 16-byte
-// groups l, l + 32, ... of each of its weight rows (a warp step covers 256 weights of each), and
-// multiplies every group it loads with the matching 8 floats of each of the `rows` (<= R)
-// activation rows, so each weight is read once and each activation element once per GEMV_COLS
-// weights. A warp sum gives each product.
-// Plain (SWIGLU false): the warp's weight rows are output columns j0 .. j0 + 4 of `n`; columns
-// past `n` repeat the last weight row and are not written.
-// SWIGLU: `w` is the MLP's [gate; up] matrix of 2n rows and the output the activation
-// silu(gate) * up of width n (elementwise.cu's silu_mul, the same expression), so the products
-// never leave the warp: its weight rows are gate rows j0, j0 + 1 and up rows n + j0, n + j0 + 1.
-template <int R, bool SWIGLU>
-__device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
-                     float* __restrict__ out, int rows, int n, int k) {
-    constexpr int OUTS = SWIGLU ? GEMV_COLS / 2 : GEMV_COLS;  // outputs per warp and row
-    const int lane = threadIdx.x & 31;
-    const int j0 = (blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * OUTS;
-    if (j0 >= n) return;  // the whole warp
-    const uint4* wrow[GEMV_COLS];
-#pragma unroll
-    for (int c = 0; c < GEMV_COLS; ++c) {
-        const int j = min(j0 + c % OUTS, n - 1);
-        wrow[c] = (const uint4*)(w + ((size_t)j + (c < OUTS ? 0 : n)) * k);
-    }
-    float acc[R][GEMV_COLS];
+// acc[r][c] = the dot products of activation row r (< rows <= R) with weight row wrow[c], this
+// lane's share: lane l takes the 16-byte groups l, l + 32, ... (a warp step covers 256 weights
+// of each row), and multiplies every group it loads with the matching 8 floats of each row, so
+// each weight is read once and each activation element once per GEMV_COLS weights.
+template <int R>
+__device__ __forceinline__ void gemv_dots(const float* __restrict__ x, const uint4* const (&wrow)[GEMV_COLS],
+                                          float (&acc)[R][GEMV_COLS], int rows, int k, int lane) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -68,6 +54,30 @@ __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
             }
         }
     }
+}
+
+// One warp per GEMV_COLS weight rows, for every activation row (gemv_dots); a warp sum gives
+// each product.
+// Plain (SWIGLU false): the warp's weight rows are output columns j0 .. j0 + 4 of `n`; columns
+// past `n` repeat the last weight row and are not written.
+// SWIGLU: `w` is the MLP's [gate; up] matrix of 2n rows and the output the activation
+// silu(gate) * up of width n (elementwise.cu's silu_mul, the same expression), so the products
+// never leave the warp: its weight rows are gate rows j0, j0 + 1 and up rows n + j0, n + j0 + 1.
+template <int R, bool SWIGLU>
+__device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                     float* __restrict__ out, int rows, int n, int k) {
+    constexpr int OUTS = SWIGLU ? GEMV_COLS / 2 : GEMV_COLS;  // outputs per warp and row
+    const int lane = threadIdx.x & 31;
+    const int j0 = (blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * OUTS;
+    if (j0 >= n) return;  // the whole warp
+    const uint4* wrow[GEMV_COLS];
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) {
+        const int j = min(j0 + c % OUTS, n - 1);
+        wrow[c] = (const uint4*)(w + ((size_t)j + (c < OUTS ? 0 : n)) * k);
+    }
+    float acc[R][GEMV_COLS];
+    gemv_dots<R>(x, wrow, acc, rows, k, lane);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         float s[GEMV_COLS];
@@ -80,6 +90,73 @@ __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
                 out[(size_t)r * n + j0 + c] = SWIGLU ? g / (1.0f + expf(-g)) * s[c + OUTS] : g;
             }
         }
+    }
+}
+
+// The attention block's [q; k; v] product with RoPE and the KV write (rope_kv.cu's rope_store,
+// split by output column): a warp of the q and k heads takes channels i, i + 1 of one head and
+// their RoPE partners i + dim/2, i + dim/2 + 1, rotates them and writes them to `qkv` (a k
+// head's also into its exact block, bf16); a warp of the v heads takes 4 consecutive channels
+// and writes them (and into the block). Every column is a real one (dim % 4 == 0). Lane r
+// finishes row r, so the rows' RoPE (cos and sin in double) and writes run side by side.
+template <int R>
+__device__ void gemv_rope(const float* __restrict__ x, const bf16_t* __restrict__ w,
+                          float* __restrict__ qkv, const unsigned int* positions,
+                          const unsigned int* slots, const float* inv_freq, float scaling,
+                          const KvArgs& kv, int heads, int kv_heads, int dim, int block_size,
+                          int rows, int k) {
+    const int lane = threadIdx.x & 31;
+    const int wi = blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5);
+    const int n = (heads + 2 * kv_heads) * dim, half = dim / 2;
+    const int pairs = (heads + kv_heads) * half / 2;  // warps of the q and k heads
+    if (wi * GEMV_COLS >= n) return;                  // the whole warp
+    const bool rotated = wi < pairs;
+    const int i0 = rotated ? 2 * (wi % (half / 2)) : 0;  // first channel of the pair
+    int col[GEMV_COLS];
+    if (rotated) {
+        const int c0 = wi / (half / 2) * dim + i0;
+        col[0] = c0, col[1] = c0 + 1, col[2] = c0 + half, col[3] = c0 + half + 1;
+    } else {
+        const int c0 = (heads + kv_heads) * dim + GEMV_COLS * (wi - pairs);
+#pragma unroll
+        for (int c = 0; c < GEMV_COLS; ++c) col[c] = c0 + c;
+    }
+    const uint4* wrow[GEMV_COLS];
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) wrow[c] = (const uint4*)(w + (size_t)col[c] * k);
+    float acc[R][GEMV_COLS];
+    gemv_dots<R>(x, wrow, acc, rows, k, lane);
+    // Every lane gets every sum (xor shuffles); lane r keeps row r's.
+    float mine[GEMV_COLS];
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) mine[c] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < GEMV_COLS; ++c) {
+            const float s = warp_sum(acc[r][c]);
+            if (lane == r) mine[c] = s;
+        }
+    const int r = lane;
+    if (r >= R || r >= rows) return;
+    if (rotated) {
+        const float pos = (float)positions[r];
+        rope_pair(mine[0], mine[2], inv_freq[i0], pos, scaling);
+        rope_pair(mine[1], mine[3], inv_freq[i0 + 1], pos, scaling);
+    }
+    float* o = qkv + (size_t)r * n;
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) o[col[c]] = mine[c];
+    const int first_k = heads * dim, kvw = kv_heads * dim;
+    if (col[0] < first_k) return;  // a q warp: nothing to store
+    const unsigned int slot = slots[r];
+    const unsigned int block = slot / block_size, off = slot % block_size;
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; ++c) {
+        const int at = col[c] - first_k;  // within [k | v]
+        const int v = at >= kvw, kh = (at - v * kvw) / dim, d = (at - v * kvw) % dim;
+        ((bf16_t*)exact_run(kv, block, v, kh, block_size, dim))[(size_t)off * dim + d] =
+            from_f32<bf16_t>(mine[c]);
     }
 }
 
@@ -103,6 +180,23 @@ __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
         int rows, int n, int k) {                                                               \
         gemv<R, true>(x, w, out, rows, n, k);                                                   \
     }
+// The attention block's QKV product, RoPE and KV write in one (rope_kv.cu's rope_store after
+// gemv_r<R>_bf16, the same bits): grid ceil(n / (GEMV_COLS * 4)) CTAs of GEMV_THREADS, n = (heads
+// + 2 * kv_heads) * dim, dim % 4 == 0; `kv` addresses the layer in the exact slab, every slot
+// has its chunk. Same bounds on rows, k and alignment.
+#define GEMV_ROPE_ENTRY(R)                                                                      \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_rope_r##R##_bf16(           \
+        const float* x,                 /* [rows, k] */                                         \
+        const bf16_t* w,                /* [n, k]: q, k, v rows */                              \
+        float* qkv,                     /* [rows, n] */                                         \
+        const unsigned int* positions,  /* [rows] */                                            \
+        const unsigned int* slots,      /* [rows]: exact slot * block_size + offset */          \
+        const float* inv_freq,          /* [dim / 2] */                                         \
+        float scaling, KvArgs kv, int heads, int kv_heads, int dim, int block_size, int rows,  \
+        int k) {                                                                                \
+        gemv_rope<R>(x, w, qkv, positions, slots, inv_freq, scaling, kv, heads, kv_heads, dim,  \
+                     block_size, rows, k);                                                      \
+    }
 GEMV_ENTRY(1)
 GEMV_ENTRY(2)
 GEMV_ENTRY(4)
@@ -111,3 +205,7 @@ GEMV_SILU_ENTRY(1)
 GEMV_SILU_ENTRY(2)
 GEMV_SILU_ENTRY(4)
 GEMV_SILU_ENTRY(8)
+GEMV_ROPE_ENTRY(1)
+GEMV_ROPE_ENTRY(2)
+GEMV_ROPE_ENTRY(4)
+GEMV_ROPE_ENTRY(8)

@@ -1,8 +1,8 @@
 // RoPE on the q and k heads of fused [q | k | v] rows (Hugging Face rotate_half: pair i is
 // (x[i], x[i + D/2])), then the rotated k and the v written into their blocks' exact (bf16)
 // copies in the exact slab (kv_formats.cuh).
-// One block per row. cos/sin are taken in double of the f32 angle `inv_freq[i] * pos`, as the CPU
-// backend's table does, then rounded to f32 and scaled.
+// One block per row; the rotation is common.cuh's rope_pair. (For decode steps of a few rows,
+// gemv.cu's gemv_rope_r<R>_bf16 does this inside the QKV product instead.)
 #include "common.cuh"
 #include "kv_formats.cuh"
 
@@ -15,13 +15,11 @@ __device__ void rope_store(float* qkv, const unsigned int* positions, const unsi
     const float pos = (float)positions[row];
     for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
         int head = idx / half, i = idx % half;
-        float angle = inv_freq[i] * pos;
-        float c = (float)cos((double)angle) * scaling;
-        float s = (float)sin((double)angle) * scaling;
         float* h = x + head * dim;
         float a = h[i], b = h[i + half];
-        h[i] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
-        h[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        rope_pair(a, b, inv_freq[i], pos, scaling);
+        h[i] = a;
+        h[i + half] = b;
     }
     __syncthreads();
     const unsigned int slot = slots[row];

@@ -1141,6 +1141,101 @@ fn gemv_silu_kernel_matches_the_cpu_matmul_and_silu() {
     }
 }
 
+/// The fused attention-block product (`gemv_rope_r<R>_bf16`: the `[q; k; v]` product, RoPE and
+/// the K/V write into the exact blocks in one launch, with the backend's grid and variant): its
+/// rows against the CPU backend's matmul then `rope_and_store`, and (inside the harness) its rows
+/// and every byte of the exact slab against the two launches it replaces, `gemv_r<R>_bf16` then
+/// `rope_store_bf16`, bit for bit. The default model's attention (9 query heads over 3 KV heads
+/// of 64, hidden 576) and a small shape (head_dim 16, a RoPE scaling of 1.3).
+#[test]
+fn gemv_rope_kernel_matches_the_cpu_product_and_rope() {
+    use kvserve::backend::cuda::kernels::gemv_bound;
+    use kvserve::backend::{AttnShape, Backend, RopeParams};
+    use kvserve::model::tensor::{HostData, HostTensor};
+    let cpu = CpuBackend::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let cases = [
+        (
+            9usize,
+            3usize,
+            64usize,
+            576usize,
+            1.0f32,
+            vec![1usize, 3, 8],
+        ),
+        (4, 2, 16, 64, 1.3, vec![2, 5]),
+    ];
+    for (heads, kvh, dim, k, scaling, row_counts) in cases {
+        let shape = AttnShape {
+            num_heads: heads,
+            num_kv_heads: kvh,
+            head_dim: dim,
+        };
+        let n = shape.qkv_width();
+        let w: Vec<bf16> = (0..n * k)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
+            .collect();
+        let wt = HostTensor {
+            name: "qkv".into(),
+            shape: vec![n, k],
+            data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
+        };
+        let wc = cpu.upload_matrix(&[&wt]).unwrap();
+        let rope = RopeParams {
+            inv_freq: (0..dim / 2)
+                .map(|i| 10_000f32.powf(-((2 * i) as f32) / dim as f32))
+                .collect(),
+            attention_scaling: scaling,
+        };
+        let (bs, blocks) = (16usize, 8usize);
+        for rows in row_counts {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|_| rng.random_range(-3.0f32..3.0))
+                .collect();
+            let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..4000u32)).collect();
+            let mut all: Vec<u32> = (0..(blocks * bs) as u32).collect();
+            all.shuffle(&mut rng);
+            let slots = all[..rows].to_vec();
+            let mut inb = Bytes::default();
+            inb.u32s(&[
+                32 + gemv_bound(rows) as u32,
+                rows as u32,
+                n as u32,
+                k as u32,
+            ]);
+            inb.f32s(&x);
+            for v in &w {
+                inb.0.extend(v.to_bits().to_le_bytes());
+            }
+            inb.u32s(&[
+                heads as u32,
+                kvh as u32,
+                dim as u32,
+                bs as u32,
+                blocks as u32,
+            ]);
+            inb.f32s(&[scaling]);
+            inb.u32s(&positions);
+            inb.u32s(&slots);
+            inb.f32s(&rope.inv_freq);
+            let got = f32s(&call("gemv", &inb.0));
+            assert_eq!(got.len(), rows * n + 16);
+            assert!(
+                got[rows * n..].iter().all(|v| v.is_nan()),
+                "{rows} rows: wrote past the output"
+            );
+            let mut want = vec![0f32; rows * n];
+            let mut store = cpu.new_kv_store(1, blocks, bs, shape);
+            cpu.matmul_rope_and_store(
+                &x, rows, &wc, &mut want, &positions, &slots, shape, &rope, &mut store, 0,
+            );
+            let e = max_rel_err(&got[..rows * n], &want);
+            eprintln!("gemv_rope {rows}x{k}·{n} ({heads}/{kvh} heads of {dim}): vs cpu {e:.2e}");
+            assert!(e <= 5e-6, "{rows} rows, {heads}/{kvh}x{dim}: {e:.2e}");
+        }
+    }
+}
+
 /// The dense temperature draw (`kernels/sampling.cu: draw_dense_f32`, 256 threads per row as the
 /// backend launches it) against the CPU backend's `draw_rows` (`backend::cpu::draw`, which the
 /// engine's sampler shares): the same token for every row and uniform. Widths of a whole number

@@ -200,6 +200,27 @@ pub trait Backend: Send + Sync {
         store: &mut Self::KvStore,
         layer: usize,
     );
+    /// The attention block's first product and what follows it: `qkv = x · wᵀ` (`w` the
+    /// `[q; k; v]` matrix), then [`Backend::rope_and_store`] with the same arguments. A backend
+    /// may fuse them (the CUDA one does for decode steps of a few rows: one launch instead of
+    /// two). Models with a QKV bias call the three ops instead.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_rope_and_store(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Matrix,
+        qkv: &mut Self::Buf,
+        positions: &[u32],
+        slots: &[u32],
+        shape: AttnShape,
+        rope: &RopeParams,
+        store: &mut Self::KvStore,
+        layer: usize,
+    ) {
+        self.matmul(x, rows, w, qkv);
+        self.rope_and_store(qkv, rows, positions, slots, shape, rope, store, layer);
+    }
     /// Causal attention for a batch of sequences whose fused `[q | k | v]` rows are stacked
     /// sequence after sequence in `qkv`: row `i` of sequence `s` is at position
     /// `s.start_pos + i` and attends to positions `0..=s.start_pos + i` read through its own

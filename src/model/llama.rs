@@ -470,12 +470,17 @@ impl<B: Backend> Llama<B> {
         }
         for (li, layer) in self.layers.iter().enumerate() {
             // `normed` holds this layer's attention input (normed by the previous step).
-            be.matmul(&normed, t, &layer.qkv, &mut qkv);
-            if let Some(b) = &layer.qkv_bias {
-                be.add_bias(&mut qkv, b, t);
-            }
             let (shape, rope) = (self.shape, &self.rope);
-            be.rope_and_store(&mut qkv, t, &positions, &slots, shape, rope, store, li);
+            if let Some(b) = &layer.qkv_bias {
+                be.matmul(&normed, t, &layer.qkv, &mut qkv);
+                be.add_bias(&mut qkv, b, t);
+                be.rope_and_store(&mut qkv, t, &positions, &slots, shape, rope, store, li);
+            } else {
+                let (pos, sl) = (&positions, &slots);
+                be.matmul_rope_and_store(
+                    &normed, t, &layer.qkv, &mut qkv, pos, sl, shape, rope, store, li,
+                );
+            }
             if let Some(observe) = observe.as_mut() {
                 let mut host = vec![0f32; t * shape.qkv_width()];
                 be.read(&qkv, 0, &mut host);

@@ -79,6 +79,8 @@ pub struct Kernels {
     pub gemv: [CudaFunction; 4],
     /// `gemv_silu_r{1,2,4,8}_bf16`: the MLP's gate/up product and its SiLU·up in one launch.
     pub gemv_silu: [CudaFunction; 4],
+    /// `gemv_rope_r{1,2,4,8}_bf16`: the QKV product, RoPE and the KV write in one launch.
+    pub gemv_rope: [CudaFunction; 4],
     /// `paged_decode_g{1,2,4,8}_<fmt>` per format of [`FORMATS`]: register arrays sized for the
     /// group (see `decode_fn`).
     pub paged_decode: Vec<[CudaFunction; 4]>,
@@ -124,6 +126,10 @@ pub fn kernel_names() -> Vec<(&'static str, String)> {
         ("gemv.cu", "gemv_silu_r2_bf16"),
         ("gemv.cu", "gemv_silu_r4_bf16"),
         ("gemv.cu", "gemv_silu_r8_bf16"),
+        ("gemv.cu", "gemv_rope_r1_bf16"),
+        ("gemv.cu", "gemv_rope_r2_bf16"),
+        ("gemv.cu", "gemv_rope_r4_bf16"),
+        ("gemv.cu", "gemv_rope_r8_bf16"),
     ]
     .iter()
     .map(|&(f, n)| (f, n.to_string()))
@@ -197,6 +203,12 @@ impl Kernels {
                 f("gemv.cu", "gemv_silu_r4_bf16")?,
                 f("gemv.cu", "gemv_silu_r8_bf16")?,
             ],
+            gemv_rope: [
+                f("gemv.cu", "gemv_rope_r1_bf16")?,
+                f("gemv.cu", "gemv_rope_r2_bf16")?,
+                f("gemv.cu", "gemv_rope_r4_bf16")?,
+                f("gemv.cu", "gemv_rope_r8_bf16")?,
+            ],
             paged_decode: decode,
             decode_reduce: f("attention.cu", "decode_reduce_f32")?,
             prefill: per_format("prefill.cu", "prefill")?,
@@ -266,6 +278,10 @@ impl Kernels {
     /// `gemv_silu_r<R>_bf16` for `rows` rows, `R` = [`gemv_bound`].
     pub fn gemv_silu_fn(&self, rows: usize) -> &CudaFunction {
         &self.gemv_silu[gemv_bound(rows).trailing_zeros() as usize]
+    }
+    /// `gemv_rope_r<R>_bf16` for `rows` rows, `R` = [`gemv_bound`].
+    pub fn gemv_rope_fn(&self, rows: usize) -> &CudaFunction {
+        &self.gemv_rope[gemv_bound(rows).trailing_zeros() as usize]
     }
 }
 

@@ -2,7 +2,7 @@
 //! (`slots::BlockMap`), the chunk allocations that follow, and the launches of the write, seal
 //! and copy kernels (`kernels/rope_kv.cu`, `kv_seal.cu`, `kv_copy.cu`).
 
-use super::kernels::LATENT_MAX_SMEM;
+use super::kernels::{GEMV_COLS, GEMV_THREADS, LATENT_MAX_SMEM};
 use super::slots::Action;
 use super::store::{format_index, DeviceLatent};
 use super::*;
@@ -10,6 +10,9 @@ use crate::backend::latent::LatentKeys;
 
 impl CudaBackend {
     /// [`Backend::rope_and_store`]: RoPE, then each row's k and v into its block's exact copy.
+    /// With `product` (the activations' address and the `[q; k; v]` weights, a product the
+    /// few-row kernels take, `head_dim % 4 == 0`: the caller checked) `qkv` is computed in the
+    /// same launch (`gemv_rope_r<R>_bf16`, [`Backend::matmul_rope_and_store`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rope_and_store_impl(
         &self,
@@ -21,6 +24,7 @@ impl CudaBackend {
         rope: &RopeParams,
         store: &mut CudaKvStore,
         layer: usize,
+        product: Option<(u64, &CudaMatrix)>,
     ) {
         assert!(
             qkv.len() >= rows * shape.qkv_width(),
@@ -62,6 +66,45 @@ impl CudaBackend {
             shape.head_dim as i32,
             bs as i32,
         );
+        if let Some((xp, w)) = product {
+            let (ri, ki) = (rows as i32, w.cols as i32);
+            let wp = self.ptr(&w.data);
+            let per_cta = GEMV_COLS * (GEMV_THREADS as usize / 32);
+            let cfg = LaunchConfig {
+                grid_dim: (shape.qkv_width().div_ceil(per_cta) as u32, 1, 1),
+                block_dim: (GEMV_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `x` holds `rows * k` floats, `w` `qkv_width * k` bf16, `qkv` `rows *
+            // qkv_width` floats (the caller and the assert above); `k % 8 == 0`, both operands
+            // 16-byte aligned, `head_dim % 4 == 0` (the caller); every exact slot was just
+            // given a chunk (`apply`); `kv` addresses layer `layer` of the exact slab.
+            ok(
+                unsafe {
+                    args!(
+                        self.stream,
+                        self.k.gemv_rope_fn(rows),
+                        &xp,
+                        &wp,
+                        &qp,
+                        &pp,
+                        &sp,
+                        &freq,
+                        &scale,
+                        &kv,
+                        &h,
+                        &kvh,
+                        &d,
+                        &bsi,
+                        &ri,
+                        &ki
+                    )
+                    .launch(cfg)
+                },
+                "gemv_rope",
+            );
+            return;
+        }
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (128, 1, 1),

@@ -373,7 +373,35 @@ impl Backend for CudaBackend {
         store: &mut CudaKvStore,
         layer: usize,
     ) {
-        self.rope_and_store_impl(qkv, rows, positions, slots, shape, rope, store, layer);
+        self.rope_and_store_impl(qkv, rows, positions, slots, shape, rope, store, layer, None);
+    }
+
+    fn matmul_rope_and_store(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &CudaMatrix,
+        qkv: &mut CudaSlice<f32>,
+        positions: &[u32],
+        slots: &[u32],
+        shape: AttnShape,
+        rope: &RopeParams,
+        store: &mut CudaKvStore,
+        layer: usize,
+    ) {
+        assert!(
+            w.rows == shape.qkv_width() && x.len() >= rows * w.cols,
+            "matmul_rope_and_store: shapes"
+        );
+        let xp = self.ptr(x);
+        let fused = rows > 0 && shape.head_dim.is_multiple_of(4) && self.gemv_fits(xp, rows, w);
+        if !fused {
+            self.matmul(x, rows, w, qkv);
+        }
+        let product = fused.then_some((xp, w));
+        self.rope_and_store_impl(
+            qkv, rows, positions, slots, shape, rope, store, layer, product,
+        );
     }
 
     fn attention(
