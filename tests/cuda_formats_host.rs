@@ -1005,6 +1005,49 @@ fn argmax_kernel_matches_the_cpu() {
     }
 }
 
+/// A random `[n, k]` bf16 weight matrix scaled like a trained layer's (entries up to `1/√k`),
+/// and the CPU backend's copy of it.
+fn gemv_weights(
+    cpu: &CpuBackend,
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    k: usize,
+) -> (Vec<bf16>, <CpuBackend as Backend>::Matrix) {
+    use kvserve::model::tensor::{HostData, HostTensor};
+    let w: Vec<bf16> = (0..n * k)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
+        .collect();
+    let wt = HostTensor {
+        name: "w".into(),
+        shape: vec![n, k],
+        data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
+    };
+    let wc = cpu.upload_matrix(&[&wt]).unwrap();
+    (w, wc)
+}
+
+/// The start of a `gemv.cpp` input: the variant code, the sizes, `rows × k` random activations
+/// (returned too) and the weights.
+fn gemv_input(
+    rng: &mut ChaCha8Rng,
+    variant: u32,
+    rows: usize,
+    n: usize,
+    k: usize,
+    w: &[bf16],
+) -> (Bytes, Vec<f32>) {
+    let x: Vec<f32> = (0..rows * k)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect();
+    let mut inb = Bytes::default();
+    inb.u32s(&[variant, rows as u32, n as u32, k as u32]);
+    inb.f32s(&x);
+    for v in w {
+        inb.0.extend(v.to_bits().to_le_bytes());
+    }
+    (inb, x)
+}
+
 /// The few-row products (`kernels/gemv.cu`, launched with the backend's grid and the variant
 /// `gemv_bound` picks) against the CPU backend's matmul with the same bf16 weights and f32 rows:
 /// every row count up to `GEMV_MAX_ROWS` (3, 5, 6, 7 run in a larger variant with rows left
@@ -1013,7 +1056,6 @@ fn argmax_kernel_matches_the_cpu() {
 #[test]
 fn gemv_kernel_matches_the_cpu_matmul() {
     use kvserve::backend::cuda::kernels::{gemv_bound, GEMV_MAX_ROWS};
-    use kvserve::model::tensor::{HostData, HostTensor};
     let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let shapes = [
@@ -1024,30 +1066,14 @@ fn gemv_kernel_matches_the_cpu_matmul() {
         (64, 1),
     ];
     for (i, &(k, n)) in shapes.iter().enumerate() {
-        let w: Vec<bf16> = (0..n * k)
-            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
-            .collect();
-        let wt = HostTensor {
-            name: "w".into(),
-            shape: vec![n, k],
-            data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
-        };
-        let wc = cpu.upload_matrix(&[&wt]).unwrap();
+        let (w, wc) = gemv_weights(&cpu, &mut rng, n, k);
         let row_counts: Vec<usize> = if i == 0 {
             (1..=GEMV_MAX_ROWS).collect()
         } else {
             vec![1, 3, GEMV_MAX_ROWS]
         };
         for rows in row_counts {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|_| rng.random_range(-3.0f32..3.0))
-                .collect();
-            let mut inb = Bytes::default();
-            inb.u32s(&[gemv_bound(rows) as u32, rows as u32, n as u32, k as u32]);
-            inb.f32s(&x);
-            for v in &w {
-                inb.0.extend(v.to_bits().to_le_bytes());
-            }
+            let (inb, x) = gemv_input(&mut rng, gemv_bound(rows) as u32, rows, n, k, &w);
             let got = f32s(&call("gemv", &inb.0));
             assert_eq!(got.len(), rows * n + 16);
             assert!(
@@ -1088,22 +1114,13 @@ fn gemv_kernel_matches_the_cpu_matmul() {
 #[test]
 fn gemv_silu_kernel_matches_the_cpu_matmul_and_silu() {
     use kvserve::backend::cuda::kernels::{gemv_bound, GEMV_MAX_ROWS};
-    use kvserve::model::tensor::{HostData, HostTensor};
     let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(23);
     for (i, &(k, inter)) in [(576usize, 1536usize), (64, 3), (1032, 17)]
         .iter()
         .enumerate()
     {
-        let w: Vec<bf16> = (0..2 * inter * k)
-            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
-            .collect();
-        let wt = HostTensor {
-            name: "gate_up".into(),
-            shape: vec![2 * inter, k],
-            data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
-        };
-        let wc = cpu.upload_matrix(&[&wt]).unwrap();
+        let (w, wc) = gemv_weights(&cpu, &mut rng, 2 * inter, k);
         // Each variant once (3 and 5 with rows left over); the plain products' test covers
         // every row count.
         let row_counts = if i == 0 {
@@ -1112,20 +1129,8 @@ fn gemv_silu_kernel_matches_the_cpu_matmul_and_silu() {
             vec![1, 5]
         };
         for rows in row_counts {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|_| rng.random_range(-3.0f32..3.0))
-                .collect();
-            let mut inb = Bytes::default();
-            inb.u32s(&[
-                16 + gemv_bound(rows) as u32,
-                rows as u32,
-                inter as u32,
-                k as u32,
-            ]);
-            inb.f32s(&x);
-            for v in &w {
-                inb.0.extend(v.to_bits().to_le_bytes());
-            }
+            let variant = 16 + gemv_bound(rows) as u32;
+            let (inb, x) = gemv_input(&mut rng, variant, rows, inter, k, &w);
             let got = f32s(&call("gemv", &inb.0));
             assert_eq!(got.len(), rows * inter + 16);
             assert!(
@@ -1151,7 +1156,6 @@ fn gemv_silu_kernel_matches_the_cpu_matmul_and_silu() {
 fn gemv_rope_kernel_matches_the_cpu_product_and_rope() {
     use kvserve::backend::cuda::kernels::gemv_bound;
     use kvserve::backend::{AttnShape, Backend, RopeParams};
-    use kvserve::model::tensor::{HostData, HostTensor};
     let cpu = CpuBackend::new();
     let mut rng = ChaCha8Rng::seed_from_u64(29);
     let cases = [
@@ -1172,15 +1176,7 @@ fn gemv_rope_kernel_matches_the_cpu_product_and_rope() {
             head_dim: dim,
         };
         let n = shape.qkv_width();
-        let w: Vec<bf16> = (0..n * k)
-            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()))
-            .collect();
-        let wt = HostTensor {
-            name: "qkv".into(),
-            shape: vec![n, k],
-            data: HostData::Bf16(std::borrow::Cow::Borrowed(&w)),
-        };
-        let wc = cpu.upload_matrix(&[&wt]).unwrap();
+        let (w, wc) = gemv_weights(&cpu, &mut rng, n, k);
         let rope = RopeParams {
             inv_freq: (0..dim / 2)
                 .map(|i| 10_000f32.powf(-((2 * i) as f32) / dim as f32))
@@ -1189,24 +1185,12 @@ fn gemv_rope_kernel_matches_the_cpu_product_and_rope() {
         };
         let (bs, blocks) = (16usize, 8usize);
         for rows in row_counts {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|_| rng.random_range(-3.0f32..3.0))
-                .collect();
+            let variant = 32 + gemv_bound(rows) as u32;
+            let (mut inb, x) = gemv_input(&mut rng, variant, rows, n, k, &w);
             let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..4000u32)).collect();
             let mut all: Vec<u32> = (0..(blocks * bs) as u32).collect();
             all.shuffle(&mut rng);
             let slots = all[..rows].to_vec();
-            let mut inb = Bytes::default();
-            inb.u32s(&[
-                32 + gemv_bound(rows) as u32,
-                rows as u32,
-                n as u32,
-                k as u32,
-            ]);
-            inb.f32s(&x);
-            for v in &w {
-                inb.0.extend(v.to_bits().to_le_bytes());
-            }
             inb.u32s(&[
                 heads as u32,
                 kvh as u32,
