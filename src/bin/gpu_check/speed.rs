@@ -355,6 +355,32 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
                     &format!("{:.1} µs per call, 16 back to back; {note}", s * 1e6),
                 ));
             }
+            if name == "gate_up" {
+                // The MLP's product and SiLU·up in one launch against the two launches.
+                let inter = n / 2;
+                let mut act = gpu.alloc(m * inter);
+                let fused = time(gpu, 10, || {
+                    for _ in 0..16 {
+                        gpu.matmul_silu_mul(&x, m, &w, inter, &mut out, &mut act);
+                    }
+                }) / 16.0;
+                let two = time(gpu, 10, || {
+                    for _ in 0..16 {
+                        gpu.matmul(&x, m, &w, &mut out);
+                        gpu.silu_mul(&out, m, inter, &mut act);
+                    }
+                }) / 16.0;
+                rows.push(measure(
+                    &format!("matmul {m} rows x {name} [{n}x{k}] with SiLU·up, gemv_silu"),
+                    bytes / fused / 1e9,
+                    "GB/s",
+                    &format!(
+                        "{:.1} µs per call, 16 back to back; {:.2}x the time of gemv then silu_mul",
+                        fused * 1e6,
+                        fused / two
+                    ),
+                ));
+            }
         }
     }
     // Token selection for 128 rows of a 32,000 vocabulary: on the device (one index per row
