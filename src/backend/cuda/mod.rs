@@ -290,38 +290,7 @@ impl CudaBackend {
         tables.push((scaled, d));
         p
     }
-
-    /// `out[rows, n] = x[rows, k] · wᵀ` with bf16 `x` (`[rows, k]`) through cuBLAS.
-    fn gemm(&self, x: u64, rows: usize, w: &CudaMatrix, out: u64) {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: `w` holds `w.rows * w.cols` bf16, `x` `rows * w.cols` bf16 and `out`
-        // `rows * w.rows` f32 (the callers allocate them so); column-major view: out (w.rows ×
-        // rows) = wᵀ-stored (w.cols × w.rows)ᵀ · x (w.cols × rows).
-        let r = unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                w.rows as i32,
-                rows as i32,
-                w.cols as i32,
-                &alpha as *const f32 as *const _,
-                self.ptr(&w.data) as *const _,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                w.cols as i32,
-                x as *const _,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                w.cols as i32,
-                &beta as *const f32 as *const _,
-                out as *mut _,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                w.rows as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        ok(r, "cublasGemmEx");
-    }
 }
 
 mod ops;
+mod products;

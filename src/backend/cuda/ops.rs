@@ -1,9 +1,7 @@
 //! `impl Backend for CudaBackend`: each op checks the sizes its kernel assumes, uploads the small
 //! index arrays it needs and launches. Launch shapes are documented in the `.cu` files.
 
-use super::kernels::{
-    ARGMAX_THREADS, DRAW_BLOCK, DRAW_LANES, DRAW_THREADS, GEMV_COLS, GEMV_THREADS,
-};
+use super::kernels::{ARGMAX_THREADS, DRAW_BLOCK, DRAW_LANES, DRAW_THREADS};
 use super::*;
 
 impl Backend for CudaBackend {
@@ -234,45 +232,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, x: &CudaSlice<f32>, rows: usize, w: &CudaMatrix, out: &mut CudaSlice<f32>) {
-        let (k, n) = (w.cols, w.rows);
-        assert!(
-            x.len() >= rows * k && out.len() >= rows * n,
-            "matmul: buffers too small"
-        );
-        if rows == 0 {
-            return;
-        }
-        let xp = self.ptr(x);
-        if self.gemv_fits(xp, rows, w) {
-            self.gemv(xp, rows, w, self.ptr(out), false);
-            return;
-        }
-        if self.split_matmul.load(std::sync::atomic::Ordering::Relaxed) {
-            let hilo = self.scratch_buf::<bf16>(2 * rows * k);
-            let y2 = self.scratch_buf::<f32>(2 * rows * n);
-            let (hp, yp, op, len) = (hilo.ptr(), y2.ptr(), self.ptr(out), rows * k);
-            // SAFETY: `x` ≥ `len` floats (asserted), `hilo` holds `2 * len` bf16.
-            ok(
-                unsafe { args!(self.stream, &self.k.split, &xp, &hp, &len).launch(grid_1d(len)) },
-                "split",
-            );
-            self.gemm(hp, 2 * rows, w, yp);
-            let m = rows * n;
-            // SAFETY: `y2` holds `2 * m` floats, `out` ≥ `m` (asserted).
-            ok(
-                unsafe { args!(self.stream, &self.k.sum_halves, &yp, &op, &m).launch(grid_1d(m)) },
-                "sum_halves",
-            );
-        } else {
-            let xb = self.scratch_buf::<bf16>(rows * k);
-            let (bp, len) = (xb.ptr(), rows * k);
-            // SAFETY: `x` ≥ `len` floats, `xb` holds `len` bf16.
-            ok(
-                unsafe { args!(self.stream, &self.k.convert, &xp, &bp, &len).launch(grid_1d(len)) },
-                "convert",
-            );
-            self.gemm(bp, rows, w, self.ptr(out));
-        }
+        self.matmul_impl(x, rows, w, out);
     }
 
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize) {
@@ -310,17 +270,7 @@ impl Backend for CudaBackend {
         gate_up: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) {
-        assert!(
-            w.rows == 2 * inter && x.len() >= rows * w.cols && out.len() >= rows * inter,
-            "matmul_silu_mul: shapes"
-        );
-        let xp = self.ptr(x);
-        if rows > 0 && self.gemv_fits(xp, rows, w) {
-            self.gemv(xp, rows, w, self.ptr(out), true);
-        } else {
-            self.matmul(x, rows, w, gate_up);
-            self.silu_mul(gate_up, rows, inter, out);
-        }
+        self.matmul_silu_mul_impl(x, rows, w, inter, gate_up, out);
     }
 
     fn silu_mul(
@@ -487,45 +437,6 @@ impl CudaBackend {
                 args!(self.stream, &self.k.rms_norm, &x, &y, &wp, &op, &wi, &eps).launch(cfg)
             },
             "rms_norm",
-        );
-    }
-
-    /// Whether a product of `rows` rows of `x` (at `xp`) with `w` runs on the few-row kernels:
-    /// at most `gemv_max_rows` rows, a width of whole 16-byte groups, both operands aligned.
-    fn gemv_fits(&self, xp: u64, rows: usize, w: &CudaMatrix) -> bool {
-        let max = self
-            .gemv_max_rows
-            .load(std::sync::atomic::Ordering::Relaxed);
-        rows <= max
-            && w.cols.is_multiple_of(8)
-            && xp.is_multiple_of(16)
-            && self.ptr(&w.data).is_multiple_of(16)
-    }
-
-    /// `gemv_r<R>_bf16` (`out[rows, w.rows]`), or with `silu` `gemv_silu_r<R>_bf16`
-    /// (`out[rows, w.rows / 2]`: SiLU(gate)·up of the `[gate; up]` matrix `w`). The callers
-    /// checked [`Self::gemv_fits`] and that `x` and `out` hold their rows.
-    fn gemv(&self, xp: u64, rows: usize, w: &CudaMatrix, op: u64, silu: bool) {
-        let n = if silu { w.rows / 2 } else { w.rows };
-        let (ri, ni, ki, wp) = (rows as i32, n as i32, w.cols as i32, self.ptr(&w.data));
-        let per_warp = if silu { GEMV_COLS / 2 } else { GEMV_COLS };
-        let per_cta = per_warp * (GEMV_THREADS as usize / 32);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(per_cta) as u32, 1, 1),
-            block_dim: (GEMV_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = if silu {
-            self.k.gemv_silu_fn(rows)
-        } else {
-            self.k.gemv_fn(rows)
-        };
-        // SAFETY: `x` holds `rows * k` floats and `out` `rows * n` (the callers), `w` its
-        // `rows * k` bf16; `k % 8 == 0` and both operands 16-byte aligned for the kernel's
-        // vector loads (`gemv_fits`); the variant's row bound holds `rows`.
-        ok(
-            unsafe { args!(self.stream, f, &xp, &wp, &op, &ri, &ni, &ki).launch(cfg) },
-            if silu { "gemv_silu" } else { "gemv" },
         );
     }
 }
