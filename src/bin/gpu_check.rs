@@ -14,6 +14,8 @@
 //! Usage: `gpu_check [--out DIR] [--device N] [--skip-engine] [--model GGUF]` (see
 //! scripts/gpu-check.sh).
 
+#[path = "gpu_check/engine_speed.rs"]
+mod engine_speed;
 #[path = "gpu_check/isolate.rs"]
 mod isolate;
 #[path = "gpu_check/model.rs"]
@@ -320,17 +322,17 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
             let weights = RandomWeights::new(&cfg, 42);
             let model = Llama::load(cfg, &weights, gpu)?;
             drop(weights);
-            let only: Vec<speed::Case> = args
+            let only: Vec<engine_speed::Case> = args
                 .engine_batches
                 .iter()
                 .map(|&n| (n, 0.0, true, false))
                 .collect();
             let cases = if only.is_empty() {
-                &speed::ONE_B_CASES[..]
+                &engine_speed::ONE_B_CASES[..]
             } else {
                 &only[..]
             };
-            speed::engine(Arc::new(model), "", cases, rows)
+            engine_speed::engine(Arc::new(model), "", cases, rows)
         }),
         "default model" => section(name, rows, |rows| {
             let t = Instant::now();
@@ -349,7 +351,7 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
                 (128, 0.0, true, false),
                 (128, 1.0, true, false),
             ];
-            speed::engine(dev, "default model ", &cases, rows)
+            engine_speed::engine(dev, "default model ", &cases, rows)
         }),
         "small model" => section(name, rows, |rows| {
             let pair = model::Pair::random(gpu, model::small_shape(), 7)?;

@@ -1,21 +1,17 @@
-//! Speed: device-to-device copy bandwidth (the ceiling), paged decode attention bandwidth, and
-//! engine output tokens/s on the 1B shape.
+//! Speed of the kernels: device-to-device copy bandwidth (the ceiling), paged decode and prompt
+//! attention, the sealed formats, the few-row products and token selection (engine tokens/s:
+//! `engine_speed.rs`).
 
 use super::{measure, Row};
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use kvserve::backend::cuda::parity::random_vec;
 use kvserve::backend::cuda::store::CudaKvStore;
-use kvserve::backend::cuda::{CudaBackend, CudaMatrix};
+use kvserve::backend::cuda::CudaBackend;
 use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams};
-use kvserve::config::EngineSection;
-use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
-use kvserve::model::llama::Llama;
-use kvserve::types::{SamplingParams, TenantId};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -405,140 +401,6 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             "µs",
             "synchronised call",
         ));
-    }
-    Ok(())
-}
-
-/// One engine run: batch, temperature, few-row products on the gemv kernel, temperature draws
-/// on the host.
-pub type Case = (usize, f32, bool, bool);
-
-/// The 1B shape's runs: batch 1, 32 and 128 greedy (the token picked on the device); batch 32
-/// and 128 at temperature 1 (OpenAI's default: drawn on the device), batch 128 again drawn on
-/// the host (the row comes over); and batch 1 and 8 with every product on cuBLAS (the few-row
-/// kernel off), against the same with it on.
-pub const ONE_B_CASES: [Case; 9] = [
-    (1, 0.0, true, false),
-    (32, 0.0, true, false),
-    (128, 0.0, true, false),
-    (32, 1.0, true, false),
-    (128, 1.0, true, false),
-    (128, 1.0, true, true),
-    (1, 0.0, false, false),
-    (8, 0.0, true, false),
-    (8, 0.0, false, false),
-];
-
-/// Engine output tokens/s of `model` for each of `cases`: prompts of 128 tokens, 128 output
-/// tokens each (EOS ignored). `label` names the model in the rows ("" for the 1B shape).
-pub fn engine(
-    model: Arc<Llama<CudaBackend>>,
-    label: &str,
-    cases: &[Case],
-    rows: &mut Vec<Row>,
-) -> Result<()> {
-    let _ = std::any::type_name::<CudaMatrix>();
-    let (prompt, output) = (128usize, 128usize);
-    let vocab = model.config().vocab_size;
-    for &(n, temperature, gemv, host_draw) in cases {
-        model.backend().set_gemv_max_rows(if gemv {
-            kvserve::backend::cuda::kernels::GEMV_MAX_ROWS
-        } else {
-            0
-        });
-        let blocks = (n * (prompt + output)).div_ceil(16) + n + 16;
-        let cfg = EngineSection {
-            max_batched_tokens: 4096,
-            max_running: n,
-            ..EngineSection::default()
-        };
-        let engine = Engine::single_tenant(model.clone(), blocks, &cfg)?;
-        let h = engine.handle();
-        let t0 = Instant::now();
-        let mut subs = Vec::new();
-        for i in 0..n {
-            let req = EngineRequest {
-                kv: kvserve::engine::request::KvChoice::default(),
-                tenant: TenantId(0),
-                cache_salt: None,
-                prompt: (0..prompt)
-                    .map(|j| ((i * 7919 + j * 104_729 + 3) % vocab) as u32)
-                    .collect(),
-                sampling: SamplingParams {
-                    temperature,
-                    seed: Some(i as u64),
-                    // A top-k of the whole vocabulary draws the same tokens, on the host (the
-                    // row comes over): the A/B of the device draw.
-                    top_k: if host_draw { vocab } else { 0 },
-                    ..SamplingParams::default()
-                },
-                stop: StopParams {
-                    max_tokens: output,
-                    ignore_eos: true,
-                    ..StopParams::default()
-                },
-                priority: 0,
-                prompt_logprobs: None,
-            };
-            subs.push(h.submit(req)?);
-        }
-        let joins: Vec<_> = subs
-            .into_iter()
-            .map(|mut s| {
-                std::thread::spawn(move || {
-                    let mut times = Vec::new();
-                    while let Some(ev) = s.events.blocking_recv() {
-                        if let EngineEvent::Token(_) = ev {
-                            times.push(Instant::now());
-                        }
-                    }
-                    times
-                })
-            })
-            .collect();
-        let all: Vec<Vec<Instant>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
-        let wall = t0.elapsed().as_secs_f64();
-        let stats = h.stats();
-        drop(engine);
-        let generated: usize = all.iter().map(Vec::len).sum();
-        let decoding = all
-            .iter()
-            .filter_map(|t| t.first())
-            .max()
-            .copied()
-            .unwrap_or(t0);
-        let end = all
-            .iter()
-            .filter_map(|t| t.last())
-            .max()
-            .copied()
-            .unwrap_or(t0);
-        let after: usize = all
-            .iter()
-            .map(|t| t.iter().filter(|&&x| x > decoding).count())
-            .sum();
-        let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
-        rows.push(measure(
-            &format!(
-                "{label}engine batch {n}{}{}{}: output tok/s",
-                if temperature > 0.0 {
-                    format!(", temperature {temperature}")
-                } else {
-                    String::new()
-                },
-                if gemv { "" } else { ", cuBLAS products" },
-                if host_draw { ", drawn on the host" } else { "" }
-            ),
-            generated as f64 / wall,
-            "tok/s",
-            &format!(
-                "prompt {prompt}, output {output}, {generated} tokens in {wall:.2} s; steady decode {decode_rate:.0} tok/s; {} steps, {:.2} ms/step, forward {:.0}% of step time",
-                stats.scheduler.steps,
-                stats.step_seconds * 1e3 / stats.scheduler.steps.max(1) as f64,
-                100.0 * stats.forward_seconds / stats.step_seconds.max(1e-9),
-            ),
-        ));
-        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }
