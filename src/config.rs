@@ -125,9 +125,13 @@ impl Default for ModelSection {
 pub struct KvSection {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Bytes of KV memory for the whole pool; 0 sizes it to the machine (a quarter of the
-    /// available memory, at most 8 GiB).
+    /// Bytes of KV memory for the whole pool; 0 sizes it to the machine: on the CPU a quarter
+    /// of the available memory, at most 8 GiB; on a GPU what `gpu_memory_utilization` of the
+    /// device leaves after the weights and a step's working memory (measured at start).
     pub cache_bytes: u64,
+    /// On a GPU with `cache_bytes` 0: the share of the device's memory kvserve may use (vLLM's
+    /// `gpu_memory_utilization`); the rest stays free for the driver and other processes.
+    pub gpu_memory_utilization: f64,
     /// Server secret (64 hex digits) that keys each tenant's cache scope; empty generates one at
     /// start (prefix caches then do not survive a restart, which is the safe default).
     pub secret: String,
@@ -141,6 +145,7 @@ impl Default for KvSection {
         Self {
             block_size: 16,
             cache_bytes: 0,
+            gpu_memory_utilization: 0.9,
             secret: String::new(),
             calibrations: Vec::new(),
         }
@@ -152,6 +157,7 @@ impl fmt::Debug for KvSection {
         f.debug_struct("KvSection")
             .field("block_size", &self.block_size)
             .field("cache_bytes", &self.cache_bytes)
+            .field("gpu_memory_utilization", &self.gpu_memory_utilization)
             .field("secret", &if self.secret.is_empty() { "" } else { "***" })
             .field("calibrations", &self.calibrations)
             .finish()
@@ -281,6 +287,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "kv.block_size must be in 1..=1024".into(),
             ));
+        }
+        let u = self.kv.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "kv.gpu_memory_utilization must be in (0, 1], got {u}"
+            )));
         }
         if self.tenants.is_empty() {
             return Err(ConfigError::Invalid("at least one tenant is needed".into()));

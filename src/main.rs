@@ -110,6 +110,11 @@ struct ServeArgs {
     /// KV pool budget in bytes (overrides `kv.cache_bytes`).
     #[arg(long, env = "KVSERVE_KV_CACHE_BYTES")]
     kv_cache_bytes: Option<u64>,
+    /// On a GPU with `kv.cache_bytes` 0: the share of the device's memory kvserve may use,
+    /// the KV pool taking what the weights and a step's working memory leave (overrides
+    /// `kv.gpu_memory_utilization`, default 0.9).
+    #[arg(long, env = "KVSERVE_GPU_MEMORY_UTILIZATION")]
+    gpu_memory_utilization: Option<f64>,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long, env = "KVSERVE_THREADS")]
     threads: Option<usize>,
@@ -389,6 +394,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(b) = args.kv_cache_bytes {
         cfg.kv.cache_bytes = b;
     }
+    if let Some(u) = args.gpu_memory_utilization {
+        cfg.kv.gpu_memory_utilization = u;
+    }
     cfg.kv
         .calibrations
         .extend(args.kv_calibrations.iter().cloned());
@@ -441,6 +449,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             })
         })
         .await??;
+        if let Some(b) = &server.kv_budget {
+            eprintln!("kvserve: {}", kvserve::engine::device_budget::describe(b));
+        }
         let _ = loaded_tx.send(());
         loading.await??;
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
@@ -578,7 +589,15 @@ fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
                 cache_bytes: bytes,
                 ..KvSection::default()
             };
-            let mut kv = PagedKv::new(&model, &kv_cfg, &[TenantConfig::default()])?;
+            let (mut kv, budget) = PagedKv::new(
+                &model,
+                &kv_cfg,
+                &kvserve::config::EngineSection::default(),
+                &[TenantConfig::default()],
+            )?;
+            if let Some(b) = &budget {
+                eprintln!("{}", kvserve::engine::device_budget::describe(b));
+            }
             eprintln!(
                 "KV pool: {} blocks of {} tokens ({} bytes; sealed blocks of a compressed policy weigh less)",
                 kv.pool.stats().capacity / model.kv_bytes_per_block(kv_cfg.block_size),

@@ -5,6 +5,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
+use crate::engine::device_budget::DeviceBudget;
 use crate::engine::paged::PagedKv;
 use crate::engine::Engine;
 use crate::error::ModelError;
@@ -29,6 +30,8 @@ pub enum StartError {
 /// (accepted requests finish) and stops its thread.
 pub struct Server {
     pub state: Arc<AppState>,
+    /// How the KV pool was sized on a device with memory of its own (`None` on the CPU).
+    pub kv_budget: Option<DeviceBudget>,
     engine: Engine,
 }
 
@@ -70,7 +73,16 @@ impl Server {
             }
         }
         let tenant_cfgs = tenancy.tenant_configs();
-        let kv = PagedKv::new(&model, &cfg.kv, &tenant_cfgs)?;
+        let (kv, budget) = PagedKv::new(&model, &cfg.kv, &cfg.engine, &tenant_cfgs)?;
+        if let Some(b) = &budget {
+            tracing::info!(
+                kv_bytes = b.kv_bytes,
+                total = b.total,
+                working = b.working,
+                "{}",
+                crate::engine::device_budget::describe(b)
+            );
+        }
         tracing::info!(
             ms = t0.elapsed().as_millis() as u64,
             blocks = kv.pool.num_blocks(),
@@ -114,7 +126,11 @@ impl Server {
             metrics,
             catalog,
         ));
-        Ok(Self { state, engine })
+        Ok(Self {
+            state,
+            kv_budget: budget,
+            engine,
+        })
     }
 
     /// Finishes accepted requests and stops the engine thread.

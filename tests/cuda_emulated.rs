@@ -133,7 +133,15 @@ fn the_cuda_backend_runs_a_small_model_on_the_emulated_device_like_the_cpu() {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-kernel-cache");
     let t = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_gpu_check"))
-        .args(["--section", "small model", "--rows-out"])
+        // Chunks of 32 KiB (one exact block, two kivi4 ones): the blocks the pool frees leave
+        // chunks sparsely used, so the store's compaction has work.
+        .args([
+            "--section",
+            "small model",
+            "--kv-chunk-bytes",
+            "32768",
+            "--rows-out",
+        ])
         .arg(&rows_file)
         .env("LD_LIBRARY_PATH", dir)
         .env_remove("KVSERVE_CUBLAS_LIB")
@@ -163,12 +171,21 @@ fn the_cuda_backend_runs_a_small_model_on_the_emulated_device_like_the_cpu() {
         assert_eq!(r.unit, "max rel err");
         assert!(r.value <= 1e-2, "{r:#?}");
     }
-    // Greedy streams through the engine: the same tokens on both backends.
+    // Greedy streams through the engine: the same tokens on both backends, with room for all
+    // and on a pool where blocks are evicted, forgotten and their slots compacted.
     let streams: Vec<&Row> = rows.iter().filter(|r| r.name.contains("streams")).collect();
-    assert_eq!(streams.len(), 2, "{rows:#?}");
+    assert_eq!(streams.len(), 3, "{rows:#?}");
     for r in streams {
         assert_eq!(r.value, 4.0, "{r:#?}");
     }
+    let compacted = rows
+        .iter()
+        .find(|r| r.name.contains("slabs compacted, then decoded"));
+    assert!(compacted.is_some_and(|r| r.pass == Some(true)), "{rows:#?}");
+    let moved = rows
+        .iter()
+        .find(|r| r.name.contains("moved by slab compaction"));
+    assert!(moved.is_some_and(|r| r.value > 0.0), "{rows:#?}");
 }
 
 /// The product's own path on the emulated device: `kvserve generate --device cuda` on the real
@@ -226,14 +243,15 @@ fn the_default_model_writes_the_cpus_text_on_the_emulated_device() {
     assert_eq!(gpu, cpu);
 }
 
-/// One chat completion from `kvserve serve --device <device>` on the default model: starts the
-/// server on a free port, reads its address from the line it prints, posts the request over a
-/// plain HTTP/1.1 connection and stops it. Returns the reply's text and the server's log.
-fn serve_once(device: &str, dir: &Path) -> (String, String) {
-    use std::io::{BufRead, BufReader, Read, Write};
+/// Memory of the emulated device in the server tests: 2 GiB.
+const EMU_MEM: &str = "2147483648";
+
+/// `kvserve serve --device <device> <extra>` on the default model on a free port, on an
+/// emulated device of [`EMU_MEM`] bytes, its stdout and stderr piped.
+fn spawn_server(device: &str, dir: &Path, extra: &[&str]) -> std::process::Child {
     let model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+    Command::new(env!("CARGO_BIN_EXE_kvserve"))
         .args([
             "serve",
             "--device",
@@ -245,7 +263,9 @@ fn serve_once(device: &str, dir: &Path) -> (String, String) {
             "--model",
         ])
         .arg(&model)
+        .args(extra)
         .env("LD_LIBRARY_PATH", dir)
+        .env("KVSERVE_EMU_MEM_BYTES", EMU_MEM)
         .env_remove("KVSERVE_CUBLAS_LIB")
         .env(
             "KVSERVE_CUDA_CACHE",
@@ -254,7 +274,15 @@ fn serve_once(device: &str, dir: &Path) -> (String, String) {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// One chat completion from `kvserve serve --device <device>` on the default model: starts the
+/// server on a free port, reads its address from the line it prints, posts the request over a
+/// plain HTTP/1.1 connection and stops it. Returns the reply's text and the server's log.
+fn serve_once(device: &str, dir: &Path) -> (String, String) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = spawn_server(device, dir, &[]);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = loop {
         let line = lines
@@ -303,4 +331,48 @@ fn the_server_answers_with_the_cpus_text_on_the_emulated_device() {
     assert!(log.contains("kvserve emulated device"), "{log}");
     assert!(!cpu.trim().is_empty());
     assert_eq!(gpu, cpu);
+    // The pool was sized to the device, not to the host: 0.9 of its 2 GiB less the weights
+    // (~0.27 GiB as bf16) and a step's working memory.
+    let line = log
+        .lines()
+        .find(|l| l.contains("KV pool") && l.contains("of the device's 2.00 GiB"))
+        .unwrap_or_else(|| panic!("no device KV pool line:\n{log}"));
+    let gib: f64 = line
+        .split("KV pool ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1.0..1.6).contains(&gib), "{line}");
+}
+
+/// A KV pool that cannot fit on the device is refused at start with a message that says why,
+/// instead of failing requests with out-of-memory errors once it fills.
+#[test]
+fn a_kv_pool_larger_than_the_device_is_refused_at_start() {
+    use std::io::Read;
+    if !host_build::nvrtc_or_fail("the emulated-device test") {
+        return;
+    }
+    let dir = emulator();
+    let mut child = spawn_server("cuda", dir, &["--kv-cache-bytes", "3000000000"]);
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).ok();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("kv.cache_bytes = 3000000000"), "{log}");
+    assert!(log.contains("does not fit on the device"), "{log}");
+    // Utilization out of range is a config error before anything loads.
+    let mut child = spawn_server("cuda", dir, &["--gpu-memory-utilization", "1.5"]);
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).ok();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("kv.gpu_memory_utilization must be in (0, 1]"),
+        "{log}"
+    );
 }

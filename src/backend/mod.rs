@@ -73,6 +73,13 @@ pub struct Seal {
     pub bounds: bool,
 }
 
+/// A device's memory as its driver reports it, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: u64,
+    pub total: u64,
+}
+
 /// The geometry every backend's paged KV store reports (the model validates block tables and
 /// slots against it before any kernel runs).
 pub trait KvGeometry: Send {
@@ -240,6 +247,25 @@ pub trait Backend: Send + Sync {
     /// Copy-on-write support: for each `(src, dst)`, block `dst` becomes a copy of block `src`
     /// in every layer, K and V. Copies run in order; pairs with an id out of range are skipped.
     fn copy_blocks(&self, store: &mut Self::KvStore, copies: &[(u32, u32)]);
+    /// The memory of the device the backend computes on, when it has memory of its own (a
+    /// GPU), after the work queued so far: the KV pool is then sized to what the weights and a
+    /// step's working memory leave (`engine::device_budget`). `None`: host memory (CPU).
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Device memory a store may hold beyond the bytes of its blocks (its allocation
+    /// granularity), set aside from the KV budget.
+    fn kv_store_slack(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize {
+        let _ = (layers, block_size, shape);
+        0
+    }
+    /// The pool freed `blocks` (nothing will read their data; a block handed out again is
+    /// rewritten or copied into first): a store that holds device memory per block gives it
+    /// back, so what it holds follows what the pool charges. Default: nothing (the CPU store
+    /// keeps every block id's room).
+    fn forget_blocks(&self, store: &mut Self::KvStore, blocks: &[u32]) {
+        let _ = (store, blocks);
+    }
 
     /// Whether this backend serves `policy` (its format, window and quest reads); every backend
     /// serves [`KvPolicy::EXACT`].

@@ -102,7 +102,7 @@ fn reserve<B: Backend>(
         Alloc::NotNow => return Err(RunError::KvFull { tokens: total }),
         Alloc::Never => return Err(RunError::KvNeverFits { tokens: total }),
     }
-    kv.apply_copies(model.backend());
+    kv.sync_store(model.backend());
     Ok(kv.pool.block_table(seq))
 }
 

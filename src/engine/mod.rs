@@ -3,6 +3,7 @@
 //! tokens run each step with fair share between tenants (`fair`); `sequence` is one request's
 //! state; `sampler` picks tokens. `generate` is the single-sequence path the CLI uses.
 
+pub mod device_budget;
 mod fair;
 pub mod generate;
 mod handle;

@@ -1,8 +1,9 @@
 //! The engine's KV memory: the pool's bookkeeping (`kv`) joined with the backend's block
 //! storage, built from the typed config (tenants → `TenantId`s by their order in the config).
 
+use super::device_budget::{device_budget, DeviceBudget};
 use crate::backend::Backend;
-use crate::config::{ConfigError, KvSection, TenantConfig};
+use crate::config::{ConfigError, EngineSection, KvSection, TenantConfig};
 use crate::kv::codec::Codec;
 use crate::kv::policy::KvPolicy;
 use crate::kv::{BlockClass, KvPool, KvPoolConfig, TenantQuota};
@@ -134,14 +135,21 @@ impl KvClasses {
 }
 
 impl<B: Backend> PagedKv<B> {
-    /// Sizes the pool from `kv.cache_bytes` (or the machine) and registers `tenants`.
+    /// Sizes the pool and registers `tenants`. On a device with memory of its own the bytes
+    /// come from [`device_budget`] (measured against what the weights and `engine`'s largest
+    /// step leave; returned for the log), on the host from `kv.cache_bytes` or the machine.
     pub fn new(
         model: &Llama<B>,
         kv: &KvSection,
+        engine: &EngineSection,
         tenants: &[TenantConfig],
-    ) -> Result<Self, ConfigError> {
-        let bytes = kv.resolved_cache_bytes() as usize;
-        Self::with_bytes(model, kv, tenants, bytes)
+    ) -> Result<(Self, Option<DeviceBudget>), ConfigError> {
+        let budget = device_budget(model, kv, engine)?;
+        let bytes = match &budget {
+            Some(b) => usize::try_from(b.kv_bytes).unwrap_or(usize::MAX),
+            None => kv.resolved_cache_bytes() as usize,
+        };
+        Ok((Self::with_bytes(model, kv, tenants, bytes)?, budget))
     }
 
     /// A pool of room for exactly `num_blocks` exact (filling) blocks (tests, tools).
@@ -226,11 +234,17 @@ impl<B: Backend> PagedKv<B> {
         self.weights.clone()
     }
 
-    /// Performs the copy-on-write copies the pool queued; call before every forward.
-    pub fn apply_copies(&mut self, backend: &B) {
+    /// Brings the store up to the pool's decisions; call before every forward: the
+    /// copy-on-write copies the pool queued, then the memory of the blocks it freed (after the
+    /// copies: taking them can free a copy's source).
+    pub fn sync_store(&mut self, backend: &B) {
         let copies = self.pool.take_copies();
         if !copies.is_empty() {
             backend.copy_blocks(&mut self.store, &copies);
+        }
+        let freed = self.pool.take_freed();
+        if !freed.is_empty() {
+            backend.forget_blocks(&mut self.store, &freed);
         }
     }
 }

@@ -139,7 +139,7 @@ impl<B: Backend> Worker<B> {
                 tokens = step.num_tokens()
             )
             .entered();
-            self.kv.apply_copies(self.model.backend());
+            self.kv.sync_store(self.model.backend());
             self.execute(&step);
             self.dispatch();
             self.step_time += t_step.elapsed();

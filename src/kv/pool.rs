@@ -73,6 +73,9 @@ pub struct KvPool {
     pub(super) prefix: PrefixMap,
     pub(super) ledger: Ledger,
     pub(super) pending: Vec<PendingCopy>,
+    /// Blocks put on the free stack since [`KvPool::take_freed`]: their data is garbage to the
+    /// pool, and a backend that keeps blocks in memory of its own frees it.
+    freed: Vec<BlockId>,
     /// Σ weights of blocks in use or cached: `capacity − occupied` units are free.
     pub(super) occupied: usize,
     /// LRU clock: bumped each time a block is parked in a cached LRU.
@@ -102,6 +105,7 @@ impl KvPool {
             prefix: PrefixMap::default(),
             ledger: Ledger::new(cfg.capacity),
             pending: Vec::new(),
+            freed: Vec::new(),
             occupied: 0,
             tick: 0,
             evictions: 0,
@@ -294,6 +298,22 @@ impl KvPool {
             self.blocks[p.src.idx()].pins -= 1;
             self.release(p.src, p.tenant);
         }
+        out
+    }
+
+    /// The blocks that went to the free stack since the last call and are still free: nothing
+    /// reads their data again (a block handed out anew is rewritten from its first position or
+    /// copied into before it is read), so the backend may free the memory behind them (the
+    /// CUDA store gives their slots back). Call after [`KvPool::take_copies`]' copies are
+    /// queued: a copy's source can be freed by that call. Sorted, each block once.
+    pub fn take_freed(&mut self) -> Vec<u32> {
+        let mut out: Vec<u32> = std::mem::take(&mut self.freed)
+            .into_iter()
+            .filter(|b| self.blocks[b.idx()].weight == 0 && self.blocks[b.idx()].refs == 0)
+            .map(|b| b.0)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
         out
     }
 
@@ -532,7 +552,7 @@ impl KvPool {
             let h = blk.hash.take().expect("kv: cached block is keyed");
             self.prefix.remove(&h);
             self.occupied -= w;
-            self.free.push(b);
+            self.push_free(b);
             self.evictions += 1;
         }
         let b = self.free.pop().expect("kv: a free id after eviction");
@@ -540,6 +560,17 @@ impl KvPool {
         self.occupied += weight;
         self.hold(b, tenant);
         b
+    }
+
+    /// Puts `b` on the free stack and remembers it for [`KvPool::take_freed`] (a caller that
+    /// never takes them, a pool without a device store, keeps at most one entry per block).
+    fn push_free(&mut self, b: BlockId) {
+        self.free.push(b);
+        self.freed.push(b);
+        if self.freed.len() > 2 * self.cfg.num_blocks {
+            self.freed.sort_unstable_by_key(|b| b.0);
+            self.freed.dedup();
+        }
     }
 
     /// Drops one reference of `tenant` on `b`; parks the block if it was the last.
@@ -576,7 +607,7 @@ impl KvPool {
             } else {
                 self.blocks[b.idx()].weight = 0;
                 self.occupied -= w;
-                self.free.push(b);
+                self.push_free(b);
             }
         }
     }

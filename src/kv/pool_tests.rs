@@ -402,3 +402,36 @@ fn stats_report_pool_and_tenants() {
     p.free(sa);
     leak_check(&mut p);
 }
+
+#[test]
+fn freed_blocks_are_reported_once_and_only_while_free() {
+    let mut p = pool(4, &[(A, open(4))]);
+    assert_eq!(
+        p.take_freed(),
+        Vec::<u32>::new(),
+        "never used: nothing to forget"
+    );
+    // Block 0 fills (keyed), block 1 holds the tail (unkeyed).
+    let (s, _) = prefill(&mut p, A, None, &toks(0, 6));
+    assert_eq!(p.block_table(&s), [0, 1]);
+    p.free(s);
+    // Block 0 is cached (a later prompt may hit it), block 1 is garbage.
+    assert_eq!(p.take_freed(), [1]);
+    assert_eq!(p.take_freed(), Vec::<u32>::new());
+    // Freed twice between takes: reported once.
+    let (s, _) = prefill(&mut p, A, None, &toks(100, 2));
+    assert_eq!(p.block_table(&s), [1]);
+    p.free(s);
+    let (s, _) = prefill(&mut p, A, None, &toks(200, 2));
+    p.free(s);
+    assert_eq!(p.take_freed(), [1]);
+    // Freed, then handed out again before the take: its new owner writes it, not reported.
+    let (s, _) = prefill(&mut p, A, None, &toks(300, 2));
+    p.free(s);
+    let (s, _) = prefill(&mut p, A, None, &toks(400, 2));
+    assert_eq!(p.block_table(&s), [1]);
+    assert_eq!(p.take_freed(), Vec::<u32>::new());
+    p.free(s);
+    assert_eq!(p.take_freed(), [1]);
+    leak_check(&mut p);
+}

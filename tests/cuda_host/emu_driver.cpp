@@ -32,6 +32,14 @@ int env_int(const char* name, int fallback) {
     const char* v = std::getenv(name);
     return v ? std::atoi(v) : fallback;
 }
+// The device's memory: KVSERVE_EMU_MEM_BYTES (default 16 GiB).
+size_t total_bytes() {
+    static const size_t t = [] {
+        const char* v = std::getenv("KVSERVE_EMU_MEM_BYTES");
+        return v ? (size_t)std::strtoull(v, nullptr, 10) : (size_t)16 << 30;
+    }();
+    return t;
+}
 
 // KVSERVE_EMU_SKIP_KERNELS=1: launches are counted, not run (small allocations start zeroed, so
 // the tokens a skipped argmax leaves are 0): what is left is the host's own cost per step (the
@@ -95,7 +103,7 @@ CUresult cuDeviceGetName(char* name, int len, CUdevice) {
     return SUCCESS;
 }
 CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
-    *bytes = (size_t)16 << 30;
+    *bytes = total_bytes();
     return SUCCESS;
 }
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
@@ -182,10 +190,14 @@ CUresult cuMemPoolTrimTo(Handle, size_t) { return SUCCESS; }
 // page faults do not swamp what KVSERVE_EMU_SKIP_KERNELS measures). Each allocation is filled
 // with 0xFF (NaN as f32 and bf16) instead of zeroed: as on a GPU, the backend must write what it
 // reads (cuMemsetD8 is the zeroing), and reading what nothing wrote shows up as NaN.
+// The device has KVSERVE_EMU_MEM_BYTES bytes (default 16 GiB), and cuMemGetInfo counts memory
+// kept for reuse as used, as the driver counts a pool's reserved memory: an allocation past
+// the total first gives the kept memory back, then fails with CUDA_ERROR_OUT_OF_MEMORY.
 namespace {
 std::mutex g_mem_lock;
 std::map<size_t, std::vector<void*>> g_free;
 std::map<void*, size_t> g_size;
+size_t g_live = 0, g_kept = 0;  // bytes in live allocations / kept for reuse
 }  // namespace
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
@@ -197,15 +209,28 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
         if (it != g_free.end() && !it->second.empty()) {
             m = it->second.back();
             it->second.pop_back();
+            g_kept -= size;
+        } else {
+            if (g_live + g_kept + size > total_bytes()) {
+                for (auto& [_, list] : g_free)
+                    for (void* f : list) std::free(f);
+                g_free.clear();
+                g_kept = 0;
+            }
+            if (g_live + size > total_bytes()) return OUT_OF_MEMORY;
         }
+        g_live += size;  // claimed before the lock is let go
     }
     if (!m) m = std::aligned_alloc(256, size);
-    if (!m) return OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(g_mem_lock);
+    if (!m) {
+        g_live -= size;
+        return OUT_OF_MEMORY;
+    }
     if (!g_skip)
         std::memset(m, 0xFF, size);
     else if (size <= (64 << 10))
         std::memset(m, 0, size);  // token outputs of skipped kernels: id 0, not garbage
-    std::lock_guard<std::mutex> g(g_mem_lock);
     g_size[m] = size;
     g_count.allocs++;
     *p = (CUdeviceptr)m;
@@ -216,14 +241,18 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     auto it = g_size.find((void*)p);
     if (it == g_size.end()) return INVALID_VALUE;
     g_free[it->second].push_back((void*)p);
+    g_live -= it->second;
+    g_kept += it->second;
     g_size.erase(it);
     return SUCCESS;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Handle) { return cuMemAlloc_v2(p, bytes); }
 CUresult cuMemFreeAsync(CUdeviceptr p, Handle) { return cuMemFree_v2(p); }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
-    *free_b = (size_t)12 << 30;
-    *total = (size_t)16 << 30;
+    std::lock_guard<std::mutex> g(g_mem_lock);
+    const size_t used = g_live + g_kept;
+    *total = total_bytes();
+    *free_b = used < *total ? *total - used : 0;
     return SUCCESS;
 }
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {

@@ -269,6 +269,30 @@ impl CudaBackend {
         let mut actions = Vec::new();
         store.map.release_exact(blocks, &mut actions);
         store.apply(&self.stream, &actions);
+        self.compact(store);
+    }
+
+    /// [`Backend::forget_blocks`]: the blocks' slots freed, then the slabs compacted.
+    pub(super) fn forget_blocks_impl(&self, store: &mut CudaKvStore, blocks: &[u32]) {
+        let mut actions = Vec::new();
+        store.map.forget(blocks, &mut actions);
+        store.apply(&self.stream, &actions);
+        self.compact(store);
+    }
+
+    /// Moves live slots out of sparsely used chunks and frees them (`BlockMap::compact`), so
+    /// a slab holds at most one chunk more than its live blocks need. The copies are queued
+    /// before the chunk frees: both are in stream order, so they read the chunks before the
+    /// memory goes back to the pool.
+    fn compact(&self, store: &mut CudaKvStore) {
+        let (mut moves, mut frees) = (Vec::new(), Vec::new());
+        store.map.compact(&mut moves, &mut frees);
+        if !moves.is_empty() {
+            self.kv_moves
+                .fetch_add(moves.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.launch_copies(store, moves);
+            store.apply(&self.stream, &frees);
+        }
     }
 
     /// [`Backend::copy_blocks`]: every copy of `src` (exact and/or sealed) into new slots of
@@ -277,6 +301,11 @@ impl CudaBackend {
         let mut actions = Vec::new();
         store.map.copy(copies, &mut actions);
         let copies = store.apply(&self.stream, &actions);
+        self.launch_copies(store, copies);
+    }
+
+    /// Launches `copies` (slot to slot within a slab, slots live in allocated chunks), in order.
+    fn launch_copies(&self, store: &CudaKvStore, copies: Vec<Action>) {
         // Runs of copies of one slab in which no copy reads or writes a slot an earlier copy
         // of the run writes (or writes one it reads): one launch each, in order.
         let mut runs: Vec<(usize, Vec<u32>)> = Vec::new();

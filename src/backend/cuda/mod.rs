@@ -88,6 +88,10 @@ pub struct CudaBackend {
     /// One counter per (decode row, KV head) for the fused merge: zero between launches (the
     /// kernel sets each back), grown as batches grow.
     decode_counters: Mutex<Option<CudaSlice<u32>>>,
+    /// Device memory per chunk of the KV stores made after a change (`store::CHUNK_BYTES`).
+    kv_chunk_bytes: std::sync::atomic::AtomicUsize,
+    /// KV blocks moved by slab compaction so far (`kv_write.rs`), for checks and reports.
+    kv_moves: std::sync::atomic::AtomicU64,
     /// Seconds spent compiling kernels at start (0 when all came from the cache).
     pub compile_seconds: f64,
 }
@@ -171,6 +175,8 @@ impl CudaBackend {
             scratch_cache: scratch::ScratchCache::default(),
             fused_merge: true.into(),
             decode_counters: Mutex::new(None),
+            kv_chunk_bytes: store::CHUNK_BYTES.into(),
+            kv_moves: 0.into(),
             compile_seconds: if compiled {
                 t.elapsed().as_secs_f64()
             } else {
@@ -189,6 +195,19 @@ impl CudaBackend {
 
     pub fn multiprocessors(&self) -> usize {
         self.sms
+    }
+
+    /// Device memory per chunk for the KV stores made after this call (default
+    /// `store::CHUNK_BYTES`, ~8 MiB): a slab allocates and frees a chunk of blocks at a time.
+    /// Small chunks make compaction happen at small pools (tests).
+    pub fn set_kv_chunk_bytes(&self, bytes: usize) {
+        self.kv_chunk_bytes
+            .store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// KV blocks the stores' slab compaction has moved so far.
+    pub fn kv_blocks_moved(&self) -> u64 {
+        self.kv_moves.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits for all queued work (timing, and errors surfacing from earlier launches).

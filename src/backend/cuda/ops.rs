@@ -309,7 +309,10 @@ impl Backend for CudaBackend {
         block_size: usize,
         shape: AttnShape,
     ) -> CudaKvStore {
-        CudaKvStore::new(&self.stream, layers, num_blocks, block_size, shape)
+        let chunk = self
+            .kv_chunk_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        CudaKvStore::new(&self.stream, layers, num_blocks, block_size, shape, chunk)
     }
 
     fn rope_and_store(
@@ -394,6 +397,29 @@ impl Backend for CudaBackend {
 
     fn release_exact(&self, store: &mut CudaKvStore, blocks: &[u32]) {
         self.release_exact_impl(store, blocks);
+    }
+
+    fn forget_blocks(&self, store: &mut CudaKvStore, blocks: &[u32]) {
+        self.forget_blocks_impl(store, blocks);
+    }
+
+    fn device_memory(&self) -> Option<crate::backend::DeviceMemory> {
+        self.synchronize();
+        let (free, total) = ok(self.stream.context().mem_get_info(), "memory info");
+        Some(crate::backend::DeviceMemory {
+            free: free as u64,
+            total: total as u64,
+        })
+    }
+
+    fn kv_store_slack(&self, layers: usize, block_size: usize, shape: AttnShape) -> usize {
+        // Compaction keeps each slab within one chunk of what its live blocks need, and a
+        // chunk may be partly empty: two chunks per slab, the exact one and one per format.
+        let chunk = self
+            .kv_chunk_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let exact = super::store::exact_block_bytes(layers, block_size, shape);
+        2 * super::store::FORMATS.len() * chunk.max(exact)
     }
 
     fn attach_latent_keys(

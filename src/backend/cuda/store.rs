@@ -18,9 +18,10 @@ use crate::backend::{AttnShape, KvGeometry};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
-/// Device memory per chunk a slab aims at (a chunk holds the largest power-of-two number of
-/// blocks that fits, at least one).
-const CHUNK_BYTES: usize = 8 << 20;
+/// Device memory per chunk a slab aims at by default (a chunk holds the largest power-of-two
+/// number of blocks that fits, at least one). `CudaBackend::set_kv_chunk_bytes` changes it for
+/// the stores made after (tests use small chunks so that compaction has work).
+pub const CHUNK_BYTES: usize = 8 << 20;
 /// Every part of a sealed block (latent, K run, V run) starts on this boundary: the kernels
 /// read codes with aligned vector loads.
 const ALIGN: usize = 16;
@@ -121,9 +122,9 @@ pub fn exact_block_bytes(layers: usize, bs: usize, shape: AttnShape) -> usize {
     layers * 2 * bs * shape.kv_width() * 2
 }
 
-/// Slots per chunk for blocks of `block_bytes`.
-fn per_chunk(block_bytes: usize) -> u32 {
-    let n = (CHUNK_BYTES / block_bytes.max(1)).max(1);
+/// Slots per chunk for blocks of `block_bytes` in chunks of about `chunk_bytes`.
+fn per_chunk(block_bytes: usize, chunk_bytes: usize) -> u32 {
+    let n = (chunk_bytes / block_bytes.max(1)).clamp(1, 1 << 30);
     1 << n.ilog2()
 }
 
@@ -139,10 +140,10 @@ pub struct Slab {
 }
 
 impl Slab {
-    fn new(block_bytes: usize, max_chunks: usize) -> Self {
+    fn new(block_bytes: usize, per_chunk: u32, max_chunks: usize) -> Self {
         Slab {
             block_bytes,
-            shift: per_chunk(block_bytes).trailing_zeros(),
+            shift: per_chunk.trailing_zeros(),
             chunks: (0..max_chunks).map(|_| None).collect(),
             addrs: vec![0; max_chunks],
             dev_addrs: None,
@@ -197,6 +198,8 @@ pub struct CudaKvStore {
     pub(super) latents: Vec<DeviceLatent>,
     /// Kept for the latents' shapes (ranks per layer).
     pub(super) latent_keys: Vec<Arc<LatentKeys>>,
+    /// Device memory per chunk its slabs aim at ([`CHUNK_BYTES`] unless set otherwise).
+    chunk_bytes: usize,
 }
 
 impl KvGeometry for CudaKvStore {
@@ -250,12 +253,13 @@ impl CudaKvStore {
         num_blocks: usize,
         block_size: usize,
         shape: AttnShape,
+        chunk_bytes: usize,
     ) -> Self {
         assert!(block_size > 0, "block_size must be positive");
         let exact = exact_block_bytes(layers, block_size, shape);
-        let pc = per_chunk(exact);
+        let pc = per_chunk(exact, chunk_bytes);
         let map = BlockMap::new(num_blocks, pc);
-        let mut slab = Slab::new(exact, num_blocks.div_ceil(pc as usize));
+        let mut slab = Slab::new(exact, pc, num_blocks.div_ceil(pc as usize));
         slab.sync(stream);
         CudaKvStore {
             layers,
@@ -267,6 +271,7 @@ impl CudaKvStore {
             sealed: Vec::new(),
             latents: Vec::new(),
             latent_keys: Vec::new(),
+            chunk_bytes,
         }
     }
 
@@ -307,10 +312,14 @@ impl CudaKvStore {
             self.block_size,
             self.shape,
         );
-        let pc = per_chunk(layout.block_bytes);
+        let pc = per_chunk(layout.block_bytes, self.chunk_bytes);
         let slab = self.map.add_slab(pc);
         debug_assert_eq!(slab, self.slabs.len());
-        let mut s = Slab::new(layout.block_bytes, self.num_blocks.div_ceil(pc as usize));
+        let mut s = Slab::new(
+            layout.block_bytes,
+            pc,
+            self.num_blocks.div_ceil(pc as usize),
+        );
         s.sync(stream);
         self.slabs.push(s);
         self.sealed.push(layout);
@@ -497,10 +506,11 @@ mod tests {
 
     #[test]
     fn chunks_hold_a_power_of_two_of_blocks_near_8_mib() {
-        assert_eq!(per_chunk(368_640), 16); // SmolLM2 exact block: 22.75 → 16
-        assert_eq!(per_chunk(512 << 10), 16);
-        assert_eq!(per_chunk(1), 8 << 20);
-        assert_eq!(per_chunk(9 << 20), 1);
+        assert_eq!(per_chunk(368_640, CHUNK_BYTES), 16); // SmolLM2 exact block: 22.75 → 16
+        assert_eq!(per_chunk(512 << 10, CHUNK_BYTES), 16);
+        assert_eq!(per_chunk(1, CHUNK_BYTES), 8 << 20);
+        assert_eq!(per_chunk(9 << 20, CHUNK_BYTES), 1);
+        assert_eq!(per_chunk(368_640, 3 * 368_640), 2);
         assert_eq!(format_index(None, false), 0);
         assert_eq!(format_index(Some(Codec::Bf16), false), 0);
         assert_eq!(FORMATS[format_index(Some(Codec::Bf16), true)], "bf16s");

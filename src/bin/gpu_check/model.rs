@@ -19,7 +19,7 @@
 //! Everything here is generic over the device backend, so the unit tests below run it with the
 //! CPU backend on both sides (and with wrong weights on one, which it must catch).
 
-use super::{error_row, measure, Row};
+use super::{error_row, streams, Row};
 use anyhow::{Context, Result};
 use kvserve::backend::codec::{Codec, MhcValues};
 use kvserve::backend::cpu::argmax::argmax;
@@ -29,12 +29,8 @@ use kvserve::backend::cuda::parity::{self, llama_config, max_rel_err, RandomWeig
 use kvserve::backend::kv_policy::KvPolicy;
 use kvserve::backend::latent::LatentKeys;
 use kvserve::backend::Backend;
-use kvserve::config::EngineSection;
-use kvserve::engine::request::KvChoice;
-use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
 use kvserve::model::config::ModelConfig;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
-use kvserve::types::{SamplingParams, TenantId};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -42,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Block size of the stores here (the server's default).
-const BS: usize = 16;
+pub const BS: usize = 16;
 /// Prompt lengths of the forward checks: one long enough for the scaled windows and quest
 /// budgets to drop and skip blocks, one of exactly one block (sealed within its prompt step).
 const PROMPT_LENS: [usize; 4] = [200, 77, 33, 16];
@@ -405,73 +401,6 @@ pub fn forward_parity<B: Backend>(
     Ok(out)
 }
 
-/// Greedy generation of `max_tokens` for each prompt through the engine (the scheduler, the
-/// paged pool and the backend's argmax) under `policy`; the token streams in prompt order.
-pub fn generate<B>(
-    model: Arc<Llama<B>>,
-    prompts: &[Vec<u32>],
-    max_tokens: usize,
-    policy: KvPolicy,
-) -> Result<Vec<Vec<u32>>>
-where
-    B: Backend + 'static,
-    Llama<B>: Send + Sync,
-    B::KvStore: Send,
-{
-    let tokens: usize = prompts.iter().map(|p| p.len() + max_tokens).sum();
-    let blocks = tokens.div_ceil(BS) + prompts.len() + 16;
-    let cfg = EngineSection {
-        max_running: prompts.len(),
-        ..EngineSection::default()
-    };
-    let engine = Engine::single_tenant(model, blocks, &cfg)?;
-    let h = engine.handle();
-    let mut subs = Vec::new();
-    for p in prompts {
-        subs.push(h.submit(EngineRequest {
-            kv: KvChoice::only(policy),
-            tenant: TenantId(0),
-            cache_salt: None,
-            prompt: p.clone(),
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            stop: StopParams {
-                max_tokens,
-                ignore_eos: true,
-                ..StopParams::default()
-            },
-            priority: 0,
-            prompt_logprobs: None,
-        })?);
-    }
-    let mut streams = Vec::new();
-    for mut s in subs {
-        let mut toks = Vec::new();
-        while let Some(ev) = s.events.blocking_recv() {
-            match ev {
-                EngineEvent::Token(t) => toks.push(t.token),
-                EngineEvent::Error(e) => anyhow::bail!("engine: {e}"),
-                _ => {}
-            }
-        }
-        streams.push(toks);
-    }
-    Ok(streams)
-}
-
-/// Streams equal throughout, and the mean length of the common start, of `a` against `b`.
-pub fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> (usize, f64) {
-    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
-    let prefix: usize = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| x.iter().zip(y).take_while(|(p, q)| p == q).count())
-        .sum();
-    (same, prefix as f64 / a.len().max(1) as f64)
-}
-
 /// The section: forward parity of every policy, then greedy engine streams on both backends.
 pub fn run<B>(pair: Pair<B>, label: &str, rows: &mut Vec<Row>) -> Result<Arc<Llama<B>>>
 where
@@ -504,25 +433,17 @@ where
             &note,
         ));
     }
+    rows.push(error_row(
+        &format!("{label} KV blocks forgotten, slabs compacted, then decoded (kivi4)"),
+        streams::compaction_parity(&pair)?,
+        &what,
+    ));
     // Greedy streams through the engine: prompts of 16–200 tokens, 48 tokens each.
     let Pair {
         cpu, dev, prompts, ..
     } = pair;
     let (cpu, dev) = (Arc::new(cpu), Arc::new(dev));
-    for policy in [
-        KvPolicy::format(Codec::Bf16),
-        KvPolicy::format(Codec::Kivi4),
-    ] {
-        let want = generate::<CpuBackend>(cpu.clone(), &prompts, 48, policy)?;
-        let got = generate(dev.clone(), &prompts, 48, policy)?;
-        let (same, prefix) = agreement(&got, &want);
-        rows.push(measure(
-            &format!("{label} engine greedy streams, {policy}"),
-            same as f64,
-            "of 4 equal",
-            &format!("{what}; 48 tokens each; mean common start {prefix:.1} tokens"),
-        ));
-    }
+    streams::compare(&cpu, &dev, &prompts, label, &what, rows)?;
     Ok(dev)
 }
 

@@ -1,5 +1,6 @@
 //! Tests of the default-model checks, with the CPU backend on both sides.
 use super::*;
+use crate::streams::{agreement, generate, Limits};
 use crate::TOL;
 
 /// A small model with a query group of 3, as the default's. Untied: with tied random
@@ -131,8 +132,14 @@ fn engine_streams_compare() {
         .map(|x| x[..20.min(x.len())].to_vec())
         .collect();
     let (cpu, dev) = (Arc::new(p.cpu), Arc::new(p.dev));
-    let a = generate(cpu, &prompts, 6, KvPolicy::format(Codec::Kivi4)).unwrap();
-    let b = generate(dev, &prompts, 6, KvPolicy::format(Codec::Kivi4)).unwrap();
+    let kivi4 = KvPolicy::format(Codec::Kivi4);
+    let roomy = Limits::roomy(&prompts, 6);
+    let a = generate(cpu.clone(), &prompts, 6, kivi4, roomy).unwrap();
+    let b = generate(dev, &prompts, 6, kivi4, roomy).unwrap();
+    // A pool with room for one sequence at a time gives the same tokens.
+    let tight = Limits::tight(&prompts, 6);
+    assert!(tight.blocks < roomy.blocks / 2, "{tight:?} {roomy:?}");
+    assert_eq!(generate(cpu, &prompts, 6, kivi4, tight).unwrap(), a);
     assert!(a.iter().all(|s| s.len() == 6));
     assert_eq!(agreement(&a, &b), (4, 6.0));
     let mut c = b.clone();
