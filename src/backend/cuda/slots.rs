@@ -46,6 +46,8 @@ pub struct SlotAlloc {
     /// [`SlotAlloc::compact`] can say whose data it moved.
     owner: Vec<u32>,
     live: usize,
+    /// Chunks allocated (kept, so that the per-step [`SlotAlloc::compact`] check is O(1)).
+    allocated: usize,
 }
 
 impl SlotAlloc {
@@ -61,6 +63,7 @@ impl SlotAlloc {
             chunks,
             owner: vec![NO_SLOT; max_slots as usize],
             live: 0,
+            allocated: 0,
         }
     }
 
@@ -77,6 +80,7 @@ impl SlotAlloc {
         if self.chunks[c].is_none() {
             let chunk = c as u32;
             out.push(Action::AllocChunk { slab, chunk });
+            self.allocated += 1;
         }
         let base = c * pc as usize;
         let slot = base + self.used[base..].iter().position(|u| !u).unwrap();
@@ -98,6 +102,7 @@ impl SlotAlloc {
         self.chunks[chunk as usize] = (n > 0).then_some(n);
         if n == 0 {
             out.push(Action::FreeChunk { slab, chunk });
+            self.allocated -= 1;
         }
     }
 
@@ -115,10 +120,13 @@ impl SlotAlloc {
         frees: &mut Vec<Action>,
     ) -> Vec<(u32, u32)> {
         let pc = self.per_chunk as usize;
+        let keep = self.live.div_ceil(pc) + 1;
+        if self.allocated <= keep {
+            return Vec::new();
+        }
         let allocated: Vec<usize> = (0..self.chunks.len())
             .filter(|&c| self.chunks[c].is_some())
             .collect();
-        let keep = self.live.div_ceil(pc) + 1;
         let mut moved = Vec::new();
         for &c in allocated.iter().skip(keep) {
             for src in c * pc..(c + 1) * pc {
@@ -145,7 +153,7 @@ impl SlotAlloc {
         self.live
     }
     pub fn chunks_allocated(&self) -> usize {
-        self.chunks.iter().filter(|c| c.is_some()).count()
+        self.allocated
     }
     pub fn per_chunk(&self) -> u32 {
         self.per_chunk
