@@ -261,8 +261,8 @@ pub trait Backend: Send + Sync {
     }
     /// The pool freed `blocks` (nothing will read their data; a block handed out again is
     /// rewritten or copied into first): a store that holds device memory per block gives it
-    /// back, so what it holds follows what the pool charges. Default: nothing (the CPU store
-    /// keeps every block id's room).
+    /// back, so what it holds follows what the pool charges. Default: nothing (a store whose
+    /// memory does not depend on which blocks are live).
     fn forget_blocks(&self, store: &mut Self::KvStore, blocks: &[u32]) {
         let _ = (store, blocks);
     }

@@ -15,12 +15,14 @@
 //!   inside the forward that fills it; [`CpuKvStore::release_exact`] then gives the block's
 //!   exact pages back to the OS, so the memory a sequence holds is its sealed bytes plus one
 //!   exact tail block. Block-major layout makes one block of one format a contiguous range, so
-//!   a block sealed into another format than last time releases its old pages too.
+//!   a block sealed into another format than last time releases its old pages too, and
+//!   [`CpuKvStore::forget`] gives back every page of a block the pool freed.
 //!
 //! Which representation of a block is current is `state[block]`; attention decodes sealed runs
 //! into an L1 tile inside its loop (`KvView::decode_k`/`decode_v`), never in a separate pass.
 
 use super::arena::{ZeroedBuf, ZeroedBytes};
+use super::kv_sealed::{f16_down, f16_up, SealedArena};
 use super::ops::RopeTable;
 use crate::backend::codec::Codec;
 use crate::backend::latent::LatentKeys;
@@ -36,114 +38,6 @@ pub const ELEM_BYTES: usize = 4;
 pub struct LayerKv {
     pub k: ZeroedBuf,
     pub v: ZeroedBuf,
-}
-
-/// The sealed blocks of one codec, block-major: per block, per layer `[latent | per KV head:
-/// K run, V run]` (the latent only for `mhc`, whose K runs are empty).
-#[derive(Debug)]
-struct SealedArena {
-    codec: Codec,
-    /// Offset of each layer's part within a block.
-    layer_at: Vec<usize>,
-    /// Bytes of each layer's latent (0 unless `mhc`).
-    latent: Vec<usize>,
-    k_run: usize,
-    v_run: usize,
-    /// Bytes of one block over all layers and heads.
-    block_bytes: usize,
-    data: ZeroedBytes,
-    /// `mhc`: the projection and the rope table its keys are rotated with.
-    keys: Option<(Arc<LatentKeys>, Arc<RopeTable>)>,
-}
-
-impl SealedArena {
-    fn new(
-        codec: Codec,
-        layers: usize,
-        heads: usize,
-        bs: usize,
-        d: usize,
-        num_blocks: usize,
-        keys: Option<(Arc<LatentKeys>, Arc<RopeTable>)>,
-    ) -> Self {
-        let (k_run, v_run) = (codec.k_bytes(bs, d), codec.v_bytes(bs, d));
-        let latent: Vec<usize> = (0..layers)
-            .map(|l| keys.as_ref().map_or(0, |(lk, _)| lk.latent_bytes(l, bs)))
-            .collect();
-        let mut layer_at = Vec::with_capacity(layers);
-        let mut at = 0;
-        for lat in &latent {
-            layer_at.push(at);
-            at += lat + heads * (k_run + v_run);
-        }
-        SealedArena {
-            codec,
-            layer_at,
-            latent,
-            k_run,
-            v_run,
-            block_bytes: at,
-            data: ZeroedBytes::new(num_blocks * at),
-            keys,
-        }
-    }
-
-    fn run_at(&self, block: usize, layer: usize, g: usize) -> usize {
-        block * self.block_bytes
-            + self.layer_at[layer]
-            + self.latent[layer]
-            + g * (self.k_run + self.v_run)
-    }
-
-    fn latent_range(&self, block: usize, layer: usize) -> std::ops::Range<usize> {
-        let at = block * self.block_bytes + self.layer_at[layer];
-        at..at + self.latent[layer]
-    }
-
-    /// Keys of head `g`, rows `r0..r1` of `block` (whose first token is at `pos`) into `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn decode_k(
-        &self,
-        block: usize,
-        layer: usize,
-        g: usize,
-        (bs, d): (usize, usize),
-        (r0, r1): (usize, usize),
-        pos: usize,
-        out: &mut [f32],
-    ) {
-        if let Some((lk, rope)) = &self.keys {
-            lk.decode_head(
-                layer,
-                &self.data[self.latent_range(block, layer)],
-                g,
-                r0,
-                r1,
-                out,
-            );
-            for (t, head) in (r0..r1).zip(out.chunks_exact_mut(d)) {
-                rope.rotate_head(head, pos + t);
-            }
-        } else {
-            let at = self.run_at(block, layer, g);
-            self.codec
-                .decode_k(&self.data[at..at + self.k_run], bs, d, r0, r1, out);
-        }
-    }
-
-    fn decode_v(
-        &self,
-        block: usize,
-        layer: usize,
-        g: usize,
-        (bs, d): (usize, usize),
-        (r0, r1): (usize, usize),
-        out: &mut [f32],
-    ) {
-        let at = self.run_at(block, layer, g) + self.k_run;
-        self.codec
-            .decode_v(&self.data[at..at + self.v_run], bs, d, r0, r1, out);
-    }
 }
 
 /// Where block `b`'s current data is: `EXACT`, or `1 + index` of its sealed arena, `| BOUNDS`
@@ -433,6 +327,35 @@ impl CpuKvStore {
         }
     }
 
+    /// Gives every page of `blocks` back to the OS: exact, sealed in any arena, key bounds. The
+    /// pool freed them and nothing reads them again (a block handed out again is written from
+    /// offset 0, which makes it exact, or copied into whole), so what the store holds follows
+    /// what the pool charges instead of keeping each id's last contents until it is reused.
+    pub fn forget(&mut self, blocks: &[u32]) {
+        let n = self.block_len();
+        let bb = self.bounds_block_bytes();
+        for &b in blocks {
+            let b = b as usize;
+            if b >= self.num_blocks {
+                continue;
+            }
+            for l in &mut self.layers {
+                l.k.release(b * n..(b + 1) * n);
+                l.v.release(b * n..(b + 1) * n);
+            }
+            for (j, a) in self.sealed.iter_mut().enumerate() {
+                if self.resident[b] & (1 << j) != 0 {
+                    a.data.release(b * a.block_bytes..(b + 1) * a.block_bytes);
+                }
+            }
+            if let Some(bd) = &mut self.bounds {
+                bd.release(b * bb..(b + 1) * bb);
+            }
+            self.resident[b] = 0;
+            self.state[b] = EXACT;
+        }
+    }
+
     /// For each `(src, dst)` in order, block `dst` becomes a copy of block `src` in every layer,
     /// K and V (and its sealed form, if any). Out-of-range ids trip a debug assertion and are
     /// skipped in release.
@@ -468,25 +391,6 @@ impl CpuKvStore {
             }
         }
     }
-}
-
-fn f16_down(x: f32) -> f16 {
-    let h = f16::from_f32(x);
-    if h.to_f32() > x {
-        f16::from_bits(if h.to_bits() & 0x8000 != 0 {
-            h.to_bits() + 1
-        } else if h.to_bits() == 0 {
-            0x8001
-        } else {
-            h.to_bits() - 1
-        })
-    } else {
-        h
-    }
-}
-
-fn f16_up(x: f32) -> f16 {
-    -f16_down(-x)
 }
 
 /// One layer's K and V as attention reads them.

@@ -86,3 +86,68 @@ fn bytes_per_block() {
     };
     assert_eq!(CpuKvStore::bytes_per_block(30, 16, shape), 737_280);
 }
+
+#[test]
+fn forget_gives_back_every_page_of_the_freed_blocks_only() {
+    // Blocks of 16 tokens, 8 heads of 64, 4 layers: one block of one layer is 32 KiB exact
+    // (K or V), 128 KiB sealed as bf16 and 8 KiB of key bounds over all layers: whole pages,
+    // so released pages read as zero.
+    let shape = AttnShape {
+        num_heads: 8,
+        num_kv_heads: 8,
+        head_dim: 64,
+    };
+    let (layers, bs) = (4, 16);
+    let mut s = CpuKvStore::new(layers, 3, bs, shape);
+    let width = shape.qkv_width();
+    let qkv: Vec<f32> = (0..3 * bs * width).map(|i| 1.0 + (i % 97) as f32).collect();
+    let slots: Vec<u32> = (0..3 * bs as u32).collect();
+    let seal = |b: u32, bounds: bool| Seal {
+        block: b,
+        pos: b * bs as u32,
+        codec: Codec::Bf16,
+        bounds,
+    };
+    for l in 0..layers {
+        s.store(l, &qkv, 3 * bs, &slots);
+        // Block 0 sealed with key bounds, block 2 sealed plain, block 1 left exact (a tail).
+        s.seal(l, &[seal(0, true), seal(2, false)]);
+    }
+    s.release_exact(&[0, 2]);
+    let n = s.block_len();
+    let bb = s.sealed[0].block_bytes;
+    let nonzero = |x: &[f32]| x.iter().any(|&v| v != 0.0);
+    assert!(nonzero(&s.layer(1).k[n..2 * n]));
+    assert!(s.sealed[0].data[..bb].iter().any(|&v| v != 0));
+    assert!(s.bounds.as_ref().unwrap().iter().any(|&v| v != 0));
+
+    s.forget(&[0, 1]);
+    for l in 0..layers {
+        let lkv = s.layer(l);
+        assert!(
+            !nonzero(&lkv.k[..2 * n]) && !nonzero(&lkv.v[..2 * n]),
+            "layer {l}"
+        );
+    }
+    assert!(s.sealed[0].data[..bb].iter().all(|&v| v == 0));
+    let bounds = s.bounds.as_ref().unwrap();
+    let bbb = s.bounds_block_bytes();
+    assert!(bounds[..bbb].iter().all(|&v| v == 0));
+    assert_eq!(s.sealed_codec(0), None);
+    assert_eq!(s.sealed_codec(1), None);
+    // Block 2 keeps its sealed data and still reads it.
+    assert_eq!(s.sealed_codec(2), Some(Codec::Bf16));
+    assert!(s.sealed[0].data[2 * bb..3 * bb].iter().any(|&v| v != 0));
+    let mut k = vec![0f32; bs * 64];
+    s.view(1).decode_k(2, 1, 0, bs, 2 * bs, &mut k);
+    for (t, row) in k.chunks_exact(64).enumerate() {
+        let src = &qkv[(2 * bs + t) * width + shape.q_width() + 64..][..64];
+        for (c, (&got, &want)) in row.iter().zip(src).enumerate() {
+            assert_eq!(
+                got,
+                half::bf16::from_f32(want).to_f32(),
+                "token {t} channel {c}"
+            );
+        }
+    }
+}

@@ -16,6 +16,7 @@ pub mod arena;
 pub mod argmax;
 pub mod attention;
 pub mod draw;
+mod kv_sealed;
 pub mod kv_store;
 pub mod matmul;
 pub mod ops;
@@ -278,6 +279,10 @@ impl Backend for CpuBackend {
 
     fn release_exact(&self, store: &mut CpuKvStore, blocks: &[u32]) {
         store.release_exact(blocks);
+    }
+
+    fn forget_blocks(&self, store: &mut CpuKvStore, blocks: &[u32]) {
+        store.forget(blocks);
     }
 
     fn attach_latent_keys(&self, store: &mut CpuKvStore, keys: &[Arc<LatentKeys>]) {
