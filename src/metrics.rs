@@ -10,6 +10,8 @@
 //! `kvserve:`, because colons are reserved for recording rules and `promtool check metrics`
 //! rejects them.
 //!
+//! Besides its own families the registry carries the standard `process_*` ones (Linux).
+//!
 //! The `tenant` label is bounded: its values are the tenant names from configuration, plus
 //! `other` for anything else (e.g. a request whose API key was not recognised). Per-policy
 //! labels carry the storage format only (`bf16`, `int8`, `kivi4`, `mhc+int8`, …), never window
@@ -266,6 +268,15 @@ impl Metrics {
             registry,
             scrape: Mutex::new(()),
         };
+        // The standard `process_*` families (resident memory, CPU seconds, open files,
+        // threads, start time) that every Prometheus exporter has: the resident memory is
+        // how an operator sees that the server holds what its KV pool charges.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric name");
         m.touch();
         m
     }

@@ -442,6 +442,7 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| l.split(' ').next().unwrap())
+        .filter(|f| !f.starts_with("process_"))
         .collect();
     families.sort();
     let mut expected = vec![
@@ -472,6 +473,20 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
     expected.sort();
     assert_eq!(families, expected);
     assert!(!text.contains("kvserve:"), "colons are for recording rules");
+    // The standard process families: this test process holds the model's weights, and its
+    // start time is the wall clock's past.
+    assert!(m.get("process_resident_memory_bytes", &[]) > 50e6);
+    let start = m.get("process_start_time_seconds", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        start > now - 86_400.0 && start <= now,
+        "start {start}, now {now}"
+    );
+    assert!(m.get("process_threads", &[]) >= 2.0);
+    assert!(m.get("process_cpu_seconds_total", &[]) > 0.0);
 
     s.shutdown().await;
 
