@@ -1,4 +1,5 @@
-//! Huge-page-backed storage for weight matrices ([`WeightBuf`]) and the KV pool ([`ZeroedBuf`]).
+//! Storage for weight matrices ([`WeightBuf`], huge pages) and the KV pool ([`ZeroedBuf`],
+//! [`ZeroedBytes`], small pages given back block by block).
 //!
 //! Decode streams every weight byte once per token. With 4 KiB pages that stream takes a TLB
 //! miss every 4 KiB and the hardware prefetcher restarts at each page boundary; on the Zen 3 VM
@@ -145,10 +146,16 @@ impl<T> std::fmt::Debug for WeightBuf<T> {
     }
 }
 
-/// Zeroed, mutable f32 storage in (ideally) huge pages, for the KV pool: attention reads its
-/// blocks in whatever order the block tables give, so 4 KiB pages would cost a TLB miss for
-/// almost every block of every head; 2 MiB pages cover 128 of them. Untouched pages cost no
-/// memory until first written (anonymous mappings are zero-filled on demand).
+/// Zeroed, mutable f32 storage for the KV pool's exact blocks, in 4 KiB pages on purpose
+/// (`MADV_NOHUGEPAGE`): a block's pages are given back when it is sealed or freed, and the
+/// memory must follow those releases. A huge page would commit 2 MiB at the first write into
+/// it (170 exact blocks of one layer for SmolLM2 when one is live), a release inside it would
+/// split it and leave the other 2 MiB resident, and khugepaged would collapse a range with a
+/// single live page back into a full huge page. Measured on the real model: one 496-token
+/// request left 113 MiB of exact pages resident with huge pages, 0 without
+/// (`docs/cpu-memory.md`). One block of one head is one 4 KiB page, so attention's TLB misses
+/// cost one per page it streams in full. Untouched pages cost no memory until first written
+/// (anonymous mappings are zero-filled on demand).
 pub struct ZeroedBuf {
     mem: ZeroedMem,
     len: usize,
@@ -168,8 +175,7 @@ impl ZeroedBuf {
                 .no_reserve_swap()
                 .map_anon()
             {
-                #[cfg(target_os = "linux")]
-                let _ = m.advise(memmap2::Advice::HugePage); // best effort: THP may be off
+                no_huge_pages(&m);
                 return ZeroedBuf {
                     mem: ZeroedMem::Map(m),
                     len,
@@ -223,6 +229,15 @@ impl ZeroedBuf {
     }
 }
 
+/// Keeps transparent huge pages off a KV mapping (also where THP is `always`): its memory is
+/// committed and given back per block, see [`ZeroedBuf`]. Best effort.
+fn no_huge_pages(m: &memmap2::MmapMut) {
+    #[cfg(target_os = "linux")]
+    let _ = m.advise(memmap2::Advice::NoHugePage);
+    #[cfg(not(target_os = "linux"))]
+    let _ = m;
+}
+
 /// `madvise(MADV_DONTNEED)` on the whole pages inside `range` (bytes) of an anonymous private
 /// mapping: they are freed and read as zero afterwards. Heap fallbacks keep their memory.
 fn release_pages(map: Option<&mut memmap2::MmapMut>, range: std::ops::Range<usize>) {
@@ -257,6 +272,7 @@ impl ZeroedBytes {
                 .no_reserve_swap()
                 .map_anon()
             {
+                no_huge_pages(&m);
                 return ZeroedBytes {
                     mem: Some(m),
                     heap: Vec::new(),
@@ -325,6 +341,40 @@ mod tests {
         assert!(big.iter().all(|&v| v == 7.0));
         let e: WeightBuf<f32> = WeightBuf::from_slice(&[]);
         assert!(e.is_empty());
+    }
+
+    /// Pages of `len` bytes from `ptr` that are resident (mincore(2)).
+    #[cfg(target_os = "linux")]
+    fn resident_pages(ptr: *const u8, len: usize) -> usize {
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `ptr` is the page-aligned start of a live mapping of at least `len` bytes.
+        let rc = unsafe { libc::mincore(ptr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore");
+        vec.iter().filter(|&&v| v & 1 != 0).count()
+    }
+
+    /// The KV arenas commit what is written and give back what is released, page by page:
+    /// a transparent huge page would commit 2 MiB at the first write (where THP is on).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn kv_arenas_commit_and_give_back_memory_page_by_page() {
+        const MIB8: usize = 8 << 20;
+        let mut z = ZeroedBuf::new(MIB8 / 4);
+        assert_eq!(resident_pages(z.as_ptr() as *const u8, MIB8), 0);
+        // Byte 4 MiB: the 2 MiB-aligned range around it lies inside the mapping.
+        z[1 << 20] = 1.0;
+        assert_eq!(resident_pages(z.as_ptr() as *const u8, MIB8), 1);
+        z.release(0..MIB8 / 4);
+        assert_eq!(resident_pages(z.as_ptr() as *const u8, MIB8), 0);
+        assert_eq!(z[1 << 20], 0.0);
+
+        let mut b = ZeroedBytes::new(MIB8);
+        b[4 << 20] = 7;
+        b[(4 << 20) + 5000] = 7;
+        assert_eq!(resident_pages(b.as_ptr(), MIB8), 2);
+        b.release(4 << 20..(4 << 20) + 4096);
+        assert_eq!(resident_pages(b.as_ptr(), MIB8), 1);
+        assert_eq!(b[(4 << 20) + 5000], 7);
     }
 
     #[test]
