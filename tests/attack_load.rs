@@ -355,7 +355,8 @@ async fn overload_at_ten_times_capacity_is_refused_fast_and_leaks_nothing() {
     let mut srv = Proc::spawn(&config, Some(&tenants));
     let pid = srv.pid();
     // The baseline is a warmed-up server: the first forward pass allocates the backend's
-    // working memory (~120 MiB on the CPU backend), which is not load.
+    // working memory (~3 MiB on the CPU backend; 120 MiB when the KV arenas still took huge
+    // pages, docs/cpu-memory.md), which is not load.
     let warm = client()
         .post(srv.url("/v1/completions"))
         .bearer_auth(KEYS[2])
@@ -379,10 +380,20 @@ async fn overload_at_ten_times_capacity_is_refused_fast_and_leaks_nothing() {
             peak
         })
     };
-    // 120 requests = 10× capacity, 40 per tenant, all at once.
+    // 120 requests = 10× capacity, 40 per tenant. Tenants a and b send theirs at once; the
+    // flood of c follows 50 ms later. Sent together, c's could fill all 12 places before a or
+    // b had 3 requests in flight, and then a and b got 503 instead of their 429 (seen once).
     let t_load = Instant::now();
     let tasks: Vec<_> = (0..120)
-        .map(|i| tokio::spawn(load_request(srv.url("/v1/completions"), i)))
+        .map(|i| {
+            let url = srv.url("/v1/completions");
+            tokio::spawn(async move {
+                if i % 3 == 2 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                load_request(url, i).await
+            })
+        })
         .collect();
     let outcomes = tokio::time::timeout(Duration::from_secs(90), async {
         let mut v = Vec::new();

@@ -45,14 +45,20 @@ use std::process::Command;
 use std::sync::Arc;
 
 /// Builds a harness (`tests/cuda_host/<cpp>`, which includes the kernel files it runs) once per
-/// test process. The harness sees every `kernels/` file through `-I`, with dynamic shared memory
-/// turned into a global array of the harness (see shim.h).
+/// test process, into `host-kernels` in the tests' scratch folder (rebuilt by every run, as the
+/// emulated device is). The harness sees every `kernels/` file through `-I`, with dynamic shared
+/// memory turned into a global array of the harness (see shim.h).
 fn build(cpp: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("kvserve-host-kernels-{}", std::process::id()));
-    host_build::host_kernels(&dir);
+    // The kernel copies are written once: harnesses build from them on several test threads.
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("host-kernels");
+        host_build::host_kernels(&dir);
+        dir
+    });
     let bin = dir.join(cpp.trim_end_matches(".cpp"));
-    let out = host_build::gxx(&dir)
+    let out = host_build::gxx(dir)
         .arg("-o")
         .arg(&bin)
         .arg(root.join("tests/cuda_host").join(cpp))
@@ -88,7 +94,10 @@ fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
     std::fs::write(&i, input).unwrap();
     let st = Command::new(bin).arg(cmd).arg(&i).arg(&o).status().unwrap();
     assert!(st.success(), "harness {cmd}: {st}");
-    std::fs::read(&o).unwrap()
+    let out = std::fs::read(&o).unwrap();
+    // The inputs run to tens of MB: none is left behind.
+    let _ = (std::fs::remove_file(&i), std::fs::remove_file(&o));
+    out
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {

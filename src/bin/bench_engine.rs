@@ -8,11 +8,14 @@
 //! [--output 128] [--max-batched-tokens 256] [--model DIR] [--logprobs] [--temperature 1]
 //! [--top-p 0.9] [--top-k 50]`
 
+#[path = "bench_common/token_times.rs"]
+mod token_times;
+
 use anyhow::{Context, Result};
 use clap::Parser;
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::config::EngineSection;
-use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
+use kvserve::engine::{Engine, EngineRequest, StopParams};
 use kvserve::model::llama::Llama;
 use kvserve::model::loader;
 use kvserve::types::{SamplingParams, TenantId};
@@ -128,21 +131,7 @@ fn main() -> Result<()> {
             };
             subs.push(h.submit(req)?);
         }
-        let joins: Vec<_> = subs
-            .into_iter()
-            .map(|mut s| {
-                std::thread::spawn(move || {
-                    let mut times = Vec::new();
-                    while let Some(ev) = s.events.blocking_recv() {
-                        if let EngineEvent::Token(_) = ev {
-                            times.push(Instant::now());
-                        }
-                    }
-                    times
-                })
-            })
-            .collect();
-        let all: Vec<Vec<Instant>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+        let all = token_times::token_times(subs);
         let wall = t0.elapsed();
         let stats = h.stats();
         drop(engine);
@@ -153,14 +142,7 @@ fn main() -> Result<()> {
             .flat_map(|t| t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3))
             .collect();
         let steps = stats.scheduler.steps.max(1);
-        // Steady decode: every stream has its first token; count what follows.
-        let all_decoding = all.iter().map(|t| t[0]).max().unwrap();
-        let end = all.iter().map(|t| *t.last().unwrap()).max().unwrap();
-        let after: usize = all
-            .iter()
-            .map(|t| t.iter().filter(|&&x| x > all_decoding).count())
-            .sum();
-        let decode_rate = after as f64 / (end - all_decoding).as_secs_f64().max(1e-9);
+        let decode_rate = token_times::steady_decode_rate(&all, t0);
         println!(
             "{:>11}  {:>9.1}  {:>12.1}  {:>6.2}  {:>5}  {:>7.1}  {:>10.2}  {:>10.2}  {:>10.1}  {:>10.1}",
             n,

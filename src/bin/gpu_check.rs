@@ -28,6 +28,8 @@ mod policies;
 mod speed;
 #[path = "gpu_check/streams.rs"]
 mod streams;
+#[path = "bench_common/token_times.rs"]
+mod token_times;
 
 use anyhow::{Context, Result};
 use clap::Parser;

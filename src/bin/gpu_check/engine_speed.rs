@@ -1,11 +1,11 @@
 //! Engine output tokens/s on the CUDA backend: batch 1, 32 and 128 on the 1B shape (and the
 //! default model), greedy and sampled, with the few-row products on and off.
 
-use super::{measure, Row};
+use super::{measure, token_times, Row};
 use anyhow::Result;
 use kvserve::backend::cuda::{CudaBackend, CudaMatrix};
 use kvserve::config::EngineSection;
-use kvserve::engine::{Engine, EngineEvent, EngineRequest, StopParams};
+use kvserve::engine::{Engine, EngineRequest, StopParams};
 use kvserve::model::llama::Llama;
 use kvserve::types::{SamplingParams, TenantId};
 use std::sync::Arc;
@@ -84,42 +84,12 @@ pub fn engine(
             };
             subs.push(h.submit(req)?);
         }
-        let joins: Vec<_> = subs
-            .into_iter()
-            .map(|mut s| {
-                std::thread::spawn(move || {
-                    let mut times = Vec::new();
-                    while let Some(ev) = s.events.blocking_recv() {
-                        if let EngineEvent::Token(_) = ev {
-                            times.push(Instant::now());
-                        }
-                    }
-                    times
-                })
-            })
-            .collect();
-        let all: Vec<Vec<Instant>> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+        let all = token_times::token_times(subs);
         let wall = t0.elapsed().as_secs_f64();
         let stats = h.stats();
         drop(engine);
         let generated: usize = all.iter().map(Vec::len).sum();
-        let decoding = all
-            .iter()
-            .filter_map(|t| t.first())
-            .max()
-            .copied()
-            .unwrap_or(t0);
-        let end = all
-            .iter()
-            .filter_map(|t| t.last())
-            .max()
-            .copied()
-            .unwrap_or(t0);
-        let after: usize = all
-            .iter()
-            .map(|t| t.iter().filter(|&&x| x > decoding).count())
-            .sum();
-        let decode_rate = after as f64 / (end - decoding).as_secs_f64().max(1e-9);
+        let decode_rate = token_times::steady_decode_rate(&all, t0);
         rows.push(measure(
             &format!(
                 "{label}engine batch {n}{}{}{}: output tok/s",
