@@ -2,6 +2,7 @@
 //! [`Config::default`]; a test keeps them equal) and handed down in pieces. Unknown keys are
 //! errors, so a typo never silently falls back to a default. Secrets are masked in `Debug`.
 
+use crate::model::loader::WeightFormat;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -110,12 +111,16 @@ impl Default for ServerSection {
 pub struct ModelSection {
     /// A Hugging Face directory or a `.gguf` file.
     pub path: PathBuf,
+    /// How a `.gguf` file's quantized matrices are held (`native`: as stored, where the backend
+    /// multiplies with them; `bf16`: dequantized and rounded, as `kvserve convert` writes them).
+    pub weights: WeightFormat,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
             path: PathBuf::from("models/SmolLM2-135M-Instruct"),
+            weights: WeightFormat::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ use kvserve::eval::{report, EvalConfig};
 use kvserve::kv::policy::KvPolicySpec;
 use kvserve::model::chat_template::ChatMessage;
 use kvserve::model::llama::Llama;
+use kvserve::model::loader::WeightFormat;
 use kvserve::model::tokenizer::IncrementalDecoder;
 use kvserve::model::{convert, loader};
 use kvserve::tenancy::Tenancy;
@@ -121,6 +122,10 @@ struct ServeArgs {
     /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
     #[arg(long, env = "KVSERVE_DEVICE", default_value = "auto")]
     device: DeviceArg,
+    /// A `.gguf` file's quantized matrices: `native` (as stored) or `bf16` (overrides
+    /// `model.weights`).
+    #[arg(long, env = "KVSERVE_WEIGHTS")]
+    weights: Option<WeightFormat>,
     /// A `kvserve calibrate` projection file serving `mhc:R` (repeatable; adds to the config's
     /// `kv.calibrations`).
     #[arg(
@@ -182,6 +187,10 @@ struct GenerateArgs {
     /// Compute device: `auto` (the GPU when one is usable, else the CPU), `cpu`, `cuda`, `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: DeviceArg,
+    /// A `.gguf` file's quantized matrices: `native` (as stored, the CPU multiplies with them)
+    /// or `bf16` (dequantized and rounded, as `kvserve convert` writes them).
+    #[arg(long, default_value = "native")]
+    weights: WeightFormat,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -382,6 +391,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     if let Some(m) = args.model {
         cfg.model.path = m;
     }
+    if let Some(w) = args.weights {
+        cfg.model.weights = w;
+    }
     if let Some(h) = args.host {
         cfg.server.host = h;
     }
@@ -499,11 +511,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn generate_on<B: Backend>(args: GenerateArgs, backend: B) -> Result<()> {
     let t_load = Instant::now();
-    let files = loader::open(&args.model)?;
+    let files = loader::open_with(&args.model, args.weights)?;
     let mut model = Llama::from_files(&files, backend)?;
     drop(files.weights);
     kvserve::calibrate::attach_files(&mut model, &args.model, &args.kv_calibrations)?;
-    tracing::info!(ms = t_load.elapsed().as_millis() as u64, "model loaded");
+    tracing::info!(
+        ms = t_load.elapsed().as_millis() as u64,
+        weights = %model.weights_summary(),
+        "model loaded"
+    );
     let tok = &files.tokenizer;
 
     let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {

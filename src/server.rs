@@ -51,7 +51,7 @@ impl Server {
         B::KvStore: Send,
     {
         let t0 = std::time::Instant::now();
-        let files = loader::open(&cfg.model.path)?;
+        let files = loader::open_with(&cfg.model.path, cfg.model.weights)?;
         let mut model = Llama::from_files(&files, backend)?;
         crate::calibrate::attach_files(&mut model, &cfg.model.path, &cfg.kv.calibrations)?;
         let supports = served_policies(&model);
@@ -88,6 +88,7 @@ impl Server {
             blocks = kv.pool.num_blocks(),
             block_size = cfg.kv.block_size,
             tenants = tenancy.len(),
+            weights = %model.weights_summary(),
             "model loaded"
         );
         let name = if cfg.server.served_model_name.is_empty() {

@@ -595,6 +595,9 @@ impl Backend for PoisonBackend {
     fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<Self::Matrix, BackendError> {
         self.inner.upload_matrix(parts)
     }
+    fn matrix_format(&self, m: &Self::Matrix) -> (&'static str, usize) {
+        self.inner.matrix_format(m)
+    }
     fn upload(&self, data: &[f32]) -> Self::Buf {
         self.inner.upload(data)
     }

@@ -105,6 +105,9 @@ pub trait Backend: Send + Sync {
     /// Uploads one or more 2-D tensors stacked along rows (e.g. `[q; k; v]` into one fused
     /// matrix). All parts must have the same number of columns.
     fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<Self::Matrix, BackendError>;
+    /// The format a matrix is held in (`bf16`, `q4_1`, …) and its bytes: what a decode step
+    /// streams of it.
+    fn matrix_format(&self, m: &Self::Matrix) -> (&'static str, usize);
     /// Uploads f32 data (norm weights, biases).
     fn upload(&self, data: &[f32]) -> Self::Buf;
     /// A zeroed buffer of `len` floats.

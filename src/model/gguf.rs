@@ -22,7 +22,7 @@ pub use reader::{GgufArray, GgufValue};
 use reader::{read_tensor_info, Reader};
 
 use super::config::{Arch, ModelConfig, RopeScaling};
-use super::tensor::{HostData, HostTensor};
+use super::tensor::{HostData, HostTensor, QuantData, QuantKind};
 use super::FileBytes;
 use super::TensorSource;
 use crate::error::ModelError;
@@ -477,29 +477,9 @@ impl TensorSource for GgufFile {
     }
 
     fn tensor(&self, hf_name: &str) -> Result<HostTensor<'_>, ModelError> {
-        let missing = || ModelError::MissingTensor {
-            path: self.path.clone(),
-            name: hf_name.to_string(),
-        };
-        let gguf_name = hf_to_gguf_name(hf_name).ok_or_else(missing)?;
-        if !self.tensor_index.contains_key(&gguf_name) {
-            return Err(missing());
-        }
+        let gguf_name = self.gguf_name(hf_name)?;
         let (shape, mut data) = self.dequantize_tensor(&gguf_name)?;
-        let heads_key = if hf_name.contains(".self_attn.q_proj.") {
-            Some("attention.head_count")
-        } else if hf_name.contains(".self_attn.k_proj.") {
-            Some("attention.head_count_kv")
-        } else {
-            None
-        };
-        if let (Some(key), true) = (heads_key, self.qk_permuted()) {
-            let arch = self.architecture()?;
-            let n_head = match self.arch_u64(arch, key)? {
-                Some(n) => n,
-                // head_count_kv defaults to head_count.
-                None => self.arch_required(arch, "attention.head_count")?,
-            };
+        if let Some(n_head) = self.qk_heads(hf_name)? {
             let cols: usize = shape.iter().skip(1).product();
             data = unpermute_qk_rows(&data, n_head, cols).map_err(|m| {
                 ModelError::format(&self.path, format!("tensor `{gguf_name}`: {m}"))
@@ -510,6 +490,66 @@ impl TensorSource for GgufFile {
             shape,
             data: HostData::F32(Cow::Owned(data)),
         })
+    }
+}
+
+impl GgufFile {
+    /// The GGUF name of an HF tensor that the file holds.
+    fn gguf_name(&self, hf_name: &str) -> Result<String, ModelError> {
+        hf_to_gguf_name(hf_name)
+            .filter(|g| self.tensor_index.contains_key(g))
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: hf_name.to_string(),
+            })
+    }
+
+    /// The head count to undo llama.cpp's row permutation with, for the Q and K projections of
+    /// a file that has it; `None` for every other tensor.
+    fn qk_heads(&self, hf_name: &str) -> Result<Option<usize>, ModelError> {
+        let key = if hf_name.contains(".self_attn.q_proj.") {
+            "attention.head_count"
+        } else if hf_name.contains(".self_attn.k_proj.") {
+            "attention.head_count_kv"
+        } else {
+            return Ok(None);
+        };
+        if !self.qk_permuted() {
+            return Ok(None);
+        }
+        let arch = self.architecture()?;
+        Ok(Some(match self.arch_u64(arch, key)? {
+            Some(n) => n,
+            // head_count_kv defaults to head_count.
+            None => self.arch_required(arch, "attention.head_count")?,
+        }))
+    }
+
+    /// An HF tensor in its stored block format, when it is a matrix of a [`QuantKind`] (rows
+    /// of whole blocks, in HF row order); `None` for any other tensor.
+    pub fn quantized_tensor(&self, hf_name: &str) -> Result<Option<HostTensor<'_>>, ModelError> {
+        let gguf_name = self.gguf_name(hf_name)?;
+        let info = &self.tensors[self.tensor_index[&gguf_name]];
+        let shape = info.shape();
+        let Some(kind) = QuantKind::from_ggml(info.ggml_type) else {
+            return Ok(None);
+        };
+        if shape.len() != 2 || !shape[1].is_multiple_of(QuantKind::BLOCK) {
+            return Ok(None);
+        }
+        let row_bytes = shape[1] / QuantKind::BLOCK * kind.block_bytes();
+        let raw = self.raw_data(info);
+        let blocks = match self.qk_heads(hf_name)? {
+            Some(n_head) => Cow::Owned(unpermute_qk_rows(raw, n_head, row_bytes).map_err(|m| {
+                ModelError::format(&self.path, format!("tensor `{gguf_name}`: {m}"))
+            })?),
+            None => Cow::Borrowed(raw),
+        };
+        Ok(Some(HostTensor {
+            name: hf_name.to_string(),
+            shape,
+            data: HostData::Quant(QuantData { kind, blocks }),
+        }))
     }
 }
 

@@ -208,6 +208,34 @@ impl<B: Backend> Llama<B> {
         &self.cfg
     }
 
+    /// Each weight matrix's format and bytes, embedding table first (the LM head too when
+    /// tied), then the layers' `qkv`, `o`, `gate_up`, `down`.
+    pub fn matrix_formats(&self) -> Vec<(&'static str, usize)> {
+        let mut out = vec![self.backend.matrix_format(&self.embed)];
+        out.extend(self.lm_head.iter().map(|m| self.backend.matrix_format(m)));
+        for l in &self.layers {
+            for m in [&l.qkv, &l.o, &l.gate_up, &l.down] {
+                out.push(self.backend.matrix_format(m));
+            }
+        }
+        out
+    }
+
+    /// Weight bytes by format, e.g. `q4_1 81.5 MiB, q8_0 30.0 MiB` (for the load log).
+    pub fn weights_summary(&self) -> String {
+        let mut by: Vec<(&str, usize, usize)> = Vec::new();
+        for (f, b) in self.matrix_formats() {
+            match by.iter_mut().find(|(g, ..)| *g == f) {
+                Some(e) => (e.1, e.2) = (e.1 + 1, e.2 + b),
+                None => by.push((f, 1, b)),
+            }
+        }
+        by.iter()
+            .map(|(f, n, b)| format!("{n} {f} ({:.1} MiB)", *b as f64 / (1 << 20) as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

@@ -24,8 +24,51 @@ pub struct ModelFiles {
     pub chat_template: Option<ChatTemplate>,
 }
 
-/// Opens `path`: a `.gguf` file or a directory with `config.json`.
+/// How a GGUF file's quantized matrices reach the backend (`[model] weights`, `--weights`).
+/// Hugging Face directories hold float tensors and load the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// Matrices in `Q4_1` / `Q8_0` stay in their blocks where the backend multiplies with them
+    /// (the CPU: exact dequantized values, a third of bf16's bytes per decode step); other
+    /// tensors and other block types are dequantized and rounded to bf16.
+    #[default]
+    Native,
+    /// Every tensor dequantized and rounded to bf16, exactly as `kvserve convert` writes it: a
+    /// `.gguf` file and its converted directory give identical logits.
+    Bf16,
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Native => "native",
+            WeightFormat::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(WeightFormat::Native),
+            "bf16" => Ok(WeightFormat::Bf16),
+            _ => Err(format!(
+                "unknown weight format `{s}` (expected native or bf16)"
+            )),
+        }
+    }
+}
+
+/// Opens `path`: a `.gguf` file or a directory with `config.json`, with the default
+/// [`WeightFormat`].
 pub fn open(path: &Path) -> Result<ModelFiles, ModelError> {
+    open_with(path, WeightFormat::default())
+}
+
+/// [`open`] with the GGUF weight format explicit.
+pub fn open_with(path: &Path, format: WeightFormat) -> Result<ModelFiles, ModelError> {
     if !path.exists() {
         return Err(ModelError::io(
             path,
@@ -49,7 +92,7 @@ pub fn open(path: &Path) -> Result<ModelFiles, ModelError> {
             TokenizerConfig::from_json_value(&gguf_tokenizer::tokenizer_config_json(&gguf)?, path)?;
         (
             config,
-            Box::new(Bf16Rounded(gguf)),
+            Box::new(GgufWeights { gguf, format }),
             tokenizer,
             tokenizer_config,
         )
@@ -72,19 +115,28 @@ pub fn open(path: &Path) -> Result<ModelFiles, ModelError> {
     })
 }
 
-/// Serves a GGUF model's dequantized tensors rounded to bf16, exactly as `kvserve convert`
-/// writes them, so that a `.gguf` file and its converted directory give identical logits.
-struct Bf16Rounded(GgufFile);
+/// Serves a GGUF model's tensors: under [`WeightFormat::Native`] the quantized matrices the
+/// backends multiply with as they are, everything else dequantized and rounded to bf16, exactly
+/// as `kvserve convert` writes it.
+struct GgufWeights {
+    gguf: GgufFile,
+    format: WeightFormat,
+}
 
-impl TensorSource for Bf16Rounded {
+impl TensorSource for GgufWeights {
     fn path(&self) -> &Path {
-        self.0.path()
+        self.gguf.path()
     }
     fn has(&self, hf_name: &str) -> bool {
-        self.0.has(hf_name)
+        self.gguf.has(hf_name)
     }
     fn tensor(&self, hf_name: &str) -> Result<HostTensor<'_>, ModelError> {
-        let t = self.0.tensor(hf_name)?;
+        if self.format == WeightFormat::Native {
+            if let Some(t) = self.gguf.quantized_tensor(hf_name)? {
+                return Ok(t);
+            }
+        }
+        let t = self.gguf.tensor(hf_name)?;
         let data = match t.data {
             HostData::Bf16(d) => HostData::Bf16(Cow::Owned(d.into_owned())),
             other => HostData::Bf16(Cow::Owned(other.to_bf16())),

@@ -35,7 +35,7 @@ use super::arena::WeightBuf;
 use super::parallel::{self, SendPtr};
 use super::simd::{self, WElem};
 use crate::error::BackendError;
-use crate::model::tensor::{HostData, HostTensor};
+use crate::model::tensor::{HostData, HostTensor, QuantKind};
 use half::{bf16, f16};
 
 /// Output features per packed group.
@@ -53,12 +53,14 @@ const ROW_CHUNK: usize = 96;
 #[doc(hidden)]
 pub static GROUP_PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Weight data in its stored format, packed as described in the module docs.
+/// Weight data in its stored format, packed as described in the module docs (the quantized
+/// formats: `matmul_quant.rs`).
 #[derive(Debug, Clone)]
 pub enum WData {
     Bf16(WeightBuf<bf16>),
     F16(WeightBuf<f16>),
     F32(WeightBuf<f32>),
+    Quant(QuantKind, WeightBuf<u8>),
 }
 
 /// A weight matrix `[rows = out_features, cols = in_features]`, packed.
@@ -106,6 +108,40 @@ impl CpuMatrix {
             rows += p.shape[0];
         }
         let same = |f: fn(&HostData<'_>) -> bool| parts.iter().all(|p| f(&p.data));
+        let quant = parts.iter().any(|p| matches!(p.data, HostData::Quant(_)));
+        if quant && !cols.is_multiple_of(QuantKind::BLOCK) {
+            return Err(BackendError::Shape(format!(
+                "upload_matrix: quantized rows of {cols} columns are not whole blocks of {}",
+                QuantKind::BLOCK
+            )));
+        }
+        if let HostData::Quant(q) = &first.data {
+            let kind = q.kind;
+            if parts
+                .iter()
+                .all(|p| matches!(&p.data, HostData::Quant(q) if q.kind == kind))
+            {
+                let data = quant::pack(parts, kind, rows, cols)?;
+                return Ok(CpuMatrix {
+                    rows,
+                    cols,
+                    data: WData::Quant(kind, data),
+                });
+            }
+        }
+        if quant {
+            // Quantized parts of mixed kinds or stacked with float ones (no loader makes
+            // these): widened and rounded to bf16, the format a checkpoint's floats take.
+            let owned: Vec<HostTensor<'_>> = parts
+                .iter()
+                .map(|p| HostTensor {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    data: HostData::Bf16(p.data.to_bf16().into()),
+                })
+                .collect();
+            return Self::from_parts(&owned.iter().collect::<Vec<_>>());
+        }
         // Each part's rows are converted and scattered straight into their packed places in
         // the (huge-page, zeroed) destination; padding features stay zero.
         fn pack<T: Copy + Default>(
@@ -145,6 +181,7 @@ impl CpuMatrix {
                     .iter_mut()
                     .zip(&v[r])
                     .for_each(|(o, x)| *o = f16::from_f32(x.to_f32())),
+                HostData::Quant(_) => unreachable!("widened above"),
             }))
         } else {
             WData::Bf16(pack(parts, rows, cols, |d, r, o| match d {
@@ -157,6 +194,7 @@ impl CpuMatrix {
                     .iter_mut()
                     .zip(&v[r])
                     .for_each(|(o, x)| *o = bf16::from_f32(x.to_f32())),
+                HostData::Quant(_) => unreachable!("widened above"),
             }))
         };
         Ok(CpuMatrix { rows, cols, data })
@@ -164,11 +202,11 @@ impl CpuMatrix {
 
     /// Bytes of weight data (what one decode step streams).
     pub fn bytes(&self) -> usize {
-        let elem = match self.data {
-            WData::F32(_) => 4,
-            _ => 2,
-        };
-        self.rows * self.cols * elem
+        match &self.data {
+            WData::F32(_) => self.rows * self.cols * 4,
+            WData::Quant(kind, _) => self.rows * self.cols / QuantKind::BLOCK * kind.block_bytes(),
+            _ => self.rows * self.cols * 2,
+        }
     }
 
     /// Widens row `r` (output feature `r`) into `out` (`cols` floats): a strided gather, used
@@ -185,6 +223,7 @@ impl CpuMatrix {
             WData::Bf16(d) => gather(d, self.rows, r, out),
             WData::F16(d) => gather(d, self.rows, r, out),
             WData::F32(d) => gather(d, self.rows, r, out),
+            WData::Quant(kind, d) => quant::row_f32(*kind, d, self.rows, r, out),
         }
     }
 }
@@ -203,6 +242,7 @@ pub fn matmul_with(x: &[f32], rows: usize, w: &CpuMatrix, out: &mut [f32], simd:
         WData::Bf16(d) => matmul_t(x, rows, d, n, k, out, simd),
         WData::F16(d) => matmul_t(x, rows, d, n, k, out, simd),
         WData::F32(d) => matmul_t(x, rows, d, n, k, out, simd),
+        WData::Quant(kind, d) => quant::matmul(x, rows, *kind, d, n, k, out, simd),
     }
 }
 
@@ -569,6 +609,9 @@ mod avx2 {
         }
     }
 }
+
+#[path = "matmul_quant.rs"]
+mod quant;
 
 #[cfg(test)]
 #[path = "matmul_tests.rs"]

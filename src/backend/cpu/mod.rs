@@ -27,7 +27,7 @@ use crate::backend::kv_policy::KvPolicy;
 use crate::backend::latent::LatentKeys;
 use crate::backend::{AttnSeq, AttnShape, Backend, RopeParams, Seal};
 use crate::error::BackendError;
-use crate::model::tensor::HostTensor;
+use crate::model::tensor::{HostTensor, QuantKind};
 use kv_store::CpuKvStore;
 use matmul::{CpuMatrix, WData};
 use ops::RopeTable;
@@ -96,6 +96,10 @@ impl Backend for CpuBackend {
 
     fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<CpuMatrix, BackendError> {
         CpuMatrix::from_parts(parts)
+    }
+
+    fn matrix_format(&self, m: &CpuMatrix) -> (&'static str, usize) {
+        (matrix_dtype(m), m.bytes())
     }
 
     fn upload(&self, data: &[f32]) -> Vec<f32> {
@@ -299,6 +303,8 @@ pub fn matrix_dtype(m: &CpuMatrix) -> &'static str {
         WData::Bf16(_) => "bf16",
         WData::F16(_) => "f16",
         WData::F32(_) => "f32",
+        WData::Quant(QuantKind::Q4_1, _) => "q4_1",
+        WData::Quant(QuantKind::Q8_0, _) => "q8_0",
     }
 }
 

@@ -40,6 +40,11 @@ impl Backend for CudaBackend {
         Ok(CudaMatrix { data, rows, cols })
     }
 
+    fn matrix_format(&self, m: &CudaMatrix) -> (&'static str, usize) {
+        // Quantized host tensors are widened to bf16 at upload (`HostData::to_bf16`).
+        ("bf16", m.rows * m.cols * 2)
+    }
+
     fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
         if data.is_empty() {
             return self.alloc(0);

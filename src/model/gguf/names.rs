@@ -54,8 +54,13 @@ pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
 /// Undoes llama.cpp's `LlamaModel.permute` on the rows of a `[n_head * head_dim, cols]` matrix
 /// (or a bias, `cols` = 1): inside each head, GGUF row `2i + j` goes back to HF row
 /// `j * head_dim/2 + i`. Equivalent to numpy
-/// `w.reshape(n_head, head_dim/2, 2, cols).swapaxes(1, 2).reshape(rows, cols)`.
-pub fn unpermute_qk_rows(w: &[f32], n_head: usize, cols: usize) -> Result<Vec<f32>, String> {
+/// `w.reshape(n_head, head_dim/2, 2, cols).swapaxes(1, 2).reshape(rows, cols)`. Rows are any
+/// run of `cols` elements: for quantized data, a row's bytes (its blocks move whole).
+pub fn unpermute_qk_rows<T: Copy + Default>(
+    w: &[T],
+    n_head: usize,
+    cols: usize,
+) -> Result<Vec<T>, String> {
     move_rows(w, n_head, cols, false)
 }
 
@@ -65,7 +70,12 @@ pub fn permute_qk_rows(w: &[f32], n_head: usize, cols: usize) -> Result<Vec<f32>
 }
 
 /// Moves HF row `j * half + i` of each head to GGUF row `2i + j` (`to_gguf`) or back.
-fn move_rows(w: &[f32], n_head: usize, cols: usize, to_gguf: bool) -> Result<Vec<f32>, String> {
+fn move_rows<T: Copy + Default>(
+    w: &[T],
+    n_head: usize,
+    cols: usize,
+    to_gguf: bool,
+) -> Result<Vec<T>, String> {
     let rows = w.len().checked_div(cols).unwrap_or(0);
     if n_head == 0
         || cols == 0
@@ -79,7 +89,7 @@ fn move_rows(w: &[f32], n_head: usize, cols: usize, to_gguf: bool) -> Result<Vec
     }
     let head_dim = rows / n_head;
     let half = head_dim / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..n_head {
         for j in 0..2 {
             for i in 0..half {
