@@ -4,19 +4,20 @@
 //! Prints decode matvec GB/s (weight bytes streamed per second, 1 activation row, weights cycled
 //! through > 256 MiB of copies so they come from DRAM, not L3), a whole-model decode sweep,
 //! a whole-model rows sweep (1..32 rows, weights from DRAM; 2..32 also with the previous
-//! kernel, `old`, interleaved), GFLOP/s by number of rows on one L2/L3-resident matrix
+//! kernel, `old`, interleaved), the same whole model in the GGUF file's formats (`Q4_1` layers,
+//! `Q8_0` head) against bf16 by rows (`quant`), GFLOP/s by number of rows on one L2/L3-resident matrix
 //! (batched decode), prefill GFLOP/s at 512 rows, and attention
 //! timings (paged vs one contiguous block).
 //!
 //! `cargo run --release --bin bench_kernels [-- quick]`
 
-use half::bf16;
+use half::{bf16, f16};
 use kvserve::backend::cpu::attention::attention;
 use kvserve::backend::cpu::kv_store::CpuKvStore;
-use kvserve::backend::cpu::matmul::{matmul, CpuMatrix, GROUP_PREFETCH};
+use kvserve::backend::cpu::matmul::{matmul, CpuMatrix, GROUP_PREFETCH, QUANT_REGISTER_ROWS};
 use kvserve::backend::cpu::simd;
 use kvserve::backend::{AttnSeq, AttnShape};
-use kvserve::model::tensor::{HostData, HostTensor};
+use kvserve::model::tensor::{HostData, HostTensor, QuantData, QuantKind};
 use std::borrow::Cow;
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,38 @@ fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> CpuMatrix {
         name: "w".into(),
         shape: vec![rows, cols],
         data: HostData::Bf16(Cow::Owned(data)),
+    };
+    CpuMatrix::from_parts(&[&t]).expect("valid shape")
+}
+
+/// A random `[rows, cols]` matrix of `kind` blocks (scales around 1/64, every quant value).
+fn quant_matrix(kind: QuantKind, rows: usize, cols: usize, seed: u64) -> CpuMatrix {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut blocks = Vec::with_capacity(rows * cols / 32 * kind.block_bytes());
+    for _ in 0..rows * cols / 32 {
+        blocks.extend(f16::from_f32(1.0 / 64.0).to_le_bytes());
+        let quant_bytes = match kind {
+            QuantKind::Q4_1 => {
+                blocks.extend(f16::from_f32(-0.1).to_le_bytes());
+                16
+            }
+            QuantKind::Q8_0 => 32,
+        };
+        blocks.extend((0..quant_bytes).map(|_| next() as u8));
+    }
+    let t = HostTensor {
+        name: "w".into(),
+        shape: vec![rows, cols],
+        data: HostData::Quant(QuantData {
+            kind,
+            blocks: Cow::Owned(blocks),
+        }),
     };
     CpuMatrix::from_parts(&[&t]).expect("valid shape")
 }
@@ -68,7 +101,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "quick");
     // Sections to run (all when none is named): mem decode sweep dram cross prefill attn.
-    let names = ["mem", "decode", "sweep", "dram", "cross", "prefill", "attn"];
+    let names = [
+        "mem", "decode", "sweep", "dram", "quant", "cross", "prefill", "attn",
+    ];
     let all = !args.iter().any(|a| names.contains(&a.as_str()));
     let on = |s: &str| all || args.iter().any(|a| a == s);
     let min = Duration::from_millis(if quick { 300 } else { 1500 });
@@ -234,6 +269,76 @@ fn main() {
             println!();
         }
         GROUP_PREFETCH.store(true, Ordering::Relaxed);
+    }
+    if on("quant") {
+        println!(
+            "\n== whole model, bf16 vs the GGUF's formats (Q4_1 layers, Q8_0 head), DRAM-resident, by rows"
+        );
+        let model = |q: bool| -> Vec<CpuMatrix> {
+            let mut v = Vec::new();
+            for l in 0..30u64 {
+                for (i, (r, c)) in [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let seed = l * 8 + i as u64;
+                    v.push(if q {
+                        quant_matrix(QuantKind::Q4_1, r, c, seed)
+                    } else {
+                        bf16_matrix(r, c, seed)
+                    });
+                }
+            }
+            v.push(if q {
+                quant_matrix(QuantKind::Q8_0, 49152, 576, 999)
+            } else {
+                bf16_matrix(49152, 576, 999)
+            });
+            v
+        };
+        let (b, q) = (model(false), model(true));
+        let mb =
+            |m: &[CpuMatrix]| m.iter().map(|m| m.bytes()).sum::<usize>() as f64 / (1 << 20) as f64;
+        println!(
+            "bf16 {:.1} MiB, quantized {:.1} MiB (L3 is 32 MiB: both stream from DRAM)",
+            mb(&b),
+            mb(&q)
+        );
+        let (x576, x1536) = (acts(512 * 576), acts(512 * 1536));
+        let mut out = vec![0f32; 512 * 49152];
+        let mut pass = |all: &[CpuMatrix], rows: usize| {
+            time(min, || {
+                for m in all {
+                    let x = if m.cols == 576 { &x576 } else { &x1536 };
+                    matmul(x, rows, m, &mut out);
+                }
+                black_box(&out);
+            })
+        };
+        let default_rows = QUANT_REGISTER_ROWS.load(Ordering::Relaxed);
+        for rows in [1, 2, 4, 8, 16, 32, 64, 512] {
+            let (mut tb, mut tq, mut tp) = (f64::MAX, f64::MAX, f64::MAX);
+            for _ in 0..2 {
+                tb = tb.min(pass(&b, rows));
+                tq = tq.min(pass(&q, rows));
+                if rows <= default_rows {
+                    // The same product through the f32 panel instead of in-register widening.
+                    QUANT_REGISTER_ROWS.store(0, Ordering::Relaxed);
+                    tp = tp.min(pass(&q, rows));
+                    QUANT_REGISTER_ROWS.store(default_rows, Ordering::Relaxed);
+                }
+            }
+            print!(
+                "rows {rows:>3}: bf16 {:7.2} ms  quantized {:7.2} ms  x{:.2}",
+                tb * 1e3,
+                tq * 1e3,
+                tb / tq
+            );
+            if tp < f64::MAX {
+                print!("  | via f32 panel {:7.2} ms x{:.2}", tp * 1e3, tb / tp);
+            }
+            println!();
+        }
     }
     if on("cross") {
         println!("\n== rows sweep on gate_up 576->3072 (L2/L3-resident weights)");

@@ -612,6 +612,8 @@ mod avx2 {
 
 #[path = "matmul_quant.rs"]
 mod quant;
+#[doc(hidden)]
+pub use quant::REGISTER_ROWS as QUANT_REGISTER_ROWS;
 
 #[cfg(test)]
 #[path = "matmul_tests.rs"]

@@ -16,17 +16,28 @@
 //! one, so a mask and a shift give the two 8-lane vectors. `Q8_0` stores the features' bytes in
 //! order. Padding features have zero scales and quants.
 //!
-//! **Kernels.** One or two rows (decode): the weights are widened in registers, a block's
-//! scales loaded once per 32 `k`, with the next blocks prefetched. More rows: a task widens its
-//! group once into an f32 panel (`[K][width]`, L2-resident) and runs the float kernels on it,
-//! so the widening is paid once per group and row chunk, not once per row tile.
+//! **Kernels.** Up to [`REGISTER_ROWS`] = 8 rows (small decode batches): the weights are
+//! widened in registers, a block's scales loaded once per 32 `k`, the next blocks prefetched;
+//! tiles of up to 6 rows, one or two rows taking both sub-panels of a group at once. More rows:
+//! a task widens its group once into an f32 panel (`[K][width]`, L2-resident) and runs the
+//! float kernels on it, so the widening is paid once per group (and chunk of 96 prompt rows),
+//! not once per row tile.
 
 use super::parallel::{self, SendPtr};
-use super::{group_width, row_tiles, PfPlan, Tile, GROUP, ROW_CHUNK, SMALL_ROWS, SUB};
+use super::{group_width, row_tiles, PfPlan, Tile, GROUP, ROW_CHUNK, SMALL_ROWS, SUB, TILE_ROWS};
 use crate::error::BackendError;
 use crate::model::tensor::{HostData, HostTensor, QuantKind};
 use half::f16;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Products of up to this many rows widen the weights in registers; more rows go through an
+/// f32 panel. `bench_kernels quant` on the Zen 3 VM (whole model from DRAM, against bf16):
+/// in registers ×1.81 / ×1.87 / ×1.26 / ×0.97 at 1 / 2 / 4 / 8 rows, where the panel gave
+/// ×0.93 / ×1.04 / ×0.74 / ×0.75; at 16 / 32 rows the panel ×0.89 / ×1.22, registers ×0.66 /
+/// ×0.72 (each tile re-widens what the panel widens once). A switch for that benchmark.
+#[doc(hidden)]
+pub static REGISTER_ROWS: AtomicUsize = AtomicUsize::new(8);
 
 /// Weights along `K` per block.
 const KB: usize = QuantKind::BLOCK;
@@ -259,20 +270,28 @@ unsafe fn range(
         let xr = x.as_ptr().add(rows.start * k);
         let o = out.get().add(rows.start * n + col0);
         #[cfg(target_arch = "x86_64")]
-        if simd && rows.len() <= 2 {
+        if simd && rows.len() <= REGISTER_ROWS.load(Ordering::Relaxed) {
+            // Decode batches: straight from the blocks, in balanced tiles of up to 6 rows (as
+            // `row_tiles` cuts them), the weights widened in registers once per tile.
             let blocks = w.as_ptr().add(block_offset(kind, n, nb, g, 0));
-            let t = avx2::QTile {
-                kind,
-                x: xr,
-                ldx: k,
-                blocks,
-                wg,
-                nb,
-                s0,
-                out: o,
-                ldo: n,
-            };
-            avx2::tile_rows(t, rows.len(), s1 - s0, valid);
+            let tiles = rows.len().div_ceil(TILE_ROWS);
+            let mut r = 0;
+            for i in 0..tiles {
+                let rb = rows.len() / tiles + usize::from(i < rows.len() % tiles);
+                let t = avx2::QTile {
+                    kind,
+                    x: xr.add(r * k),
+                    ldx: k,
+                    blocks,
+                    wg,
+                    nb,
+                    s0,
+                    out: o.add(r * n),
+                    ldo: n,
+                };
+                avx2::tile_rows(t, rb, s1 - s0, valid);
+                r += rb;
+            }
             s = (g + 1) * per;
             continue;
         }
@@ -324,15 +343,39 @@ mod avx2 {
     /// The CPU has AVX2, FMA and F16C; `t` addresses a whole product as [`super::range`] does.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tile_rows(t: QTile, rows: usize, subs: usize, valid: usize) {
-        match (t.kind, rows, subs) {
-            (QuantKind::Q4_1, 1, 1) => tile::<true, 1, 1>(t, valid),
-            (QuantKind::Q4_1, 1, _) => tile::<true, 1, 2>(t, valid),
-            (QuantKind::Q4_1, _, 1) => tile::<true, 2, 1>(t, valid),
-            (QuantKind::Q4_1, _, _) => tile::<true, 2, 2>(t, valid),
-            (QuantKind::Q8_0, 1, 1) => tile::<false, 1, 1>(t, valid),
-            (QuantKind::Q8_0, 1, _) => tile::<false, 1, 2>(t, valid),
-            (QuantKind::Q8_0, _, 1) => tile::<false, 2, 1>(t, valid),
-            (QuantKind::Q8_0, _, _) => tile::<false, 2, 2>(t, valid),
+        if t.kind == QuantKind::Q4_1 {
+            rows_of::<true>(t, rows, subs, valid)
+        } else {
+            rows_of::<false>(t, rows, subs, valid)
+        }
+    }
+
+    /// Up to 2 rows take both sub-panels in one pass; 3 to 6 rows one pass per sub-panel
+    /// (2·R accumulators).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_of<const Q4: bool>(t: QTile, rows: usize, subs: usize, valid: usize) {
+        match (rows, subs) {
+            (1, 1) => tile::<Q4, 1, 1>(t, valid),
+            (1, _) => tile::<Q4, 1, 2>(t, valid),
+            (2, 1) => tile::<Q4, 2, 1>(t, valid),
+            (2, _) => tile::<Q4, 2, 2>(t, valid),
+            _ => {
+                for s in 0..subs {
+                    let ts = QTile {
+                        s0: t.s0 + s,
+                        out: t.out.add(s * SUB),
+                        ..t
+                    };
+                    let v = valid.saturating_sub(s * SUB);
+                    match rows {
+                        3 => tile::<Q4, 3, 1>(ts, v),
+                        4 => tile::<Q4, 4, 1>(ts, v),
+                        5 => tile::<Q4, 5, 1>(ts, v),
+                        _ => tile::<Q4, 6, 1>(ts, v),
+                    }
+                }
+            }
         }
     }
 
@@ -407,7 +450,7 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<const Q4: bool, const R: usize, const S: usize>(t: QTile, valid: usize) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
         let bytes = t.wg * t.kind.block_bytes();
         for b in 0..t.nb {
             let blk = t.blocks.add(b * bytes);

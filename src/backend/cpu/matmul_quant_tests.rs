@@ -82,7 +82,7 @@ fn quantized_products_are_the_bits_of_their_dequantized_f32_matrix() {
             assert!(matches!(wq.data, WData::Quant(kk, _) if kk == kind));
             let n: usize = parts.iter().sum();
             assert_eq!(wq.bytes(), n * k / 32 * kind.block_bytes());
-            for m in [1, 2, 3, 5, 33, 100] {
+            for m in [1, 2, 3, 4, 5, 6, 8, 32, 33, 100] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = product(&x, m, &wf, false);
                 for &simd in simd_too {
