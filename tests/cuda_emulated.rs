@@ -213,6 +213,9 @@ fn the_default_model_writes_the_cpus_text_on_the_emulated_device() {
                 "--chat",
                 "--max-tokens",
                 "8",
+                // The device widens quantized weights to bf16: the CPU oracle holds the same.
+                "--weights",
+                "bf16",
                 "--model",
             ])
             .arg(&model)
@@ -260,6 +263,9 @@ fn spawn_server(device: &str, dir: &Path, extra: &[&str]) -> std::process::Child
             "127.0.0.1",
             "--port",
             "0",
+            // The device widens quantized weights to bf16: the CPU oracle holds the same.
+            "--weights",
+            "bf16",
             "--model",
         ])
         .arg(&model)

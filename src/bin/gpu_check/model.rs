@@ -163,8 +163,12 @@ impl<B: Backend> Pair<B> {
     pub fn load(dev: B, gguf: Option<&Path>) -> Result<Self> {
         let (mut cpu, mut dev, prompts, weights) = match gguf {
             Some(path) => {
-                let files = kvserve::model::loader::open(path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                // bf16 weights on both: the device widens quantized matrices to bf16 at upload.
+                let files = kvserve::model::loader::open_with(
+                    path,
+                    kvserve::model::loader::WeightFormat::Bf16,
+                )
+                .with_context(|| format!("opening {}", path.display()))?;
                 let cpu = Llama::from_files(&files, CpuBackend::with_bf16_kv())?;
                 let dev = Llama::from_files(&files, dev)?;
                 let text = files.tokenizer.encode(TEXT, false)?;
