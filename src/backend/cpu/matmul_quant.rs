@@ -23,8 +23,8 @@
 //! float kernels on it, so the widening is paid once per group (and chunk of 96 prompt rows),
 //! not once per row tile.
 
-use super::parallel::{self, SendPtr};
-use super::{group_width, row_tiles, PfPlan, Tile, GROUP, ROW_CHUNK, SMALL_ROWS, SUB, TILE_ROWS};
+use super::parallel::SendPtr;
+use super::{group_width, row_tiles, PfPlan, Tile, GROUP, SUB, TILE_ROWS};
 use crate::error::BackendError;
 use crate::model::tensor::{HostData, HostTensor, QuantKind};
 use half::f16;
@@ -219,23 +219,9 @@ pub(super) fn matmul(
             && out.len() >= m * n
             && w.len() >= subs * SUB * nb * feature_block_bytes(kind)
     );
-    let threads = rayon::current_num_threads();
-    let per = GROUP / SUB;
-    // The float kernel's task split: whole groups per task for few rows, a group × a chunk
-    // of rows for many.
-    let (cstep, rstep) = if m <= SMALL_ROWS {
-        let chunks = if n * k < 32 * 1024 { 1 } else { 4 * threads };
-        (subs.div_ceil(per).div_ceil(chunks) * per, m)
-    } else {
-        (per, ROW_CHUNK)
-    };
-    let (ctasks, rtasks) = (subs.div_ceil(cstep), m.div_ceil(rstep));
     let outp = SendPtr(out.as_mut_ptr());
-    parallel::for_each(ctasks * rtasks, |t| {
-        let (c, r) = (t / rtasks, t % rtasks);
-        let cols = c * cstep..((c + 1) * cstep).min(subs);
-        let rows = r * rstep..((r + 1) * rstep).min(m);
-        // SAFETY: task t writes only rows `rows` × features of sub-panels `cols` of `out`,
+    super::for_each_task(m, n, k, |cols, rows| {
+        // SAFETY: each task writes only rows `rows` × features of sub-panels `cols` of `out`,
         // and the assert above bounds every read and write.
         unsafe { range(x, kind, w, n, k, outp, cols, rows, simd) }
     });

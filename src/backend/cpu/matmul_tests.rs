@@ -3,6 +3,8 @@
 //! bits do not depend on the other rows); packing and part stacking rules.
 
 use super::*;
+use crate::model::tensor::{HostData, HostTensor};
+use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::borrow::Cow;
