@@ -381,6 +381,10 @@ async fn errors_have_the_right_status_and_envelope() {
         (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
         (json!({"kv_policy": "nonsense"}), "kv_policy"),
         (json!({"max_tokens": 0}), "max_tokens"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
     ] {
         let mut b = ok.clone();
         b.as_object_mut()
@@ -432,6 +436,40 @@ async fn errors_have_the_right_status_and_envelope() {
     b["some_future_field"] = json!({"x": 1});
     let (st, _, v) = s.call("/v1/completions", Some(KEY_A), &b).await;
     assert_eq!(st, 200, "{v}");
+    // Structured output and tool calls are refused, not answered with free text; `text` and
+    // `tool_choice: "none"` are served.
+    let chat = |extra: Value| {
+        let mut b = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}});
+    for (extra, refused) in [
+        (json!({"response_format": schema}), Some("response_format")),
+        (json!({"tools": tool}), Some("tools")),
+        (
+            json!({"tools": tool, "tool_choice": "auto"}),
+            Some("tool_choice"),
+        ),
+        (json!({"tool_choice": "required"}), Some("tool_choice")),
+        (json!({"response_format": {"type": "text"}}), None),
+        (json!({"tools": tool, "tool_choice": "none"}), None),
+        (json!({"tools": []}), None),
+    ] {
+        let (st, _, v) = s
+            .call("/v1/chat/completions", Some(KEY_A), &chat(extra.clone()))
+            .await;
+        match refused {
+            Some(param) => {
+                check(st, &v, 400, "invalid_value");
+                assert_eq!(v["error"]["param"], param, "{extra}");
+            }
+            None => assert_eq!(st, 200, "{extra}: {v}"),
+        }
+    }
     // The small endpoints.
     let models: Value = s.get_json("/v1/models", Some(KEY_A)).await;
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");

@@ -540,6 +540,15 @@ def error_400_bad_request():
     expect_error(openai.BadRequestError, 400, lambda: client().completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=21), param="logprobs")
     still_serving()
+    # Structured output and tool calls, which this server does not do, are refused.
+    expect_error(openai.BadRequestError, 400, lambda: client().chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, response_format={"type": "json_object"}),
+        param="response_format")
+    expect_error(openai.BadRequestError, 400, lambda: client().chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, tools=[{"type": "function", "function": {
+            "name": "now", "parameters": {"type": "object", "properties": {}}}}]),
+        param="tools")
+    still_serving()
     # A streaming request that is invalid is refused before any event is sent.
     expect_error(openai.BadRequestError, 400, lambda: list(client().chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=4, temperature=-1, stream=True)))

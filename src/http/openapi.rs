@@ -132,6 +132,22 @@ pub fn document(limits: &ServerSection, model_name: &str, vocab_size: usize) -> 
         &[
             "components",
             "schemas",
+            "ResponseFormat",
+            "properties",
+            "type",
+        ],
+        json!({"enum": ["text"]}),
+    );
+    merge_all_of(
+        &mut doc,
+        &req("ChatRequest", "tool_choice"),
+        json!({"enum": ["none", null]}),
+    );
+    merge(
+        &mut doc,
+        &[
+            "components",
+            "schemas",
             "DetokenizeRequest",
             "properties",
             "tokens",

@@ -68,6 +68,16 @@ pub struct CommonFields {
     pub prompt_cache_key: Option<String>,
     /// KV cache policy for this request (kvserve extension), e.g. `bf16`.
     pub kv_policy: Option<String>,
+    /// Only `{"type": "text"}`: this server does not constrain decoding, so `json_object` and
+    /// `json_schema` are refused (400) rather than answered with unconstrained text.
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `response_format`: its `type` (other keys, e.g. `json_schema`, are read by no one).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -124,6 +134,11 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     /// Continue the last (assistant) message instead of starting a new one.
     pub add_generation_prompt: Option<bool>,
+    /// Tool definitions. The server parses no tool calls, so a non-empty list is refused
+    /// (400) unless `tool_choice` is `"none"`.
+    pub tools: Option<Vec<Value>>,
+    /// Only `"none"`: `"auto"`, `"required"` or a named tool would need tool calls (400).
+    pub tool_choice: Option<Value>,
     #[serde(flatten)]
     #[schema(ignore)]
     pub unknown: BTreeMap<String, Value>,

@@ -11,6 +11,7 @@ use crate::config::ServerSection;
 use crate::engine::KvChoice;
 use crate::engine::{EngineRequest, StopParams};
 use crate::types::{SamplingParams, TenantId};
+use serde_json::Value;
 
 /// Completions' default `max_tokens` (OpenAI's legacy default).
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -165,6 +166,26 @@ pub fn chat(
     kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
 ) -> Result<Plan, ApiError> {
     let n = count(req.common.n, 1, limits.max_n, "n")?;
+    // No tool calls are parsed: tools may only come with `tool_choice: "none"`.
+    match &req.tool_choice {
+        None | Some(Value::Null) => {
+            if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+                return Err(ApiError::invalid(
+                    "tools",
+                    "tool calling is not supported by this server: send no `tools`, or \
+                     `tool_choice: \"none\"`",
+                ));
+            }
+        }
+        Some(c) if c == "none" => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "tool calling is not supported by this server: `tool_choice` can only be \
+                 `\"none\"`",
+            ))
+        }
+    }
     let text = render_chat(&req.messages, req.add_generation_prompt, model, limits)?;
     let ids = model
         .tokenizer
@@ -269,6 +290,16 @@ fn common(
                 code: "model_not_found",
             });
         }
+    }
+    if let Some(f) = c.response_format.as_ref().filter(|f| f.kind != "text") {
+        return Err(ApiError::invalid(
+            "response_format",
+            format!(
+                "`response_format` type `{}` is not supported: this server does not constrain \
+                 its output to JSON (only `text`)",
+                f.kind
+            ),
+        ));
     }
     let max_tokens = match max_tokens {
         None => default_max_tokens.max(1),
