@@ -803,6 +803,8 @@ fn proptest_request_bodies() {
         "response_format",
         "tools",
         "tool_choice",
+        "functions",
+        "function_call",
         "presence_penalty",
         "repetition_penalty",
         "priority",

@@ -455,6 +455,12 @@ async fn errors_have_the_right_status_and_envelope() {
             Some("tool_choice"),
         ),
         (json!({"tool_choice": "required"}), Some("tool_choice")),
+        (json!({"functions": [{"name": "f"}]}), Some("functions")),
+        (json!({"function_call": "auto"}), Some("function_call")),
+        (
+            json!({"functions": [{"name": "f"}], "function_call": "none"}),
+            None,
+        ),
         (json!({"response_format": {"type": "text"}}), None),
         (json!({"tools": tool, "tool_choice": "none"}), None),
         (json!({"tools": []}), None),

@@ -138,11 +138,13 @@ pub fn document(limits: &ServerSection, model_name: &str, vocab_size: usize) -> 
         ],
         json!({"enum": ["text"]}),
     );
-    merge_all_of(
-        &mut doc,
-        &req("ChatRequest", "tool_choice"),
-        json!({"enum": ["none", null]}),
-    );
+    for field in ["tool_choice", "function_call"] {
+        merge_all_of(
+            &mut doc,
+            &req("ChatRequest", field),
+            json!({"enum": ["none", null]}),
+        );
+    }
     merge(
         &mut doc,
         &[

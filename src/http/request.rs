@@ -139,6 +139,10 @@ pub struct ChatRequest {
     pub tools: Option<Vec<Value>>,
     /// Only `"none"`: `"auto"`, `"required"` or a named tool would need tool calls (400).
     pub tool_choice: Option<Value>,
+    /// Deprecated name of `tools`, refused the same way.
+    pub functions: Option<Vec<Value>>,
+    /// Deprecated name of `tool_choice`: only `"none"`.
+    pub function_call: Option<Value>,
     #[serde(flatten)]
     #[schema(ignore)]
     pub unknown: BTreeMap<String, Value>,

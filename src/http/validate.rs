@@ -166,25 +166,16 @@ pub fn chat(
     kv: &dyn Fn(Option<&str>) -> Result<KvChoice, ApiError>,
 ) -> Result<Plan, ApiError> {
     let n = count(req.common.n, 1, limits.max_n, "n")?;
-    // No tool calls are parsed: tools may only come with `tool_choice: "none"`.
-    match &req.tool_choice {
-        None | Some(Value::Null) => {
-            if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-                return Err(ApiError::invalid(
-                    "tools",
-                    "tool calling is not supported by this server: send no `tools`, or \
-                     `tool_choice: \"none\"`",
-                ));
-            }
-        }
-        Some(c) if c == "none" => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "tool_choice",
-                "tool calling is not supported by this server: `tool_choice` can only be \
-                 `\"none\"`",
-            ))
-        }
+    // `functions` / `function_call`: OpenAI's deprecated names of the same two fields.
+    for (defs, choice, names) in [
+        (&req.tools, &req.tool_choice, ("tools", "tool_choice")),
+        (
+            &req.functions,
+            &req.function_call,
+            ("functions", "function_call"),
+        ),
+    ] {
+        no_tool_calls(defs.as_deref(), choice.as_ref(), names.0, names.1)?;
     }
     let text = render_chat(&req.messages, req.add_generation_prompt, model, limits)?;
     let ids = model
@@ -228,6 +219,35 @@ pub fn chat(
         limits,
         kv,
     )
+}
+
+/// No tool calls are parsed, so definitions may only come with the choice `"none"`: a list of
+/// them without it, or any other choice, is a 400 naming the field (not free text that ignores
+/// them).
+fn no_tool_calls(
+    defs: Option<&[Value]>,
+    choice: Option<&Value>,
+    defs_name: &'static str,
+    choice_name: &'static str,
+) -> Result<(), ApiError> {
+    match choice {
+        None | Some(Value::Null) if defs.is_some_and(|d| !d.is_empty()) => Err(ApiError::invalid(
+            defs_name,
+            format!(
+                "tool calling is not supported by this server: send no `{defs_name}`, or \
+                 `{choice_name}: \"none\"`"
+            ),
+        )),
+        None | Some(Value::Null) => Ok(()),
+        Some(c) if c == "none" => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            choice_name,
+            format!(
+                "tool calling is not supported by this server: `{choice_name}` can only be \
+                 `\"none\"`"
+            ),
+        )),
+    }
 }
 
 fn count(
