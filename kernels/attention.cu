@@ -24,10 +24,17 @@
 #include "common.cuh"
 #include "kv_formats.cuh"
 
+// Keys (or values) each decode thread loads before using any: DECODE_UNROLL on the exact (bf16)
+// path, DECODE_UNROLL_SEALED where a kernel reads sealed formats (decoded into float registers,
+// kf[U][8]). On an H200 (gpu-check, 2026-11-28 and 2026-11-30) 8 on the exact path was faster
+// than 4 in 7 of 8 decode shapes, by 2-9 %, and 0.5 % slower in the eighth; on the sealed path
+// 8 made int8 / kivi4 decode ~30 % slower than 4 (docs/cuda.md).
 #ifndef DECODE_UNROLL
-#define DECODE_UNROLL 4  // keys (or values) each decode thread loads before using any
+#define DECODE_UNROLL 8
 #endif
-#define UNROLL DECODE_UNROLL
+#ifndef DECODE_UNROLL_SEALED
+#define DECODE_UNROLL_SEALED 4
+#endif
 #define THREADS 128
 
 // Sums v[0..G_MAX) (one partial dot product per query head) over the tpk lanes of a thread
@@ -96,6 +103,7 @@ __device__ __forceinline__ Where where(const KvArgs& a, const unsigned int* tabl
 // reads any of its positions (in a grouped step all UNROLL positions of a thread group share one
 // block, so `w0` decides for them all); the writers then score their positions -inf. Called by
 // every thread of the warp (a warp vote).
+template <int UNROLL>
 __device__ __forceinline__ bool skip_step(const Where& w0, bool writer, float* sc_head, int tg,
                                           int n) {
     if (__any_sync(0xffffffffu, w0.kind != 0)) return false;
@@ -135,6 +143,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                              float scale) {
     constexpr bool SEALED = !(KF == FMT_BF16 && VF == FMT_BF16);
     constexpr bool LATENT = KF == FMT_LAT;
+    constexpr int UNROLL = SEALED ? DECODE_UNROLL_SEALED : DECODE_UNROLL;
     extern __shared__ float smem[];
     __shared__ float m_s[G_MAX], l_s[G_MAX];
     const int kvh = blockIdx.x, e = blockIdx.y, split = blockIdx.z;
@@ -178,7 +187,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             Where w0 = {nullptr, 0, 0};
             if (grouped && tg < n)
                 w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, nullptr);
-            if (sparse && skip_step(w0, writer, sc + my_head * split_len, tg, n)) continue;
+            if (sparse && skip_step<UNROLL>(w0, writer, sc + my_head * split_len, tg, n)) continue;
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 raw[u] = make_uint4(0u, 0u, 0u, 0u);
@@ -213,7 +222,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         Where w0 = {nullptr, 0, 0};
         if (grouped && tg < n)
             w0 = where<SEALED, LATENT>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, sel);
-        if (sparse && skip_step(w0, writer, sc + my_head * split_len, tg, n)) continue;
+        if (sparse && skip_step<UNROLL>(w0, writer, sc + my_head * split_len, tg, n)) continue;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll

@@ -95,7 +95,10 @@ if [ -n "$sanitizer" ] && [ -f "$out/gpu-check.md" ]; then
         timeout "$((left < 180 ? left : 180))" "$sanitizer" --tool "$tool" --print-limit 20 \
             --error-exitcode 9 "$bin/gpu_check" --section "$section" \
             --rows-out "/tmp/kvserve-sanitizer-rows.json" > "$log" 2>&1 || rc=$?
-        n="$(grep -o 'ERROR SUMMARY: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || true)"
+        # memcheck ends with "ERROR SUMMARY: N errors", racecheck with
+        # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
+        n="$( (grep -o 'ERROR SUMMARY: [0-9]*' "$log" || grep -o 'RACECHECK SUMMARY: .*([0-9]*' "$log" || true) \
+            | tail -1 | grep -o '[0-9]*$' || true)"
         if [ -z "$n" ]; then
             why="$( (grep -v '^ *$' "$log" || true) | tail -1 | tr '|' '/' | cut -c1-160)"
             echo "| $tool: $section | | errors | | did not run (exit $rc): $why |" >> "$out/gpu-check.md"

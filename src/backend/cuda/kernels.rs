@@ -25,9 +25,15 @@ pub const DRAW_LANES: usize = 8;
 pub const GEMV_THREADS: u32 = 128;
 /// Output columns per warp of the few-row products (`GEMV_COLS`).
 pub const GEMV_COLS: usize = 4;
-/// Most activation rows a product takes through `gemv_r<R>_bf16` (the largest `R`) rather than
-/// cuBLAS: a decode step of up to this many sequences.
+/// Most activation rows a product can take through `gemv_r<R>_bf16` (the largest `R`) rather
+/// than cuBLAS: a decode step of up to this many sequences.
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Rows up to which products take the few-row kernel by default. 2: on an H200 (gpu-check,
+/// 2026-11-30) the kernel took 0.55–0.76x cuBLAS hi+lo's time at 1 row and 0.85–0.94x at 2,
+/// but 1.18–1.73x at 4 and 1.82–3.44x at 8 (the down product's 2048 columns give one CTA per
+/// SM); the 1B engine ran 1,158 tok/s with it at batch 2 against 1,018 without, and 2,257
+/// against 3,712 at batch 8 (docs/cuda.md).
+pub const GEMV_DEFAULT_ROWS: usize = 2;
 /// Threads per CTA of quest's block selection (`QUEST_THREADS`).
 pub const QUEST_THREADS: u32 = 256;
 /// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).

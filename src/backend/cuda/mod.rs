@@ -4,7 +4,8 @@
 //!
 //! - Weights: bf16 on the device (`CudaMatrix`), whatever the source format.
 //! - Activations: f32 (`CudaSlice<f32>`), as the trait specifies.
-//! - Products: up to [`kernels::GEMV_MAX_ROWS`] rows (decode steps of small batches),
+//! - Products: up to [`kernels::GEMV_DEFAULT_ROWS`] rows (decode steps of one or two sequences; up to
+//!   [`kernels::GEMV_MAX_ROWS`] with [`CudaBackend::set_gemv_max_rows`]),
 //!   `kernels/gemv.cu`: f32 rows times bf16 weights in one launch, bound by reading the weights
 //!   once. More rows: cuBLAS GemmEx, bf16 × bf16 with f32 accumulation; the f32 activations
 //!   are split into bf16 `hi + lo` rows (`split_bf16`) and multiplied in one product of twice
@@ -169,7 +170,7 @@ impl CudaBackend {
             k,
             sms,
             split_matmul: true.into(),
-            gemv_max_rows: kernels::GEMV_MAX_ROWS.into(),
+            gemv_max_rows: kernels::GEMV_DEFAULT_ROWS.into(),
             rope: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
             scratch_cache: scratch::ScratchCache::default(),

@@ -11,24 +11,27 @@ use kvserve::types::{SamplingParams, TenantId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// One engine run: batch, temperature, few-row products on the gemv kernel, temperature draws
-/// on the host.
-pub type Case = (usize, f32, bool, bool);
+/// One engine run: batch, temperature, the products' path (`None`: the backend's default,
+/// `Some(true)`: the few-row gemv kernel up to `GEMV_MAX_ROWS` rows, `Some(false)`: cuBLAS
+/// only), temperature draws on the host.
+pub type Case = (usize, f32, Option<bool>, bool);
 
 /// The 1B shape's runs: batch 1, 32 and 128 greedy (the token picked on the device); batch 32
 /// and 128 at temperature 1 (OpenAI's default: drawn on the device), batch 128 again drawn on
-/// the host (the row comes over); and batch 1 and 8 with every product on cuBLAS (the few-row
-/// kernel off), against the same with it on.
-pub const ONE_B_CASES: [Case; 9] = [
-    (1, 0.0, true, false),
-    (32, 0.0, true, false),
-    (128, 0.0, true, false),
-    (32, 1.0, true, false),
-    (128, 1.0, true, false),
-    (128, 1.0, true, true),
-    (1, 0.0, false, false),
-    (8, 0.0, true, false),
-    (8, 0.0, false, false),
+/// the host (the row comes over); and batch 1, 2 and 8 with the products' path that is not the
+/// default (1 and 2 rows: cuBLAS; 8: the gemv kernel) against the default.
+pub const ONE_B_CASES: [Case; 11] = [
+    (1, 0.0, None, false),
+    (32, 0.0, None, false),
+    (128, 0.0, None, false),
+    (32, 1.0, None, false),
+    (128, 1.0, None, false),
+    (128, 1.0, None, true),
+    (1, 0.0, Some(false), false),
+    (2, 0.0, None, false),
+    (2, 0.0, Some(false), false),
+    (8, 0.0, None, false),
+    (8, 0.0, Some(true), false),
 ];
 
 /// Engine output tokens/s of `model` for each of `cases`: prompts of 128 tokens, 128 output
@@ -43,10 +46,11 @@ pub fn engine(
     let (prompt, output) = (128usize, 128usize);
     let vocab = model.config().vocab_size;
     for &(n, temperature, gemv, host_draw) in cases {
-        model.backend().set_gemv_max_rows(if gemv {
-            kvserve::backend::cuda::kernels::GEMV_MAX_ROWS
-        } else {
-            0
+        use kvserve::backend::cuda::kernels::{GEMV_DEFAULT_ROWS, GEMV_MAX_ROWS};
+        model.backend().set_gemv_max_rows(match gemv {
+            None => GEMV_DEFAULT_ROWS,
+            Some(true) => GEMV_MAX_ROWS,
+            Some(false) => 0,
         });
         let blocks = (n * (prompt + output)).div_ceil(16) + n + 16;
         let cfg = EngineSection {
@@ -98,7 +102,11 @@ pub fn engine(
                 } else {
                     String::new()
                 },
-                if gemv { "" } else { ", cuBLAS products" },
+                match gemv {
+                    None => "",
+                    Some(true) => ", gemv products",
+                    Some(false) => ", cuBLAS products",
+                },
                 if host_draw { ", drawn on the host" } else { "" }
             ),
             generated as f64 / wall,
@@ -112,5 +120,8 @@ pub fn engine(
         ));
         std::thread::sleep(Duration::from_millis(100));
     }
+    model
+        .backend()
+        .set_gemv_max_rows(kvserve::backend::cuda::kernels::GEMV_DEFAULT_ROWS);
     Ok(())
 }

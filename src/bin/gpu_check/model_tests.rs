@@ -50,6 +50,13 @@ fn the_cpu_against_itself_passes_every_served_policy() {
             "{name}: {r:?}"
         );
         assert!(r.worst() <= TOL);
+        assert_eq!(r.verdict(), Verdict::Strict, "{name}");
+        // Both sides pay the policy's cost against exact KV alike (nothing for exact itself).
+        assert_eq!(r.kl_cpu, r.kl_dev, "{name}");
+        assert!(r.kl_rows >= 4 * 16, "{name}: {r:?}");
+        if policy == KvPolicy::EXACT {
+            assert_eq!(r.kl_cpu, 0.0);
+        }
         checked += 1;
     }
     // Exact, the five plain formats, two windows, two quests, mhc:32.
@@ -64,6 +71,50 @@ fn other_weights_on_the_device_fail_it() {
     assert!(r.worst() > TOL);
     // Tokens picked from other logits land far from the CPU's.
     assert!(r.greedy.worst > TOL && r.drawn.worst > TOL, "{r:?}");
+    // And the other model is much further from the CPU's exact logits than int8 is.
+    let (cpu, dev) = r.kl();
+    assert!(dev > 10.0 * cpu, "{r:?}");
+    assert_eq!(r.verdict(), Verdict::Fail);
+}
+
+#[test]
+fn verdicts_follow_their_rules() {
+    let picks = |worst| Picks {
+        n: 4,
+        same: 4,
+        worst,
+    };
+    let r = |logits: f64, greedy: f64, kl_cpu: f64, kl_dev: f64| PolicyParity {
+        logits,
+        greedy: picks(greedy),
+        drawn: picks(0.0),
+        kl_cpu: 10.0 * kl_cpu,
+        kl_dev: 10.0 * kl_dev,
+        kl_rows: 10,
+    };
+    assert_eq!(r(5e-3, 0.0, 0.1, 0.5).verdict(), Verdict::Strict);
+    assert_eq!(r(5e-2, 0.0, 0.1, 0.14).verdict(), Verdict::Quality);
+    assert_eq!(r(5e-2, 0.0, 0.1, 0.16).verdict(), Verdict::Fail);
+    assert_eq!(r(5e-2, 2e-2, 0.1, 0.1).verdict(), Verdict::Fail);
+    assert_eq!(r(5e-2, 0.0, 0.0, 5e-5).verdict(), Verdict::Quality);
+}
+
+#[test]
+fn kl_of_logits_rows() {
+    let p = [0.0f32, 1.0, 2.0];
+    assert_eq!(kl_logits(&p, &p), 0.0);
+    // A shift of every logit is the same distribution.
+    let shifted: Vec<f32> = p.iter().map(|x| x + 3.0).collect();
+    assert!(kl_logits(&p, &shifted) < 1e-12);
+    // Against the uniform distribution: log 3 - H(p).
+    let u = [0.0f32; 3];
+    let w: Vec<f64> = p.iter().map(|&x| (x as f64).exp()).collect();
+    let z: f64 = w.iter().sum();
+    let h: f64 = -w.iter().map(|x| x / z * (x / z).ln()).sum::<f64>();
+    assert!((kl_logits(&p, &u) - (3f64.ln() - h)).abs() < 1e-12);
+    // A token p gives no mass to carries none into the sum.
+    let masked = [f32::NEG_INFINITY, 1.0, 2.0];
+    assert!(kl_logits(&masked, &p) > 0.0 && kl_logits(&masked, &p).is_finite());
 }
 
 #[test]

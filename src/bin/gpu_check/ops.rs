@@ -4,7 +4,7 @@ use super::{error_row, parity, Row};
 use anyhow::Result;
 use half::bf16;
 use kvserve::backend::cpu::CpuBackend;
-use kvserve::backend::cuda::kernels::GEMV_MAX_ROWS;
+use kvserve::backend::cuda::kernels::{GEMV_DEFAULT_ROWS, GEMV_MAX_ROWS};
 use kvserve::backend::cuda::parity::random_vec;
 use kvserve::backend::cuda::CudaBackend;
 use kvserve::backend::{AttnSeq, AttnShape, Backend, RopeParams};
@@ -119,7 +119,7 @@ pub fn run(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             ));
         }
         gpu.set_split_matmul(true);
-        gpu.set_gemv_max_rows(GEMV_MAX_ROWS);
+        gpu.set_gemv_max_rows(GEMV_DEFAULT_ROWS);
     }
 
     // Element-wise ops.

@@ -303,12 +303,12 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
 
 /// The matrix products of a decode step, on the 1B shape's largest weights (gate_up `[16384,
 /// 2048]`, down `[2048, 8192]`): the few-row kernel against cuBLAS with split hi/lo activations,
-/// at 1, 4 and 8 rows, 16 calls back to back as a forward pass issues them. Weight bytes read
+/// at 1, 2, 4 and 8 rows, 16 calls back to back as a forward pass issues them. Weight bytes read
 /// per second (each weight once per call). Then the token selection of 128 rows on the device
 /// (greedy, temperature draw) against reading the rows to the host.
 pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     use half::bf16;
-    use kvserve::backend::cuda::kernels::GEMV_MAX_ROWS;
+    use kvserve::backend::cuda::kernels::{GEMV_DEFAULT_ROWS, GEMV_MAX_ROWS};
     use kvserve::model::tensor::{HostData, HostTensor};
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for (name, n, k) in [("gate_up", 16_384usize, 2048usize), ("down", 2048, 8192)] {
@@ -321,7 +321,7 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             shape: vec![n, k],
             data: HostData::Bf16(std::borrow::Cow::Owned(data)),
         }])?;
-        for m in [1usize, 4, 8] {
+        for m in [1usize, 2, 4, 8] {
             let x = gpu.upload(&random_vec(&mut rng, m * k, 1.0));
             let mut out = gpu.alloc(m * n);
             let mut per_call = |gemv: bool| {
@@ -331,7 +331,7 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
                         gpu.matmul(&x, m, &w, &mut out);
                     }
                 }) / 16.0;
-                gpu.set_gemv_max_rows(GEMV_MAX_ROWS);
+                gpu.set_gemv_max_rows(GEMV_DEFAULT_ROWS);
                 s
             };
             let (few, blas) = (per_call(true), per_call(false));
