@@ -28,9 +28,15 @@
 // path, DECODE_UNROLL_SEALED where a kernel reads sealed formats (decoded into float registers,
 // kf[U][8]). On an H200 (gpu-check, 2026-11-28 and 2026-11-30) 8 on the exact path was faster
 // than 4 in 7 of 8 decode shapes, by 2-9 %, and 0.5 % slower in the eighth; on the sealed path
-// 8 made int8 / kivi4 decode ~30 % slower than 4 (docs/cuda.md).
+// 8 made int8 / kivi4 decode ~30 % slower than 4 (docs/cuda.md). Before sm_90 the exact path
+// keeps 4: at 8, ptxas for sm_80 spills paged_decode_g4_bf16 under its 6-CTA register cap, and
+// no pre-Hopper GPU has measured either.
 #ifndef DECODE_UNROLL
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define DECODE_UNROLL 4
+#else
 #define DECODE_UNROLL 8
+#endif
 #endif
 #ifndef DECODE_UNROLL_SEALED
 #define DECODE_UNROLL_SEALED 4
@@ -447,6 +453,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
 
 // Merges the splits of one (sequence, head): grid (n, heads), one thread per dim. Used when the
 // decode launch had no counters.
+#if KV_PART_0
 extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, heads, max_splits, dim]
                                              const float* part_ml,     // [n, heads, max_splits, 2]
                                              const unsigned int* meta, // [n, 3]
@@ -459,5 +466,6 @@ extern "C" __global__ void decode_reduce_f32(const float* part_o,      // [n, he
     const size_t base = ((size_t)e * heads + h) * max_splits;
     out[(size_t)row * heads * dim + h * dim + d] = merge_splits(part_o, part_ml, base, splits, dim, d);
 }
+#endif
 
 KV_FORMATS(DECODE_ENTRIES)

@@ -30,16 +30,64 @@
 // Every KV format (codec.rs `Codec`): exact / bf16, int8, kivi4, kivi2, k8v4, mhc's latent
 // keys with bf16, int8 or 4-bit values, and bf16 sealed (bf16s: bf16 blocks that carry key
 // bounds for quest leave the exact slab like every other sealed block).
-#define KV_FORMATS(X)                 \
-    X(bf16, FMT_BF16, FMT_BF16)       \
-    X(int8, FMT_I8, FMT_I8)           \
-    X(kivi4, FMT_CH4, FMT_TOK4)       \
-    X(kivi2, FMT_CH2, FMT_TOK2)       \
-    X(k8v4, FMT_I8, FMT_TOK4)         \
-    X(mhcbf16, FMT_LAT, FMT_BF16)     \
-    X(mhcint8, FMT_LAT, FMT_I8)       \
-    X(mhckivi4, FMT_LAT, FMT_TOK4)    \
-    X(bf16s, FMT_BF16S, FMT_BF16S)
+//
+// A program may hold a share of the formats: with -DKV_PARTS=P -DKV_PART=i, KV_FORMATS lists
+// the formats whose position is i modulo P (compile.rs builds attention.cu and prefill.cu in
+// parts, so that NVRTC compiles them on several threads at start); without them, all of them.
+// Entry points that are not per format belong to part 0 (KV_PART_0).
+#ifndef KV_PARTS
+#define KV_PARTS 1
+#define KV_PART 0
+#endif
+#define KV_PART_0 (KV_PART == 0)
+#if 0 % KV_PARTS == KV_PART
+#define KV_FORMAT_0(X) X(bf16, FMT_BF16, FMT_BF16)
+#else
+#define KV_FORMAT_0(X)
+#endif
+#if 1 % KV_PARTS == KV_PART
+#define KV_FORMAT_1(X) X(int8, FMT_I8, FMT_I8)
+#else
+#define KV_FORMAT_1(X)
+#endif
+#if 2 % KV_PARTS == KV_PART
+#define KV_FORMAT_2(X) X(kivi4, FMT_CH4, FMT_TOK4)
+#else
+#define KV_FORMAT_2(X)
+#endif
+#if 3 % KV_PARTS == KV_PART
+#define KV_FORMAT_3(X) X(kivi2, FMT_CH2, FMT_TOK2)
+#else
+#define KV_FORMAT_3(X)
+#endif
+#if 4 % KV_PARTS == KV_PART
+#define KV_FORMAT_4(X) X(k8v4, FMT_I8, FMT_TOK4)
+#else
+#define KV_FORMAT_4(X)
+#endif
+#if 5 % KV_PARTS == KV_PART
+#define KV_FORMAT_5(X) X(mhcbf16, FMT_LAT, FMT_BF16)
+#else
+#define KV_FORMAT_5(X)
+#endif
+#if 6 % KV_PARTS == KV_PART
+#define KV_FORMAT_6(X) X(mhcint8, FMT_LAT, FMT_I8)
+#else
+#define KV_FORMAT_6(X)
+#endif
+#if 7 % KV_PARTS == KV_PART
+#define KV_FORMAT_7(X) X(mhckivi4, FMT_LAT, FMT_TOK4)
+#else
+#define KV_FORMAT_7(X)
+#endif
+#if 8 % KV_PARTS == KV_PART
+#define KV_FORMAT_8(X) X(bf16s, FMT_BF16S, FMT_BF16S)
+#else
+#define KV_FORMAT_8(X)
+#endif
+#define KV_FORMATS(X)                                                                         \
+    KV_FORMAT_0(X) KV_FORMAT_1(X) KV_FORMAT_2(X) KV_FORMAT_3(X) KV_FORMAT_4(X) KV_FORMAT_5(X) \
+    KV_FORMAT_6(X) KV_FORMAT_7(X) KV_FORMAT_8(X)
 
 // Where one layer's KV lives, for one launch. Passed by value; the Rust twin is `KvArgs` in
 // src/backend/cuda/store.rs (same field order, 8-byte aligned).

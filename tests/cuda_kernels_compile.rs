@@ -6,7 +6,7 @@
 #[path = "cuda_host/host_build.rs"]
 mod host_build;
 
-use kvserve::backend::cuda::compile::{compile_files, nvrtc_version, KERNEL_FILES};
+use kvserve::backend::cuda::compile::{compile_files, nvrtc_version, parts, Job, KERNEL_FILES};
 use kvserve::backend::cuda::kernels::kernel_names;
 use kvserve::backend::cuda::store::FORMATS;
 
@@ -18,22 +18,19 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
     let (major, minor) = nvrtc_version().unwrap();
     eprintln!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
-    // Every (arch, file) at once, as the backend compiles its files at start.
-    let jobs: Vec<_> = [80, 90]
-        .iter()
-        .flat_map(|&arch| {
-            KERNEL_FILES
-                .iter()
-                .map(move |&(file, src)| (file, src, arch))
-        })
-        .collect();
-    for (&(file, _, arch), result) in jobs.iter().zip(compile_files(&jobs, true, &[])) {
+    // Every (arch, file, part) at once, as the backend compiles its programs at start.
+    let jobs: Vec<Job> = [80, 90].into_iter().flat_map(Job::all).collect();
+    // The kernels of each (file, arch) over its parts.
+    let mut found: std::collections::BTreeMap<(&str, u32), Vec<String>> = Default::default();
+    for (job, result) in jobs.iter().zip(compile_files(&jobs, true, &[])) {
+        let (file, arch, part) = (job.file, job.arch, job.part);
         match result {
             Ok(c) => {
                 // An ELF image, with the resource report of every entry point.
                 assert_eq!(&c.cubin[..4], b"\x7fELF", "{file} sm_{arch}: not a CUBIN");
                 eprintln!(
-                    "== {file} sm_{arch}: {} bytes\n{}",
+                    "== {file} part {part} of {} sm_{arch}: {} bytes\n{}",
+                    parts(file),
                     c.cubin.len(),
                     c.log.trim()
                 );
@@ -41,12 +38,16 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
                     c.log.contains("registers"),
                     "{file} sm_{arch}: no ptxas report"
                 );
-                // Every entry point the backend loads is in the CUBIN, and every kernel in
-                // it is named `<op>_<dtype>`.
+                // Every kernel is named `<op>_<dtype>`, and in one part only.
                 let names = global_functions(&c.cubin);
-                for (f, name) in kernel_names().iter().filter(|(f, _)| *f == file) {
-                    assert!(names.contains(name), "{f} sm_{arch}: no kernel `{name}`");
+                let seen = found.entry((file, arch)).or_default();
+                for name in &names {
+                    assert!(
+                        !seen.contains(name),
+                        "{file} sm_{arch}: {name} in two parts"
+                    );
                 }
+                seen.extend(names.iter().cloned());
                 for name in &names {
                     let dtype = name.rsplit('_').next().unwrap();
                     assert!(
@@ -54,22 +55,82 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
                         "{file}: kernel {name} has no dtype suffix"
                     );
                 }
-                // No kernel spills registers to local memory.
-                for line in c.log.lines().filter(|l| l.contains("bytes spill stores")) {
-                    assert!(
-                        line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
-                        "{file} sm_{arch} spills: {line}"
-                    );
+                // No kernel spills registers to local memory, but for the one measured
+                // exception (`ALLOWED_SPILLS`).
+                let mut kernel = "";
+                for line in c.log.lines() {
+                    if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                        kernel = rest.split('\'').next().unwrap_or("");
+                    }
+                    if let Some(bytes) = spill_bytes(line) {
+                        // ptxas's warning names its kernel; the report line follows the entry.
+                        let kernel = line
+                            .split("in function '")
+                            .nth(1)
+                            .and_then(|r| r.split('\'').next())
+                            .unwrap_or(kernel);
+                        let allowed = ALLOWED_SPILLS
+                            .iter()
+                            .find(|(a, k, _)| *a == arch && *k == kernel)
+                            .map_or(0, |&(_, _, b)| b);
+                        assert!(
+                            bytes <= allowed,
+                            "{file} sm_{arch} {kernel} spills ({bytes} bytes; {allowed} allowed): {line}"
+                        );
+                    }
                 }
             }
             Err(e) => failures.push(e),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Every entry point the backend loads is in one of its file's parts.
+    for arch in [80, 90] {
+        for (file, name) in kernel_names() {
+            let names = &found[&(file, arch)];
+            assert!(
+                names.contains(&name),
+                "{file} sm_{arch}: no kernel `{name}`"
+            );
+        }
+    }
+    // A split file's parts each hold a share of its formats.
+    let decode_parts = jobs.iter().filter(|j| j.file == "attention.cu").count();
+    assert_eq!(decode_parts, 2 * parts("attention.cu") as usize);
+    assert!(parts("attention.cu") > 1 && parts("prefill.cu") > 1);
 }
 
 /// Element types of the non-KV kernels (the KV ones are suffixed with their format).
 const DTYPES: [&str; 3] = ["f32", "bf16", "u8"];
+
+/// Spills allowed, as (arch, kernel, most bytes stored or loaded). The exact decode kernel of
+/// a query group of 4 loads 8 positions per step on sm_90 (`DECODE_UNROLL`), which needs more
+/// registers than its 6-CTA cap: NVRTC 13.x spills up to 60 bytes per thread there. On an
+/// H200 that kernel read 73.2–73.6 % of copy bandwidth at 128 × 4096 against 68.1–68.8 % at 4
+/// positions per step without spills (docs/cuda.md), so the spill stays.
+const ALLOWED_SPILLS: [(u32, &str, usize); 1] = [(90, "paged_decode_g4_bf16", 64)];
+
+/// The larger of the spill stores and loads ptxas reports on `line`, if it reports spills.
+fn spill_bytes(line: &str) -> Option<usize> {
+    let number_before = |what: &str| -> Option<usize> {
+        let head = line.split(what).next()?;
+        head.trim_end().rsplit([' ', ',']).next()?.parse().ok()
+    };
+    if line.contains("bytes spill stores") {
+        Some(number_before(" bytes spill stores")?.max(number_before(" bytes spill loads")?))
+    } else {
+        None
+    }
+}
+
+#[test]
+fn spill_reports_are_read() {
+    let l = "ptxas         .     32 bytes stack frame, 60 bytes spill stores, 56 bytes spill loads";
+    assert_eq!(spill_bytes(l), Some(60));
+    let l = "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 72 bytes spill loads";
+    assert_eq!(spill_bytes(l), Some(72));
+    assert_eq!(spill_bytes("ptxas info    : Used 80 registers"), None);
+}
 
 /// Names of the global function symbols of an ELF64 little-endian image (a CUBIN's kernels).
 fn global_functions(elf: &[u8]) -> Vec<String> {

@@ -42,10 +42,59 @@ pub fn expand(src: &str) -> String {
         .replace("#include \"kv_formats.cuh\"", KV_FORMATS)
 }
 
-/// One compiled file.
+/// Programs each file is compiled as (`-DKV_PARTS=P -DKV_PART=i`, kernels/kv_formats.cuh): the
+/// per-format entry points of `attention.cu` (4 query-group variants of 9 formats) and
+/// `prefill.cu` are most of NVRTC's work at start, 48 s and 9 s of one thread for sm_90 on
+/// this project's 2-core machine (54 s on the H200's host, which has 16 cores), so they are
+/// split by format and the parts compile on threads of their own.
+pub fn parts(file: &str) -> u32 {
+    match file {
+        "attention.cu" => 9,
+        "prefill.cu" => 3,
+        _ => 1,
+    }
+}
+
+/// One program to compile: part `part` of `parts(file)` of a kernel file for `sm_<arch>`.
+#[derive(Debug, Clone, Copy)]
+pub struct Job {
+    pub file: &'static str,
+    pub src: &'static str,
+    pub arch: u32,
+    pub part: u32,
+}
+
+impl Job {
+    /// Every part of every kernel file for `sm_<arch>`.
+    pub fn all(arch: u32) -> Vec<Job> {
+        KERNEL_FILES
+            .iter()
+            .flat_map(|&(file, src)| {
+                (0..parts(file)).map(move |part| Job {
+                    file,
+                    src,
+                    arch,
+                    part,
+                })
+            })
+            .collect()
+    }
+
+    /// `defines` with this part's selection added (none for a file in one part).
+    fn defines<'a>(&self, defines: &[(&'a str, u32)]) -> Vec<(&'a str, u32)> {
+        let mut d = defines.to_vec();
+        if parts(self.file) > 1 {
+            d.extend([("KV_PARTS", parts(self.file)), ("KV_PART", self.part)]);
+        }
+        d
+    }
+}
+
+/// One compiled program (a file, or a part of one: see [`parts`]).
 #[derive(Debug)]
 pub struct Compiled {
     pub file: &'static str,
+    pub part: u32,
     pub cubin: Vec<u8>,
     /// The compiler's log (ptxas resource usage with `verbose`).
     pub log: String,
@@ -112,6 +161,7 @@ pub fn compile_file(
             match r {
                 Ok(()) if size > 0 => Ok(Compiled {
                     file,
+                    part: 0,
                     cubin,
                     log: log.clone(),
                     from_cache: false,
@@ -139,20 +189,21 @@ pub fn cache_dir() -> PathBuf {
     base.join("kvserve").join("cuda")
 }
 
-/// The cache file of `file` for this source, arch, NVRTC and driver.
-pub fn cache_path(
-    file: &str,
-    src: &str,
-    arch: u32,
-    nvrtc: (i32, i32),
-    driver: i32,
-    defines: &[(&str, u32)],
-) -> PathBuf {
+/// The cache file of `job` for this source, arch, part, NVRTC and driver.
+pub fn cache_path(job: &Job, nvrtc: (i32, i32), driver: i32, defines: &[(&str, u32)]) -> PathBuf {
     let mut h = blake3::Hasher::new();
-    h.update(expand(src).as_bytes());
-    h.update(options(arch, false, defines).join(" ").as_bytes());
+    h.update(expand(job.src).as_bytes());
+    h.update(
+        options(job.arch, false, &job.defines(defines))
+            .join(" ")
+            .as_bytes(),
+    );
     let hash = h.finalize().to_hex();
-    let stem = file.trim_end_matches(".cu");
+    let stem = match parts(job.file) {
+        1 => job.file.trim_end_matches(".cu").to_string(),
+        n => format!("{}-part{}of{n}", job.file.trim_end_matches(".cu"), job.part),
+    };
+    let arch = job.arch;
     cache_dir().join(format!(
         "{stem}-sm_{arch}-nvrtc{}.{}-drv{driver}-{}.cubin",
         nvrtc.0,
@@ -161,28 +212,37 @@ pub fn cache_path(
     ))
 }
 
-/// Compiles `jobs` (file, source, arch) at once, one thread each, results in `jobs`' order.
-/// NVRTC takes concurrent calls on distinct programs; the files differ a lot in size
-/// (attention.cu is most of the work), so at start the slowest file bounds the wait instead of
-/// the sum of all of them.
+/// Compiles `jobs` at once, one thread each, results in `jobs`' order. NVRTC takes concurrent
+/// calls on distinct programs; the programs differ a lot in size, so at start the slowest one
+/// bounds the wait instead of the sum of all of them.
 pub fn compile_files(
-    jobs: &[(&'static str, &'static str, u32)],
+    jobs: &[Job],
     verbose: bool,
     defines: &[(&str, u32)],
 ) -> Vec<Result<Compiled, String>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|&(file, src, arch)| {
-                s.spawn(move || compile_file(file, src, arch, verbose, defines))
+            .map(|&job| {
+                s.spawn(move || {
+                    let c =
+                        compile_file(job.file, job.src, job.arch, verbose, &job.defines(defines));
+                    c.map(|c| Compiled {
+                        part: job.part,
+                        ..c
+                    })
+                })
             })
             .collect();
         handles
             .into_iter()
             .zip(jobs)
-            .map(|(h, (file, _, arch))| {
+            .map(|(h, job)| {
                 h.join().unwrap_or_else(|_| {
-                    Err(format!("{file} for sm_{arch}: the compile thread panicked"))
+                    Err(format!(
+                        "{} (part {}) for sm_{}: the compile thread panicked",
+                        job.file, job.part, job.arch
+                    ))
                 })
             })
             .collect()
@@ -199,20 +259,21 @@ pub fn compile_all(
 ) -> Result<Vec<Compiled>, String> {
     let nv = nvrtc_version()?;
     let mut out: Vec<Option<Compiled>> = Vec::new();
-    // The files to compile, with their cache paths.
+    // The programs to compile, with their cache paths.
     let (mut jobs, mut paths) = (Vec::new(), Vec::new());
-    for &(file, src) in KERNEL_FILES {
-        let path = cache_path(file, src, arch, nv, driver, defines);
+    for job in Job::all(arch) {
+        let path = cache_path(&job, nv, driver, defines);
         match std::fs::read(&path) {
             Ok(cubin) if !cubin.is_empty() => out.push(Some(Compiled {
-                file,
+                file: job.file,
+                part: job.part,
                 cubin,
                 log: String::new(),
                 from_cache: true,
             })),
             _ => {
                 out.push(None);
-                jobs.push((file, src, arch));
+                jobs.push(job);
                 paths.push(path);
             }
         }

@@ -164,12 +164,18 @@ impl Kernels {
                 ctx.load_module(cudarc::nvrtc::Ptx::from_binary(m.cubin))?,
             ));
         }
+        // A file may be compiled in parts (`compile::parts`): its kernel is in one of them.
         let f = |file: &str, name: &str| -> Result<CudaFunction, DriverError> {
-            let (_, module) = loaded
-                .iter()
-                .find(|(f, _)| *f == file)
-                .expect("every kernel file is compiled");
-            module.load_function(name)
+            let mut parts = loaded.iter().filter(|(f, _)| *f == file).peekable();
+            assert!(parts.peek().is_some(), "{file} is compiled");
+            let mut last = None;
+            for (_, module) in parts {
+                match module.load_function(name) {
+                    Ok(func) => return Ok(func),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.expect("at least one part"))
         };
         let per_format = |file: &str, op: &str| -> Result<Vec<CudaFunction>, DriverError> {
             FORMATS
