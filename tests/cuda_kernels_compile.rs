@@ -6,7 +6,9 @@
 #[path = "cuda_host/host_build.rs"]
 mod host_build;
 
-use kvserve::backend::cuda::compile::{compile_files, nvrtc_version, parts, Job, KERNEL_FILES};
+use kvserve::backend::cuda::compile::{
+    compile_files, nvrtc_version, parts, spills, Job, KERNEL_FILES,
+};
 use kvserve::backend::cuda::kernels::kernel_names;
 use kvserve::backend::cuda::store::FORMATS;
 
@@ -57,27 +59,15 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
                 }
                 // No kernel spills registers to local memory, but for the one measured
                 // exception (`ALLOWED_SPILLS`).
-                let mut kernel = "";
-                for line in c.log.lines() {
-                    if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-                        kernel = rest.split('\'').next().unwrap_or("");
-                    }
-                    if let Some(bytes) = spill_bytes(line) {
-                        // ptxas's warning names its kernel; the report line follows the entry.
-                        let kernel = line
-                            .split("in function '")
-                            .nth(1)
-                            .and_then(|r| r.split('\'').next())
-                            .unwrap_or(kernel);
-                        let allowed = ALLOWED_SPILLS
-                            .iter()
-                            .find(|(a, k, _)| *a == arch && *k == kernel)
-                            .map_or(0, |&(_, _, b)| b);
-                        assert!(
-                            bytes <= allowed,
-                            "{file} sm_{arch} {kernel} spills ({bytes} bytes; {allowed} allowed): {line}"
-                        );
-                    }
+                for (kernel, bytes) in spills(&c.log) {
+                    let allowed = ALLOWED_SPILLS
+                        .iter()
+                        .find(|(a, k, _)| *a == arch && *k == kernel)
+                        .map_or(0, |&(_, _, b)| b);
+                    assert!(
+                        bytes <= allowed,
+                        "{file} sm_{arch} {kernel} spills {bytes} bytes ({allowed} allowed)"
+                    );
                 }
             }
             Err(e) => failures.push(e),
@@ -109,28 +99,6 @@ const DTYPES: [&str; 3] = ["f32", "bf16", "u8"];
 /// H200 that kernel read 73.2–73.6 % of copy bandwidth at 128 × 4096 against 68.1–68.8 % at 4
 /// positions per step without spills (docs/cuda.md), so the spill stays.
 const ALLOWED_SPILLS: [(u32, &str, usize); 1] = [(90, "paged_decode_g4_bf16", 64)];
-
-/// The larger of the spill stores and loads ptxas reports on `line`, if it reports spills.
-fn spill_bytes(line: &str) -> Option<usize> {
-    let number_before = |what: &str| -> Option<usize> {
-        let head = line.split(what).next()?;
-        head.trim_end().rsplit([' ', ',']).next()?.parse().ok()
-    };
-    if line.contains("bytes spill stores") {
-        Some(number_before(" bytes spill stores")?.max(number_before(" bytes spill loads")?))
-    } else {
-        None
-    }
-}
-
-#[test]
-fn spill_reports_are_read() {
-    let l = "ptxas         .     32 bytes stack frame, 60 bytes spill stores, 56 bytes spill loads";
-    assert_eq!(spill_bytes(l), Some(60));
-    let l = "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 72 bytes spill loads";
-    assert_eq!(spill_bytes(l), Some(72));
-    assert_eq!(spill_bytes("ptxas info    : Used 80 registers"), None);
-}
 
 /// Names of the global function symbols of an ELF64 little-endian image (a CUBIN's kernels).
 fn global_functions(elf: &[u8]) -> Vec<String> {

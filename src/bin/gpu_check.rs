@@ -35,7 +35,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::cuda::parity::{llama_config, max_rel_err, RandomWeights};
-use kvserve::backend::cuda::{choose, probe, Choice, CudaBackend, DeviceArg, GpuInfo};
+use kvserve::backend::cuda::{choose, compile, probe, Choice, CudaBackend, DeviceArg, GpuInfo};
 use kvserve::model::config::ModelConfig;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use std::fmt::Write as _;
@@ -311,6 +311,34 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
                 t2.elapsed().as_secs_f64(),
                 "s",
                 if cached { "cache hit" } else { "cache MISS" },
+            ));
+            // ptxas's report from this machine's NVRTC: which kernels spill registers here (CI's
+            // compile test reads a newer NVRTC's; tests/cuda_kernels_compile.rs ALLOWED_SPILLS).
+            let t3 = Instant::now();
+            let jobs = compile::Job::all(info.arch);
+            let mut spilled: Vec<(String, usize)> = Vec::new();
+            for c in compile::compile_files(&jobs, true, &[]) {
+                for s in compile::spills(&c.map_err(anyhow::Error::msg)?.log) {
+                    if !spilled.contains(&s) {
+                        spilled.push(s);
+                    }
+                }
+            }
+            let list: Vec<String> = spilled.iter().map(|(k, b)| format!("{k} {b} B")).collect();
+            rows.push(measure(
+                "kernels spilling registers (this NVRTC, ptxas report)",
+                spilled.len() as f64,
+                "kernels",
+                &format!(
+                    "sm_{}, compiled again with -Xptxas=-v in {:.1} s: {}",
+                    info.arch,
+                    t3.elapsed().as_secs_f64(),
+                    if list.is_empty() {
+                        "none".to_string()
+                    } else {
+                        list.join(", ")
+                    }
+                ),
             ));
             match choose(DeviceArg::Auto) {
                 Ok(Choice::Cuda(i)) => {

@@ -128,30 +128,12 @@ impl CpuMatrix {
                 }
             }))
         } else if matches!(first.data, HostData::F16(_)) {
-            WData::F16(pack(parts, rows, cols, |d, r, o| match d {
-                HostData::F16(v) => o.copy_from_slice(&v[r]),
-                HostData::F32(v) => o
-                    .iter_mut()
-                    .zip(&v[r])
-                    .for_each(|(o, &x)| *o = f16::from_f32(x)),
-                HostData::Bf16(v) => o
-                    .iter_mut()
-                    .zip(&v[r])
-                    .for_each(|(o, x)| *o = f16::from_f32(x.to_f32())),
-                HostData::Quant(_) => unreachable!("widened above"),
+            WData::F16(pack(parts, rows, cols, |d, r, o| {
+                rows_as(d, r, o, f16::from_f32)
             }))
         } else {
-            WData::Bf16(pack(parts, rows, cols, |d, r, o| match d {
-                HostData::Bf16(v) => o.copy_from_slice(&v[r]),
-                HostData::F32(v) => o
-                    .iter_mut()
-                    .zip(&v[r])
-                    .for_each(|(o, &x)| *o = bf16::from_f32(x)),
-                HostData::F16(v) => o
-                    .iter_mut()
-                    .zip(&v[r])
-                    .for_each(|(o, x)| *o = bf16::from_f32(x.to_f32())),
-                HostData::Quant(_) => unreachable!("widened above"),
+            WData::Bf16(pack(parts, rows, cols, |d, r, o| {
+                rows_as(d, r, o, bf16::from_f32)
             }))
         };
         Ok(CpuMatrix { rows, cols, data })
@@ -182,5 +164,23 @@ impl CpuMatrix {
             WData::F32(d) => gather(d, self.rows, r, out),
             WData::Quant(kind, d) => quant::row_f32(*kind, d, self.rows, r, out),
         }
+    }
+}
+
+/// Rows `r` of a float tensor into `o`, each value through f32 then `from_f32`. Widening f16 or
+/// bf16 to f32 is exact, so a value already in `o`'s type comes back unchanged and any other
+/// is rounded once.
+fn rows_as<T>(d: &HostData, r: std::ops::Range<usize>, o: &mut [T], from_f32: fn(f32) -> T) {
+    match d {
+        HostData::F32(v) => o.iter_mut().zip(&v[r]).for_each(|(o, &x)| *o = from_f32(x)),
+        HostData::F16(v) => o
+            .iter_mut()
+            .zip(&v[r])
+            .for_each(|(o, x)| *o = from_f32(x.to_f32())),
+        HostData::Bf16(v) => o
+            .iter_mut()
+            .zip(&v[r])
+            .for_each(|(o, x)| *o = from_f32(x.to_f32())),
+        HostData::Quant(_) => unreachable!("widened before packing"),
     }
 }

@@ -292,3 +292,99 @@ pub fn compile_all(
     }
     Ok(out.into_iter().flatten().collect())
 }
+
+/// The kernels ptxas reports spilling in a verbose compile's `log` (`-Xptxas=-v`), with the larger
+/// of their spill stores and loads in bytes, in the log's order (a kernel may appear twice: its
+/// warning and its report line).
+pub fn spills(log: &str) -> Vec<(String, usize)> {
+    let mut kernel = "";
+    let mut out = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernel = rest.split('\'').next().unwrap_or("");
+        }
+        if let Some(bytes) = spill_bytes(line) {
+            // ptxas's warning names its kernel; the report line follows the entry's name.
+            let named = line
+                .split("in function '")
+                .nth(1)
+                .and_then(|r| r.split('\'').next())
+                .unwrap_or(kernel);
+            out.push((named.to_string(), bytes));
+        }
+    }
+    out
+}
+
+/// The larger of the spill stores and loads ptxas reports on `line`, if it reports a spill.
+fn spill_bytes(line: &str) -> Option<usize> {
+    let number_before = |what: &str| -> Option<usize> {
+        let head = line.split(what).next()?;
+        head.trim_end().rsplit([' ', ',']).next()?.parse().ok()
+    };
+    if !line.contains("bytes spill stores") {
+        return None;
+    }
+    let bytes = number_before(" bytes spill stores")?.max(number_before(" bytes spill loads")?);
+    (bytes > 0).then_some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spills_are_read_from_ptxas_logs() {
+        let log = "\
+ptxas info    : Compiling entry function 'a_bf16' for 'sm_90'
+ptxas info    : Function properties for a_bf16
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas warning : Registers are spilled to local memory in function 'b_bf16', 60 bytes spill stores, 56 bytes spill loads
+ptxas info    : Compiling entry function 'b_bf16' for 'sm_90'
+ptxas         .     32 bytes stack frame, 60 bytes spill stores, 56 bytes spill loads
+ptxas info    : Compiling entry function 'c_f32' for 'sm_90'
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 72 bytes spill loads
+ptxas info    : Used 80 registers";
+        assert_eq!(
+            spills(log),
+            vec![
+                ("b_bf16".to_string(), 60),
+                ("b_bf16".to_string(), 60),
+                ("c_f32".to_string(), 72)
+            ]
+        );
+        assert!(spills("ptxas info    : Used 80 registers").is_empty());
+    }
+
+    #[test]
+    fn split_files_have_a_program_per_part() {
+        let jobs = Job::all(90);
+        let parts_of = |f: &str| jobs.iter().filter(|j| j.file == f).count() as u32;
+        for &(file, _) in KERNEL_FILES {
+            assert_eq!(parts_of(file), parts(file), "{file}");
+        }
+        let a: Vec<&Job> = jobs.iter().filter(|j| j.file == "attention.cu").collect();
+        assert!(a.len() > 1);
+        for (i, j) in a.iter().enumerate() {
+            assert_eq!(j.part, i as u32);
+            let d = j.defines(&[("X", 1)]);
+            assert_eq!(
+                d,
+                vec![
+                    ("X", 1),
+                    ("KV_PARTS", parts("attention.cu")),
+                    ("KV_PART", i as u32)
+                ]
+            );
+        }
+        // Files in one part are compiled as before, with no selection defines.
+        let norm = jobs.iter().find(|j| j.file == "norm.cu").unwrap();
+        assert_eq!(norm.defines(&[]), vec![]);
+        // Every part has a cache file of its own.
+        let paths: std::collections::HashSet<_> = jobs
+            .iter()
+            .map(|j| cache_path(j, (13, 0), 13000, &[]))
+            .collect();
+        assert_eq!(paths.len(), jobs.len());
+    }
+}
