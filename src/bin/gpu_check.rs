@@ -30,6 +30,8 @@ mod speed;
 mod streams;
 #[path = "bench_common/token_times.rs"]
 mod token_times;
+#[path = "gpu_check/verdict.rs"]
+mod verdict;
 
 use anyhow::{Context, Result};
 use clap::Parser;

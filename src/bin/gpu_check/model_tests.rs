@@ -1,6 +1,7 @@
 //! Tests of the default-model checks, with the CPU backend on both sides.
 use super::*;
 use crate::streams::{agreement, generate, Limits};
+use crate::verdict::Picks;
 use crate::TOL;
 
 /// A small model with a query group of 3, as the default's. Untied: with tied random
