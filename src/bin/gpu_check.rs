@@ -26,6 +26,8 @@ mod ops;
 mod policies;
 #[path = "gpu_check/speed.rs"]
 mod speed;
+#[path = "gpu_check/start.rs"]
+mod start;
 #[path = "gpu_check/streams.rs"]
 mod streams;
 #[path = "bench_common/token_times.rs"]
@@ -37,7 +39,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::cuda::parity::{llama_config, max_rel_err, RandomWeights};
-use kvserve::backend::cuda::{choose, compile, probe, Choice, CudaBackend, DeviceArg, GpuInfo};
+use kvserve::backend::cuda::{probe, CudaBackend, GpuInfo};
 use kvserve::model::config::ModelConfig;
 use kvserve::model::llama::{Llama, LogitsFor, SeqStep};
 use std::fmt::Write as _;
@@ -289,67 +291,7 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
         gpu.multiprocessors()
     );
     match name {
-        "start" => {
-            rows.push(measure(
-                "backend start, kernels compiled by NVRTC",
-                t.elapsed().as_secs_f64(),
-                "s",
-                &format!(
-                    "compile {:.2} s{}",
-                    gpu.compile_seconds,
-                    if gpu.compile_seconds == 0.0 {
-                        " (all from the disk cache: clear it for a compile time)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-            let t2 = Instant::now();
-            let again = CudaBackend::new(info.clone())?;
-            let cached = again.compile_seconds == 0.0;
-            drop(again);
-            rows.push(measure(
-                "backend start again, kernels from the disk cache",
-                t2.elapsed().as_secs_f64(),
-                "s",
-                if cached { "cache hit" } else { "cache MISS" },
-            ));
-            // ptxas's report from this machine's NVRTC: which kernels spill registers here (CI's
-            // compile test reads a newer NVRTC's; tests/cuda_kernels_compile.rs ALLOWED_SPILLS).
-            let t3 = Instant::now();
-            let jobs = compile::Job::all(info.arch);
-            let mut spilled: Vec<(String, usize)> = Vec::new();
-            for c in compile::compile_files(&jobs, true, &[]) {
-                for s in compile::spills(&c.map_err(anyhow::Error::msg)?.log) {
-                    if !spilled.contains(&s) {
-                        spilled.push(s);
-                    }
-                }
-            }
-            let list: Vec<String> = spilled.iter().map(|(k, b)| format!("{k} {b} B")).collect();
-            rows.push(measure(
-                "kernels spilling registers (this NVRTC, ptxas report)",
-                spilled.len() as f64,
-                "kernels",
-                &format!(
-                    "sm_{}, compiled again with -Xptxas=-v in {:.1} s: {}",
-                    info.arch,
-                    t3.elapsed().as_secs_f64(),
-                    if list.is_empty() {
-                        "none".to_string()
-                    } else {
-                        list.join(", ")
-                    }
-                ),
-            ));
-            match choose(DeviceArg::Auto) {
-                Ok(Choice::Cuda(i)) => {
-                    println!("--device auto picks cuda:{} ({})", i.ordinal, i.name)
-                }
-                Ok(Choice::Cpu { reason }) => println!("--device auto picks the CPU: {reason}"),
-                Err(e) => println!("--device auto: {e}"),
-            }
-        }
+        "start" => start::run(&gpu, info, t.elapsed(), rows)?,
         "op parity" => section(name, rows, |rows| ops::run(&gpu, rows)),
         "attention parity" => section(name, rows, |rows| {
             ops::attention(&gpu, rows);
