@@ -32,7 +32,8 @@ use kvserve::backend::cpu::ops::RopeTable;
 use kvserve::backend::cpu::CpuBackend;
 use kvserve::backend::cuda::kernels::prefill_queries;
 use kvserve::backend::cuda::parity::max_rel_err;
-use kvserve::backend::cuda::plan::{decode_split, plan};
+use kvserve::backend::cuda::plan::plan;
+use kvserve::backend::cuda::split::decode_split;
 use kvserve::backend::cuda::store::{exact_block_bytes, format_index, SealedLayout};
 use kvserve::backend::kv_policy::KvPolicy;
 use kvserve::backend::latent::{LatentKeys, LatentLayer};
@@ -728,7 +729,12 @@ fn attention_case(
         })
         .collect();
     let n = p.decode_rows();
-    let (split, max_splits) = decode_split(p.max_ctx, n, kvh, 16);
+    // 16 multiprocessors of 4 resident CTAs.
+    let (split, max_splits) = decode_split(p.max_ctx, n, kvh, 64);
+    assert!(
+        max_splits > 1,
+        "the long row must cross splits (the merge is under test)"
+    );
     let mut inb = Bytes::default();
     for v in [
         format_index(codec, bounds) as u32,

@@ -26,6 +26,8 @@ mod ops;
 mod policies;
 #[path = "gpu_check/speed.rs"]
 mod speed;
+#[path = "gpu_check/split_sweep.rs"]
+mod split_sweep;
 #[path = "gpu_check/start.rs"]
 mod start;
 #[path = "gpu_check/streams.rs"]
@@ -302,7 +304,7 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
             policies::run(&gpu, rows, false);
             Ok(())
         }),
-        "decode bandwidth" => section(name, rows, |rows| speed::bandwidth(&gpu, &[4], rows)),
+        "decode bandwidth" => section(name, rows, |rows| speed::bandwidth(&gpu, &[], rows)),
         "products" => section(name, rows, |rows| speed::products(&gpu, rows)),
         "forward parity" => section(name, rows, |rows| forward_parity(gpu, rows).map(drop)),
         "engine" => section(name, rows, |rows| {

@@ -308,6 +308,14 @@ CUresult cuFuncGetAttribute(int* v, int, Handle) {
     return SUCCESS;
 }
 CUresult cuFuncSetCacheConfig(Handle, int) { return SUCCESS; }
+// Resident CTAs per multiprocessor: one fixed answer (the emulator has no registers to count);
+// $KVSERVE_EMU_CTAS_PER_SM, 6 by default (paged_decode_g4_bf16's launch bound on an H200).
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, Handle f, int block, size_t,
+                                                              unsigned) {
+    if (!f || block <= 0 || block > 1024) return INVALID_VALUE;
+    *n = env_int("KVSERVE_EMU_CTAS_PER_SM", 6);
+    return SUCCESS;
+}
 
 CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned, Handle, void** params, void** extra) {

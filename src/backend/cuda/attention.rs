@@ -8,10 +8,12 @@ use super::kernels::{
     decode_smem, prefill_queries, prefill_smem, ATTN_THREADS, MAX_GROUP, PREFILL_MAX_DIM,
     QUEST_THREADS,
 };
-use super::plan::{decode_split, plan};
+use super::plan::plan;
+use super::split::{decode_split, MAX_SPLIT};
 use super::store::format_index;
 use super::*;
 use crate::backend::kv_policy::QUEST_DENSE_LAYERS;
+use cudarc::driver::CudaFunction;
 
 /// Upload keys of each part's (slot tables, decode rows, prefill tiles), by the part's place in
 /// the batch: parts come in the same order at every layer, so each keeps its uploads cached
@@ -171,7 +173,8 @@ impl CudaBackend {
             } else {
                 -1
             };
-            let (split, max_splits) = decode_split(p.max_ctx, n, kvh, self.sms);
+            let (split, max_splits) =
+                self.decode_split(decode_fn, (fmt, g_max, d), p.max_ctx, n, kvh);
             let mp = self.indices(decode_key, &p.decode);
             // Quest, past the dense layers: one bit per (row, KV head, logical block) read.
             // Without sealed blocks (or key bounds) nothing can be ranked: every block is read.
@@ -327,6 +330,68 @@ impl CudaBackend {
                 },
                 "prefill",
             );
+        }
+    }
+
+    /// `(split_len, splits)` of a decode launch of `decode_fn` (keyed by `key`: format, group
+    /// bound, head dim) over `n` rows of at most `max_ctx` positions: the forced length when
+    /// one is set, else [`decode_split`] on the kernel's resident CTAs.
+    fn decode_split(
+        &self,
+        decode_fn: &CudaFunction,
+        key: (usize, usize, usize),
+        max_ctx: usize,
+        n: usize,
+        kvh: usize,
+    ) -> (usize, usize) {
+        let forced = self
+            .decode_split_len
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if forced > 0 {
+            return (forced, max_ctx.max(1).div_ceil(forced));
+        }
+        let memo_key = (key.0, key.1, key.2, max_ctx, n, kvh);
+        let mut memo = self.decode_split_memo.lock().expect("decode split memo");
+        if let Some((k, split)) = *memo {
+            if k == memo_key {
+                return split;
+            }
+        }
+        let slots = self.decode_slots(decode_fn, key);
+        let split = decode_split(max_ctx, n, kvh, slots);
+        *memo = Some((memo_key, split));
+        split
+    }
+
+    /// Resident CTAs across the device of `decode_fn`, keyed by (format, group bound, head
+    /// dim), at the shared memory of the longest split (asked of the driver once per key).
+    fn decode_slots(&self, decode_fn: &CudaFunction, key: (usize, usize, usize)) -> usize {
+        *self
+            .decode_slots
+            .lock()
+            .expect("decode slots")
+            .entry(key)
+            .or_insert_with(|| self.resident_ctas(decode_fn, decode_smem(key.1, key.2, MAX_SPLIT)))
+    }
+
+    /// Resident CTAs across the device of the decode kernel for KV format `fmt` (the store's
+    /// format index), `group` query heads per KV head and `dim` (for measurements: what
+    /// [`decode_split`] fits the splits to).
+    pub fn decode_resident_ctas(&self, fmt: usize, group: usize, dim: usize) -> usize {
+        let (f, g_max) = self.k.decode_fn(fmt, group);
+        self.decode_slots(f, (fmt, g_max, dim))
+    }
+
+    /// CTAs of `f` (`ATTN_THREADS` threads, `smem` bytes of dynamic shared memory) resident on
+    /// the whole device at once, by the driver's occupancy calculator. A failed query (it has
+    /// never failed on a GPU) falls back to 4 per multiprocessor, the rule before 2026-12-01.
+    fn resident_ctas(&self, f: &CudaFunction, smem: u32) -> usize {
+        match f.occupancy_max_active_blocks_per_multiprocessor(ATTN_THREADS, smem as usize, None) {
+            Ok(per_sm) => self.sms * (per_sm as usize).max(1),
+            Err(e) => {
+                tracing::warn!(error = %e, "decode kernel occupancy unknown, assuming 4 CTAs per SM");
+                self.sms * 4
+            }
         }
     }
 }

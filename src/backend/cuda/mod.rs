@@ -34,6 +34,7 @@ pub mod parity;
 pub mod plan;
 pub mod scratch;
 pub mod slots;
+pub mod split;
 pub mod store;
 
 use crate::backend::codec::Codec;
@@ -63,6 +64,10 @@ pub struct CudaMatrix {
 /// One cached index array: its purpose, its host copy and its device copy.
 type Upload = (&'static str, Vec<u32>, CudaSlice<u32>);
 
+/// What a decode split is picked for: (format, group bound, head dim, longest context, rows,
+/// KV heads).
+type DecodeSplitKey = (usize, usize, usize, usize, usize, usize);
+
 /// A GPU backend on one device.
 pub struct CudaBackend {
     info: GpuInfo,
@@ -89,6 +94,14 @@ pub struct CudaBackend {
     /// One counter per (decode row, KV head) for the fused merge: zero between launches (the
     /// kernel sets each back), grown as batches grow.
     decode_counters: Mutex<Option<CudaSlice<u32>>>,
+    /// Resident CTAs across the device of each decode kernel, by (format, group bound, head
+    /// dim): the driver's occupancy, asked once (`split.rs` fits the splits to these slots).
+    decode_slots: Mutex<std::collections::HashMap<(usize, usize, usize), usize>>,
+    /// The last decode split picked, with what it was picked for (kernel key, context, rows,
+    /// KV heads): every layer of a step asks the same question.
+    decode_split_memo: Mutex<Option<(DecodeSplitKey, (usize, usize))>>,
+    /// Decode split length forced for measurements (`gpu-check`'s sweep); 0: `split.rs` picks.
+    decode_split_len: std::sync::atomic::AtomicUsize,
     /// Device memory per chunk of the KV stores made after a change (`store::CHUNK_BYTES`).
     kv_chunk_bytes: std::sync::atomic::AtomicUsize,
     /// KV blocks moved by slab compaction so far (`kv_write.rs`), for checks and reports.
@@ -176,6 +189,9 @@ impl CudaBackend {
             scratch_cache: scratch::ScratchCache::default(),
             fused_merge: true.into(),
             decode_counters: Mutex::new(None),
+            decode_slots: Mutex::new(Default::default()),
+            decode_split_memo: Mutex::new(None),
+            decode_split_len: 0.into(),
             kv_chunk_bytes: store::CHUNK_BYTES.into(),
             kv_moves: 0.into(),
             compile_seconds: if compiled {
@@ -237,6 +253,20 @@ impl CudaBackend {
     pub fn set_fused_merge(&self, on: bool) {
         self.fused_merge
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Forces every decode split to `len` positions (rounded up to a multiple of
+    /// [`split::SPLIT_STEP`], within [`split::MIN_SPLIT`]..=[`split::MAX_SPLIT`]); 0 (default)
+    /// lets [`split::decode_split`] pick (for measurements).
+    pub fn set_decode_split(&self, len: usize) {
+        let len = if len == 0 {
+            0
+        } else {
+            len.next_multiple_of(split::SPLIT_STEP)
+                .clamp(split::MIN_SPLIT, split::MAX_SPLIT)
+        };
+        self.decode_split_len
+            .store(len, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Device address of at least `len` zeroed merge counters (see `decode_counters`). A

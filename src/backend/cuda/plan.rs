@@ -1,13 +1,9 @@
 //! Host-side planning of one batched attention call: which rows go to the decode kernel (one
 //! query row per sequence, split along the context) and which to the prefill kernel (tiles of
-//! rows of one sequence), the flattened block tables they read, and the split length that fills
-//! the GPU. Pure integer code, unit-tested without a GPU.
+//! rows of one sequence) and the flattened block tables they read (the decode split's length:
+//! `split.rs`). Pure integer code, unit-tested without a GPU.
 
 use crate::backend::AttnSeq;
-
-/// Smallest and largest decode split (positions); multiples of 64.
-pub const MIN_SPLIT: usize = 64;
-pub const MAX_SPLIT: usize = 1024;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AttnPlan {
@@ -65,20 +61,6 @@ pub fn plan(
         row += s.rows;
     }
     p
-}
-
-/// `(split_len, max_splits)` for `n` decode rows of at most `max_ctx` positions over `kv_heads`
-/// heads: enough splits that the grid has about four CTAs per multiprocessor (several CTAs per
-/// SM keep enough loads in flight to approach the memory bandwidth), each split between
-/// `MIN_SPLIT` and `MAX_SPLIT` positions (a multiple of 64).
-pub fn decode_split(max_ctx: usize, n: usize, kv_heads: usize, sms: usize) -> (usize, usize) {
-    let ctas = (n * kv_heads).max(1);
-    let want = (4 * sms).div_ceil(ctas).max(1);
-    let len = max_ctx
-        .div_ceil(want)
-        .next_multiple_of(64)
-        .clamp(MIN_SPLIT, MAX_SPLIT);
-    (len, max_ctx.div_ceil(len).max(1))
 }
 
 #[cfg(test)]
@@ -141,20 +123,5 @@ mod tests {
         }];
         let p = plan(&seqs, 64, 16, 32, |_| true);
         assert_eq!(p.tiles, vec![0, 1, 0, 0, 1, 1, 1, 0]);
-    }
-
-    #[test]
-    fn splits_fill_the_gpu_within_bounds() {
-        // One sequence, 8 KV heads, 132 SMs: 66 splits wanted → 4096 / 66 → 64.
-        assert_eq!(decode_split(4096, 1, 8, 132), (64, 64));
-        assert_eq!(decode_split(32768, 1, 8, 132), (512, 64));
-        // 32 sequences: 256 CTAs, 3 splits wanted → 4096 / 3 → 1408 → MAX_SPLIT.
-        assert_eq!(decode_split(4096, 32, 8, 132), (1024, 4));
-        // Many sequences: few splits; a split covers at most MAX_SPLIT positions.
-        assert_eq!(decode_split(700, 64, 8, 132), (384, 2));
-        assert_eq!(decode_split(700, 128, 8, 132), (704, 1));
-        assert_eq!(decode_split(5000, 64, 8, 132), (1024, 5));
-        // Short contexts never go under MIN_SPLIT.
-        assert_eq!(decode_split(10, 1, 1, 132), (64, 1));
     }
 }

@@ -19,7 +19,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median seconds of `f` over `reps` runs after 3 warm-ups, the device synchronised around each.
-fn time(gpu: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+pub(super) fn time(gpu: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {
         f();
     }
@@ -159,6 +159,16 @@ fn decode(gpu: &CudaBackend, copy: f64, label: &str, rows: &mut Vec<Row>) {
             s
         });
         let bytes = (seqs * ctx * shape.kv_width() * 2 * 2) as f64;
+        if label.is_empty() {
+            super::split_sweep::sweep(
+                gpu,
+                (seqs, ctx),
+                bytes,
+                copy,
+                || gpu.attention(&q, &attn, shape, &store, 0, &mut out),
+                rows,
+            );
+        }
         let mut timings = vec![
             (bytes / s, "one call, synchronised"),
             (bytes / s_seq, "16 calls back to back"),
