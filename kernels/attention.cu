@@ -229,6 +229,13 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         if (grouped && tg < n)
             w0 = where<SEALED, LATENT>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, sel);
         if (sparse && skip_step<UNROLL>(w0, writer, sc + my_head * split_len, tg, n)) continue;
+        // Per-channel keys (kivi): a step's positions share a block, so its scales and zeros
+        // are loaded once per step instead of once per position (16 loads each).
+        constexpr bool CH = KF == FMT_CH4 || KF == FMT_CH2;
+        float chs[CH ? 8 : 1], chz[CH ? 8 : 1];
+        if constexpr (CH) {
+            if (grouped && w0.kind == 2) ch_params<KF>(w0.base, block_size, dim, c0, chs, chz);
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
@@ -246,6 +253,9 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
 #pragma unroll
                         for (int j = 0; j < 8; ++j)
                             kf[u][j] = latent_elem(a, w.base, kv_heads * dim, w.off, kvh * dim + c0 + j);
+                    } else if constexpr (CH) {
+                        if (grouped) run_8_ch<KF>(w.base, dim, w.off, c0, chs, chz, kf[u]);
+                        else run_8<KF>(w.base, block_size, dim, w.off, c0, kf[u]);
                     } else {
                         run_8<KF>(w.base, block_size, dim, w.off, c0, kf[u]);
                     }

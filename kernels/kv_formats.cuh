@@ -261,8 +261,70 @@ __device__ __forceinline__ float run_elem(const unsigned char* run, int bs, int 
     return __fadd_rn(z, __fmul_rn(code, s));
 }
 
+// Integer codes to floats without a conversion instruction. A byte u ORed into the mantissa of
+// 2^23 is the float 2^23 + u exactly, and subtracting 2^23 leaves u exactly: the bits `(float)u`
+// gives. One PRMT builds the word (byte k of w beside three of 0x4B000000's bytes) and one FADD
+// finishes; a signed byte b is stored as b ^ 0x80 = b + 128, and 2^23 + 128 is subtracted. Why:
+// I2F issues at 16 per clock per multiprocessor on sm_80 and sm_90 (the "all other type
+// conversions" row of CUDA's throughput table) against 128 for an FADD, and the int8 decode
+// converted 8 codes per position with it (I2F.S8 in the SASS). Per 4 positions of one thread
+// (sm_90 SASS, NVRTC 13.5): int8 190 instructions with 32 I2F -> 197 with none; 4-bit 321 -> 312
+// (per token) and 291 -> 279 (per channel), the I2FP gone.
+__device__ __forceinline__ float byte_plus_2p23(unsigned int w, int k) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440u | (unsigned int)k));
+}
+
+// The 8 codes of `codes` (`bits` 8: signed bytes, two words; 4 or 2: unsigned fields, code j at
+// bit j * bits of codes[0]) as floats.
+template <int BITS>
+__device__ __forceinline__ void codes_8(const unsigned int* codes, float* f) {
+    if (BITS == 8) {
+        const unsigned int w[2] = {codes[0] ^ 0x80808080u, codes[1] ^ 0x80808080u};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = __fsub_rn(byte_plus_2p23(w[j >> 2], j & 3), 8388736.0f);
+    } else if (BITS == 4) {
+        // Even codes in the low nibbles, odd in the high: byte j / 2 of one of two words.
+        const unsigned int w[2] = {codes[0] & 0x0f0f0f0fu, (codes[0] >> 4) & 0x0f0f0f0fu};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = __fsub_rn(byte_plus_2p23(w[j & 1], j >> 1), 8388608.0f);
+    } else {
+        // 2-bit codes stay with the conversion (I2FP on sm_90): spreading them into bytes
+        // first issued more instructions than it saved (35 more per 4 positions in the SASS).
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = (float)((codes[0] >> (2 * j)) & 3u);
+    }
+}
+
+// The 8 channels' scales and zeros from c0 of a per-channel run (FMT_CH4, FMT_CH2): the same
+// for every token of the block, so a caller decoding several tokens of one block loads them
+// once (`run_8_ch`).
+template <int F>
+__device__ __forceinline__ void ch_params(const unsigned char* run, int bs, int dim, int c0,
+                                          float* s, float* z) {
+    const unsigned char* params = run + packed_len(fmt_bits(F), bs * dim);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        s[j] = ld_f16(params + 2 * (c0 + j));
+        z[j] = ld_f16(params + 2 * (dim + c0 + j));
+    }
+}
+
+// Elements (t, c0 .. c0 + 8) of a per-channel run given `ch_params`' scales and zeros.
+template <int F>
+__device__ __forceinline__ void run_8_ch(const unsigned char* run, int dim, int t, int c0,
+                                         const float* s, const float* z, float* out) {
+    const int bits = fmt_bits(F), e0 = t * dim + c0;
+    const unsigned int codes = bits == 4 ? *(const unsigned int*)(run + e0 / 2)
+                                         : (unsigned int)*(const unsigned short*)(run + e0 / 4);
+    float c[8];
+    codes_8<F == FMT_CH4 ? 4 : 2>(&codes, c);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(z[j], __fmul_rn(c[j], s[j]));
+}
+
 // Elements (t, c0 .. c0 + 8) of a run of format F (not FMT_LAT); c0 a multiple of 8, dim a
-// multiple of 8 and runs 16-byte aligned, so the code loads are aligned vector loads.
+// multiple of 8 and runs 16-byte aligned, so the code loads are aligned vector loads. Codes
+// become floats by `codes_8`.
 template <int F>
 __device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim, int t, int c0,
                                       float* out) {
@@ -272,31 +334,26 @@ __device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim,
     } else if (F == FMT_I8) {
         const uint2 raw = *(const uint2*)(run + e0);
         const float s = ld_f16(run + bs * dim + 2 * t);
+        const unsigned int w[2] = {raw.x, raw.y};
+        float c[8];
+        codes_8<8>(w, c);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const unsigned int w = j < 4 ? raw.x : raw.y;
-            out[j] = __fmul_rn((float)(signed char)((w >> (8 * (j & 3))) & 0xffu), s);
-        }
-    } else {
+        for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(c[j], s);
+    } else if (F == FMT_TOK4 || F == FMT_TOK2) {
         const int bits = fmt_bits(F);
         const unsigned int codes = bits == 4 ? *(const unsigned int*)(run + e0 / 2)
                                              : (unsigned int)*(const unsigned short*)(run + e0 / 4);
-        const unsigned char* params = run + packed_len(bits, bs * dim);
-        if (F == FMT_TOK4 || F == FMT_TOK2) {
-            const int g = group_of(dim), ng = dim / g;
-            const unsigned char* p = params + 4 * (t * ng + c0 / g);
-            const float s = ld_f16(p), z = ld_f16(p + 2);
+        const int g = group_of(dim), ng = dim / g;
+        const unsigned char* p = run + packed_len(bits, bs * dim) + 4 * (t * ng + c0 / g);
+        const float s = ld_f16(p), z = ld_f16(p + 2);
+        float c[8];
+        codes_8<F == FMT_TOK4 ? 4 : 2>(&codes, c);
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                out[j] = __fadd_rn(z, __fmul_rn((float)((codes >> (j * bits)) & ((1u << bits) - 1u)), s));
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float s = ld_f16(params + 2 * (c0 + j));
-                const float z = ld_f16(params + 2 * (dim + c0 + j));
-                out[j] = __fadd_rn(z, __fmul_rn((float)((codes >> (j * bits)) & ((1u << bits) - 1u)), s));
-            }
-        }
+        for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(z, __fmul_rn(c[j], s));
+    } else {
+        float s[8], z[8];
+        ch_params<F>(run, bs, dim, c0, s, z);
+        run_8_ch<F>(run, dim, t, c0, s, z, out);
     }
 }
 

@@ -122,6 +122,14 @@ inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 inline float __int_as_float(unsigned int i) { float f; std::memcpy(&f, &i, 4); return f; }
+// Byte k of the result is byte (s >> 4k) & 7 of the 8 bytes y:x (x the low four); PRMT's
+// default mode, selectors below 8 (the kernels use no other).
+inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+    const unsigned long long b = ((unsigned long long)y << 32) | x;
+    unsigned int r = 0;
+    for (int k = 0; k < 4; ++k) r |= (unsigned int)((b >> (8 * ((s >> (4 * k)) & 7))) & 0xffu) << (8 * k);
+    return r;
+}
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
