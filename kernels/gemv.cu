@@ -28,19 +28,21 @@ __device__ __forceinline__ float dot8(float acc, uint4 w, float4 a, float4 b) {
 }
 
 // acc[r][c] = the dot products of activation row r (< rows <= R) with weight row wrow[c], this
-// lane's share: lane l takes the 16-byte groups l, l + 32, ... (a warp step covers 256 weights
-// of each row), and multiplies every group it loads with the matching 8 floats of each row, so
-// each weight is read once and each activation element once per GEMV_COLS weights.
+// lane's share: the 16-byte groups g0, g0 + stride, ... (with g0 = lane and stride 32 a warp
+// step covers 256 weights of each row; split along k, warp slice i of s starts at lane + 32 i
+// with stride 32 s), multiplying every group it loads with the matching 8 floats of each row,
+// so each weight is read once and each activation element once per GEMV_COLS weights.
 template <int R>
 __device__ __forceinline__ void gemv_dots(const float* __restrict__ x, const uint4* const (&wrow)[GEMV_COLS],
-                                          float (&acc)[R][GEMV_COLS], int rows, int k, int lane) {
+                                          float (&acc)[R][GEMV_COLS], int rows, int k, int g0,
+                                          int stride) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < GEMV_COLS; ++c) acc[r][c] = 0.0f;
     const int groups = k >> 3;
 #pragma unroll 4
-    for (int g = lane; g < groups; g += 32) {
+    for (int g = g0; g < groups; g += stride) {
         uint4 wv[GEMV_COLS];
 #pragma unroll
         for (int c = 0; c < GEMV_COLS; ++c) wv[c] = wrow[c][g];
@@ -56,8 +58,27 @@ __device__ __forceinline__ void gemv_dots(const float* __restrict__ x, const uin
     }
 }
 
-// One warp per GEMV_COLS weight rows, for every activation row (gemv_dots); a warp sum gives
-// each product.
+// Row r's outputs from its GEMV_COLS sums: columns j0 .. of `n`, or (SWIGLU) silu(gate) * up
+// of the pairs (t[c], t[c + 2]).
+template <bool SWIGLU>
+__device__ __forceinline__ void gemv_write(float* __restrict__ out, const float (&t)[GEMV_COLS],
+                                           int r, int rows, int n, int j0) {
+    constexpr int OUTS = SWIGLU ? GEMV_COLS / 2 : GEMV_COLS;
+#pragma unroll
+    for (int c = 0; c < OUTS; ++c) {
+        if (r < rows && j0 + c < n) {
+            const float g = t[c];
+            out[(size_t)r * n + j0 + c] = SWIGLU ? g / (1.0f + expf(-g)) * t[c + OUTS] : g;
+        }
+    }
+}
+
+// GEMV_COLS weight rows per `slices` warps, for every activation row (gemv_dots); a warp sum
+// gives each warp's share of each product. With one slice a warp owns its columns and all of k.
+// Split along k (slices 2 or 4, the CTA's 4 warps in groups of `slices` consecutive ones), each
+// warp of a group takes every slices-th warp step of k and the group's first warp adds the
+// shares from shared memory in slice order: more warps for a product with few columns (the
+// 1B's down product has 2048, 512 warps unsplit: about 4 per multiprocessor).
 // Plain (SWIGLU false): the warp's weight rows are output columns j0 .. j0 + 4 of `n`; columns
 // past `n` repeat the last weight row and are not written.
 // SWIGLU: `w` is the MLP's [gate; up] matrix of 2n rows and the output the activation
@@ -65,11 +86,12 @@ __device__ __forceinline__ void gemv_dots(const float* __restrict__ x, const uin
 // never leave the warp: its weight rows are gate rows j0, j0 + 1 and up rows n + j0, n + j0 + 1.
 template <int R, bool SWIGLU>
 __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
-                     float* __restrict__ out, int rows, int n, int k) {
+                     float* __restrict__ out, int rows, int n, int k, int slices) {
     constexpr int OUTS = SWIGLU ? GEMV_COLS / 2 : GEMV_COLS;  // outputs per warp and row
-    const int lane = threadIdx.x & 31;
-    const int j0 = (blockIdx.x * (GEMV_THREADS / 32) + (threadIdx.x >> 5)) * OUTS;
-    if (j0 >= n) return;  // the whole warp
+    __shared__ float shares[GEMV_THREADS / 32][R][GEMV_COLS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % slices;
+    const int j0 = (blockIdx.x * (GEMV_THREADS / 32 / slices) + warp / slices) * OUTS;
+    if (slices == 1 && j0 >= n) return;  // the whole warp (no barrier below)
     const uint4* wrow[GEMV_COLS];
 #pragma unroll
     for (int c = 0; c < GEMV_COLS; ++c) {
@@ -77,19 +99,42 @@ __device__ void gemv(const float* __restrict__ x, const bf16_t* __restrict__ w,
         wrow[c] = (const uint4*)(w + ((size_t)j + (c < OUTS ? 0 : n)) * k);
     }
     float acc[R][GEMV_COLS];
-    gemv_dots<R>(x, wrow, acc, rows, k, lane);
+    // A split group past `n` still reaches the barrier; it reads nothing (k 0).
+    gemv_dots<R>(x, wrow, acc, rows, j0 < n ? k : 0, lane + 32 * slice, 32 * slices);
+    if (slices == 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float t[GEMV_COLS];
+#pragma unroll
+            for (int c = 0; c < GEMV_COLS; ++c) t[c] = warp_sum(acc[r][c]);
+            if (lane == 0) gemv_write<SWIGLU>(out, t, r, rows, n, j0);
+        }
+        return;
+    }
+    // Split: every warp's shares to shared memory, then the group's first warp adds them in
+    // slice order, a row at a time (so no R x GEMV_COLS sums live in registers at once).
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < GEMV_COLS; ++c) {
+            const float v = warp_sum(acc[r][c]);
+            if (lane == 0) shares[warp][r][c] = v;
+        }
+    __syncthreads();
+    if (slice != 0 || j0 >= n) return;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        float s[GEMV_COLS];
+        float t[GEMV_COLS];
 #pragma unroll
-        for (int c = 0; c < GEMV_COLS; ++c) s[c] = warp_sum(acc[r][c]);
+        for (int c = 0; c < GEMV_COLS; ++c) {
+            t[c] = shares[warp][r][c];
+            // Unrolled to the CTA's warps (a loop bounded by `slices` made ptxas spill the r8
+            // variants); `warp` is its group's first, so warp + i < 4 for every i < slices.
 #pragma unroll
-        for (int c = 0; c < OUTS; ++c) {
-            if (lane == 0 && r < rows && j0 + c < n) {
-                const float g = s[c];
-                out[(size_t)r * n + j0 + c] = SWIGLU ? g / (1.0f + expf(-g)) * s[c + OUTS] : g;
-            }
+            for (int i = 1; i < GEMV_THREADS / 32; ++i)
+                if (i < slices) t[c] += shares[warp + i][r][c];
         }
+        if (lane == 0) gemv_write<SWIGLU>(out, t, r, rows, n, j0);
     }
 }
 
@@ -125,7 +170,7 @@ __device__ void gemv_rope(const float* __restrict__ x, const bf16_t* __restrict_
 #pragma unroll
     for (int c = 0; c < GEMV_COLS; ++c) wrow[c] = (const uint4*)(w + (size_t)col[c] * k);
     float acc[R][GEMV_COLS];
-    gemv_dots<R>(x, wrow, acc, rows, k, lane);
+    gemv_dots<R>(x, wrow, acc, rows, k, lane, 32);
     // Every lane gets every sum (xor shuffles); lane r keeps row r's.
     float mine[GEMV_COLS];
 #pragma unroll
@@ -160,25 +205,25 @@ __device__ void gemv_rope(const float* __restrict__ x, const bf16_t* __restrict_
     }
 }
 
-// Grid: ceil(n / (GEMV_COLS * 4)) CTAs of GEMV_THREADS. Rows <= the variant's R; k % 8 == 0; x,
-// w 16-byte aligned.
+// Grid: ceil(n / (GEMV_COLS * 4 / slices)) CTAs of GEMV_THREADS, slices 1, 2 or 4 (warps per
+// column group, splitting k). Rows <= the variant's R; k % 8 == 0; x, w 16-byte aligned.
 #define GEMV_ENTRY(R)                                                                           \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_r##R##_bf16(                \
         const float* x,   /* [rows, k] */                                                       \
         const bf16_t* w,  /* [n, k] */                                                          \
         float* out,       /* [rows, n] */                                                       \
-        int rows, int n, int k) {                                                               \
-        gemv<R, false>(x, w, out, rows, n, k);                                                  \
+        int rows, int n, int k, int slices) {                                                   \
+        gemv<R, false>(x, w, out, rows, n, k, slices);                                          \
     }
-// The MLP's first product and its activation in one: grid ceil(n / (GEMV_COLS / 2 * 4)) CTAs
-// of GEMV_THREADS, n the intermediate width. Same bounds on rows, k and alignment.
+// The MLP's first product and its activation in one: grid ceil(n / (GEMV_COLS / 2 * 4 / slices))
+// CTAs of GEMV_THREADS, n the intermediate width. Same bounds on rows, k and alignment.
 #define GEMV_SILU_ENTRY(R)                                                                      \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_silu_r##R##_bf16(           \
         const float* x,   /* [rows, k] */                                                       \
         const bf16_t* w,  /* [2 * n, k]: gate rows, then up rows */                             \
         float* out,       /* [rows, n]: silu(x·gateᵀ) * (x·upᵀ) */                              \
-        int rows, int n, int k) {                                                               \
-        gemv<R, true>(x, w, out, rows, n, k);                                                   \
+        int rows, int n, int k, int slices) {                                                   \
+        gemv<R, true>(x, w, out, rows, n, k, slices);                                           \
     }
 // The attention block's QKV product, RoPE and KV write in one (rope_kv.cu's rope_store after
 // gemv_r<R>_bf16, the same bits): grid ceil(n / (GEMV_COLS * 4)) CTAs of GEMV_THREADS, n = (heads

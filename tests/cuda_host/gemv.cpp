@@ -2,7 +2,7 @@
 // threads each (shim.h `launch`), with the grid and variant the backend launches:
 //   gemv <in> <out>
 // in (little-endian): u32 bound R (1, 2, 4 or 8; + 16: the fused gemv_silu_r<R>_bf16; + 32: the
-// fused gemv_rope_r<R>_bf16), rows, n, k; f32 x[rows * k]; u16 w[n * k] (bf16 bits; [2n, k] for
+// fused gemv_rope_r<R>_bf16; + 256 * slices: k split over that many warps, 1 when 0), rows, n, k; f32 x[rows * k]; u16 w[n * k] (bf16 bits; [2n, k] for
 // gemv_silu: gate rows, then up rows). For gemv_rope then: u32 heads, kv_heads, dim, block_size,
 // blocks; f32 scaling; u32 positions[rows], slots[rows]; f32 inv_freq[dim / 2].
 // out: f32 [rows * n + 16]: the products (rotated, for gemv_rope), then 16 guard floats after them
@@ -23,16 +23,18 @@ int main(int argc, char** argv) {
     std::vector<unsigned char> in = slurp(argv[2]);
     if (in.empty()) return 3;
     Reader r{in.data()};
-    const unsigned bound = r.get<uint32_t>(), rows = r.get<uint32_t>(), n = r.get<uint32_t>(),
+    const unsigned code = r.get<uint32_t>(), rows = r.get<uint32_t>(), n = r.get<uint32_t>(),
                    k = r.get<uint32_t>();
+    const unsigned bound = code & 0xff, slices = (code >> 8) ? (code >> 8) : 1;
     const bool silu = bound & 16, rope = bound & 32;
     std::vector<float> x = r.vec<float>((size_t)rows * k);
     std::vector<bf16_t> w = r.vec<bf16_t>((size_t)n * k * (silu ? 2 : 1));
     std::vector<float> out((size_t)rows * n + 16, __uint_as_float(0x7fc00000u));
-    const unsigned per_cta = GEMV_COLS / (silu ? 2 : 1) * (GEMV_THREADS / 32);
+    const unsigned per_cta = GEMV_COLS / (silu ? 2 : 1) * (GEMV_THREADS / 32 / slices);
     const dim3h grid{(n + per_cta - 1) / per_cta, 1, 1};
     auto run = [&](auto f) {
-        launch(grid, GEMV_THREADS, [&] { f(x.data(), w.data(), out.data(), (int)rows, (int)n, (int)k); });
+        launch(grid, GEMV_THREADS,
+               [&] { f(x.data(), w.data(), out.data(), (int)rows, (int)n, (int)k, (int)slices); });
     };
     if (rope) {
         const int heads = r.get<uint32_t>(), kvh = r.get<uint32_t>(), dim = r.get<uint32_t>();
@@ -68,7 +70,7 @@ int main(int argc, char** argv) {
                   kv_fused, heads, kvh, dim, bs, (int)rows, (int)k);
         });
         std::vector<float> two(out.size(), __uint_as_float(0x7fc00000u));
-        launch(grid, GEMV_THREADS, [&] { plain(x.data(), w.data(), two.data(), (int)rows, (int)n, (int)k); });
+        launch(grid, GEMV_THREADS, [&] { plain(x.data(), w.data(), two.data(), (int)rows, (int)n, (int)k, 1); });
         launch(dim3h{rows, 1, 1}, 128, [&] {
             rope_store_bf16(two.data(), pos.data(), slots.data(), inv_freq.data(), scaling, kv_two,
                             heads, kvh, dim, bs);

@@ -34,6 +34,11 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// SM); the 1B engine ran 1,158 tok/s with it at batch 2 against 1,018 without, and 2,257
 /// against 3,712 at batch 8 (docs/cuda.md).
 pub const GEMV_DEFAULT_ROWS: usize = 2;
+/// Warps per column group of the few-row products by default: 1, each warp owning its columns
+/// and all of k, the layout timed on the H200 (2026-11-30). Splitting k (`set_gemv_slices`)
+/// gives products with few columns more warps; `gpu-check`'s products section times 2 and 4
+/// beside it, and this follows what it measures.
+pub const GEMV_DEFAULT_SLICES: usize = 1;
 /// Threads per CTA of quest's block selection (`QUEST_THREADS`).
 pub const QUEST_THREADS: u32 = 256;
 /// Query heads per KV head the decode kernels handle (the largest `paged_decode_g<G>` variant).

@@ -78,6 +78,8 @@ pub struct CudaBackend {
     split_matmul: std::sync::atomic::AtomicBool,
     /// Products of at most this many rows go to `gemv_r<R>_bf16` (0: all to cuBLAS).
     gemv_max_rows: std::sync::atomic::AtomicUsize,
+    /// Warps per column group of the few-row products, splitting k (1, 2 or 4; see gemv.cu).
+    gemv_slices: std::sync::atomic::AtomicUsize,
     /// `inv_freq` uploaded once per distinct rope parameters.
     rope: Mutex<Vec<(Vec<f32>, CudaSlice<f32>)>>,
     /// The last index array uploaded for each purpose (positions, slots, block tables, ...).
@@ -184,6 +186,7 @@ impl CudaBackend {
             sms,
             split_matmul: true.into(),
             gemv_max_rows: kernels::GEMV_DEFAULT_ROWS.into(),
+            gemv_slices: kernels::GEMV_DEFAULT_SLICES.into(),
             rope: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
             scratch_cache: scratch::ScratchCache::default(),
@@ -246,6 +249,19 @@ impl CudaBackend {
             rows.min(kernels::GEMV_MAX_ROWS),
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// The few-row products split k over `slices` warps per column group (1, 2 or 4; others
+    /// round down to one of these): more warps for products with few columns, at the cost of a
+    /// shared-memory sum (for measurements; default [`kernels::GEMV_DEFAULT_SLICES`]).
+    pub fn set_gemv_slices(&self, slices: usize) {
+        let s = match slices {
+            0 | 1 => 1,
+            2 | 3 => 2,
+            _ => 4,
+        };
+        self.gemv_slices
+            .store(s, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `true` (default): each decode attention launch merges its own context splits; `false`:

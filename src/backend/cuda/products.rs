@@ -99,7 +99,9 @@ impl CudaBackend {
         let n = if silu { w.rows / 2 } else { w.rows };
         let (ri, ni, ki, wp) = (rows as i32, n as i32, w.cols as i32, self.ptr(&w.data));
         let per_warp = if silu { GEMV_COLS / 2 } else { GEMV_COLS };
-        let per_cta = per_warp * (GEMV_THREADS as usize / 32);
+        let slices = self.gemv_slices.load(std::sync::atomic::Ordering::Relaxed);
+        let per_cta = per_warp * (GEMV_THREADS as usize / 32 / slices);
+        let si = slices as i32;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(per_cta) as u32, 1, 1),
             block_dim: (GEMV_THREADS, 1, 1),
@@ -112,9 +114,10 @@ impl CudaBackend {
         };
         // SAFETY: `x` holds `rows * k` floats and `out` `rows * n` (the callers), `w` its
         // `rows * k` bf16; `k % 8 == 0` and both operands 16-byte aligned for the kernel's
-        // vector loads (`gemv_fits`); the variant's row bound holds `rows`.
+        // vector loads (`gemv_fits`); the variant's row bound holds `rows`; `slices` is 1, 2
+        // or 4 (`set_gemv_slices`) and the grid has `per_cta` columns per CTA for it.
         ok(
-            unsafe { args!(self.stream, f, &xp, &wp, &op, &ri, &ni, &ki).launch(cfg) },
+            unsafe { args!(self.stream, f, &xp, &wp, &op, &ri, &ni, &ki, &si).launch(cfg) },
             if silu { "gemv_silu" } else { "gemv" },
         );
     }

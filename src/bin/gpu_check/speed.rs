@@ -318,7 +318,7 @@ pub fn formats(gpu: &CudaBackend, copy: Option<f64>, rows: &mut Vec<Row>) {
 /// (greedy, temperature draw) against reading the rows to the host.
 pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     use half::bf16;
-    use kvserve::backend::cuda::kernels::{GEMV_DEFAULT_ROWS, GEMV_MAX_ROWS};
+    use kvserve::backend::cuda::kernels::{GEMV_DEFAULT_ROWS, GEMV_DEFAULT_SLICES, GEMV_MAX_ROWS};
     use kvserve::model::tensor::{HostData, HostTensor};
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for (name, n, k) in [("gate_up", 16_384usize, 2048usize), ("down", 2048, 8192)] {
@@ -345,15 +345,37 @@ pub fn products(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
                 s
             };
             let (few, blas) = (per_call(true), per_call(false));
+            // The same kernel with k split over 2 and 4 warps per column group.
+            let split: Vec<(usize, f64)> = [2usize, 4]
+                .into_iter()
+                .map(|slices| {
+                    gpu.set_gemv_slices(slices);
+                    let s = per_call(true);
+                    gpu.set_gemv_slices(GEMV_DEFAULT_SLICES);
+                    (slices, s)
+                })
+                .collect();
             let bytes = (n * k * 2) as f64;
-            for (how, s, note) in [
+            let mut timings = vec![
                 (
-                    "gemv",
+                    "gemv".to_string(),
                     few,
                     format!("{:.2}x the cuBLAS hi+lo time", few / blas),
                 ),
-                ("cuBLAS hi+lo", blas, String::new()),
-            ] {
+                ("cuBLAS hi+lo".to_string(), blas, String::new()),
+            ];
+            timings.extend(split.into_iter().map(|(slices, s)| {
+                (
+                    format!("gemv, k over {slices} warps"),
+                    s,
+                    format!(
+                        "{:.2}x the cuBLAS hi+lo time, {:.2}x the gemv row's",
+                        s / blas,
+                        s / few
+                    ),
+                )
+            }));
+            for (how, s, note) in timings {
                 rows.push(measure(
                     &format!("matmul {m} rows x {name} [{n}x{k}], {how}"),
                     bytes / s / 1e9,
