@@ -383,8 +383,9 @@ impl CudaBackend {
     }
 
     /// CTAs of `f` (`ATTN_THREADS` threads, `smem` bytes of dynamic shared memory) resident on
-    /// the whole device at once, by the driver's occupancy calculator. A failed query (it has
-    /// never failed on a GPU) falls back to 4 per multiprocessor, the rule before 2026-12-01.
+    /// the whole device at once, by the driver's occupancy calculator. A failed query (not
+    /// expected for a loaded kernel) falls back to 4 per multiprocessor, the rule before
+    /// 2026-12-01.
     fn resident_ctas(&self, f: &CudaFunction, smem: u32) -> usize {
         match f.occupancy_max_active_blocks_per_multiprocessor(ATTN_THREADS, smem as usize, None) {
             Ok(per_sm) => self.sms * (per_sm as usize).max(1),
