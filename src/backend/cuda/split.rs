@@ -152,4 +152,40 @@ mod tests {
         // A context that fits one short split is one split.
         assert_eq!(decode_split(10, 1, 1, 792), (64, 1));
     }
+
+    #[test]
+    fn equal_costs_go_to_the_longest_split() {
+        // On one slot every CTA runs after the other, so the cost depends only on the number of
+        // splits: 1500 positions need 2, and every length from 768 to 1024 makes 2 at the same
+        // cost. The longest wins (the shorter ones only lengthen the last split's tail).
+        let two: Vec<usize> = (MIN_SPLIT..=MAX_SPLIT)
+            .step_by(SPLIT_STEP)
+            .filter(|&len| 1500usize.div_ceil(len) == 2)
+            .collect();
+        assert_eq!((two[0], two.len()), (768, 5));
+        assert!(two
+            .iter()
+            .all(|&len| launch_cost(1, 1500, len, 1) == launch_cost(1, 1500, 768, 1)));
+        assert_eq!(decode_split(1500, 1, 1, 1), (1024, 2));
+        // The rule in general: the pick is the longest of the cheapest lengths it may take.
+        for ctx in [100, 1500, 3000, 4096, 9000] {
+            for (n, slots) in [(1, 1), (2, 3), (5, 792), (128, 792)] {
+                let lens = (MIN_SPLIT..=MAX_SPLIT)
+                    .step_by(SPLIT_STEP)
+                    .take_while(|&len| len < ctx + SPLIT_STEP);
+                let best = lens
+                    .clone()
+                    .map(|len| launch_cost(n * 8, ctx, len, slots))
+                    .min();
+                let longest = lens
+                    .filter(|&len| Some(launch_cost(n * 8, ctx, len, slots)) == best)
+                    .max();
+                assert_eq!(
+                    Some(decode_split(ctx, n, 8, slots).0),
+                    longest,
+                    "{ctx} {n} {slots}"
+                );
+            }
+        }
+    }
 }
