@@ -203,7 +203,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                     if (grouped) w.off += u;
                     else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim, nullptr);
                     kind[u] = w.kind;
-                    if (w.kind) raw[u] = *(const uint4*)(w.base + 2 * (w.off * dim + c0));
+                    if (w.kind) raw[u] = ld_kv16(w.base + 2 * (w.off * dim + c0));
                 }
             }
 #pragma unroll
@@ -337,7 +337,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                     Where w = w0;
                     if (grouped) w.off += u;
                     else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim, nullptr);
-                    if (w.kind) raw[u] = *(const uint4*)(w.base + 2 * (w.off * dim + c0));
+                    if (w.kind) raw[u] = ld_kv16(w.base + 2 * (w.off * dim + c0));
                 }
             }
 #pragma unroll

@@ -211,6 +211,44 @@ __device__ __forceinline__ float ld_f16(const unsigned char* p) {
     return f16_to_f32(*(const unsigned short*)p);
 }
 
+// ---- K/V loads of the decode kernels ----
+// The decode kernels read each K/V byte once per launch, and nothing writes the store during a
+// decode launch (the RoPE + KV write and the sealing are earlier launches), so their K/V loads
+// take the read-only path as global loads that do not allocate in L1
+// (`ld.global.nc.L1::no_allocate`). Plain dereferences compiled to generic loads (`LD.E.128` in
+// the SASS, since block addresses come from the chunk tables), and each line was kept in L1
+// although no thread reads it again. Only kernels that never write what they read may use these.
+// `-DKV_LOAD_GENERIC` keeps the plain loads (gpu-check's A/B). Host builds dereference.
+#if defined(__CUDA_ARCH__) && !defined(KV_LOAD_GENERIC)
+__device__ __forceinline__ uint4 ld_kv16(const void* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint2 ld_kv8(const void* p) {
+    uint2 r;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ unsigned int ld_kv4(const void* p) {
+    unsigned int r;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ unsigned short ld_kv2(const void* p) {
+    unsigned short r;
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(r) : "l"(p));
+    return r;
+}
+#else
+__device__ __forceinline__ uint4 ld_kv16(const void* p) { return *(const uint4*)p; }
+__device__ __forceinline__ uint2 ld_kv8(const void* p) { return *(const uint2*)p; }
+__device__ __forceinline__ unsigned int ld_kv4(const void* p) { return *(const unsigned int*)p; }
+__device__ __forceinline__ unsigned short ld_kv2(const void* p) { return *(const unsigned short*)p; }
+#endif
+
 __device__ __forceinline__ void st_f16(unsigned char* p, unsigned short h) {
     *(unsigned short*)p = h;
 }
@@ -314,8 +352,7 @@ template <int F>
 __device__ __forceinline__ void run_8_ch(const unsigned char* run, int dim, int t, int c0,
                                          const float* s, const float* z, float* out) {
     const int bits = fmt_bits(F), e0 = t * dim + c0;
-    const unsigned int codes = bits == 4 ? *(const unsigned int*)(run + e0 / 2)
-                                         : (unsigned int)*(const unsigned short*)(run + e0 / 4);
+    const unsigned int codes = bits == 4 ? ld_kv4(run + e0 / 2) : (unsigned int)ld_kv2(run + e0 / 4);
     float c[8];
     codes_8<F == FMT_CH4 ? 4 : 2>(&codes, c);
 #pragma unroll
@@ -330,9 +367,9 @@ __device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim,
                                       float* out) {
     const int e0 = t * dim + c0;
     if (F == FMT_BF16 || F == FMT_BF16S) {
-        unpack_bf16x8(*(const uint4*)(run + 2 * e0), out);
+        unpack_bf16x8(ld_kv16(run + 2 * e0), out);
     } else if (F == FMT_I8) {
-        const uint2 raw = *(const uint2*)(run + e0);
+        const uint2 raw = ld_kv8(run + e0);
         const float s = ld_f16(run + bs * dim + 2 * t);
         const unsigned int w[2] = {raw.x, raw.y};
         float c[8];
@@ -341,8 +378,7 @@ __device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim,
         for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(c[j], s);
     } else if (F == FMT_TOK4 || F == FMT_TOK2) {
         const int bits = fmt_bits(F);
-        const unsigned int codes = bits == 4 ? *(const unsigned int*)(run + e0 / 2)
-                                             : (unsigned int)*(const unsigned short*)(run + e0 / 4);
+        const unsigned int codes = bits == 4 ? ld_kv4(run + e0 / 2) : (unsigned int)ld_kv2(run + e0 / 4);
         const int g = group_of(dim), ng = dim / g;
         const unsigned char* p = run + packed_len(bits, bs * dim) + 4 * (t * ng + c0 / g);
         const float s = ld_f16(p), z = ld_f16(p + 2);

@@ -35,8 +35,9 @@ pub(super) fn time(gpu: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Copy bandwidth, then decode attention bandwidth with the default kernels and with each
-/// `DECODE_UNROLL` in `unrolls` (kernels recompiled with that define).
-pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Result<()> {
+/// `-D NAME=VALUE` of `variants` (kernels recompiled with that one define: the A/B of a
+/// compile-time knob such as `DECODE_UNROLL` or `KV_LOAD_GENERIC`).
+pub fn bandwidth(gpu: &CudaBackend, variants: &[(&str, u32)], rows: &mut Vec<Row>) -> Result<()> {
     // The ceiling: a 2 GiB device-to-device copy, counting bytes read plus written.
     let n = 1usize << 29;
     let src = gpu.upload(&random_vec(&mut ChaCha8Rng::seed_from_u64(3), n, 1.0));
@@ -58,12 +59,17 @@ pub fn bandwidth(gpu: &CudaBackend, unrolls: &[u32], rows: &mut Vec<Row>) -> Res
     decode(gpu, copy, "", rows);
     prefill(gpu, rows);
     formats(gpu, Some(copy), rows);
-    for &u in unrolls {
-        let variant = CudaBackend::with_defines(gpu.info().clone(), &[("DECODE_UNROLL", u)])?;
-        decode(&variant, copy, &format!(", DECODE_UNROLL={u}"), rows);
+    for &(name, value) in variants {
+        let variant = CudaBackend::with_defines(gpu.info().clone(), &[(name, value)])?;
+        decode(&variant, copy, &format!(", {name}={value}"), rows);
     }
     Ok(())
 }
+
+/// The compile-time variants the decode bandwidth section times beside the default kernels:
+/// K/V read by plain (generic, L1-allocating) loads instead of `ld.global.nc.L1::no_allocate`
+/// (kernels/kv_formats.cuh, `ld_kv16`), the A/B of 2026-12-01's load path.
+pub const DECODE_VARIANTS: [(&str, u32); 1] = [("KV_LOAD_GENERIC", 1)];
 
 /// The 1B shape's attention: 32 query heads over 8 KV heads of 64.
 const SHAPE: AttnShape = AttnShape {
