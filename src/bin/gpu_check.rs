@@ -30,6 +30,8 @@ mod speed;
 mod split_sweep;
 #[path = "gpu_check/start.rs"]
 mod start;
+#[path = "gpu_check/step_anatomy.rs"]
+mod step_anatomy;
 #[path = "gpu_check/streams.rs"]
 mod streams;
 #[path = "bench_common/token_times.rs"]
@@ -304,7 +306,9 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
             policies::run(&gpu, rows, false);
             Ok(())
         }),
-        "decode bandwidth" => section(name, rows, |rows| speed::bandwidth(&gpu, &[], rows)),
+        "decode bandwidth" => section(name, rows, |rows| {
+            speed::bandwidth(&gpu, &speed::DECODE_VARIANTS, rows)
+        }),
         "products" => section(name, rows, |rows| speed::products(&gpu, rows)),
         "forward parity" => section(name, rows, |rows| forward_parity(gpu, rows).map(drop)),
         "engine" => section(name, rows, |rows| {
@@ -322,7 +326,9 @@ fn run_section(name: &str, info: &GpuInfo, args: &Args, rows: &mut Vec<Row>) -> 
             } else {
                 &only[..]
             };
-            engine_speed::engine(Arc::new(model), "", cases, rows)
+            let model = Arc::new(model);
+            engine_speed::engine(model.clone(), "", cases, rows)?;
+            step_anatomy::run(&model, rows)
         }),
         "default model" => section(name, rows, |rows| {
             let t = Instant::now();
