@@ -1,0 +1,97 @@
+//! Running the host builds of `kernels/*.cu` from the tests that check them against the CPU
+//! backend (`cuda_formats_host.rs`, `cuda_attention_host.rs`, `cuda_ops_host.rs`): building a
+//! harness of `tests/cuda_host/`, calling it on a byte input, and the little-endian bytes in
+//! between. Each test binary uses part of it.
+#![allow(dead_code)]
+
+use super::host_build;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Builds a harness (`tests/cuda_host/<cpp>`, which includes the kernel files it runs) once per
+/// test process, into `host-kernels-<test binary>` in the tests' scratch folder (rebuilt by every run, as the
+/// emulated device is). The harness sees every `kernels/` file through `-I`, with dynamic shared
+/// memory turned into a global array of the harness (see shim.h).
+pub fn build(cpp: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The kernel copies are written once: harnesses build from them on several test threads.
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        // A folder per test binary: cargo may run two of them at once.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(concat!("host-kernels-", env!("CARGO_CRATE_NAME")));
+        host_build::host_kernels(&dir);
+        dir
+    });
+    let bin = dir.join(cpp.trim_end_matches(".cpp"));
+    let out = host_build::gxx(dir)
+        .arg("-o")
+        .arg(&bin)
+        .arg(root.join("tests/cuda_host").join(cpp))
+        .output()
+        .unwrap_or_else(|e| panic!("g++ (C++20 with _Float16) is needed: {e}"));
+    assert!(
+        out.status.success(),
+        "{cpp}: build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
+pub fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
+    static SEAL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static ATTN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static NORM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static ARGMAX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static GEMV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let bin = match cmd {
+        "attention" => ATTN.get_or_init(|| build("attention.cpp")),
+        "norm" => NORM.get_or_init(|| build("norm.cpp")),
+        "argmax" | "draw" => ARGMAX.get_or_init(|| build("sampling.cpp")),
+        "gemv" => GEMV.get_or_init(|| build("gemv.cpp")),
+        _ => SEAL.get_or_init(|| build("harness.cpp")),
+    };
+    let dir = bin.parent().unwrap();
+    let tag = format!("{cmd}-{:?}", std::thread::current().id()).replace(['(', ')'], "");
+    let (i, o) = (
+        dir.join(format!("{tag}.in")),
+        dir.join(format!("{tag}.out")),
+    );
+    std::fs::write(&i, input).unwrap();
+    let st = Command::new(bin).arg(cmd).arg(&i).arg(&o).status().unwrap();
+    assert!(st.success(), "harness {cmd}: {st}");
+    let out = std::fs::read(&o).unwrap();
+    // The inputs run to tens of MB: none is left behind.
+    let _ = (std::fs::remove_file(&i), std::fs::remove_file(&o));
+    out
+}
+
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+pub const NO: u32 = u32::MAX;
+
+/// Little-endian byte writer for the harness input.
+#[derive(Default)]
+pub struct Bytes(pub Vec<u8>);
+impl Bytes {
+    pub fn u32(&mut self, v: u32) {
+        self.0.extend(v.to_le_bytes());
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.0.extend(v.to_le_bytes());
+    }
+    pub fn f32s(&mut self, v: &[f32]) {
+        for x in v {
+            self.0.extend(x.to_le_bytes());
+        }
+    }
+    pub fn u32s(&mut self, v: &[u32]) {
+        for x in v {
+            self.0.extend(x.to_le_bytes());
+        }
+    }
+}
