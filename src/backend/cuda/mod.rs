@@ -30,6 +30,7 @@ pub mod compile;
 pub mod device;
 pub mod kernels;
 mod kv_write;
+pub mod layout;
 pub mod parity;
 pub mod plan;
 pub mod scratch;
