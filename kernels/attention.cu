@@ -189,7 +189,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             // Exact reads only: keep the loads as raw 16-byte vectors until used (fewer
             // registers than floats: more CTAs per SM for this bandwidth-bound path).
             uint4 raw[UNROLL];
-            int kind[UNROLL];
+            unsigned int read = 0u;  // bit u: position tg + u is visible and stored
             Where w0 = {nullptr, 0, 0};
             if (grouped && tg < n)
                 w0 = where<false, false>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, nullptr);
@@ -197,13 +197,14 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 raw[u] = make_uint4(0u, 0u, 0u, 0u);
-                kind[u] = 0;
                 if (tg + u < n) {
                     Where w = w0;
                     if (grouped) w.off += u;
                     else w = where<false, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim, nullptr);
-                    kind[u] = w.kind;
-                    if (w.kind) raw[u] = ld_kv16(w.base + 2 * (w.off * dim + c0));
+                    if (w.kind) {
+                        read |= 1u << u;
+                        raw[u] = ld_kv16(w.base + 2 * (w.off * dim + c0));
+                    }
                 }
             }
 #pragma unroll
@@ -219,12 +220,14 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                     v[g] = d;
                 }
                 group_reduce<G_MAX>(v, ln, tpk);
-                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = kind[u] ? v[0] : NEG_INF;
+                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? v[0] : NEG_INF;
             }
             continue;
         }
         float kf[UNROLL][8];
-        int kind[UNROLL];
+        // Bit u: position tg + u is read (`read`), from its sealed copy (`sealed`). Bit masks,
+        // not an int per position: fewer live registers (the exact path spilled them).
+        unsigned int read = 0u, sealed = 0u;
         Where w0 = {nullptr, 0, 0};
         if (grouped && tg < n)
             w0 = where<SEALED, LATENT>(a, table, t0 + tg, own, block_size, bs_shift, 0, kvh, dim, sel);
@@ -240,12 +243,12 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) kf[u][j] = 0.0f;
-            kind[u] = 0;
             if (tg + u < n) {
                 Where w = w0;
                 if (grouped) w.off += u;
                 else w = where<SEALED, LATENT>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim, sel);
-                kind[u] = w.kind;
+                if (w.kind) read |= 1u << u;
+                if (w.kind == 2) sealed |= 1u << u;
                 if (w.kind == 1) {
                     run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, kf[u]);
                 } else if (w.kind == 2) {
@@ -271,7 +274,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                 float other[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) other[j] = __shfl_xor_sync(0xffffffffu, kf[u][j], tpk / 2);
-                if (kind[u] == 2) {
+                if ((sealed >> u) & 1u) {
                     const int pos = t0 + tg + u;
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
@@ -295,7 +298,7 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                 v[g] = d;
             }
             group_reduce<G_MAX>(v, ln, tpk);
-            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = kind[u] ? v[0] : NEG_INF;
+            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? v[0] : NEG_INF;
         }
     }
     __syncthreads();
@@ -358,25 +361,24 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             continue;
         }
         float vf[UNROLL][8];
-        int kind[UNROLL];
+        unsigned int read = 0u;  // bit u: position tg + u is read
         Where w0 = {nullptr, 0, 0};
         if (grouped) w0 = where<SEALED, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim, sel);
         if (sparse && w0.kind == 0) continue;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            kind[u] = 0;
             if (tg + u < n) {
                 Where w = w0;
                 if (grouped) w.off += u;
                 else w = where<SEALED, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim, sel);
-                kind[u] = w.kind;
+                if (w.kind) read |= 1u << u;
                 if (w.kind == 1) run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, vf[u]);
                 else if (w.kind == 2) run_8<VF == FMT_LAT ? FMT_BF16 : VF>(w.base, block_size, dim, w.off, c0, vf[u]);
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            if (kind[u]) {
+            if ((read >> u) & 1u) {
 #pragma unroll
                 for (int g = 0; g < G_MAX; ++g) {
                     if (g < G) {

@@ -95,10 +95,13 @@ const DTYPES: [&str; 3] = ["f32", "bf16", "u8"];
 
 /// Spills allowed, as (arch, kernel, most bytes stored or loaded). The exact decode kernel of
 /// a query group of 4 loads 8 positions per step on sm_90 (`DECODE_UNROLL`), which needs more
-/// registers than its 6-CTA cap: NVRTC 13.x spills up to 60 bytes per thread there. On an
-/// H200 that kernel read 73.2–73.6 % of copy bandwidth at 128 × 4096 against 68.1–68.8 % at 4
-/// positions per step without spills (docs/cuda.md), so the spill stays.
-const ALLOWED_SPILLS: [(u32, &str, usize); 1] = [(90, "paged_decode_g4_bf16", 64)];
+/// registers than its 6-CTA cap: NVRTC 13.5 spilled 60 bytes per thread there until
+/// 2026-12-01; since the per-position read flags became a bit mask (`read` in attention.cu),
+/// 4 bytes stored and 12 loaded. On an H200 the 60-byte build read 73.2–73.6 % of copy
+/// bandwidth at 128 × 4096 against 68.1–68.8 % at 4 positions per step without spills
+/// (docs/cuda.md), so a spill is allowed; 16 bytes leave room for another NVRTC 13.x, and a
+/// return of the 60 fails here.
+const ALLOWED_SPILLS: [(u32, &str, usize); 1] = [(90, "paged_decode_g4_bf16", 16)];
 
 /// Names of the global function symbols of an ELF64 little-endian image (a CUBIN's kernels).
 fn global_functions(elf: &[u8]) -> Vec<String> {
