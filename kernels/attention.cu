@@ -118,6 +118,36 @@ __device__ __forceinline__ bool skip_step(const Where& w0, bool writer, float* s
     return true;
 }
 
+// The sealed kernels' loads of one step: positions p0 .. p0 + UNROLL (the first `left` of them
+// in the split) of K (v = 0) or V (v = 1), each as raw words (`load_8`): the exact copy as a
+// bf16 row, the sealed one in format F. Bit u of `read` is set when position p0 + u is read, of
+// `sealed` when from its sealed copy. `w0` is the step's first position when `grouped` (the
+// step within one block), else each position looks its block up. No decoding here: the step's
+// loads are all issued before any is used.
+template <int F, int UNROLL>
+__device__ __forceinline__ void load_step(const KvArgs& a, const unsigned int* table, Where w0,
+                                          bool grouped, int p0, int left, int own, int block_size,
+                                          int bs_shift, int v, int kvh, int dim,
+                                          const unsigned int* sel, int c0, Raw8* raw,
+                                          unsigned int& read, unsigned int& sealed) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        raw[u] = raw8_zero();
+        if (u < left) {
+            Where w = w0;
+            if (grouped) w.off += u;
+            else w = where<true, false>(a, table, p0 + u, own, block_size, bs_shift, v, kvh, dim, sel);
+            if (w.kind) read |= 1u << u;
+            if (w.kind == 1) {
+                raw[u] = load_8<FMT_BF16>(w.base, block_size, dim, w.off, c0);
+            } else if (w.kind == 2) {
+                sealed |= 1u << u;
+                raw[u] = load_8<F>(w.base, block_size, dim, w.off, c0);
+            }
+        }
+    }
+}
+
 // G_MAX bounds the group at compile time (register arrays); the runtime group G is <= G_MAX.
 // A thread group of tpk = dim / 8 threads handles UNROLL consecutive positions per step (one
 // block-table lookup for all of them when block_size is a multiple of UNROLL), each thread
@@ -224,7 +254,6 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             }
             continue;
         }
-        float kf[UNROLL][8];
         // Bit u: position tg + u is read (`read`), from its sealed copy (`sealed`). Bit masks,
         // not an int per position: fewer live registers (the exact path spilled them).
         unsigned int read = 0u, sealed = 0u;
@@ -239,6 +268,48 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         if constexpr (CH) {
             if (grouped && w0.kind == 2) ch_params<KF>(w0.base, block_size, dim, c0, chs, chz);
         }
+        if constexpr (!LATENT) {
+            // Every position's bytes first (`load_8`), then the decodes: the step's loads are
+            // in flight together.
+            Raw8 raw[UNROLL];
+            load_step<KF, UNROLL>(a, table, w0, grouped, t0 + tg, n - tg, own, block_size, bs_shift,
+                                  0, kvh, dim, sel, c0, raw, read, sealed);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                float kf[8];
+                if ((sealed >> u) & 1u) {
+                    if constexpr (CH) {
+                        if (grouped) {
+                            decode_8_ch<KF>(raw[u], chs, chz, kf);
+                        } else {
+                            // Blocks whose size is not a multiple of UNROLL: this position's
+                            // own block's parameters.
+                            const Where w = where<SEALED, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 0, kvh, dim, sel);
+                            float s[8], z[8];
+                            ch_params<KF>(w.base, block_size, dim, c0, s, z);
+                            decode_8_ch<KF>(raw[u], s, z, kf);
+                        }
+                    } else {
+                        decode_8<KF>(raw[u], kf);
+                    }
+                } else {
+                    decode_8<FMT_BF16>(raw[u], kf);  // the exact copy, or zeros (not read)
+                }
+                float v[G_MAX];
+#pragma unroll
+                for (int g = 0; g < G_MAX; ++g) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
+                    v[g] = d;
+                }
+                group_reduce<G_MAX>(v, ln, tpk);
+                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? v[0] : NEG_INF;
+            }
+            continue;
+        }
+        // mhc keys: rebuilt from the latent per position, then rotated across lanes.
+        float kf[UNROLL][8];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
@@ -252,20 +323,13 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                 if (w.kind == 1) {
                     run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, kf[u]);
                 } else if (w.kind == 2) {
-                    if constexpr (LATENT) {
 #pragma unroll
-                        for (int j = 0; j < 8; ++j)
-                            kf[u][j] = latent_elem(a, w.base, kv_heads * dim, w.off, kvh * dim + c0 + j);
-                    } else if constexpr (CH) {
-                        if (grouped) run_8_ch<KF>(w.base, dim, w.off, c0, chs, chz, kf[u]);
-                        else run_8<KF>(w.base, block_size, dim, w.off, c0, kf[u]);
-                    } else {
-                        run_8<KF>(w.base, block_size, dim, w.off, c0, kf[u]);
-                    }
+                    for (int j = 0; j < 8; ++j)
+                        kf[u][j] = latent_elem(a, w.base, kv_heads * dim, w.off, kvh * dim + c0 + j);
                 }
             }
         }
-        if constexpr (LATENT) {
+        {
             // Rotate the reconstructions to their positions: pair i is (i, i + dim / 2), whose
             // other half lives in lane ln ^ (tpk / 2) of the same thread group.
             const int half = dim / 2;
@@ -360,31 +424,29 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             }
             continue;
         }
-        float vf[UNROLL][8];
-        unsigned int read = 0u;  // bit u: position tg + u is read
+        // As for the keys: every position's bytes first, then the decodes. Values are never
+        // per-channel, and mhc keeps them in a plain run (bf16 for mhcbf16).
+        constexpr int VR = VF == FMT_LAT ? FMT_BF16 : VF;
+        static_assert(VR != FMT_CH4 && VR != FMT_CH2, "per-channel values");
+        Raw8 raw[UNROLL];
+        unsigned int read = 0u, sealed = 0u;  // as in the key pass
         Where w0 = {nullptr, 0, 0};
         if (grouped) w0 = where<SEALED, false>(a, table, t0 + tg, own, block_size, bs_shift, 1, kvh, dim, sel);
         if (sparse && w0.kind == 0) continue;
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            if (tg + u < n) {
-                Where w = w0;
-                if (grouped) w.off += u;
-                else w = where<SEALED, false>(a, table, t0 + tg + u, own, block_size, bs_shift, 1, kvh, dim, sel);
-                if (w.kind) read |= 1u << u;
-                if (w.kind == 1) run_8<FMT_BF16>(w.base, block_size, dim, w.off, c0, vf[u]);
-                else if (w.kind == 2) run_8<VF == FMT_LAT ? FMT_BF16 : VF>(w.base, block_size, dim, w.off, c0, vf[u]);
-            }
-        }
+        load_step<VR, UNROLL>(a, table, w0, grouped, t0 + tg, n - tg, own, block_size, bs_shift, 1,
+                              kvh, dim, sel, c0, raw, read, sealed);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if ((read >> u) & 1u) {
+                float vf[8];
+                if ((sealed >> u) & 1u) decode_8<VR>(raw[u], vf);
+                else decode_8<FMT_BF16>(raw[u], vf);
 #pragma unroll
                 for (int g = 0; g < G_MAX; ++g) {
                     if (g < G) {
                         float pg = sc[g * split_len + tg + u];
 #pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[u][j];
+                        for (int j = 0; j < 8; ++j) acc[g][j] += pg * vf[j];
                     }
                 }
             }

@@ -335,7 +335,7 @@ __device__ __forceinline__ void codes_8(const unsigned int* codes, float* f) {
 
 // The 8 channels' scales and zeros from c0 of a per-channel run (FMT_CH4, FMT_CH2): the same
 // for every token of the block, so a caller decoding several tokens of one block loads them
-// once (`run_8_ch`).
+// once (`decode_8_ch`).
 template <int F>
 __device__ __forceinline__ void ch_params(const unsigned char* run, int bs, int dim, int c0,
                                           float* s, float* z) {
@@ -347,49 +347,94 @@ __device__ __forceinline__ void ch_params(const unsigned char* run, int bs, int 
     }
 }
 
-// Elements (t, c0 .. c0 + 8) of a per-channel run given `ch_params`' scales and zeros.
+// What one thread loads for elements (t, c0 .. c0 + 8) of a run, before decoding: `v` the bf16
+// row (16 bytes) or the codes (v.x; int8 also v.y), `p` the f16 parameters (int8: the scale;
+// per-token 4/2-bit: scale | zero << 16; per-channel: none, `ch_params` has them). Why apart
+// from the decode: a decode kernel loads every position of its step (`load_8`) before decoding
+// any (`decode_8`), so the step's loads are in flight together. Decoding each position as it
+// was loaded made the warp wait for one load before issuing the next.
+struct Raw8 {
+    uint4 v;
+    unsigned int p;
+};
+
+__device__ __forceinline__ Raw8 raw8_zero() {
+    Raw8 r;
+    r.v = make_uint4(0u, 0u, 0u, 0u);
+    r.p = 0u;
+    return r;
+}
+
+// The loads of `run_8` (format F, not FMT_LAT); c0 a multiple of 8, dim a multiple of 8 and runs
+// 16-byte aligned, so the code loads are aligned vector loads.
 template <int F>
-__device__ __forceinline__ void run_8_ch(const unsigned char* run, int dim, int t, int c0,
-                                         const float* s, const float* z, float* out) {
-    const int bits = fmt_bits(F), e0 = t * dim + c0;
-    const unsigned int codes = bits == 4 ? ld_kv4(run + e0 / 2) : (unsigned int)ld_kv2(run + e0 / 4);
+__device__ __forceinline__ Raw8 load_8(const unsigned char* run, int bs, int dim, int t, int c0) {
+    const int e0 = t * dim + c0;
+    Raw8 r = raw8_zero();
+    if (F == FMT_BF16 || F == FMT_BF16S) {
+        r.v = ld_kv16(run + 2 * e0);
+    } else if (F == FMT_I8) {
+        const uint2 c = ld_kv8(run + e0);
+        r.v.x = c.x;
+        r.v.y = c.y;
+        r.p = *(const unsigned short*)(run + bs * dim + 2 * t);
+    } else {
+        const int bits = fmt_bits(F);
+        r.v.x = bits == 4 ? ld_kv4(run + e0 / 2) : (unsigned int)ld_kv2(run + e0 / 4);
+        if (F == FMT_TOK4 || F == FMT_TOK2) {
+            const int g = group_of(dim), ng = dim / g;
+            const unsigned char* p = run + packed_len(bits, bs * dim) + 4 * (t * ng + c0 / g);
+            r.p = (unsigned int)*(const unsigned short*)p |
+                  ((unsigned int)*(const unsigned short*)(p + 2) << 16);
+        }
+    }
+    return r;
+}
+
+// The 8 floats of a per-channel `load_8` given `ch_params`' scales and zeros.
+template <int F>
+__device__ __forceinline__ void decode_8_ch(const Raw8& r, const float* s, const float* z,
+                                            float* out) {
     float c[8];
-    codes_8<F == FMT_CH4 ? 4 : 2>(&codes, c);
+    codes_8<F == FMT_CH4 ? 4 : 2>(&r.v.x, c);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(z[j], __fmul_rn(c[j], s[j]));
 }
 
-// Elements (t, c0 .. c0 + 8) of a run of format F (not FMT_LAT); c0 a multiple of 8, dim a
-// multiple of 8 and runs 16-byte aligned, so the code loads are aligned vector loads. Codes
-// become floats by `codes_8`.
+// The 8 floats of a `load_8` of format F (not per-channel, not FMT_LAT); codes become floats by
+// `codes_8`.
 template <int F>
-__device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim, int t, int c0,
-                                      float* out) {
-    const int e0 = t * dim + c0;
+__device__ __forceinline__ void decode_8(const Raw8& r, float* out) {
     if (F == FMT_BF16 || F == FMT_BF16S) {
-        unpack_bf16x8(ld_kv16(run + 2 * e0), out);
+        unpack_bf16x8(r.v, out);
     } else if (F == FMT_I8) {
-        const uint2 raw = ld_kv8(run + e0);
-        const float s = ld_f16(run + bs * dim + 2 * t);
-        const unsigned int w[2] = {raw.x, raw.y};
+        const float s = f16_to_f32((unsigned short)(r.p & 0xffffu));
+        const unsigned int w[2] = {r.v.x, r.v.y};
         float c[8];
         codes_8<8>(w, c);
 #pragma unroll
         for (int j = 0; j < 8; ++j) out[j] = __fmul_rn(c[j], s);
-    } else if (F == FMT_TOK4 || F == FMT_TOK2) {
-        const int bits = fmt_bits(F);
-        const unsigned int codes = bits == 4 ? ld_kv4(run + e0 / 2) : (unsigned int)ld_kv2(run + e0 / 4);
-        const int g = group_of(dim), ng = dim / g;
-        const unsigned char* p = run + packed_len(bits, bs * dim) + 4 * (t * ng + c0 / g);
-        const float s = ld_f16(p), z = ld_f16(p + 2);
+    } else {
+        const float s = f16_to_f32((unsigned short)(r.p & 0xffffu));
+        const float z = f16_to_f32((unsigned short)(r.p >> 16));
         float c[8];
-        codes_8<F == FMT_TOK4 ? 4 : 2>(&codes, c);
+        codes_8<F == FMT_TOK4 ? 4 : 2>(&r.v.x, c);
 #pragma unroll
         for (int j = 0; j < 8; ++j) out[j] = __fadd_rn(z, __fmul_rn(c[j], s));
-    } else {
+    }
+}
+
+// Elements (t, c0 .. c0 + 8) of a run of format F (not FMT_LAT), loaded and decoded at once.
+template <int F>
+__device__ __forceinline__ void run_8(const unsigned char* run, int bs, int dim, int t, int c0,
+                                      float* out) {
+    const Raw8 r = load_8<F>(run, bs, dim, t, c0);
+    if (F == FMT_CH4 || F == FMT_CH2) {
         float s[8], z[8];
         ch_params<F>(run, bs, dim, c0, s, z);
-        run_8_ch<F>(run, dim, t, c0, s, z, out);
+        decode_8_ch<F>(r, s, z, out);
+    } else {
+        decode_8<F>(r, out);
     }
 }
 

@@ -242,7 +242,12 @@ fn attention_case(
         kvh as u32,
         d as u32,
         bs as u32,
-        bs.trailing_zeros(),
+        // log2 of a power-of-two block size, else -1 (as the backend passes it).
+        if bs.is_power_of_two() {
+            bs.trailing_zeros()
+        } else {
+            u32::MAX
+        },
         split as u32,
         max_splits as u32,
         n as u32,
@@ -388,10 +393,21 @@ fn attention_kernels_match_the_cpu_for_every_policy() {
             other_shapes.push((policy, 16, s));
         }
     }
+    // Blocks of 6 tokens, not a multiple of the sealed decode's 4 positions per step: every
+    // position finds its own block (and kivi4's per-channel keys their block's parameters).
+    let odd_blocks: Vec<KvPolicy> = if std::env::var("KV_ONLY").is_err() {
+        vec![
+            KvPolicy::format(Codec::Kivi4),
+            KvPolicy::format(Codec::K8v4),
+        ]
+    } else {
+        Vec::new()
+    };
     let runs = cases
         .into_iter()
         .map(|p| (p, bs, shape(8, 2, 64)))
         .chain(small_blocks.into_iter().map(|p| (p, 8, shape(8, 2, 64))))
+        .chain(odd_blocks.into_iter().map(|p| (p, 6, shape(8, 2, 64))))
         .chain(other_shapes);
     for (policy, bs, shape) in runs {
         let l = policy
