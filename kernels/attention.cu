@@ -64,6 +64,23 @@ __device__ __forceinline__ void group_reduce(float* v, int ln, int tpk) {
     for (int o = tpk / (2 * G_MAX); o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
 }
 
+// One position's score for this lane's head: the thread's 8 channels of the key `kf` against
+// each query of the group (`qr`, pre-scaled), summed over the thread group by `group_reduce`.
+template <int G_MAX>
+__device__ __forceinline__ float group_score(const float (&qr)[G_MAX][8], const float* kf, int ln,
+                                             int tpk) {
+    float v[G_MAX];
+#pragma unroll
+    for (int g = 0; g < G_MAX; ++g) {
+        float d = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
+        v[g] = d;
+    }
+    group_reduce<G_MAX>(v, ln, tpk);
+    return v[0];
+}
+
 template <int G_MAX>
 __device__ __forceinline__ int group_head(int ln, int tpk) {
     int head = 0;
@@ -241,16 +258,8 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
             for (int u = 0; u < UNROLL; ++u) {
                 float kf[8];
                 unpack_bf16x8(raw[u], kf);
-                float v[G_MAX];
-#pragma unroll
-                for (int g = 0; g < G_MAX; ++g) {
-                    float d = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
-                    v[g] = d;
-                }
-                group_reduce<G_MAX>(v, ln, tpk);
-                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? v[0] : NEG_INF;
+                const float score = group_score<G_MAX>(qr, kf, ln, tpk);
+                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? score : NEG_INF;
             }
             continue;
         }
@@ -295,16 +304,8 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
                 } else {
                     decode_8<FMT_BF16>(raw[u], kf);  // the exact copy, or zeros (not read)
                 }
-                float v[G_MAX];
-#pragma unroll
-                for (int g = 0; g < G_MAX; ++g) {
-                    float d = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[j];
-                    v[g] = d;
-                }
-                group_reduce<G_MAX>(v, ln, tpk);
-                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? v[0] : NEG_INF;
+                const float score = group_score<G_MAX>(qr, kf, ln, tpk);
+                if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? score : NEG_INF;
             }
             continue;
         }
@@ -353,16 +354,8 @@ __device__ void paged_decode(const float* qkv, const unsigned int* meta, const u
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            float v[G_MAX];
-#pragma unroll
-            for (int g = 0; g < G_MAX; ++g) {
-                float d = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) d += qr[g][j] * kf[u][j];
-                v[g] = d;
-            }
-            group_reduce<G_MAX>(v, ln, tpk);
-            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? v[0] : NEG_INF;
+            const float score = group_score<G_MAX>(qr, kf[u], ln, tpk);
+            if (writer && tg + u < n) sc[my_head * split_len + tg + u] = (read >> u) & 1u ? score : NEG_INF;
         }
     }
     __syncthreads();
