@@ -3,8 +3,9 @@
 //! driver can only JIT PTX from an NVRTC no newer than itself), and cached on disk keyed by the
 //! source hash, the architecture, the NVRTC version and the driver version.
 //!
-//! `common.cuh` and `kv_formats.cuh` are pasted in place of each file's `#include` lines, so NVRTC
-//! needs no include path and no CUDA headers (bf16 and f16 are handled as raw bits).
+//! `common.cuh`, `kv_formats.cuh` and `decode_steps.cuh` are pasted in place of each file's
+//! `#include` lines, so NVRTC needs no include path and no CUDA headers (bf16 and f16 are
+//! handled as raw bits).
 
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use std::ffi::CString;
@@ -14,6 +15,8 @@ use std::path::PathBuf;
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 /// `kernels/kv_formats.cuh`: the KV formats and slab addressing (after `common.cuh`).
 const KV_FORMATS: &str = include_str!("../../../kernels/kv_formats.cuh");
+/// `kernels/decode_steps.cuh`: the decode attention kernel's steps (after `kv_formats.cuh`).
+const DECODE_STEPS: &str = include_str!("../../../kernels/decode_steps.cuh");
 
 /// Every kernel file: (file name, source).
 pub const KERNEL_FILES: &[(&str, &str)] = &[
@@ -35,11 +38,12 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
 ];
 
-/// The source NVRTC sees for `src`: `common.cuh` and `kv_formats.cuh` pasted in place of their
-/// include lines.
+/// The source NVRTC sees for `src`: `common.cuh`, `kv_formats.cuh` and `decode_steps.cuh`
+/// pasted in place of their include lines.
 pub fn expand(src: &str) -> String {
     src.replace("#include \"common.cuh\"", COMMON)
         .replace("#include \"kv_formats.cuh\"", KV_FORMATS)
+        .replace("#include \"decode_steps.cuh\"", DECODE_STEPS)
 }
 
 /// Programs each file is compiled as (`-DKV_PARTS=P -DKV_PART=i`, kernels/kv_formats.cuh): the

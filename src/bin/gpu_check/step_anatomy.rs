@@ -9,6 +9,7 @@
 //! `forward_step`'s return (every launch issued, none waited for) and after a synchronisation.
 //! The no-logits steps skip the last norm and the LM head (one more product of 131 MB).
 
+use super::speed::median;
 use super::{measure, Row};
 use anyhow::Result;
 use kvserve::backend::cuda::CudaBackend;
@@ -21,11 +22,6 @@ const BATCHES: [usize; 3] = [1, 2, 8];
 const PROMPT: usize = 128;
 const STEPS: usize = 32;
 const BLOCK: usize = 16;
-
-fn median_ms(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2] * 1e3
-}
 
 /// One step of every sequence: `len` tokens from position `start`.
 fn step<'a>(
@@ -86,7 +82,8 @@ pub fn run(model: &Llama<CudaBackend>, rows: &mut Vec<Row>) -> Result<()> {
             gpu.synchronize();
             done.push(t0.elapsed().as_secs_f64());
         }
-        let (issued, done, engine) = (median_ms(issued), median_ms(done), median_ms(engine));
+        let ms = |v: Vec<f64>| median(v) * 1e3;
+        let (issued, done, engine) = (ms(issued), ms(done), ms(engine));
         rows.push(measure(
             &format!("decode step 1B, batch {n}: host issue"),
             issued * 1e3,
