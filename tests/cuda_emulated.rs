@@ -382,3 +382,44 @@ fn a_kv_pool_larger_than_the_device_is_refused_at_start() {
         "{log}"
     );
 }
+
+/// The emulated device's memory faults where a GPU's memcheck would report: a read past the end
+/// of a buffer (beyond its rounding to 256 bytes) and a write to a freed buffer each stop the
+/// process with a report naming the buffer, and the last byte inside the rounding is readable
+/// (and unwritten: 0xFF). Without this, such an access by a kernel read a neighbour's bytes.
+#[test]
+fn the_emulated_device_faults_on_access_past_a_buffer_or_after_free() {
+    let dir = emulator();
+    let bin = dir.join("emu_guard");
+    let out = gxx(dir)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_host/emu_guard.cpp"))
+        .arg("-o")
+        .arg(&bin)
+        .arg("-L")
+        .arg(dir)
+        .arg("-lcuda")
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = |case: &str| Command::new(&bin).arg(case).output().unwrap();
+    let inside = run("inside");
+    assert!(inside.status.success(), "{inside:?}");
+    assert_eq!(String::from_utf8_lossy(&inside.stdout).trim(), "255");
+    for (case, report) in [
+        ("past", "1024 bytes from the start of a 1024-byte buffer"),
+        (
+            "freed",
+            "8 bytes from the start of a freed 1024-byte buffer",
+        ),
+    ] {
+        let out = run(case);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{case}: ran on ({err})");
+        assert!(err.contains(report), "{case}: {err}");
+    }
+}

@@ -17,7 +17,10 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <signal.h>
 #include <string>
+#include <sys/mman.h>
+#include <unistd.h>
 
 namespace {
 
@@ -193,40 +196,117 @@ CUresult cuMemPoolTrimTo(Handle, size_t) { return SUCCESS; }
 // The device has KVSERVE_EMU_MEM_BYTES bytes (default 16 GiB), and cuMemGetInfo counts memory
 // kept for reuse as used, as the driver counts a pool's reserved memory: an allocation past
 // the total first gives the kept memory back, then fails with CUDA_ERROR_OUT_OF_MEMORY.
+//
+// Each allocation is mapped on its own and ends where a page that cannot be touched begins (its
+// start moved up to keep the 256-byte alignment), and memory kept for reuse cannot be touched
+// until it is handed out again. So a kernel or copy that reads or writes past the end of its
+// buffer (by more than the rounding to 256 bytes), or a buffer after it was freed, faults at
+// that access instead of reading a neighbour, as compute-sanitizer's memcheck would report it on
+// a GPU; the fault handler names the kernel and the buffer, then aborts.
 namespace {
 std::mutex g_mem_lock;
+struct Mapping {
+    char* base;   // the mapping: head padding, the buffer, one page with no access
+    size_t len;
+    size_t size;  // the buffer's bytes (a multiple of 256)
+};
 std::map<size_t, std::vector<void*>> g_free;
-std::map<void*, size_t> g_size;
-size_t g_live = 0, g_kept = 0;  // bytes in live allocations / kept for reuse
+std::map<void*, Mapping> g_map;  // every allocation, live or kept, by its device pointer
+std::map<void*, size_t> g_size;  // live allocations' sizes
+size_t g_live = 0, g_kept = 0;   // bytes in live allocations / kept for reuse
+emu::Entry g_running = nullptr;  // the kernel running, for the fault report
+struct sigaction g_prev_segv;
+
+size_t page_bytes() {
+    static const size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+
+// Faults in a guard page or in kept memory are reported and abort; any other goes on to the
+// handler that was there before (Rust's stack-overflow report).
+void on_segv(int sig, siginfo_t* info, void* ctx) {
+    const char* a = (const char*)info->si_addr;
+    for (auto& [ptr, m] : g_map) {
+        if (a < m.base || a >= m.base + m.len) continue;
+        const char* buf = (const char*)ptr;
+        const char* name = "a copy or the host";
+        for (auto& [n, e] : registry())
+            if (g_running && e == g_running) name = n.c_str();
+        const bool live = g_size.count(ptr) != 0;
+        // Formatted into a static buffer and written: the handler runs on the thread's small
+        // signal stack, too small for stderr's unbuffered fprintf.
+        static char msg[512];
+        const int n = std::snprintf(msg, sizeof msg,
+                                    "emulated device: %s touched %p, %zd bytes from the start of "
+                                    "a%s %zu-byte buffer at %p\n",
+                                    name, (const void*)a, (ssize_t)(a - buf), live ? "" : " freed",
+                                    m.size, ptr);
+        if (write(2, msg, n > 0 ? (size_t)n : 0) < 0) {}
+        std::abort();
+    }
+    if (g_prev_segv.sa_flags & SA_SIGINFO) {
+        if (g_prev_segv.sa_sigaction) return g_prev_segv.sa_sigaction(sig, info, ctx);
+    } else if (g_prev_segv.sa_handler != SIG_DFL && g_prev_segv.sa_handler != SIG_IGN) {
+        return g_prev_segv.sa_handler(sig);
+    }
+    signal(SIGSEGV, SIG_DFL);  // the fault happens again, with the default action
+}
+
+void* map_buffer(size_t size) {
+    const size_t pg = page_bytes();
+    const size_t len = (size + pg - 1) / pg * pg + pg;
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    char* base = (char*)m;
+    mprotect(base + len - pg, pg, PROT_NONE);
+    char* ptr = base + len - pg - size;
+    g_map[ptr] = Mapping{base, len, size};
+    return ptr;
+}
+
+// The pages of a buffer (not its guard): open to the kernels, or shut while it is kept.
+void set_access(void* ptr, bool open) {
+    const Mapping& m = g_map.at(ptr);
+    const size_t pg = page_bytes();
+    char* first = (char*)((uintptr_t)ptr / pg * pg);
+    mprotect(first, (size_t)(m.base + m.len - pg - first), open ? PROT_READ | PROT_WRITE : PROT_NONE);
+}
 }  // namespace
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
-    const size_t size = ((bytes + 255) / 256) * 256 + 256;
-    void* m = nullptr;
-    {
-        std::lock_guard<std::mutex> g(g_mem_lock);
-        auto it = g_free.find(size);
-        if (it != g_free.end() && !it->second.empty()) {
-            m = it->second.back();
-            it->second.pop_back();
-            g_kept -= size;
-        } else {
-            if (g_live + g_kept + size > total_bytes()) {
-                for (auto& [_, list] : g_free)
-                    for (void* f : list) std::free(f);
-                g_free.clear();
-                g_kept = 0;
-            }
-            if (g_live + size > total_bytes()) return OUT_OF_MEMORY;
-        }
-        g_live += size;  // claimed before the lock is let go
-    }
-    if (!m) m = std::aligned_alloc(256, size);
+    static std::once_flag handler;
+    std::call_once(handler, [] {
+        struct sigaction sa {};
+        sa.sa_sigaction = on_segv;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_prev_segv);
+    });
+    const size_t size = bytes == 0 ? 256 : (bytes + 255) / 256 * 256;
     std::lock_guard<std::mutex> g(g_mem_lock);
-    if (!m) {
-        g_live -= size;
-        return OUT_OF_MEMORY;
+    void* m = nullptr;
+    auto it = g_free.find(size);
+    if (it != g_free.end() && !it->second.empty()) {
+        m = it->second.back();
+        it->second.pop_back();
+        g_kept -= size;
+        set_access(m, true);
+    } else {
+        if (g_live + g_kept + size > total_bytes()) {
+            for (auto& [_, list] : g_free)
+                for (void* f : list) {
+                    munmap(g_map.at(f).base, g_map.at(f).len);
+                    g_map.erase(f);
+                }
+            g_free.clear();
+            g_kept = 0;
+        }
+        if (g_live + size > total_bytes()) return OUT_OF_MEMORY;
+        m = map_buffer(size);
+        if (!m) return OUT_OF_MEMORY;
     }
+    g_live += size;
     if (!g_skip)
         std::memset(m, 0xFF, size);
     else if (size <= (64 << 10))
@@ -243,6 +323,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     g_free[it->second].push_back((void*)p);
     g_live -= it->second;
     g_kept += it->second;
+    set_access((void*)p, false);
     g_size.erase(it);
     return SUCCESS;
 }
@@ -324,7 +405,9 @@ CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigne
     std::lock_guard<std::mutex> g(g_lock);
     g_count.launches++;
     g_count.per_kernel[(emu::Entry)f]++;
+    g_running = (emu::Entry)f;
     if (!g_skip) ((emu::Entry)f)(params, dim3h{gx, gy, gz}, bx);
+    g_running = nullptr;
     return SUCCESS;
 }
 

@@ -6,6 +6,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <sys/mman.h>
 #include <vector>
@@ -45,10 +47,18 @@ struct FiberState {
     void* sched = nullptr;          // the scheduler's saved stack pointer
     std::vector<void*> sp;          // each fiber's saved stack pointer
     std::vector<char> done;
+    // The barrier generation each fiber waits to see change (null: not waiting): the scheduler
+    // skips a fiber whose barrier has not opened instead of switching to it to find out.
+    std::vector<const unsigned long*> wait_on;
+    std::vector<unsigned long> wait_gen;
+    unsigned from = 0;              // no fiber before this place in the run order can run
     unsigned cur = 0, alive = 0;
     std::function<void()> body;     // the CTA's kernel call, run by every fiber
     char* stacks = nullptr;
     unsigned capacity = 0;          // fibers the stacks hold
+    // The order the next CTA's threads run in; the first CTA's from the environment, so that a
+    // harness that runs one CTA per process can be run in both orders (tests/cuda_host/host_run.rs).
+    bool descending = std::getenv("KVSERVE_FIBERS_DESCENDING") != nullptr;
     static constexpr size_t STACK = 256 << 10;
 };
 inline FiberState g_fib;
@@ -73,15 +83,25 @@ struct FiberBarrier {
         if (++count == n) {
             count = 0;
             ++gen;
+            g_fib.from = 0;  // the fibers it held may come before the scheduler's place
             return;
         }
+        g_fib.wait_on[g_fib.cur] = &gen;
+        g_fib.wait_gen[g_fib.cur] = g;
         while (gen == g) fiber_yield();
+        g_fib.wait_on[g_fib.cur] = nullptr;
     }
     unsigned n, count = 0;
     unsigned long gen = 0;
 };
 
-// Runs `f` once per thread of a CTA of `threads` fibers, round robin until all have returned;
+// Runs `f` once per thread of a CTA of `threads` fibers. The scheduler always resumes the first
+// fiber in the run order that can go on (not finished, not waiting at a barrier that is still
+// shut), so one warp runs as far as it can before the next starts: a warp reads shared memory
+// before a later warp writes it, or overwrites it before a later warp has read it, wherever a
+// barrier is missing between the two. Every other CTA runs in the opposite order (last thread
+// first), which puts the later warps ahead instead. If every live fiber waits at a shut
+// barrier, the CTA could never finish on a GPU either: that stops the process with a message.
 // `set` is told which thread runs before each switch to it.
 template <typename Set, typename F>
 void fiber_run_cta(unsigned threads, Set set, F& f) {
@@ -96,6 +116,8 @@ void fiber_run_cta(unsigned threads, Set set, F& f) {
     g_fib.body = [&f] { f(); };
     g_fib.sp.assign(threads, nullptr);
     g_fib.done.assign(threads, 0);
+    g_fib.wait_on.assign(threads, nullptr);
+    g_fib.wait_gen.assign(threads, 0);
     for (unsigned t = 0; t < threads; ++t) {
         // 16-byte aligned top; after the 6 registers and `ret`, the entry sees rsp = 8 mod 16,
         // as after a call.
@@ -107,12 +129,24 @@ void fiber_run_cta(unsigned threads, Set set, F& f) {
         g_fib.sp[t] = sp;
     }
     g_fib.alive = threads;
+    g_fib.from = 0;
+    const bool down = g_fib.descending;
+    g_fib.descending = !down;
     while (g_fib.alive > 0) {
-        for (unsigned t = 0; t < threads; ++t) {
-            if (g_fib.done[t]) continue;
-            g_fib.cur = t;
-            set(t);
-            kvs_fiber_switch(&g_fib.sched, g_fib.sp[t]);
+        unsigned i = g_fib.from;
+        for (; i < threads; ++i) {
+            const unsigned t = down ? threads - 1 - i : i;
+            if (!g_fib.done[t] && !(g_fib.wait_on[t] && *g_fib.wait_on[t] == g_fib.wait_gen[t])) break;
         }
+        if (i == threads) {
+            std::fprintf(stderr, "emulated CTA deadlock: %u threads wait at barriers that cannot open\n",
+                         g_fib.alive);
+            std::abort();
+        }
+        g_fib.from = i;
+        const unsigned t = down ? threads - 1 - i : i;
+        g_fib.cur = t;
+        set(t);
+        kvs_fiber_switch(&g_fib.sched, g_fib.sp[t]);
     }
 }

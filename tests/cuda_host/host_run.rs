@@ -11,7 +11,10 @@ use std::process::Command;
 /// Builds a harness (`tests/cuda_host/<cpp>`, which includes the kernel files it runs) once per
 /// test process, into `host-kernels-<test binary>` in the tests' scratch folder (rebuilt by every run, as the
 /// emulated device is). The harness sees every `kernels/` file through `-I`, with dynamic shared
-/// memory turned into a global array of the harness (see shim.h).
+/// memory turned into a global array of the harness (see shim.h). A CTA's threads are fibers, as
+/// on the emulated device (fiber.h): each warp runs ahead as far as its barriers let it, which
+/// shows a missing barrier in one run, where OS threads showed it by luck and took 10-20 times
+/// as long.
 pub fn build(cpp: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // The kernel copies are written once: harnesses build from them on several test threads.
@@ -25,6 +28,7 @@ pub fn build(cpp: &str) -> PathBuf {
     });
     let bin = dir.join(cpp.trim_end_matches(".cpp"));
     let out = host_build::gxx(dir)
+        .arg("-DHOST_FIBERS")
         .arg("-o")
         .arg(&bin)
         .arg(root.join("tests/cuda_host").join(cpp))
@@ -58,7 +62,14 @@ pub fn call(cmd: &str, input: &[u8]) -> Vec<u8> {
         dir.join(format!("{tag}.out")),
     );
     std::fs::write(&i, input).unwrap();
-    let st = Command::new(bin).arg(cmd).arg(&i).arg(&o).status().unwrap();
+    // Every other call starts its CTAs' threads in the opposite order (fiber.h): a kernel run
+    // as one CTA is then raced in both directions over a test's calls.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut harness = Command::new(bin);
+    if CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 1 {
+        harness.env("KVSERVE_FIBERS_DESCENDING", "1");
+    }
+    let st = harness.arg(cmd).arg(&i).arg(&o).status().unwrap();
     assert!(st.success(), "harness {cmd}: {st}");
     let out = std::fs::read(&o).unwrap();
     // The inputs run to tens of MB: none is left behind.
