@@ -1,6 +1,6 @@
-// Fibers for the emulated device's CTAs (shim.h with HOST_FIBERS): every CUDA thread of a CTA is a
-// fiber with a stack of its own on the launching OS thread, run in turn by `fiber_run_cta`; a
-// barrier wait hands over to the next fiber. A switch saves the callee-saved registers and the
+// Fibers for the CTAs of the emulated device and the host harnesses (shim.h with HOST_FIBERS):
+// every CUDA thread of a CTA is a fiber with a stack of its own on the launching OS thread, run by
+// `fiber_run_cta`; a barrier wait hands over to the first fiber that can go on. A switch saves the callee-saved registers and the
 // stack pointer and loads another's (x86-64 System V), a few nanoseconds against the
 // microseconds of an OS thread switch, and a shuffle is two barrier waits of its warp.
 #pragma once
