@@ -59,6 +59,11 @@ pub struct ServerSection {
     pub max_body_bytes: usize,
     /// After SIGTERM, in-flight requests get this long to finish before the process exits.
     pub drain_timeout_secs: u64,
+    /// After the engine fails for good (its device is lost or hangs, its loop panicked), the server
+    /// answers this long (`/health` and `/ready` 503, generations 503 `engine_failed`) so that
+    /// load balancers and scrapers see why, then exits with status 1 for its supervisor to
+    /// restart it. 0 exits at once.
+    pub failure_exit_secs: u64,
     /// Upper bounds on request fields (400 above them).
     pub max_n: usize,
     pub max_tokens: usize,
@@ -90,6 +95,7 @@ impl Default for ServerSection {
             served_model_name: String::new(),
             max_body_bytes: 4 << 20,
             drain_timeout_secs: 30,
+            failure_exit_secs: 5,
             max_n: 16,
             max_tokens: 8192,
             max_stop_sequences: 8,
@@ -221,6 +227,11 @@ pub struct EngineSection {
     pub max_waiting: usize,
     /// Milliseconds a request may wait for admission before it is refused as overloaded; 0 = no limit.
     pub max_queue_ms: u64,
+    /// Seconds one step (a batched forward pass and its copies) may take before the engine
+    /// is declared hung and fails for good (`EngineError::Failed`: a GPU that stopped
+    /// answering never returns from a synchronisation); 0 = no limit. vLLM's
+    /// `VLLM_ENGINE_ITERATION_TIMEOUT_S` is the same idea, 60 s by default.
+    pub step_timeout_secs: u64,
 }
 
 impl Default for EngineSection {
@@ -230,6 +241,7 @@ impl Default for EngineSection {
             max_running: 64,
             max_waiting: 1024,
             max_queue_ms: 60_000,
+            step_timeout_secs: 60,
         }
     }
 }

@@ -20,7 +20,7 @@ use kvserve::tenancy::Tenancy;
 use kvserve::types::{SamplingParams, TenantId};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The default model, as `scripts/fetch-model.sh` lays it out.
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct";
@@ -470,7 +470,28 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         println!("kvserve: listening on http://{addr}");
         std::io::stdout().flush()?;
         let state = server.state.clone();
-        kvserve::http::serve(listener, state, shutdown_signal()).await?;
+        let engine = state.engine.clone();
+        let grace = Duration::from_secs(cfg.server.failure_exit_secs);
+        let stop = async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                cause = engine.failed() => {
+                    eprintln!(
+                        "kvserve: the engine failed ({cause}); exiting in {} s so that a \
+                         supervisor restarts the server",
+                        grace.as_secs()
+                    );
+                    tokio::time::sleep(grace).await;
+                }
+            }
+        };
+        kvserve::http::serve(listener, state.clone(), stop).await?;
+        if let Some(cause) = state.engine.failure() {
+            // No teardown: the engine thread has ended, and freeing memory on a lost device
+            // only fails again.
+            eprintln!("kvserve: exiting with status 1: the engine failed ({cause})");
+            std::process::exit(1);
+        }
         tokio::task::spawn_blocking(move || server.shutdown()).await?;
         anyhow::Ok(())
     })?;

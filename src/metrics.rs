@@ -19,8 +19,8 @@
 
 use crate::types::TenantId;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::Mutex;
 
@@ -52,6 +52,8 @@ pub mod reason {
     pub const QUEUE_TIMEOUT: &str = "queue_timeout";
     pub const KV_QUOTA: &str = "kv_quota";
     pub const DRAINING: &str = "draining";
+    /// The engine failed for good (see `EngineError::Failed`): refused until the restart.
+    pub const ENGINE_FAILED: &str = "engine_failed";
     pub const ALL: &[&str] = &[
         AUTH,
         RATE_LIMIT,
@@ -60,6 +62,7 @@ pub mod reason {
         QUEUE_TIMEOUT,
         KV_QUOTA,
         DRAINING,
+        ENGINE_FAILED,
     ];
 }
 
@@ -104,6 +107,8 @@ pub struct Metrics {
     pub computed_tokens: IntCounter,
     pub preemptions: IntCounter,
     pub evictions: IntCounter,
+    /// 1 while the engine serves, 0 once it failed for good (`EngineError::Failed`).
+    pub engine_healthy: IntGauge,
 }
 
 fn name(n: &str) -> String {
@@ -154,6 +159,14 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(kv_tenant_usage.clone()));
+        let engine_healthy = IntGauge::with_opts(Opts::new(
+            name("engine_healthy"),
+            "1 while the engine serves; 0 once it failed for good (its device was lost or its \
+             loop panicked): requests get 503 engine_failed and the server exits.",
+        ))
+        .expect("valid metric");
+        engine_healthy.set(1);
+        reg(Box::new(engine_healthy.clone()));
 
         let m = Self {
             http_requests: counter_vec(
@@ -164,7 +177,7 @@ impl Metrics {
             rejections: counter_vec(
                 "request_rejections_total",
                 "Requests refused, by tenant and reason (auth, rate_limit, overloaded, \
-                 context_length, queue_timeout, kv_quota, draining).",
+                 context_length, queue_timeout, kv_quota, draining, engine_failed).",
                 &["tenant", "reason"],
             ),
             prompt_tokens: counter_vec(
@@ -264,6 +277,7 @@ impl Metrics {
                 "kv_cache_evictions_total",
                 "Cached-free KV blocks evicted to make room.",
             ),
+            engine_healthy,
             tenants,
             registry,
             scrape: Mutex::new(()),

@@ -572,13 +572,45 @@ async fn hundred_clients_hanging_up_mid_stream_free_every_block() {
     s.shutdown().await;
 }
 
-/// The CPU backend, except that a forward pass whose batch holds `POISON` panics, as a device
-/// error inside an infallible backend op does (the CUDA backend panics on a failed call).
+/// The CPU backend, except that a forward pass whose batch holds `POISON` faults (`Fault`).
 struct PoisonBackend {
     inner: CpuBackend,
+    fault: Fault,
     /// Forward passes that hit the poison, and those among them that carried other tokens too.
     hits: Arc<AtomicUsize>,
     mixed: Arc<AtomicUsize>,
+    /// Set when the poison lost the device.
+    lost: Option<Arc<AtomicBool>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// The forward pass panics, as a device error inside an infallible backend op does (the
+    /// CUDA backend panics on a failed call).
+    Panic,
+    /// It panics and the device is lost, as after a sticky CUDA error: from then on every
+    /// forward pass panics and `device_status` fails.
+    LoseDevice,
+    /// It stops for this long before going on, as a device that stops answering.
+    Stall(Duration),
+}
+
+impl PoisonBackend {
+    fn new(fault: Fault) -> Self {
+        Self {
+            inner: CpuBackend::new(),
+            fault,
+            hits: Arc::default(),
+            mixed: Arc::default(),
+            lost: (fault == Fault::LoseDevice).then(Arc::default),
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::Acquire))
+    }
 }
 
 /// A token no greedy completion of the test prompts produces.
@@ -591,6 +623,12 @@ impl Backend for PoisonBackend {
 
     fn name(&self) -> String {
         self.inner.name()
+    }
+    fn device_status(&self) -> Result<(), String> {
+        match self.is_lost() {
+            true => Err("injected fault: the device is lost".into()),
+            false => Ok(()),
+        }
     }
     fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<Self::Matrix, BackendError> {
         self.inner.upload_matrix(parts)
@@ -626,7 +664,17 @@ impl Backend for PoisonBackend {
         self.inner.gather_rows(x, rows, width)
     }
     fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Buf) {
+        if self.is_lost() {
+            panic!("injected fault: the device is lost");
+        }
         if ids.contains(&POISON) {
+            if let Fault::Stall(t) = self.fault {
+                std::thread::sleep(t);
+                return self.inner.embed(table, ids, out);
+            }
+            if let Some(l) = &self.lost {
+                l.store(true, Ordering::Release);
+            }
             self.hits.fetch_add(1, Ordering::AcqRel);
             if ids.iter().any(|&t| t != POISON) {
                 self.mixed.fetch_add(1, Ordering::AcqRel);
@@ -748,13 +796,8 @@ async fn good_stream(url: String, prompt: String, first: oneshot::Sender<()>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_forward_pass_fails_only_its_own_request() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let mixed = Arc::new(AtomicUsize::new(0));
-    let backend = PoisonBackend {
-        inner: CpuBackend::new(),
-        hits: hits.clone(),
-        mixed: mixed.clone(),
-    };
+    let backend = PoisonBackend::new(Fault::Panic);
+    let (hits, mixed) = (backend.hits.clone(), backend.mixed.clone());
     let cfg = server::config(more_kv);
     let tenancy = Tenancy::open(&cfg.tenants);
     let server = tokio::task::block_in_place(|| Server::start_on(&cfg, tenancy, backend)).unwrap();
@@ -823,6 +866,125 @@ async fn a_failing_forward_pass_fails_only_its_own_request() {
     assert_eq!(st, 200, "{v}");
     s.assert_all_free_everywhere().await;
     s.shutdown().await;
+}
+
+/// A failure that leaves the device unusable (`Backend::device_status` fails after it) stops
+/// the engine for good: see [`engine_failure`]. (The binary's exit after
+/// `server.failure_exit_secs` is in tests/cuda_emulated.rs, on an emulated GPU that loses its
+/// context.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_device_fails_every_request_in_flight_and_turns_health_to_503() {
+    let cause = engine_failure(Fault::LoseDevice, 60).await;
+    assert!(cause.contains("the device is lost"), "{cause}");
+}
+
+/// A step that runs past `engine.step_timeout_secs` (a device that stopped answering) trips the
+/// watchdog, which fails the engine the same way while the step still hangs: see
+/// [`engine_failure`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_its_timeout_fails_every_request_in_flight() {
+    let cause = engine_failure(Fault::Stall(Duration::from_secs(6)), 1).await;
+    assert!(
+        cause.contains("past engine.step_timeout_secs = 1"),
+        "{cause}"
+    );
+}
+
+/// Two streams decode, then a poison request brings `fault`: every request in flight ends with
+/// 503 `engine_failed` (the streams with an error frame and `[DONE]`, none left hanging), later
+/// ones are refused the same way, and `/health`, `/ready` and `kvserve_engine_healthy` say so.
+/// Returns the failure's cause.
+async fn engine_failure(fault: Fault, step_timeout_secs: u64) -> String {
+    let backend = PoisonBackend::new(fault);
+    let cfg = server::config(|c| {
+        more_kv(c);
+        c.engine.step_timeout_secs = step_timeout_secs;
+    });
+    let tenancy = Tenancy::open(&cfg.tenants);
+    let server = tokio::task::block_in_place(|| Server::start_on(&cfg, tenancy, backend)).unwrap();
+    let s = server::serve(server).await;
+    assert_eq!(s.get("/health", None).await.0, 200);
+    let url = s.url("/v1/completions");
+    let mut firsts = Vec::new();
+    let streams: Vec<_> = ["The quick brown fox", "In the beginning there was"]
+        .into_iter()
+        .map(|p| {
+            let (tx, rx) = oneshot::channel::<()>();
+            firsts.push(rx);
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body = json!({"prompt": p, "max_tokens": 400, "ignore_eos": true,
+                    "stream": true, "temperature": 0});
+                let mut resp = client().post(url).json(&body).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let (mut text, mut first) = (String::new(), Some(tx));
+                while let Some(c) = resp.chunk().await.unwrap() {
+                    text.push_str(&String::from_utf8_lossy(&c));
+                    if text.contains("\"text\"") {
+                        if let Some(f) = first.take() {
+                            let _ = f.send(());
+                        }
+                    }
+                }
+                sse_payloads(&text)
+            })
+        })
+        .collect();
+    for rx in firsts {
+        let _ = rx.await;
+    }
+    let poison = json!({"prompt": [POISON, POISON, POISON, POISON], "max_tokens": 8});
+    let t0 = Instant::now();
+    let (status, body) = s.post("/v1/completions", None, &poison).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "engine_failed", "{body}");
+    if let Fault::Stall(t) = fault {
+        // Answered while the step still hangs, not when it returns.
+        assert!(t0.elapsed() < t, "answered after {:?}", t0.elapsed());
+    }
+    for t in streams {
+        let frames = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("the stream ended")
+            .unwrap();
+        assert_eq!(
+            frames.last().map(String::as_str),
+            Some("[DONE]"),
+            "{frames:?}"
+        );
+        let error: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+        assert_eq!(error["error"]["code"], "engine_failed", "{frames:?}");
+        assert!(
+            frames.iter().all(|f| !f.contains("finish_reason\":\"")),
+            "no choice finished: {frames:?}"
+        );
+    }
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            None,
+            &json!({"prompt": "Hello", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "engine_failed", "{body}");
+    for path in ["/health", "/ready"] {
+        let (status, body) = s.get(path, None).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, r#"{"status":"failed"}"#),
+            "{path}"
+        );
+    }
+    let (_, metrics) = s.get("/metrics", None).await;
+    assert!(
+        metrics.contains("\nkvserve_engine_healthy 0\n"),
+        "{metrics}"
+    );
+    let cause = s.state.engine.failure().expect("the engine failed");
+    // The engine thread ends (after a stall, once its step returns) and the server stops.
+    s.shutdown().await;
+    cause
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

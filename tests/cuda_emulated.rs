@@ -250,8 +250,13 @@ fn the_default_model_writes_the_cpus_text_on_the_emulated_device() {
 const EMU_MEM: &str = "2147483648";
 
 /// `kvserve serve --device <device> <extra>` on the default model on a free port, on an
-/// emulated device of [`EMU_MEM`] bytes, its stdout and stderr piped.
-fn spawn_server(device: &str, dir: &Path, extra: &[&str]) -> std::process::Child {
+/// emulated device of [`EMU_MEM`] bytes with `env` set, its stdout and stderr piped.
+fn spawn_server(
+    device: &str,
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> std::process::Child {
     let model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     Command::new(env!("CARGO_BIN_EXE_kvserve"))
@@ -277,38 +282,56 @@ fn spawn_server(device: &str, dir: &Path, extra: &[&str]) -> std::process::Child
             "KVSERVE_CUDA_CACHE",
             Path::new(env!("CARGO_TARGET_TMPDIR")).join("emu-kernel-cache"),
         )
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
 }
 
-/// One chat completion from `kvserve serve --device <device>` on the default model: starts the
-/// server on a free port, reads its address from the line it prints, posts the request over a
-/// plain HTTP/1.1 connection and stops it. Returns the reply's text and the server's log.
-fn serve_once(device: &str, dir: &Path) -> (String, String) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let mut child = spawn_server(device, dir, &[]);
+/// The chat completion the server tests post: greedy, 8 tokens.
+const CHAT: &str = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
+
+/// The address a spawned server prints once it listens.
+fn listening_address(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
+    loop {
         let line = lines
             .next()
             .expect("the server ended before listening")
             .unwrap();
         if let Some(a) = line.strip_prefix("kvserve: listening on http://") {
-            break a.trim().to_string();
+            // Keep reading, so that the server never writes into a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return a.trim().to_string();
         }
-    };
-    let body = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    }
+}
+
+/// One request over a plain HTTP/1.1 connection (`body` empty: none); the whole raw reply.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
     let mut reply = String::new();
     conn.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+/// One chat completion from `kvserve serve --device <device>` on the default model: starts the
+/// server on a free port, reads its address from the line it prints, posts the request over a
+/// plain HTTP/1.1 connection and stops it. Returns the reply's text and the server's log.
+fn serve_once(device: &str, dir: &Path) -> (String, String) {
+    use std::io::Read;
+    let mut child = spawn_server(device, dir, &[], &[]);
+    let addr = listening_address(&mut child);
+    let reply = http(&addr, "POST", "/v1/chat/completions", CHAT);
     child.kill().ok();
     let mut log = String::new();
     child.stderr.take().unwrap().read_to_string(&mut log).ok();
@@ -355,6 +378,132 @@ fn the_server_answers_with_the_cpus_text_on_the_emulated_device() {
     assert!((1.0..1.6).contains(&gib), "{line}");
 }
 
+/// A lost device (a kernel's illegal address: a sticky error, every later call fails) stops the
+/// engine for good, and the server says so instead of failing request after request while
+/// reporting itself healthy: see [`engine_failure`].
+#[test]
+fn a_lost_device_fails_requests_and_health_then_the_server_exits() {
+    engine_failure(
+        "KVSERVE_EMU_LOSE_DEVICE_WHEN",
+        "",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+    );
+}
+
+/// A device that stops answering (a launch that never returns) is caught by the step watchdog
+/// (`engine.step_timeout_secs`, 3 s here) and ends the same way: see [`engine_failure`].
+#[test]
+fn a_hung_device_trips_the_step_watchdog_then_the_server_exits() {
+    engine_failure(
+        "KVSERVE_EMU_HANG_WHEN",
+        "[engine]\nstep_timeout_secs = 3\n",
+        "past engine.step_timeout_secs = 3",
+    );
+}
+
+/// Serves one request on the emulated device, then makes it fail through `trigger` (the
+/// emulator's environment variable naming a file whose appearance faults the next launch) and
+/// checks the server's answer: the request in flight and every later one get 503
+/// `engine_failed`, `/health` and `/ready` answer 503 `failed`, the metrics show
+/// `kvserve_engine_healthy 0`, the log (and no reply) names the cause (`cause`), and after
+/// `server.failure_exit_secs` the process exits with status 1 for its supervisor to restart
+/// it. `config` is added to the server's config file.
+fn engine_failure(trigger: &str, config: &str, cause: &str) {
+    use std::io::Read;
+    if !host_build::nvrtc_or_fail("the emulated-device test") {
+        return;
+    }
+    const GRACE_SECS: u64 = 10;
+    let dir = emulator();
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(trigger);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (file, config_file) = (tmp.join("now"), tmp.join("server.toml"));
+    std::fs::remove_file(&file).ok();
+    std::fs::write(
+        &config_file,
+        format!("[server]\nfailure_exit_secs = {GRACE_SECS}\n{config}"),
+    )
+    .unwrap();
+    let mut child = spawn_server(
+        "cuda",
+        dir,
+        &["--config", config_file.to_str().unwrap()],
+        &[(trigger, &file)],
+    );
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        stderr.read_to_string(&mut log).ok();
+        log
+    });
+    let addr = listening_address(&mut child);
+    // Served before the fault.
+    let before = http(&addr, "POST", "/v1/chat/completions", CHAT);
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    assert!(http(&addr, "GET", "/health", "").starts_with("HTTP/1.1 200"));
+    std::fs::write(&file, "").unwrap();
+    let t = std::time::Instant::now();
+    let failed = http(&addr, "POST", "/v1/chat/completions", CHAT);
+    let failed_in = t.elapsed();
+    let refused = http(&addr, "POST", "/v1/chat/completions", CHAT);
+    let health = http(&addr, "GET", "/health", "");
+    let ready = http(&addr, "GET", "/ready", "");
+    let metrics = http(&addr, "GET", "/metrics", "");
+    let answered_in = t.elapsed();
+    let status = child.wait().unwrap();
+    let exited_in = t.elapsed();
+    let log = log.join().unwrap();
+    let replies = format!("{failed}\n{refused}\n{health}\n{ready}");
+    let ctx = format!("{replies}\n--- server log:\n{log}");
+    eprintln!(
+        "{ctx}\n--- {trigger}: failed in {failed_in:?}, all answered in {answered_in:?}, \
+         exited after {exited_in:?}"
+    );
+    assert!(
+        answered_in.as_secs() < GRACE_SECS,
+        "the checks took {answered_in:?}: {ctx}"
+    );
+    for reply in [&failed, &refused] {
+        assert!(reply.starts_with("HTTP/1.1 503"), "{ctx}");
+        assert!(
+            reply.to_ascii_lowercase().contains("retry-after: 5"),
+            "{ctx}"
+        );
+        let json = &reply[reply.find("\r\n\r\n").expect("a body") + 4..];
+        let v: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {ctx}"));
+        assert_eq!(v["error"]["code"], "engine_failed", "{ctx}");
+        assert_eq!(v["error"]["type"], "server_error", "{ctx}");
+    }
+    for reply in [&health, &ready] {
+        assert!(reply.starts_with("HTTP/1.1 503"), "{ctx}");
+        assert!(reply.contains(r#"{"status":"failed"}"#), "{ctx}");
+    }
+    assert!(
+        metrics.contains("\nkvserve_engine_healthy 0\n"),
+        "{metrics}"
+    );
+    // The request that failed in flight and the one refused after it.
+    let refusals = metrics.lines().find(|l| {
+        l.starts_with("kvserve_request_rejections_total{")
+            && l.contains(r#"reason="engine_failed""#)
+            && l.contains(r#"tenant="default""#)
+    });
+    assert!(
+        refusals.is_some_and(|l| l.ends_with("} 2")),
+        "{refusals:?}\n{metrics}"
+    );
+    // The cause is in the log and in no reply; the process exits 1 after the grace.
+    assert!(log.contains(cause), "{ctx}");
+    assert!(!replies.contains(cause), "{ctx}");
+    assert!(log.contains("exiting with status 1"), "{ctx}");
+    assert_eq!(status.code(), Some(1), "{ctx}");
+    assert!(
+        exited_in.as_secs() >= GRACE_SECS && exited_in.as_secs() < GRACE_SECS + 30,
+        "exited after {exited_in:?}: {ctx}"
+    );
+}
+
 /// A KV pool that cannot fit on the device is refused at start with a message that says why,
 /// instead of failing requests with out-of-memory errors once it fills.
 #[test]
@@ -364,7 +513,7 @@ fn a_kv_pool_larger_than_the_device_is_refused_at_start() {
         return;
     }
     let dir = emulator();
-    let mut child = spawn_server("cuda", dir, &["--kv-cache-bytes", "3000000000"]);
+    let mut child = spawn_server("cuda", dir, &["--kv-cache-bytes", "3000000000"], &[]);
     let status = child.wait().unwrap();
     let mut log = String::new();
     child.stderr.take().unwrap().read_to_string(&mut log).ok();
@@ -372,7 +521,7 @@ fn a_kv_pool_larger_than_the_device_is_refused_at_start() {
     assert!(log.contains("kv.cache_bytes = 3000000000"), "{log}");
     assert!(log.contains("does not fit on the device"), "{log}");
     // Utilization out of range is a config error before anything loads.
-    let mut child = spawn_server("cuda", dir, &["--gpu-memory-utilization", "1.5"]);
+    let mut child = spawn_server("cuda", dir, &["--gpu-memory-utilization", "1.5"], &[]);
     let status = child.wait().unwrap();
     let mut log = String::new();
     child.stderr.take().unwrap().read_to_string(&mut log).ok();

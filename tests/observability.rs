@@ -435,6 +435,7 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
         assert_eq!(m.get("kvserve_num_requests_waiting", &t(tenant)), 0.0);
     }
     assert_eq!(m.get("kvserve_kv_cache_usage_perc", &[]), 0.0);
+    assert_eq!(m.get("kvserve_engine_healthy", &[]), 1.0);
     assert!(m.get("kvserve_kv_cache_blocks", &[("state", "cached")]) >= (hit / 16) as f64);
     assert!(m.get("kvserve_kv_cache_bytes", &[("state", "free")]) > 0.0);
     // Every family (docs/deploy.md lists them) is exported, the unmoved ones too.
@@ -448,6 +449,7 @@ async fn metrics_move_by_what_the_requests_did_and_logs_hold_no_text() {
     let mut expected = vec![
         "kvserve_computed_tokens_total",
         "kvserve_e2e_request_latency_seconds",
+        "kvserve_engine_healthy",
         "kvserve_generation_tokens_total",
         "kvserve_http_requests_total",
         "kvserve_inter_token_latency_seconds",

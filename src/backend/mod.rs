@@ -102,6 +102,15 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
 
+    /// Whether the backend can still compute, asked after an op failed: `Err(cause)` when the
+    /// failure was of the kind that leaves the device unusable for good (on a GPU, a sticky
+    /// error such as an illegal address or a lost device: every later call fails too). An op
+    /// that failed for a passing reason (an allocation) leaves this `Ok`. The CPU cannot lose
+    /// its device.
+    fn device_status(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Uploads one or more 2-D tensors stacked along rows (e.g. `[q; k; v]` into one fused
     /// matrix). All parts must have the same number of columns.
     fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<Self::Matrix, BackendError>;

@@ -55,6 +55,88 @@ pub(super) struct Shared {
     /// never be refused or block).
     pub aborts: Mutex<Vec<RequestId>>,
     pub stats: Mutex<EngineStats>,
+    /// Why the engine stopped for good, once it has (see [`EngineError::Failed`]).
+    failure: Mutex<Option<String>>,
+    /// Woken when `failure` is set.
+    failed: tokio::sync::Notify,
+    /// When the step in progress began, in milliseconds after `epoch` plus one; 0 between
+    /// steps. Read by the watchdog (`engine.step_timeout_secs`).
+    step_began: AtomicU64,
+    epoch: Instant,
+    /// Set when the loop thread ends: the watchdog stops.
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    /// Records that the engine stopped for good (the first cause wins): new submits are
+    /// refused with [`EngineError::Failed`] and [`EngineHandle::failed`] resolves.
+    pub fn fail(&self, cause: &str) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!(
+                cause,
+                "the engine failed: refusing requests until restarted"
+            );
+            *f = Some(cause.to_string());
+        }
+        self.accepting.store(false, Ordering::Release);
+        drop(f);
+        self.failed.notify_waiters();
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn step_begins(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.step_began.store(ms, Ordering::Release);
+    }
+
+    pub fn step_ends(&self) {
+        self.step_began.store(0, Ordering::Release);
+    }
+
+    pub fn loop_ended(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// How long the step in progress has run, if one is.
+    fn step_running_for(&self) -> Option<std::time::Duration> {
+        match self.step_began.load(Ordering::Acquire) {
+            0 => None,
+            began => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(began - 1)),
+            ),
+        }
+    }
+}
+
+/// Fails the engine when one step runs longer than `limit`. A device that stopped answering
+/// never returns from a synchronisation, so the loop itself cannot notice: without this, its
+/// requests would wait forever and `/health` would stay 200. Ends with the loop.
+fn watchdog(shared: Arc<Shared>, limit: std::time::Duration) {
+    let tick = (limit / 4).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    while !shared.stopped.load(Ordering::Acquire) {
+        std::thread::sleep(tick);
+        if let Some(t) = shared.step_running_for().filter(|t| *t > limit) {
+            shared.fail(&format!(
+                "a step has run for {:.1} s, past engine.step_timeout_secs = {}: the device \
+                 or the engine hangs",
+                t.as_secs_f64(),
+                limit.as_secs()
+            ));
+            return;
+        }
+    }
 }
 
 /// A submitted request: its id (for [`EngineHandle::abort`]) and its event stream.
@@ -76,7 +158,10 @@ impl EngineHandle {
     pub fn submit(&self, req: EngineRequest) -> Result<Submission, EngineError> {
         let sh = &self.shared;
         if !sh.accepting.load(Ordering::Acquire) {
-            return Err(EngineError::Shutdown);
+            return Err(match self.failure() {
+                Some(_) => EngineError::Failed,
+                None => EngineError::Shutdown,
+            });
         }
         let queued = sh.in_channel.load(Ordering::Acquire) + sh.waiting.load(Ordering::Acquire);
         if queued >= sh.max_waiting {
@@ -113,6 +198,24 @@ impl EngineHandle {
         self.shared.aborts.lock().expect("aborts lock").push(id);
         // Wake an idle loop; if the channel is full the loop is busy and will see the abort.
         let _ = self.tx.try_send(Command::Wake);
+    }
+
+    /// Why the engine stopped for good, once it has: its device failed or its loop panicked.
+    /// Requests then get [`EngineError::Failed`]; the server reports it on `/health` and exits.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure()
+    }
+
+    /// Resolves with the cause when the engine fails for good (never, for a healthy engine).
+    pub async fn failed(&self) -> String {
+        loop {
+            // Created before the check: a `notify_waiters` between the two still wakes it.
+            let woken = self.shared.failed.notified();
+            if let Some(cause) = self.failure() {
+                return cause;
+            }
+            woken.await;
+        }
     }
 
     /// The latest snapshot (refreshed after each step).
@@ -204,7 +307,22 @@ impl Engine {
             accepting: AtomicBool::new(true),
             aborts: Mutex::new(Vec::new()),
             stats: Mutex::new(EngineStats::default()),
+            failure: Mutex::new(None),
+            failed: tokio::sync::Notify::new(),
+            step_began: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stopped: AtomicBool::new(false),
         });
+        if cfg.step_timeout_secs > 0 {
+            let (sh, limit) = (
+                shared.clone(),
+                std::time::Duration::from_secs(cfg.step_timeout_secs),
+            );
+            std::thread::Builder::new()
+                .name("kvserve-watchdog".into())
+                .spawn(move || watchdog(sh, limit))
+                .expect("spawn the engine watchdog");
+        }
         let (tx, rx) = mpsc::sync_channel(cfg.max_waiting + 16);
         let worker = Worker::new(model, kv, cfg, weights, rx, shared.clone(), metrics);
         let thread = std::thread::Builder::new()

@@ -147,4 +147,10 @@ pub enum EngineError {
     /// A failure inside the forward pass; the cause is logged, not shown.
     #[error("internal error")]
     Internal,
+    /// The engine stopped for good: its device failed (an error that leaves the GPU context
+    /// unusable) or its loop panicked. Every request in flight gets this, new ones are
+    /// refused with it, and the server exits so that its supervisor starts a fresh one. The
+    /// cause is logged, not shown.
+    #[error("the inference engine failed and this server is restarting; retry the request")]
+    Failed,
 }

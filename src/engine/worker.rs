@@ -90,7 +90,23 @@ impl<B: Backend> Worker<B> {
 
     pub(super) fn run(mut self) {
         tracing::debug!("engine loop started");
+        // The forward pass catches its own panics; one anywhere else (scheduling, copies, the
+        // store) leaves the loop's state unknown, so the engine stops for good and says so
+        // instead of leaving its requests without an answer.
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve())) {
+            self.fail_all(&format!("the engine loop panicked: {}", panic_message(&*p)));
+        }
+        self.shared.loop_ended();
+        tracing::debug!("engine loop stopped");
+    }
+
+    fn serve(&mut self) {
         loop {
+            // The watchdog failed the engine while a step ran too long (see `watchdog`).
+            if let Some(cause) = self.shared.failure() {
+                self.fail_all(&cause);
+                return;
+            }
             if self.sched.is_idle() {
                 if self.draining {
                     break;
@@ -139,13 +155,45 @@ impl<B: Backend> Worker<B> {
                 tokens = step.num_tokens()
             )
             .entered();
+            self.shared.step_begins();
             self.kv.sync_store(self.model.backend());
-            self.execute(&step);
+            let executed = self.execute(&step);
+            self.shared.step_ends();
+            if let Err(cause) = executed {
+                self.fail_all(&cause);
+                return;
+            }
             self.dispatch();
             self.step_time += t_step.elapsed();
             self.publish();
         }
-        tracing::debug!("engine loop stopped");
+    }
+
+    /// The engine cannot go on (its device is lost, or the loop panicked): every request it
+    /// holds or that waits in the channel gets [`EngineError::Failed`], and the handle refuses
+    /// new ones. Touches only the channels, not the scheduler or the store, whose state may be
+    /// half-updated.
+    fn fail_all(&mut self, cause: &str) {
+        self.shared.fail(cause);
+        let event = EngineEvent::Error(EngineError::Failed);
+        let now = Instant::now();
+        for (id, tx) in std::mem::take(&mut self.senders) {
+            self.recorder.event(id, &event, now);
+            let _ = tx.send(event.clone());
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Submit { events, .. } => {
+                    self.shared.in_channel.fetch_sub(1, Ordering::AcqRel);
+                    let _ = events.send(event.clone());
+                }
+                Command::CheckKv(reply) => {
+                    let _ = reply.send(Err("the engine failed".into()));
+                }
+                Command::Wake | Command::Drain => {}
+            }
+        }
+        self.shared.waiting.store(0, Ordering::Release);
     }
 
     fn command(&mut self, cmd: Command) {
@@ -198,7 +246,10 @@ impl<B: Backend> Worker<B> {
     /// One batched forward pass. If it fails (an error or a caught panic), each sequence is
     /// retried alone so that only the request that causes the failure fails (rewriting a
     /// slot's KV with the same values is harmless).
-    fn execute(&mut self, step: &Step) {
+    ///
+    /// `Err(cause)` when a failure left the device unusable ([`Backend::device_status`]):
+    /// nothing more can run, so nothing is retried.
+    fn execute(&mut self, step: &Step) -> Result<(), String> {
         let t = step.num_tokens() as u64;
         let t0 = Instant::now();
         let result = self.forward(&step.entries);
@@ -209,7 +260,9 @@ impl<B: Backend> Worker<B> {
                 self.sched.update(step, &logits, &mut self.kv.pool);
             }
             Err(err) => {
-                tracing::error!(%err, seqs = step.entries.len(), "batched forward failed; retrying each sequence alone");
+                tracing::error!(%err, seqs = step.entries.len(), "batched forward failed");
+                self.model.backend().device_status()?;
+                tracing::info!("the device is usable: retrying each sequence alone");
                 for e in &step.entries {
                     let one = Step {
                         entries: vec![e.clone()],
@@ -221,6 +274,7 @@ impl<B: Backend> Worker<B> {
                         }
                         Err(err) => {
                             tracing::error!(request = e.id.0, %err, "forward failed");
+                            self.model.backend().device_status()?;
                             self.sched
                                 .fail(e.id, EngineError::Internal, &mut self.kv.pool);
                         }
@@ -228,6 +282,7 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
+        Ok(())
     }
 
     fn forward(
@@ -262,14 +317,7 @@ impl<B: Backend> Worker<B> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             model.forward_step(&steps, store)
         }))
-        .unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic".into());
-            Err(crate::error::RunError::Panicked(msg))
-        })
+        .unwrap_or_else(|p| Err(crate::error::RunError::Panicked(panic_message(&*p))))
     }
 
     /// Sends the scheduler's events. A closed receiver aborts its request (and the abort's own
@@ -314,4 +362,12 @@ impl<B: Backend> Worker<B> {
         };
         *self.shared.stats.lock().expect("stats lock") = stats;
     }
+}
+
+/// A caught panic's message (`panic!` with a literal or a formatted string).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
 }

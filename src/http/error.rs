@@ -109,6 +109,7 @@ impl ApiError {
             Self::Unavailable { code, .. } => Some(match *code {
                 "queue_timeout" => reason::QUEUE_TIMEOUT,
                 "draining" => reason::DRAINING,
+                "engine_failed" => reason::ENGINE_FAILED,
                 _ => reason::OVERLOADED,
             }),
             _ => None,
@@ -189,6 +190,11 @@ impl From<EngineError> for ApiError {
                 retry_after_secs: 5,
             },
             EngineError::Internal => Self::Internal,
+            EngineError::Failed => Self::Unavailable {
+                message: e.to_string(),
+                code: "engine_failed",
+                retry_after_secs: 5,
+            },
         }
     }
 }
@@ -217,9 +223,10 @@ mod tests {
             ApiError::from(EngineError::Overloaded("full".into())),
             ApiError::from(EngineError::Internal),
             ApiError::RequestTimeout { secs: 1 },
+            ApiError::from(EngineError::Failed),
         ];
         let statuses: Vec<u16> = all.iter().map(|e| e.status().as_u16()).collect();
-        assert_eq!(statuses, [400, 400, 401, 404, 413, 429, 503, 500, 408]);
+        assert_eq!(statuses, [400, 400, 401, 404, 413, 429, 503, 500, 408, 503]);
         for e in &all {
             let b = e.body();
             let err = &b["error"];
@@ -234,5 +241,8 @@ mod tests {
         assert_eq!(h["x-ratelimit-limit-requests"], "10");
         assert_eq!(all[6].headers()["retry-after"], "1");
         assert_eq!(all[7].body()["error"]["message"], "internal server error");
+        assert_eq!(all[9].body()["error"]["code"], "engine_failed");
+        assert_eq!(all[9].headers()["retry-after"], "5");
+        assert_eq!(all[9].rejection_reason(), Some("engine_failed"));
     }
 }

@@ -140,8 +140,20 @@ async fn follow(
     let mut completion_tokens = 0usize;
     loop {
         let ev = tokio::select! {
+            biased;
             _ = tx.closed() => return, // the response is gone; dropping `events` aborts
             ev = events.recv() => ev,
+            // A hung step never sends again (see `engine.step_timeout_secs`): the failure
+            // ends the choice instead.
+            _ = state.engine.failed() => None,
+        };
+        // The engine dropped the request without a last event, or hangs: a failure says why
+        // (anything else is a bug, logged by the engine, and a 500 below).
+        let ev = match ev {
+            None if state.engine.failure().is_some() => {
+                Some(EngineEvent::Error(crate::engine::EngineError::Failed))
+            }
+            ev => ev,
         };
         let out = match ev {
             Some(EngineEvent::PromptLogprobs(lps)) => ChoiceEvent::PromptLogprobs { index, lps },

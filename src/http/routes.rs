@@ -187,19 +187,30 @@ pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     .into_response()
 }
 
-/// Liveness: the process answers.
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "alive")))]
-pub async fn health() -> Response {
+/// Liveness: 200 while the process can serve, 503 `failed` once its engine failed for good
+/// (the device is lost or the engine loop panicked; the server exits shortly after, see
+/// `server.failure_exit_secs`). The cause is in the server's log, not here.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "alive"), (status = 503, description = "the engine failed; the server is about to exit")))]
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine.failure().is_some() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "failed"})),
+        )
+            .into_response();
+    }
     Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
-/// Readiness: 200 while serving, 503 while loading or draining.
-#[utoipa::path(get, path = "/ready", responses((status = 200, description = "serving"), (status = 503, description = "loading or draining")))]
+/// Readiness: 200 while serving, 503 while loading, draining or failed.
+#[utoipa::path(get, path = "/ready", responses((status = 200, description = "serving"), (status = 503, description = "loading, draining or failed")))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.is_ready() {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
-        let status = if state.is_draining() {
+        let status = if state.engine.failure().is_some() {
+            "failed"
+        } else if state.is_draining() {
             "draining"
         } else {
             "loading"
@@ -217,7 +228,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
-    let text = state.metrics.render(|m| stats.record(m));
+    let healthy = state.engine.failure().is_none();
+    let text = state.metrics.render(|m| {
+        stats.record(m);
+        m.engine_healthy.set(i64::from(healthy));
+    });
     (
         [(
             header::CONTENT_TYPE,

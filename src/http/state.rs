@@ -94,6 +94,6 @@ impl AppState {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.is_draining()
+        self.ready.load(Ordering::Acquire) && !self.is_draining() && self.engine.failure().is_none()
     }
 }

@@ -11,6 +11,7 @@
 // kernels together, op by op, through the same calls a GPU gets.
 #include "shim.h"
 #include "emu.h"
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -67,6 +68,18 @@ struct Counters {
     }
 } g_count;
 
+// KVSERVE_EMU_LOSE_DEVICE_WHEN=PATH: the first kernel launch after the file PATH appears faults
+// the way a kernel that touches an illegal address does on a GPU. The launch itself returns
+// success (launches are asynchronous) and the kernel does not run; every later call that
+// reaches the device (a launch, a copy, a memset, an allocation or free, a synchronisation, a
+// GEMM) fails with CUDA_ERROR_ILLEGAL_ADDRESS, as a sticky error leaves the context unusable for
+// good. For the server's answer to a lost device (tests/cuda_emulated.rs).
+const char* const g_lose_when = std::getenv("KVSERVE_EMU_LOSE_DEVICE_WHEN");
+// KVSERVE_EMU_HANG_WHEN=PATH: the first launch after PATH appears never returns, as the host
+// waits forever on a GPU that stopped answering (the engine's step watchdog, same test).
+const char* const g_hang_when = std::getenv("KVSERVE_EMU_HANG_WHEN");
+std::atomic<bool> g_lost{false};
+
 }  // namespace
 
 void emu::add(const Reg* regs, size_t n) {
@@ -85,7 +98,10 @@ enum {
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     NOT_FOUND = 500,
+    ILLEGAL_ADDRESS = 700,
 };
+#define FAIL_IF_LOST \
+    if (g_lost) return ILLEGAL_ADDRESS
 
 CUresult cuInit(unsigned) { return SUCCESS; }
 CUresult cuDriverGetVersion(int* v) {
@@ -140,7 +156,10 @@ CUresult cuCtxGetCurrent(Handle* ctx) {
     *ctx = &g_ctx_token;
     return SUCCESS;
 }
-CUresult cuCtxSynchronize() { return SUCCESS; }
+CUresult cuCtxSynchronize() {
+    FAIL_IF_LOST;
+    return SUCCESS;
+}
 CUresult cuCtxSetFlags(unsigned) { return SUCCESS; }
 CUresult cuCtxGetStreamPriorityRange(int* lo, int* hi) {
     *lo = *hi = 0;
@@ -155,6 +174,7 @@ CUresult cuStreamCreate(Handle* s, unsigned) {
 CUresult cuStreamCreateWithPriority(Handle* s, unsigned, int) { return cuStreamCreate(s, 0); }
 CUresult cuStreamDestroy_v2(Handle) { return SUCCESS; }
 CUresult cuStreamSynchronize(Handle) {
+    FAIL_IF_LOST;
     g_count.syncs++;
     return SUCCESS;
 }
@@ -168,8 +188,14 @@ CUresult cuEventCreate(Handle* e, unsigned) {
     return SUCCESS;
 }
 CUresult cuEventDestroy_v2(Handle) { return SUCCESS; }
-CUresult cuEventRecord(Handle, Handle) { return SUCCESS; }
-CUresult cuEventSynchronize(Handle) { return SUCCESS; }
+CUresult cuEventRecord(Handle, Handle) {
+    FAIL_IF_LOST;
+    return SUCCESS;
+}
+CUresult cuEventSynchronize(Handle) {
+    FAIL_IF_LOST;
+    return SUCCESS;
+}
 CUresult cuEventQuery(Handle) { return SUCCESS; }
 CUresult cuEventElapsedTime(float* ms, Handle, Handle) {
     *ms = 0.0f;
@@ -283,6 +309,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
         sigemptyset(&sa.sa_mask);
         sigaction(SIGSEGV, &sa, &g_prev_segv);
     });
+    FAIL_IF_LOST;
     const size_t size = bytes == 0 ? 256 : (bytes + 255) / 256 * 256;
     std::lock_guard<std::mutex> g(g_mem_lock);
     void* m = nullptr;
@@ -317,6 +344,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return SUCCESS;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
+    FAIL_IF_LOST;
     std::lock_guard<std::mutex> g(g_mem_lock);
     auto it = g_size.find((void*)p);
     if (it == g_size.end()) return INVALID_VALUE;
@@ -345,24 +373,28 @@ CUresult cuMemFreeHost(void* p) {
     return SUCCESS;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    FAIL_IF_LOST;
     g_count.memsets++;
     if (!g_skip) std::memset((void*)p, v, n);
     return SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, Handle) { return cuMemsetD8_v2(p, v, n); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) {
+    FAIL_IF_LOST;
     g_count.copies++;
     std::memcpy((void*)d, s, n);
     return SUCCESS;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, Handle) { return cuMemcpyHtoD_v2(d, s, n); }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) {
+    FAIL_IF_LOST;
     g_count.copies++;
     std::memcpy(d, (const void*)s, n);
     return SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, Handle) { return cuMemcpyDtoH_v2(d, s, n); }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    FAIL_IF_LOST;
     std::memmove((void*)d, (const void*)s, n);
     return SUCCESS;
 }
@@ -370,6 +402,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, Handle) { 
 
 static int g_module_token;
 CUresult cuModuleLoadData(Handle* m, const void*) {
+    FAIL_IF_LOST;
     *m = &g_module_token;
     return SUCCESS;
 }
@@ -402,9 +435,19 @@ CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigne
                         unsigned bz, unsigned, Handle, void** params, void** extra) {
     if (by != 1 || bz != 1 || extra || !f || gx == 0 || gy == 0 || gz == 0 || bx == 0 || bx > 1024)
         return INVALID_VALUE;
+    FAIL_IF_LOST;
+    if (g_hang_when && access(g_hang_when, F_OK) == 0) {
+        std::fprintf(stderr, "emulated device: a launch that never ends\n");
+        for (;;) pause();
+    }
     std::lock_guard<std::mutex> g(g_lock);
     g_count.launches++;
     g_count.per_kernel[(emu::Entry)f]++;
+    if (g_lose_when && access(g_lose_when, F_OK) == 0) {
+        std::fprintf(stderr, "emulated device: launch %llu faults: the device is lost\n", g_count.launches);
+        g_lost = true;
+        return SUCCESS;
+    }
     g_running = (emu::Entry)f;
     if (!g_skip) ((emu::Entry)f)(params, dim3h{gx, gy, gz}, bx);
     g_running = nullptr;
@@ -412,11 +455,17 @@ CUresult cuLaunchKernel(Handle f, unsigned gx, unsigned gy, unsigned gz, unsigne
 }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
-    *s = e == SUCCESS ? "no error" : e == NOT_FOUND ? "named symbol not found" : "emulated device error";
+    *s = e == SUCCESS           ? "no error"
+         : e == NOT_FOUND       ? "named symbol not found"
+         : e == ILLEGAL_ADDRESS ? "an illegal memory access was encountered"
+                                : "emulated device error";
     return SUCCESS;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
-    *s = e == SUCCESS ? "CUDA_SUCCESS" : e == NOT_FOUND ? "CUDA_ERROR_NOT_FOUND" : "CUDA_ERROR_INVALID_VALUE";
+    *s = e == SUCCESS           ? "CUDA_SUCCESS"
+         : e == NOT_FOUND       ? "CUDA_ERROR_NOT_FOUND"
+         : e == ILLEGAL_ADDRESS ? "CUDA_ERROR_ILLEGAL_ADDRESS"
+                                : "CUDA_ERROR_INVALID_VALUE";
     return SUCCESS;
 }
 
@@ -452,6 +501,7 @@ int cublasGemmEx(Handle, int ta, int tb, int m, int n, int k, const void* alpha,
                  int at, int lda, const void* B, int bt, int ldb, const void* beta, void* C, int ct,
                  int ldc, int compute, int) {
     if (ct != 0 || compute != 68) return 7;  // CUBLAS_STATUS_INVALID_VALUE: f32 out, COMPUTE_32F
+    if (g_lost) return 13;                     // CUBLAS_STATUS_EXECUTION_FAILED
     std::lock_guard<std::mutex> g(g_lock);
     g_count.launches++;
     if (g_skip) return 0;

@@ -16,6 +16,16 @@ impl Backend for CudaBackend {
         )
     }
 
+    /// Synchronises the context twice: a sticky error (an illegal address, a trap, a lost
+    /// device) comes back from every call after it, while an error cudarc recorded earlier
+    /// (a failed free in a drop) comes back once and is cleared.
+    fn device_status(&self) -> Result<(), String> {
+        let ctx = self.stream.context();
+        ctx.synchronize()
+            .or_else(|_| ctx.synchronize())
+            .map_err(|e| format!("{}: {e}", self.name()))
+    }
+
     fn upload_matrix(&self, parts: &[&HostTensor<'_>]) -> Result<CudaMatrix, BackendError> {
         let cols = match parts.first() {
             Some(p) if p.shape.len() == 2 => p.shape[1],
