@@ -16,6 +16,16 @@
 #error "the emulated device's fibers switch stacks in x86-64 assembly"
 #endif
 
+// Under AddressSanitizer (KVSERVE_HOST_SANITIZE=address, tests/cuda_host/host_run.rs) every stack
+// switch is announced to it, or it would take a fiber's stack for an overflow of the thread's.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define KVS_ASAN 1
+#else
+#define KVS_ASAN 0
+#endif
+
 // kvs_fiber_switch(save, load): pushes the callee-saved registers, stores the stack pointer in
 // *save, loads `load` and pops the registers saved there. Weak: every translation unit that
 // includes this header defines it, the linker keeps one.
@@ -56,6 +66,12 @@ struct FiberState {
     std::function<void()> body;     // the CTA's kernel call, run by every fiber
     char* stacks = nullptr;
     unsigned capacity = 0;          // fibers the stacks hold
+    // AddressSanitizer's bookkeeping of the switches: the scheduler's stack as the first switch
+    // into a fiber reported it, and the fake-stack handles each side keeps across a switch.
+    const void* sched_bottom = nullptr;
+    size_t sched_size = 0;
+    void* sched_fake = nullptr;
+    std::vector<void*> fake;
     // The order the next CTA's threads run in; the first CTA's from the environment, so that a
     // harness that runs one CTA per process can be run in both orders (tests/cuda_host/host_run.rs).
     bool descending = std::getenv("KVSERVE_FIBERS_DESCENDING") != nullptr;
@@ -63,14 +79,39 @@ struct FiberState {
 };
 inline FiberState g_fib;
 
-inline void fiber_yield() { kvs_fiber_switch(&g_fib.sp[g_fib.cur], g_fib.sched); }
+// A fiber has just been switched to (first `fake` null: its first run).
+inline void fiber_arrived(void* fake) {
+#if KVS_ASAN
+    __sanitizer_finish_switch_fiber(fake, &g_fib.sched_bottom, &g_fib.sched_size);
+#else
+    (void)fake;
+#endif
+}
+
+// A fiber goes back to the scheduler: `fake` keeps its fake stack (null: it ends).
+inline void fiber_leaving(void** fake) {
+#if KVS_ASAN
+    __sanitizer_start_switch_fiber(fake, g_fib.sched_bottom, g_fib.sched_size);
+#else
+    (void)fake;
+#endif
+}
+
+inline void fiber_yield() {
+    const unsigned me = g_fib.cur;
+    fiber_leaving(&g_fib.fake[me]);
+    kvs_fiber_switch(&g_fib.sp[me], g_fib.sched);
+    fiber_arrived(g_fib.fake[me]);
+}
 
 // Where a fiber starts: runs the body, marks itself done and goes back for good.
 inline void fiber_entry() {
+    fiber_arrived(nullptr);
     g_fib.body();
     g_fib.done[g_fib.cur] = 1;
     --g_fib.alive;
     void* gone;
+    fiber_leaving(nullptr);
     kvs_fiber_switch(&gone, g_fib.sched);
     __builtin_trap();
 }
@@ -118,6 +159,11 @@ void fiber_run_cta(unsigned threads, Set set, F& f) {
     g_fib.done.assign(threads, 0);
     g_fib.wait_on.assign(threads, nullptr);
     g_fib.wait_gen.assign(threads, 0);
+    g_fib.fake.assign(threads, nullptr);
+#if KVS_ASAN
+    // The last CTA's fibers left their frames' poison on these stacks when they ended.
+    __asan_unpoison_memory_region(g_fib.stacks, (size_t)threads * FiberState::STACK);
+#endif
     for (unsigned t = 0; t < threads; ++t) {
         // 16-byte aligned top; after the 6 registers and `ret`, the entry sees rsp = 8 mod 16,
         // as after a call.
@@ -147,6 +193,13 @@ void fiber_run_cta(unsigned threads, Set set, F& f) {
         const unsigned t = down ? threads - 1 - i : i;
         g_fib.cur = t;
         set(t);
+#if KVS_ASAN
+        __sanitizer_start_switch_fiber(&g_fib.sched_fake, g_fib.stacks + (size_t)t * FiberState::STACK,
+                                       FiberState::STACK);
+#endif
         kvs_fiber_switch(&g_fib.sched, g_fib.sp[t]);
+#if KVS_ASAN
+        __sanitizer_finish_switch_fiber(g_fib.sched_fake, nullptr, nullptr);
+#endif
     }
 }
